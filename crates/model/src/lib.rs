@@ -1,0 +1,9 @@
+//! Segment messages and the pure rules around them: validation, normalization
+//! (messageId, receivedAt, clock-skew corrected timestamps), go-snakecase naming and
+//! flattening for the warehouse. No I/O lives here.
+
+pub mod flatten;
+pub mod normalize;
+pub mod snake;
+
+pub use normalize::{CallType, NormalizeContext, Normalized, Rejection, RejectCode, normalize};

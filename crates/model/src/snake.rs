@@ -1,0 +1,1 @@
+//! go-snakecase, ported exactly (owned by the warehouse work).
