@@ -13,11 +13,13 @@
 //! - `append` either makes the whole batch durable or returns an error and
 //!   stores none of it.
 
+pub mod null;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use null::NullLog;
 pub use sqlite::{SqliteLog, SqliteLogConfig};
 
 /// A message to append: already validated and normalized by ingest.

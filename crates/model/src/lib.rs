@@ -6,4 +6,4 @@ pub mod flatten;
 pub mod normalize;
 pub mod snake;
 
-pub use normalize::{CallType, NormalizeContext, Normalized, Rejection, RejectCode, normalize};
+pub use normalize::{CallType, NormalizeContext, Normalized, RejectCode, Rejection, normalize};

@@ -1,0 +1,721 @@
+//! Validation and normalization of one Segment message, as the Tracking API receives it.
+//!
+//! [`normalize`] takes the raw JSON object a client sent plus what the server knows
+//! (receive time, the endpoint's call type, batch-level `sentAt`/`context`/
+//! `integrations`, the peer address) and returns either the message in its stored
+//! form or a [`Rejection`] with one of Segment's ingest reason codes
+//! (`reference/segment-spec.md` §1.4). It never panics on input.
+//!
+//! The stored form always has `messageId` (assigned `api-<uuid>` when absent, at most
+//! 100 characters), `type`, `receivedAt`, `originalTimestamp` and `timestamp`, all
+//! timestamps ISO-8601 UTC with milliseconds. `timestamp` is corrected for the client's
+//! clock skew: `receivedAt - (sentAt - originalTimestamp)` when `sentAt` is known
+//! (per message, else batch-level), `originalTimestamp` when it is not, and
+//! `receivedAt` when the client gave no time at all (segment-spec §1.8). The write key
+//! is never stored.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+/// The six Segment call types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallType {
+    /// `track`: an action with an `event` name.
+    Track,
+    /// `identify`: who the user is, with `traits`.
+    Identify,
+    /// `page`: a web page view.
+    Page,
+    /// `screen`: a mobile screen view.
+    Screen,
+    /// `group`: the user's account or organisation.
+    Group,
+    /// `alias`: merge two identities.
+    Alias,
+}
+
+impl CallType {
+    /// The wire name (`"track"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Track => "track",
+            CallType::Identify => "identify",
+            CallType::Page => "page",
+            CallType::Screen => "screen",
+            CallType::Group => "group",
+            CallType::Alias => "alias",
+        }
+    }
+
+    /// Parses a wire name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<CallType> {
+        Some(match s {
+            "track" => CallType::Track,
+            "identify" => CallType::Identify,
+            "page" => CallType::Page,
+            "screen" => CallType::Screen,
+            "group" => CallType::Group,
+            "alias" => CallType::Alias,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a message was refused: Segment's ingest discard reasons plus a few of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    /// The body or message is malformed in a way no finer code describes.
+    BadRequest,
+    /// Invalid JSON.
+    InvalidJson,
+    /// A batch with no messages.
+    EmptyBatch,
+    /// Neither `userId` nor `anonymousId`.
+    NoUserAnonId,
+    /// `userId`/`anonymousId` empty or not a string.
+    IdNotString,
+    /// Track without `event`.
+    EventNotDefined,
+    /// Track `event` empty or not a string.
+    EventNotString,
+    /// `properties` is not an object.
+    PropertiesNotObject,
+    /// `traits` is not an object.
+    TraitsNotObject,
+    /// Page/screen `name` empty or not a string.
+    NameNotString,
+    /// Page/screen `category` empty or not a string.
+    CategoryNotString,
+    /// `type` missing or not one of the six call types.
+    InvalidType,
+    /// Group without `groupId`.
+    GroupIdRequired,
+    /// Alias without `previousId` or `userId`.
+    PreviousIdRequired,
+    /// `messageId` longer than 100 characters or not a string.
+    MessageIdInvalid,
+    /// A timestamp field that is not an ISO-8601 date (or epoch milliseconds).
+    TimestampInvalid,
+    /// `context` or `integrations` is not an object.
+    ContextNotObject,
+    /// One message larger than 32 KiB.
+    MessageTooLarge,
+}
+
+impl RejectCode {
+    /// The code as sent to clients and used as a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::BadRequest => "bad_request",
+            RejectCode::InvalidJson => "invalid_json",
+            RejectCode::EmptyBatch => "empty_batch",
+            RejectCode::NoUserAnonId => "no_user_anon_id",
+            RejectCode::IdNotString => "id_not_string",
+            RejectCode::EventNotDefined => "event_not_defined",
+            RejectCode::EventNotString => "event_not_string",
+            RejectCode::PropertiesNotObject => "properties_not_object",
+            RejectCode::TraitsNotObject => "traits_not_object",
+            RejectCode::NameNotString => "name_not_string",
+            RejectCode::CategoryNotString => "category_not_string",
+            RejectCode::InvalidType => "invalid_type",
+            RejectCode::GroupIdRequired => "group_id_required",
+            RejectCode::PreviousIdRequired => "previous_id_required",
+            RejectCode::MessageIdInvalid => "message_id_invalid",
+            RejectCode::TimestampInvalid => "timestamp_invalid",
+            RejectCode::ContextNotObject => "context_not_object",
+            RejectCode::MessageTooLarge => "message_too_large",
+        }
+    }
+}
+
+/// A refused message: a code and a sentence a developer can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The reason code.
+    pub code: RejectCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl Rejection {
+    /// Builds a rejection.
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the server knows about a message beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct NormalizeContext<'a> {
+    /// Server receive time.
+    pub received_at: DateTime<Utc>,
+    /// The call type fixed by the endpoint (`/v1/track` …); `None` in a batch, where
+    /// each message carries its own `type`.
+    pub call_type: Option<CallType>,
+    /// Batch-level `sentAt`, used when the message has none.
+    pub batch_sent_at: Option<&'a Value>,
+    /// Batch-level `context`, merged under the message's own.
+    pub batch_context: Option<&'a Map<String, Value>>,
+    /// Batch-level `integrations`, merged under the message's own.
+    pub batch_integrations: Option<&'a Map<String, Value>>,
+    /// The client's address, stored as `context.ip` when the message has none.
+    pub peer_ip: Option<String>,
+}
+
+/// A message in its stored form, with its key fields pulled out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalized {
+    /// `messageId`.
+    pub message_id: String,
+    /// Call type.
+    pub call_type: CallType,
+    /// Track `event`, or page/screen `name`.
+    pub event: Option<String>,
+    /// `userId`, if any.
+    pub user_id: Option<String>,
+    /// `anonymousId`, if any.
+    pub anonymous_id: Option<String>,
+    /// `receivedAt` in epoch milliseconds.
+    pub received_at_ms: i64,
+    /// The whole normalized message.
+    pub body: Map<String, Value>,
+}
+
+/// Formats a time as Segment does: ISO-8601, UTC, milliseconds, `Z`.
+pub fn format_ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses a Segment timestamp: ISO-8601/RFC 3339 with any offset (converted to UTC),
+/// a naive date-time taken as UTC, a date alone, or epoch milliseconds as a number.
+pub fn parse_ts(v: &Value) -> Option<DateTime<Utc>> {
+    match v {
+        Value::String(s) => parse_ts_str(s),
+        Value::Number(n) => {
+            let ms = n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))?;
+            Utc.timestamp_millis_opt(ms).single()
+        }
+        _ => None,
+    }
+}
+
+/// String form of [`parse_ts`].
+pub fn parse_ts_str(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Some(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
+    }
+    None
+}
+
+/// Deep-merges `base` under `over`: keys of `over` win; objects on both sides merge.
+pub fn merge_under(over: &mut Map<String, Value>, base: &Map<String, Value>) {
+    for (k, bv) in base {
+        match over.get_mut(k) {
+            None => {
+                over.insert(k.clone(), bv.clone());
+            }
+            Some(Value::Object(o)) => {
+                if let Value::Object(b) = bv {
+                    merge_under(o, b);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Reads an id field (`userId`, `anonymousId`, `groupId`, `previousId`): strings and
+/// numbers are accepted (numbers as their decimal text), `null` is absent, an empty
+/// string or any other type is an error.
+fn id_field(body: &Map<String, Value>, key: &str) -> Result<Option<String>, ()> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(()),
+    }
+}
+
+fn ensure_object(body: &Map<String, Value>, key: &str, code: RejectCode) -> Result<(), Rejection> {
+    match body.get(key) {
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+        Some(_) => Err(Rejection::new(
+            code,
+            format!("`{key}` must be a JSON object"),
+        )),
+    }
+}
+
+fn optional_string(
+    body: &Map<String, Value>,
+    key: &str,
+    code: RejectCode,
+) -> Result<Option<String>, Rejection> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(_) => Err(Rejection::new(
+            code,
+            format!("`{key}` must be a non-empty string when present"),
+        )),
+    }
+}
+
+fn timestamp_field(
+    body: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<DateTime<Utc>>, Rejection> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_ts(v).map(Some).ok_or_else(|| {
+            Rejection::new(
+                RejectCode::TimestampInvalid,
+                format!("`{key}` must be an ISO-8601 date-time (or epoch milliseconds)"),
+            )
+        }),
+    }
+}
+
+/// Validates and normalizes one message. See the module documentation.
+pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, Rejection> {
+    let Value::Object(mut body) = raw else {
+        return Err(Rejection::new(
+            RejectCode::BadRequest,
+            "a message must be a JSON object",
+        ));
+    };
+
+    // Legacy spellings still sent by old libraries.
+    if !body.contains_key("type")
+        && let Some(action) = body.remove("action")
+    {
+        body.insert("type".into(), action);
+    }
+    if !body.contains_key("userId")
+        && let Some(uid) = body.remove("user_id")
+    {
+        body.insert("userId".into(), uid);
+    }
+    body.remove("writeKey");
+
+    let call_type = match ctx.call_type {
+        Some(t) => t,
+        None => match body.get("type") {
+            Some(Value::String(s)) => CallType::parse(s).ok_or_else(|| {
+                Rejection::new(
+                    RejectCode::InvalidType,
+                    format!(
+                        "unknown `type` {s:?}; expected identify, track, page, screen, group or alias"
+                    ),
+                )
+            })?,
+            _ => {
+                return Err(Rejection::new(
+                    RejectCode::InvalidType,
+                    "every message in a batch needs a `type`: identify, track, page, screen, group or alias",
+                ));
+            }
+        },
+    };
+    body.insert("type".into(), Value::String(call_type.as_str().into()));
+
+    let id_err = |k: &str| {
+        Rejection::new(
+            RejectCode::IdNotString,
+            format!("`{k}` must be a non-empty string"),
+        )
+    };
+    let user_id = id_field(&body, "userId").map_err(|_| id_err("userId"))?;
+    let anonymous_id = id_field(&body, "anonymousId").map_err(|_| id_err("anonymousId"))?;
+    for (k, v) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
+        match v {
+            Some(s) => {
+                body.insert(k.into(), Value::String(s.clone()));
+            }
+            None => {
+                body.remove(k);
+            }
+        }
+    }
+
+    let mut event = None;
+    match call_type {
+        CallType::Alias => {
+            let prev = id_field(&body, "previousId").map_err(|_| id_err("previousId"))?;
+            match (prev, &user_id) {
+                (Some(p), Some(_)) => {
+                    body.insert("previousId".into(), Value::String(p));
+                }
+                _ => {
+                    return Err(Rejection::new(
+                        RejectCode::PreviousIdRequired,
+                        "alias needs both `previousId` and `userId`",
+                    ));
+                }
+            }
+        }
+        _ if user_id.is_none() && anonymous_id.is_none() => {
+            return Err(Rejection::new(
+                RejectCode::NoUserAnonId,
+                "every message needs a `userId` or an `anonymousId`",
+            ));
+        }
+        _ => {}
+    }
+    match call_type {
+        CallType::Track => match body.get("event") {
+            None | Some(Value::Null) => {
+                return Err(Rejection::new(
+                    RejectCode::EventNotDefined,
+                    "track needs an `event` name",
+                ));
+            }
+            Some(Value::String(s)) if !s.trim().is_empty() => event = Some(s.clone()),
+            Some(_) => {
+                return Err(Rejection::new(
+                    RejectCode::EventNotString,
+                    "`event` must be a non-empty string",
+                ));
+            }
+        },
+        CallType::Page | CallType::Screen => {
+            event = optional_string(&body, "name", RejectCode::NameNotString)?;
+            optional_string(&body, "category", RejectCode::CategoryNotString)?;
+        }
+        CallType::Group => match id_field(&body, "groupId") {
+            Ok(Some(g)) => {
+                body.insert("groupId".into(), Value::String(g));
+            }
+            Ok(None) => {
+                return Err(Rejection::new(
+                    RejectCode::GroupIdRequired,
+                    "group needs a `groupId`",
+                ));
+            }
+            Err(()) => return Err(id_err("groupId")),
+        },
+        CallType::Identify | CallType::Alias => {}
+    }
+    ensure_object(&body, "properties", RejectCode::PropertiesNotObject)?;
+    ensure_object(&body, "traits", RejectCode::TraitsNotObject)?;
+    ensure_object(&body, "context", RejectCode::ContextNotObject)?;
+    ensure_object(&body, "integrations", RejectCode::ContextNotObject)?;
+    if let Some(Value::Object(c)) = body.get("context") {
+        ensure_object(c, "traits", RejectCode::TraitsNotObject)?;
+    }
+
+    let message_id = match body.get("messageId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if s.chars().count() <= 100 => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(_)) => {
+            return Err(Rejection::new(
+                RejectCode::MessageIdInvalid,
+                "`messageId` is limited to 100 characters",
+            ));
+        }
+        Some(_) => {
+            return Err(Rejection::new(
+                RejectCode::MessageIdInvalid,
+                "`messageId` must be a string",
+            ));
+        }
+    }
+    .unwrap_or_else(|| format!("api-{}", uuid::Uuid::now_v7().simple()));
+    body.insert("messageId".into(), Value::String(message_id.clone()));
+
+    // Timestamps (segment-spec §1.8): an incoming `timestamp` becomes
+    // `originalTimestamp`; `timestamp` is recomputed.
+    let received_at = ctx.received_at;
+    let original = match timestamp_field(&body, "timestamp")? {
+        Some(t) => Some(t),
+        None => timestamp_field(&body, "originalTimestamp")?,
+    };
+    let sent_at = match timestamp_field(&body, "sentAt")? {
+        Some(t) => Some(t),
+        None => match ctx.batch_sent_at {
+            Some(v) if !v.is_null() => Some(parse_ts(v).ok_or_else(|| {
+                Rejection::new(
+                    RejectCode::TimestampInvalid,
+                    "batch `sentAt` must be an ISO-8601 date-time",
+                )
+            })?),
+            _ => None,
+        },
+    };
+    let timestamp = match (original, sent_at) {
+        (None, _) => received_at,
+        (Some(o), None) => o,
+        (Some(o), Some(s)) => received_at - (s - o),
+    };
+    body.insert(
+        "originalTimestamp".into(),
+        Value::String(format_ts(original.unwrap_or(received_at))),
+    );
+    body.insert("timestamp".into(), Value::String(format_ts(timestamp)));
+    match sent_at {
+        Some(s) => body.insert("sentAt".into(), Value::String(format_ts(s))),
+        None => body.remove("sentAt"),
+    };
+    body.insert("receivedAt".into(), Value::String(format_ts(received_at)));
+
+    // Context and integrations: batch-level values merged under the message's own.
+    let mut context = match body.remove("context") {
+        Some(Value::Object(c)) => c,
+        _ => Map::new(),
+    };
+    if let Some(bc) = ctx.batch_context {
+        merge_under(&mut context, bc);
+    }
+    if !context.contains_key("ip")
+        && let Some(ip) = &ctx.peer_ip
+    {
+        context.insert("ip".into(), Value::String(ip.clone()));
+    }
+    body.insert("context".into(), Value::Object(context));
+    let mut integrations = match body.remove("integrations") {
+        Some(Value::Object(i)) => i,
+        _ => Map::new(),
+    };
+    if let Some(bi) = ctx.batch_integrations {
+        merge_under(&mut integrations, bi);
+    }
+    if !integrations.is_empty() {
+        body.insert("integrations".into(), Value::Object(integrations));
+    }
+
+    Ok(Normalized {
+        message_id,
+        call_type,
+        event,
+        user_id,
+        anonymous_id,
+        received_at_ms: received_at.timestamp_millis(),
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        parse_ts_str("2026-11-27T12:00:00.000Z").unwrap()
+    }
+
+    fn ctx() -> NormalizeContext<'static> {
+        NormalizeContext {
+            received_at: now(),
+            ..Default::default()
+        }
+    }
+
+    fn code(v: Value) -> RejectCode {
+        normalize(v, &ctx()).unwrap_err().code
+    }
+
+    #[test]
+    fn track_gets_ids_and_times() {
+        let n = normalize(
+            json!({"type":"track","event":"Email Opened","userId":"u1","properties":{"a":1}}),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(n.call_type, CallType::Track);
+        assert_eq!(n.event.as_deref(), Some("Email Opened"));
+        assert!(n.message_id.starts_with("api-"));
+        assert!(n.message_id.len() <= 100);
+        assert_eq!(n.body["receivedAt"], "2026-11-27T12:00:00.000Z");
+        assert_eq!(n.body["timestamp"], "2026-11-27T12:00:00.000Z");
+        assert_eq!(n.body["originalTimestamp"], "2026-11-27T12:00:00.000Z");
+        assert!(n.body.get("sentAt").is_none());
+    }
+
+    #[test]
+    fn clock_skew_is_corrected_with_batch_sent_at() {
+        // The device clock is 1 hour behind; the event happened 10 s before sending.
+        let sent = json!("2026-11-27T11:00:10.000Z");
+        let c = NormalizeContext {
+            received_at: now(),
+            batch_sent_at: Some(&sent),
+            ..Default::default()
+        };
+        let n = normalize(
+            json!({"type":"track","event":"E","anonymousId":"a","timestamp":"2026-11-27T11:00:00Z"}),
+            &c,
+        )
+        .unwrap();
+        assert_eq!(n.body["originalTimestamp"], "2026-11-27T11:00:00.000Z");
+        assert_eq!(n.body["sentAt"], "2026-11-27T11:00:10.000Z");
+        assert_eq!(n.body["timestamp"], "2026-11-27T11:59:50.000Z");
+    }
+
+    #[test]
+    fn offsets_and_epoch_millis_become_utc() {
+        let n = normalize(
+            json!({"type":"track","event":"E","anonymousId":"a","timestamp":"2024-02-28T07:04:13-06:00"}),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(n.body["timestamp"], "2024-02-28T13:04:13.000Z");
+        let n = normalize(
+            json!({"type":"track","event":"E","anonymousId":"a","timestamp":1436569200000i64}),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(n.body["timestamp"], "2015-07-10T23:00:00.000Z");
+    }
+
+    #[test]
+    fn batch_context_merges_under_message_context_and_ip_is_filled() {
+        let bc = json!({"library":{"name":"analytics-go","version":"3"},"locale":"en-US"});
+        let c = NormalizeContext {
+            received_at: now(),
+            batch_context: bc.as_object(),
+            peer_ip: Some("10.0.0.1".into()),
+            ..Default::default()
+        };
+        let n = normalize(
+            json!({"type":"identify","userId":"u","context":{"library":{"version":"4"}},"writeKey":"secret"}),
+            &c,
+        )
+        .unwrap();
+        assert_eq!(
+            n.body["context"]["library"],
+            json!({"version":"4","name":"analytics-go"})
+        );
+        assert_eq!(n.body["context"]["locale"], "en-US");
+        assert_eq!(n.body["context"]["ip"], "10.0.0.1");
+        assert!(n.body.get("writeKey").is_none());
+    }
+
+    #[test]
+    fn legacy_action_and_user_id_are_accepted() {
+        let n = normalize(json!({"action":"track","event":"E","user_id":"u"}), &ctx()).unwrap();
+        assert_eq!(n.call_type, CallType::Track);
+        assert_eq!(n.user_id.as_deref(), Some("u"));
+        assert_eq!(n.body["userId"], "u");
+    }
+
+    #[test]
+    fn endpoint_type_wins_over_body_type() {
+        let c = NormalizeContext {
+            received_at: now(),
+            call_type: Some(CallType::Identify),
+            ..Default::default()
+        };
+        let n = normalize(json!({"type":"track","userId":"u"}), &c).unwrap();
+        assert_eq!(n.body["type"], "identify");
+    }
+
+    #[test]
+    fn rejections_carry_segment_reason_codes() {
+        assert_eq!(code(json!([1])), RejectCode::BadRequest);
+        assert_eq!(
+            code(json!({"event":"E","userId":"u"})),
+            RejectCode::InvalidType
+        );
+        assert_eq!(
+            code(json!({"type":"nope","userId":"u"})),
+            RejectCode::InvalidType
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E"})),
+            RejectCode::NoUserAnonId
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":""})),
+            RejectCode::IdNotString
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":{}})),
+            RejectCode::IdNotString
+        );
+        assert_eq!(
+            code(json!({"type":"track","userId":"u"})),
+            RejectCode::EventNotDefined
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":5,"userId":"u"})),
+            RejectCode::EventNotString
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":"u","properties":[1]})),
+            RejectCode::PropertiesNotObject
+        );
+        assert_eq!(
+            code(json!({"type":"identify","userId":"u","traits":"x"})),
+            RejectCode::TraitsNotObject
+        );
+        assert_eq!(
+            code(json!({"type":"page","userId":"u","name":""})),
+            RejectCode::NameNotString
+        );
+        assert_eq!(
+            code(json!({"type":"screen","userId":"u","category":3})),
+            RejectCode::CategoryNotString
+        );
+        assert_eq!(
+            code(json!({"type":"group","userId":"u"})),
+            RejectCode::GroupIdRequired
+        );
+        assert_eq!(
+            code(json!({"type":"alias","userId":"u"})),
+            RejectCode::PreviousIdRequired
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":"u","messageId":"x".repeat(101)})),
+            RejectCode::MessageIdInvalid
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":"u","timestamp":"yesterday"})),
+            RejectCode::TimestampInvalid
+        );
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":"u","context":"x"})),
+            RejectCode::ContextNotObject
+        );
+    }
+
+    #[test]
+    fn alias_and_group_keep_their_ids() {
+        let n = normalize(
+            json!({"type":"alias","userId":"u","previousId":"a"}),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(n.body["previousId"], "a");
+        let n = normalize(json!({"type":"group","userId":"u","groupId":42}), &ctx()).unwrap();
+        assert_eq!(n.body["groupId"], "42");
+    }
+
+    #[test]
+    fn client_message_id_is_kept() {
+        let n = normalize(
+            json!({"type":"page","anonymousId":"a","messageId":"ajs-1","name":"Home"}),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(n.message_id, "ajs-1");
+        assert_eq!(n.event.as_deref(), Some("Home"));
+    }
+}
