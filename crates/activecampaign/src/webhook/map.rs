@@ -1,0 +1,803 @@
+//! Mapping one parsed ActiveCampaign webhook to one Segment message.
+//!
+//! The output is a Segment call as a client would send it (camelCase keys, as on the
+//! wire): ingest validates and normalizes it like any other `track`/`identify`.
+//!
+//! | `type` | call | event |
+//! |---|---|---|
+//! | `open` | track | `Email Opened` |
+//! | `click` | track | `Email Link Clicked` (+ `link_id`, `link_url`) |
+//! | `bounce` | track | `Email Bounced` (+ `bounce_type`, `bounce_code`, `bounce_description`) |
+//! | `unsubscribe` | track | `Email Unsubscribed`, or `Email Marked as Spam` by [`is_spam_complaint`] (+ `reason`, `unsubscribe_source`) |
+//! | `reply` / `forward` / `share` | track | `Email Replied` / `Email Forwarded` (+ `forward_count`) / `Email Shared` (+ `share_network`, `share_content`) |
+//! | `sent` | track | `Email Campaign Sent` (+ `recipients`), campaign-level |
+//! | `subscribe`, `update`, `contact_tag_added`, `contact_tag_removed` | identify | — |
+//! | anything else | [`Mapped::Unmapped`] | — |
+//!
+//! Every track call carries the Segment Email spec properties that the webhook has
+//! (`email_id` ← `campaign[message][id]`, `email_subject` ← `campaign[message][subject]`,
+//! `campaign_id`, `campaign_name`, `link_id`, `link_url`, `list_id`, `list_name`) plus
+//! `contact_id`, `campaign_type` and `initiated_from`; the recipient is in
+//! `context.traits` (`email`, `firstName`, `lastName`).
+//!
+//! **Identity** (first that applies):
+//! 1. `userId` = `contact[fields][<Settings::user_id_field>]` when that value is not blank;
+//! 2. `anonymousId` = `contact[email]`, trimmed, case kept as sent (ingest and the
+//!    email → userId lookup compare case-insensitively; keeping the case means the id
+//!    matches what ActiveCampaign's own Segment stream sends for the same person);
+//! 3. `anonymousId` = `activecampaign-contact:<contact[id]>` (a contact with no email);
+//! 4. track calls only: `anonymousId` = `activecampaign-campaign:<campaign[id]>`
+//!    (campaign-level events such as `sent`);
+//! 5. otherwise [`MapError::NoIdentity`].
+//!
+//! The recipient email is also returned beside the message, so the server can look up
+//! a `userId` from earlier identifies and replace the `anonymousId`.
+//!
+//! **Values.** Every value is trimmed; blank values are omitted, never sent as `""`
+//! (an ActiveCampaign contact without a phone must not erase a phone that another
+//! source set). Ids stay strings. Counts (`recipients`, `forward_count`) become JSON
+//! numbers when they parse as non-negative integers (thousands separators allowed),
+//! and stay strings otherwise. Keys this module does not know are ignored.
+//!
+//! **Custom fields** become identify traits named `field_<key>`, where `<key>` is the
+//! bracketed key of `contact[fields][<key>]`, lowercased with surrounding `%` removed:
+//! `contact[fields][32]` → `field_32`, `contact[fields][UTM_SOURCE]` → `field_utm_source`.
+//! The prefix keeps numeric ids valid column names and keeps custom fields from ever
+//! colliding with the standard traits.
+//!
+//! Invariants: never panics; the same pairs always give the same message (no clock,
+//! no randomness): `messageId` comes from [`DedupeKey`], `timestamp` from `date_time`
+//! (omitted when it does not parse, so ingest uses the receive time).
+
+use serde_json::{Map, Value, json};
+
+use super::dedupe::DedupeKey;
+use super::form::FormPairs;
+use super::time::{parse_date_time, segment_timestamp};
+use crate::segment::{
+    EMAIL_BOUNCED, EMAIL_LINK_CLICKED, EMAIL_MARKED_AS_SPAM, EMAIL_OPENED, EMAIL_UNSUBSCRIBED,
+    looks_like_email,
+};
+
+/// `reply` → this track event (not in Segment's Email spec).
+pub const EMAIL_REPLIED: &str = "Email Replied";
+/// `forward` → this track event (not in Segment's Email spec).
+pub const EMAIL_FORWARDED: &str = "Email Forwarded";
+/// `share` → this track event (not in Segment's Email spec).
+pub const EMAIL_SHARED: &str = "Email Shared";
+/// `sent` → this campaign-level track event. It is **not** `Email Delivered`:
+/// ActiveCampaign sends it once per campaign, with a recipient count.
+pub const EMAIL_CAMPAIGN_SENT: &str = "Email Campaign Sent";
+
+/// `context.integration.name` of every mapped message.
+pub const INTEGRATION_NAME: &str = "activecampaign";
+/// `context.library.name` of every mapped message.
+pub const LIBRARY_NAME: &str = "tributary-activecampaign";
+/// `context.library.version` of every mapped message.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `anonymousId` prefix for events that name only a campaign (e.g. `sent`).
+pub const CAMPAIGN_ANONYMOUS_ID_PREFIX: &str = "activecampaign-campaign:";
+/// `anonymousId` prefix for events whose contact has an id but no email.
+pub const CONTACT_ANONYMOUS_ID_PREFIX: &str = "activecampaign-contact:";
+
+/// Per-source settings (from the source's `settings` JSON object).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Settings {
+    /// Custom field id or perstag whose value is the userId: `contact[fields][<it>]`.
+    /// Matched case-insensitively; `%PERSTAG%` and `contact[fields][X]` spellings are
+    /// accepted too. `None` or blank: identity falls back to the email.
+    #[serde(default)]
+    pub user_id_field: Option<String>,
+}
+
+/// One mapped webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    /// ActiveCampaign's `type`, trimmed, as sent (e.g. `unsubscribe`): what the source
+    /// overview shows as the last event, as ActiveCampaign's own panel does.
+    pub raw_type: String,
+    /// What it maps to.
+    pub mapped: Mapped,
+}
+
+impl Webhook {
+    /// The Segment message, unless unmapped.
+    pub fn message(&self) -> Option<&Map<String, Value>> {
+        self.mapped.message()
+    }
+
+    /// The recipient email, when the webhook names a plausible one.
+    pub fn email(&self) -> Option<&str> {
+        self.mapped.email()
+    }
+}
+
+/// What a webhook maps to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mapped {
+    /// A Segment track call (raw Segment JSON object, camelCase keys as on the wire).
+    Track {
+        /// The call.
+        message: Map<String, Value>,
+        /// The recipient email (trimmed, case as sent), for the server's
+        /// email → userId lookup.
+        email: Option<String>,
+    },
+    /// A Segment identify call.
+    Identify {
+        /// The call.
+        message: Map<String, Value>,
+        /// The contact's email (trimmed, case as sent), for the server's
+        /// email → userId lookup.
+        email: Option<String>,
+    },
+    /// A type we do not map; acknowledged, counted, not loaded.
+    Unmapped,
+}
+
+impl Mapped {
+    /// The Segment message, unless unmapped.
+    pub fn message(&self) -> Option<&Map<String, Value>> {
+        match self {
+            Mapped::Track { message, .. } | Mapped::Identify { message, .. } => Some(message),
+            Mapped::Unmapped => None,
+        }
+    }
+
+    /// The recipient email, when there is one.
+    pub fn email(&self) -> Option<&str> {
+        match self {
+            Mapped::Track { email, .. } | Mapped::Identify { email, .. } => email.as_deref(),
+            Mapped::Unmapped => None,
+        }
+    }
+
+    /// The track event name, for track calls.
+    pub fn event(&self) -> Option<&str> {
+        match self {
+            Mapped::Track { message, .. } => message.get("event").and_then(Value::as_str),
+            _ => None,
+        }
+    }
+}
+
+/// Why a parsed body cannot be mapped. Safe to return to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// No (or a blank) `type` key. Global webhooks always have one; automation
+    /// "Webhook" steps (which carry `seriesid` instead) are not supported.
+    #[error(
+        "no `type` key: not an ActiveCampaign webhook (automation \"Webhook\" steps are not \
+         supported; add a global webhook under Settings → Developer → Webhooks)"
+    )]
+    MissingType,
+    /// A mapped type that names no recipient at all.
+    #[error(
+        "`{raw_type}` webhook names no recipient: it has no contact[email], contact[id] \
+         or campaign[id]"
+    )]
+    NoIdentity {
+        /// The webhook's `type`.
+        raw_type: String,
+    },
+}
+
+/// The types we map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Open,
+    Click,
+    Bounce,
+    Unsubscribe,
+    Reply,
+    Forward,
+    Share,
+    Sent,
+    Subscribe,
+    Update,
+    TagAdded,
+    TagRemoved,
+}
+
+impl Kind {
+    fn from_type(t: &str) -> Option<Kind> {
+        const KINDS: [(&str, Kind); 12] = [
+            ("open", Kind::Open),
+            ("click", Kind::Click),
+            ("bounce", Kind::Bounce),
+            ("unsubscribe", Kind::Unsubscribe),
+            ("reply", Kind::Reply),
+            ("forward", Kind::Forward),
+            ("share", Kind::Share),
+            ("sent", Kind::Sent),
+            ("subscribe", Kind::Subscribe),
+            ("update", Kind::Update),
+            ("contact_tag_added", Kind::TagAdded),
+            ("contact_tag_removed", Kind::TagRemoved),
+        ];
+        KINDS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(t))
+            .map(|(_, k)| *k)
+    }
+
+    fn is_identify(self) -> bool {
+        matches!(
+            self,
+            Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved
+        )
+    }
+}
+
+/// Maps parsed webhook pairs to a Segment message; see the module docs for the rules.
+pub fn map_webhook(pairs: &FormPairs, settings: &Settings) -> Result<Webhook, MapError> {
+    let raw_type = pairs.get_trimmed("type").ok_or(MapError::MissingType)?;
+    let Some(kind) = Kind::from_type(raw_type) else {
+        return Ok(Webhook {
+            raw_type: raw_type.to_owned(),
+            mapped: Mapped::Unmapped,
+        });
+    };
+    let contact = Contact::read(pairs);
+    let identity =
+        identity(pairs, settings, &contact, kind).ok_or_else(|| MapError::NoIdentity {
+            raw_type: raw_type.to_owned(),
+        })?;
+    let lists = Lists::read(pairs);
+
+    let mut message = Map::new();
+    let is_identify = kind.is_identify();
+    message.insert(
+        "type".into(),
+        json!(if is_identify { "identify" } else { "track" }),
+    );
+    if !is_identify {
+        let event = event_name(kind, pairs);
+        message.insert("event".into(), json!(event));
+    }
+    message.insert(
+        "messageId".into(),
+        json!(dedupe_key(kind, raw_type, pairs, &lists).message_id()),
+    );
+    if let Some(t) = pairs.get("date_time").and_then(parse_date_time) {
+        message.insert("timestamp".into(), json!(segment_timestamp(t)));
+    }
+    match identity {
+        Identity::User(id) => message.insert("userId".into(), json!(id)),
+        Identity::Anonymous(id) => message.insert("anonymousId".into(), json!(id)),
+    };
+
+    let mut context = Map::new();
+    if is_identify {
+        message.insert(
+            "traits".into(),
+            Value::Object(identify_traits(kind, pairs, &contact)),
+        );
+    } else {
+        message.insert(
+            "properties".into(),
+            Value::Object(track_properties(kind, pairs, &lists)),
+        );
+        let mut traits = Map::new();
+        put(&mut traits, "email", contact.email);
+        put(&mut traits, "firstName", contact.first_name);
+        put(&mut traits, "lastName", contact.last_name);
+        if !traits.is_empty() {
+            context.insert("traits".into(), Value::Object(traits));
+        }
+    }
+    context.insert("integration".into(), json!({ "name": INTEGRATION_NAME }));
+    context.insert(
+        "library".into(),
+        json!({ "name": LIBRARY_NAME, "version": LIBRARY_VERSION }),
+    );
+    message.insert("context".into(), Value::Object(context));
+
+    let email = contact.email.map(str::to_owned);
+    let mapped = if is_identify {
+        Mapped::Identify { message, email }
+    } else {
+        Mapped::Track { message, email }
+    };
+    Ok(Webhook {
+        raw_type: raw_type.to_owned(),
+        mapped,
+    })
+}
+
+/// An `unsubscribe` webhook is a **spam complaint** — mapped to `Email Marked as Spam`
+/// instead of `Email Unsubscribed` — when `unsubscribe[reason]`, `initiated_from` or
+/// `initiated_by` contains a complaint word. Complaint words, matched
+/// case-insensitively on whole words (runs of ASCII letters and digits):
+///
+/// - any word starting with `spam` (`spam`, `spammy`, `spamming`, …),
+/// - any word starting with `complain` (`complaint`, `complained`, …),
+/// - `abuse`, `abusive`, `fbl`, `junk`,
+/// - or the phrase `feedback loop`.
+///
+/// Why: ActiveCampaign has no complaint webhook. A complaint can only surface as an
+/// unsubscribe whose reason says so (its unsubscribe form's "the emails are spam"
+/// choice, or a feedback-loop unsubscribe) or whose initiator names it.
+/// `initiated_from=system` **alone is not a complaint**: system also covers bounce
+/// processing and automations. Negations ("not spam") are not understood.
+pub fn is_spam_complaint(pairs: &FormPairs) -> bool {
+    ["unsubscribe[reason]", "initiated_from", "initiated_by"]
+        .iter()
+        .filter_map(|k| pairs.get(k))
+        .any(says_complaint)
+}
+
+fn says_complaint(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.iter().any(|w| {
+        w.starts_with("spam")
+            || w.starts_with("complain")
+            || matches!(*w, "abuse" | "abusive" | "fbl" | "junk")
+    }) || words.windows(2).any(|p| p == ["feedback", "loop"])
+}
+
+fn event_name(kind: Kind, pairs: &FormPairs) -> &'static str {
+    match kind {
+        Kind::Open => EMAIL_OPENED,
+        Kind::Click => EMAIL_LINK_CLICKED,
+        Kind::Bounce => EMAIL_BOUNCED,
+        Kind::Unsubscribe if is_spam_complaint(pairs) => EMAIL_MARKED_AS_SPAM,
+        Kind::Unsubscribe => EMAIL_UNSUBSCRIBED,
+        Kind::Reply => EMAIL_REPLIED,
+        Kind::Forward => EMAIL_FORWARDED,
+        Kind::Share => EMAIL_SHARED,
+        Kind::Sent => EMAIL_CAMPAIGN_SENT,
+        // Identify kinds have no event; callers never ask.
+        Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved => "",
+    }
+}
+
+/// The dedupe key: the brief's tuple, plus what tells apart distinct events that share
+/// it (two tags added in the same second, one unsubscribe per list, two contact
+/// updates in the same second). Repeated deliveries carry identical bodies, so these
+/// extras never split a duplicate.
+fn dedupe_key<'a>(
+    kind: Kind,
+    raw_type: &'a str,
+    pairs: &'a FormPairs,
+    lists: &Lists<'a>,
+) -> DedupeKey<'a> {
+    let get = |k: &str| pairs.get_trimmed(k).unwrap_or("");
+    let mut extra: Vec<&str> = Vec::new();
+    match kind {
+        Kind::Unsubscribe => extra.extend(lists.ids.iter().copied()),
+        Kind::Share => extra.push(get("share[network]")),
+        Kind::TagAdded | Kind::TagRemoved => extra.push(get("tag")),
+        Kind::Subscribe | Kind::Update => {
+            extra.extend(lists.ids.iter().copied());
+            let mut contact: Vec<(&str, &str)> = pairs
+                .iter()
+                .filter(|(k, _)| k.starts_with("contact["))
+                .collect();
+            contact.sort_unstable();
+            for (k, v) in contact {
+                extra.push(k);
+                extra.push(v);
+            }
+        }
+        Kind::Open | Kind::Click | Kind::Bounce | Kind::Reply | Kind::Forward | Kind::Sent => {}
+    }
+    DedupeKey {
+        raw_type,
+        contact_id: get("contact[id]"),
+        campaign_id: get("campaign[id]"),
+        message_id: get("campaign[message][id]"),
+        link_id: get("link[id]"),
+        date_time: pairs.get("date_time").unwrap_or(""),
+        extra,
+    }
+}
+
+fn track_properties(kind: Kind, pairs: &FormPairs, lists: &Lists<'_>) -> Map<String, Value> {
+    let mut p = Map::new();
+    let get = |k: &str| pairs.get_trimmed(k);
+    let initiated_from = get("initiated_from").or_else(|| get("initiated_by"));
+    put(&mut p, "email_id", get("campaign[message][id]"));
+    put(&mut p, "email_subject", get("campaign[message][subject]"));
+    put(&mut p, "campaign_id", get("campaign[id]"));
+    put(&mut p, "campaign_name", get("campaign[name]"));
+    put(&mut p, "campaign_type", get("campaign[type]"));
+    put(&mut p, "contact_id", get("contact[id]"));
+    put(&mut p, "link_id", get("link[id]"));
+    put(&mut p, "link_url", get("link[url]"));
+    put(&mut p, "list_id", lists.ids.first().copied());
+    if lists.ids.len() > 1 {
+        p.insert("list_ids".into(), json!(lists.ids));
+    }
+    put(&mut p, "list_name", lists.name);
+    put(&mut p, "initiated_from", initiated_from);
+    match kind {
+        Kind::Bounce => {
+            let bounce_type = get("bounce[type]").map(str::to_ascii_lowercase);
+            put(&mut p, "bounce_type", bounce_type.as_deref());
+            put(&mut p, "bounce_code", get("bounce[code]"));
+            put(
+                &mut p,
+                "bounce_description",
+                get("bounce[description]").or_else(|| get("bounce[descript]")),
+            );
+        }
+        Kind::Unsubscribe => {
+            put(&mut p, "reason", get("unsubscribe[reason]"));
+            put(&mut p, "unsubscribe_source", initiated_from);
+        }
+        Kind::Share => {
+            put(&mut p, "share_network", get("share[network]"));
+            put(&mut p, "share_content", get("share[content]"));
+        }
+        Kind::Forward => {
+            if let Some(n) = get("forward[count]") {
+                p.insert("forward_count".into(), count(n));
+            }
+        }
+        Kind::Sent => {
+            if let Some(n) = get("campaign[recipients]") {
+                p.insert("recipients".into(), count(n));
+            }
+        }
+        _ => {}
+    }
+    p
+}
+
+fn identify_traits(kind: Kind, pairs: &FormPairs, contact: &Contact<'_>) -> Map<String, Value> {
+    let mut t = Map::new();
+    put(&mut t, "email", contact.email);
+    put(&mut t, "firstName", contact.first_name);
+    put(&mut t, "lastName", contact.last_name);
+    put(&mut t, "phone", contact.phone);
+    put(&mut t, "contact_id", contact.id);
+    // `contact[tags]` is the contact's tag list; for tag events make sure it reflects
+    // the change the webhook announces, whichever side of it the list was read.
+    let tag = pairs.get_trimmed("tag");
+    let mut tags = contact.tags.clone();
+    match (kind, tag) {
+        (Kind::TagAdded, Some(tag)) => {
+            let tags = tags.get_or_insert_with(Vec::new);
+            if !tags.contains(&tag) {
+                tags.push(tag);
+            }
+        }
+        (Kind::TagRemoved, Some(tag)) => {
+            if let Some(tags) = tags.as_mut() {
+                tags.retain(|t| *t != tag);
+            }
+        }
+        _ => {}
+    }
+    if let Some(tags) = tags {
+        t.insert("tags".into(), json!(tags));
+    }
+    for (key, value) in &contact.fields {
+        let name = format!("field_{key}");
+        if !t.contains_key(&name) {
+            t.insert(name, json!(value));
+        }
+    }
+    t
+}
+
+/// Inserts `value` under `key` when present (values reaching here are trimmed and
+/// non-blank).
+fn put(map: &mut Map<String, Value>, key: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        map.insert(key.to_owned(), Value::String(v.to_owned()));
+    }
+}
+
+/// A count as a JSON number when it is a non-negative integer (`1250`, `1,250`),
+/// else the trimmed string as sent.
+fn count(raw: &str) -> Value {
+    let digits: String = raw.chars().filter(|c| *c != ',').collect();
+    match digits.parse::<u64>() {
+        Ok(n) if !digits.starts_with('+') => json!(n),
+        _ => json!(raw),
+    }
+}
+
+/// Normalizes a custom-field key: trimmed, surrounding `%` removed, lowercase.
+fn field_key(raw: &str) -> Option<String> {
+    let key = raw.trim().trim_matches('%').trim();
+    (!key.is_empty()).then(|| key.to_lowercase())
+}
+
+/// The `contact[...]` block.
+struct Contact<'a> {
+    id: Option<&'a str>,
+    /// Only when it [`looks_like_email`].
+    email: Option<&'a str>,
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    phone: Option<&'a str>,
+    /// `None` when `contact[tags]` is absent; `Some([])` when present but blank.
+    tags: Option<Vec<&'a str>>,
+    /// `(normalized key, value)` of non-blank `contact[fields][<key>]`, first wins.
+    fields: Vec<(String, &'a str)>,
+}
+
+impl<'a> Contact<'a> {
+    fn read(pairs: &'a FormPairs) -> Contact<'a> {
+        let get = |k: &str| pairs.get_trimmed(k);
+        let tags = pairs.get("contact[tags]").map(|raw| {
+            let mut tags: Vec<&str> = Vec::new();
+            for tag in raw.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if !tags.contains(&tag) {
+                    tags.push(tag);
+                }
+            }
+            tags
+        });
+        let mut fields: Vec<(String, &str)> = Vec::new();
+        for (k, v) in pairs.iter() {
+            let Some(inner) = k
+                .strip_prefix("contact[fields][")
+                .and_then(|r| r.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let v = v.trim();
+            if inner.contains(['[', ']']) || v.is_empty() {
+                continue;
+            }
+            if let Some(key) = field_key(inner)
+                && !fields.iter().any(|(seen, _)| *seen == key)
+            {
+                fields.push((key, v));
+            }
+        }
+        Contact {
+            id: get("contact[id]"),
+            email: get("contact[email]").filter(|e| looks_like_email(e)),
+            first_name: get("contact[first_name]"),
+            last_name: get("contact[last_name]"),
+            phone: get("contact[phone]"),
+            tags,
+            fields,
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<&'a str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+/// Lists named by the webhook: `list` (`0` means none) and `list[<i>][id]` entries,
+/// distinct, in body order; and the first `list[<i>][name]`.
+struct Lists<'a> {
+    ids: Vec<&'a str>,
+    name: Option<&'a str>,
+}
+
+impl<'a> Lists<'a> {
+    fn read(pairs: &'a FormPairs) -> Lists<'a> {
+        let mut ids: Vec<&str> = Vec::new();
+        let mut name = None;
+        for (k, v) in pairs.iter() {
+            let v = v.trim();
+            if v.is_empty() {
+                continue;
+            }
+            let entry = k.strip_prefix("list[").and_then(|r| r.split_once(']'));
+            let is_id = k == "list" || matches!(entry, Some((_, "[id]")));
+            if is_id && v != "0" && !ids.contains(&v) {
+                ids.push(v);
+            } else if matches!(entry, Some((_, "[name]"))) && name.is_none() {
+                name = Some(v);
+            }
+        }
+        Lists { ids, name }
+    }
+}
+
+enum Identity {
+    User(String),
+    Anonymous(String),
+}
+
+fn identity(
+    pairs: &FormPairs,
+    settings: &Settings,
+    contact: &Contact<'_>,
+    kind: Kind,
+) -> Option<Identity> {
+    if let Some(key) = settings
+        .user_id_field
+        .as_deref()
+        .and_then(user_id_field_key)
+        && let Some(user_id) = contact.field(&key)
+    {
+        return Some(Identity::User(user_id.to_owned()));
+    }
+    if let Some(email) = contact.email {
+        return Some(Identity::Anonymous(email.to_owned()));
+    }
+    if let Some(id) = contact.id {
+        return Some(Identity::Anonymous(format!(
+            "{CONTACT_ANONYMOUS_ID_PREFIX}{id}"
+        )));
+    }
+    if !kind.is_identify()
+        && let Some(campaign) = pairs.get_trimmed("campaign[id]")
+    {
+        return Some(Identity::Anonymous(format!(
+            "{CAMPAIGN_ANONYMOUS_ID_PREFIX}{campaign}"
+        )));
+    }
+    None
+}
+
+/// The setting may be `32`, `UTM_SOURCE`, `%UTM_SOURCE%` or `contact[fields][32]`.
+fn user_id_field_key(setting: &str) -> Option<String> {
+    let s = setting.trim();
+    let s = s
+        .strip_prefix("contact[fields][")
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    field_key(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> FormPairs {
+        list.iter().copied().collect()
+    }
+
+    fn unsubscribe(extra: &[(&str, &str)]) -> FormPairs {
+        let mut p = vec![
+            ("type", "unsubscribe"),
+            ("date_time", "2024-02-28T07:10:55-06:00"),
+            ("contact[id]", "36"),
+            ("contact[email]", "ann@example.com"),
+        ];
+        p.extend_from_slice(extra);
+        pairs(&p)
+    }
+
+    fn event(p: &FormPairs) -> String {
+        map_webhook(p, &Settings::default())
+            .unwrap()
+            .mapped
+            .event()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn spam_rule_reads_reason_words() {
+        for reason in [
+            "The emails are spam and should be reported",
+            "SPAM",
+            "spammy content",
+            "Marked as junk",
+            "abuse report",
+            "complaint via ISP feedback loop",
+            "FBL",
+            "user complained",
+        ] {
+            let p = unsubscribe(&[("unsubscribe[reason]", reason)]);
+            assert_eq!(event(&p), EMAIL_MARKED_AS_SPAM, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn ordinary_reasons_are_unsubscribes() {
+        for reason in [
+            "Too many emails",
+            "I never signed up for this mailing list",
+            "not relevant",
+            "antispam policy",
+            "abused", // only the exact words abuse/abusive
+            "",
+        ] {
+            let p = unsubscribe(&[("unsubscribe[reason]", reason)]);
+            assert_eq!(event(&p), EMAIL_UNSUBSCRIBED, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn spam_rule_reads_initiator_but_not_system_alone() {
+        let p = unsubscribe(&[("initiated_from", "system"), ("initiated_by", "system")]);
+        assert_eq!(event(&p), EMAIL_UNSUBSCRIBED);
+        let p = unsubscribe(&[("initiated_from", "system"), ("initiated_by", "abuse")]);
+        assert_eq!(event(&p), EMAIL_MARKED_AS_SPAM);
+        let p = unsubscribe(&[("initiated_from", "spam_complaint")]);
+        assert_eq!(event(&p), EMAIL_MARKED_AS_SPAM);
+    }
+
+    #[test]
+    fn spam_rule_applies_only_to_unsubscribe() {
+        let p = pairs(&[
+            ("type", "open"),
+            ("contact[email]", "a@example.com"),
+            ("unsubscribe[reason]", "spam"),
+        ]);
+        assert_eq!(event(&p), EMAIL_OPENED);
+    }
+
+    #[test]
+    fn counts_become_numbers_when_they_parse() {
+        assert_eq!(count("1250"), json!(1250));
+        assert_eq!(count("1,250"), json!(1250));
+        assert_eq!(count("0"), json!(0));
+        assert_eq!(count("lots"), json!("lots"));
+        assert_eq!(count("-3"), json!("-3"));
+        assert_eq!(count("+3"), json!("+3"));
+        assert_eq!(
+            count("99999999999999999999999"),
+            json!("99999999999999999999999")
+        );
+    }
+
+    #[test]
+    fn user_id_field_spellings() {
+        assert_eq!(user_id_field_key("32").as_deref(), Some("32"));
+        assert_eq!(
+            user_id_field_key(" %UTM_Source% ").as_deref(),
+            Some("utm_source")
+        );
+        assert_eq!(
+            user_id_field_key("contact[fields][EXT_ID]").as_deref(),
+            Some("ext_id")
+        );
+        assert_eq!(user_id_field_key("  "), None);
+        assert_eq!(user_id_field_key("%%"), None);
+    }
+
+    #[test]
+    fn lists_read_scalar_and_bracketed_forms() {
+        let p = pairs(&[
+            ("list", "0"),
+            ("list[][id]", "3"),
+            ("list[][name]", "Newsletter"),
+            ("list[][id]", "7"),
+            ("list[1][id]", "3"),
+        ]);
+        let lists = Lists::read(&p);
+        assert_eq!(lists.ids, ["3", "7"]);
+        assert_eq!(lists.name, Some("Newsletter"));
+    }
+
+    #[test]
+    fn missing_type_is_an_error_unknown_type_is_unmapped() {
+        let s = Settings::default();
+        assert_eq!(
+            map_webhook(&pairs(&[("seriesid", "9"), ("contact[id]", "1")]), &s),
+            Err(MapError::MissingType)
+        );
+        assert_eq!(
+            map_webhook(&pairs(&[("type", "  ")]), &s),
+            Err(MapError::MissingType)
+        );
+        let w = map_webhook(&pairs(&[("type", "deal_update")]), &s).unwrap();
+        assert_eq!(w.raw_type, "deal_update");
+        assert_eq!(w.mapped, Mapped::Unmapped);
+    }
+
+    #[test]
+    fn type_is_matched_case_insensitively_and_kept_as_sent() {
+        let p = pairs(&[("type", " Open "), ("contact[email]", "a@example.com")]);
+        let w = map_webhook(&p, &Settings::default()).unwrap();
+        assert_eq!(w.raw_type, "Open");
+        assert_eq!(w.mapped.event(), Some(EMAIL_OPENED));
+    }
+
+    #[test]
+    fn settings_deserialize_from_source_settings_json() {
+        let s: Settings =
+            serde_json::from_value(json!({"user_id_field": "32", "other": 1})).unwrap();
+        assert_eq!(s.user_id_field.as_deref(), Some("32"));
+        let s: Settings = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+}
