@@ -3,6 +3,7 @@
 //! that parsing and mapping never panic.
 
 mod fixtures;
+mod ingest;
 mod properties;
 mod support;
 mod variants;
