@@ -1,1 +1,181 @@
-//! placeholder
+//! The Tributary server: the Tracking API, ActiveCampaign webhooks, the admin API and
+//! operations endpoints on one port, wired to the event log and the consumers behind
+//! it.
+//!
+//! The library owns the server: [`serve`] takes a configuration, a bound listener and
+//! a shutdown future; `main` only parses arguments and binds. On shutdown the server
+//! stops accepting connections, lets in-flight requests finish (their appends
+//! complete), flushes control state and closes the log — so every request that got
+//! a 200 is durable, and no request is cut off between append and answer.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod ingest;
+pub mod ops;
+pub mod webhook;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tributary_eventlog::{EventLog, NullLog, SqliteLog, SqliteLogConfig};
+
+pub use config::Config;
+use control::Control;
+
+/// Everything a request handler can reach.
+pub struct AppState {
+    /// The configuration the server runs with.
+    pub config: Config,
+    /// Sources, write keys, last events, identities.
+    pub control: Arc<Control>,
+    /// The durable event log.
+    pub log: Arc<dyn EventLog>,
+    /// The admin API token.
+    pub admin_token: String,
+}
+
+/// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
+/// the file (mode 0600) with a new token when neither exists. Returns the token and
+/// whether it was just generated.
+pub fn admin_token(config: &Config) -> anyhow::Result<(String, bool)> {
+    if let Some(t) = config.admin_token.as_ref().filter(|t| !t.is_empty()) {
+        return Ok((t.clone(), false));
+    }
+    let path = config.data_dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok((t, false));
+        }
+    }
+    let token = control::new_admin_token();
+    write_private(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    Ok((token, true))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+/// Builds the router for a state (used by [`serve`] and by router tests).
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = admin::routes().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        admin::require_admin,
+    ));
+    Router::new()
+        .route("/v1/webhooks/activecampaign", post(webhook::activecampaign))
+        .route(
+            "/v1/webhooks/activecampaign/{key}",
+            post(webhook::activecampaign_keyed),
+        )
+        .route(
+            "/v1/{method}",
+            post(ingest::tracking).options(ops::preflight),
+        )
+        .nest("/api/v1", api)
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .layer(axum::middleware::from_fn(ops::observe))
+        .with_state(state)
+}
+
+/// Opens every store under the configured data dir and returns the shared state.
+pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let (token, generated) = admin_token(&config)?;
+    if generated {
+        let path = config.data_dir.join("admin-token");
+        eprintln!(
+            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
+            path.display()
+        );
+    }
+    let control = Arc::new(
+        Control::open(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
+    );
+    let log: Arc<dyn EventLog> = if config.log.bench_null {
+        tracing::warn!("bench mode: the no-op event log keeps nothing");
+        Arc::new(NullLog::default())
+    } else {
+        Arc::new(
+            SqliteLog::open(SqliteLogConfig {
+                path: config.data_dir.join("events.db"),
+                retention: config.log_retention(),
+                queue_capacity: config.log.queue_capacity,
+                ..Default::default()
+            })
+            .await
+            .context("opening the event log")?,
+        )
+    };
+    ops::install_metrics();
+    Ok(Arc::new(AppState {
+        config,
+        control,
+        log,
+        admin_token: token,
+    }))
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains and flushes.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = open_state(config).await?;
+    let flusher = {
+        let control = state.control.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let c = control.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
+                    tracing::warn!(error = ?e, "flushing control state failed");
+                }
+            }
+        })
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
+    let app = router(state.clone());
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("serving")?;
+    tracing::info!("shutting down: flushing state and closing the event log");
+    flusher.abort();
+    if let Err(e) = state.control.flush() {
+        tracing::warn!(error = ?e, "final flush of control state failed");
+    }
+    state.log.close().await;
+    Ok(())
+}

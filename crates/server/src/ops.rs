@@ -1,0 +1,114 @@
+//! Operations endpoints and cross-cutting HTTP concerns: `/health`, `/ready`,
+//! `/metrics` (Prometheus), per-route request metrics, and CORS for the Tracking
+//! API so analytics.js can post from any web page.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+
+use crate::AppState;
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once.
+pub fn install_metrics() {
+    PROMETHEUS.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+            .ok()?
+            .set_buckets_for_metric(
+                Matcher::Full("tributary_log_group_commit_records".into()),
+                &[
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 20000.0,
+                ],
+            )
+            .ok()?;
+        builder.install_recorder().ok()
+    });
+}
+
+/// `GET /health`: the process is up.
+pub async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: the log can be read; reports its head and size.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.log.stats().await {
+        Ok(s) => axum::Json(json!({"status": "ready", "log": {"head": s.head, "records": s.records, "bytes": s.bytes}}))
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "reason": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Ok(s) = state.log.stats().await {
+        metrics::gauge!("tributary_log_head").set(s.head as f64);
+        metrics::gauge!("tributary_log_records").set(s.records as f64);
+        metrics::gauge!("tributary_log_bytes").set(s.bytes as f64);
+    }
+    metrics::gauge!("tributary_sources").set(state.control.sources().len() as f64);
+    let text = PROMETHEUS
+        .get()
+        .and_then(|h| h.as_ref())
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `OPTIONS /v1/*`: CORS preflight.
+pub async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// Middleware: counts requests by route and status; adds CORS headers on `/v1/`.
+pub async fn observe(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let is_tracking = request.uri().path().starts_with("/v1/");
+    let is_options = request.method() == Method::OPTIONS;
+    let mut resp = next.run(request).await;
+    if is_tracking {
+        let h = resp.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        if is_options {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("Content-Type, Authorization, Content-Encoding"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+        }
+    }
+    metrics::counter!(
+        "tributary_http_requests_total",
+        "route" => route,
+        "status" => resp.status().as_u16().to_string()
+    )
+    .increment(1);
+    resp
+}

@@ -1,0 +1,272 @@
+//! Admin-API clients for the command line: `tributary sources …`. Human output by
+//! default, `--json` for scripts. The token comes from `--token`,
+//! `TRIBUTARY_ADMIN_TOKEN`, or `<data-dir>/admin-token`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// How to reach the server.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Server base URL.
+    #[arg(
+        long,
+        env = "TRIBUTARY_SERVER",
+        default_value = "http://127.0.0.1:8088",
+        global = true
+    )]
+    pub server: String,
+    /// Admin token (default: TRIBUTARY_ADMIN_TOKEN, else <data-dir>/admin-token).
+    #[arg(
+        long,
+        env = "TRIBUTARY_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+    /// Data directory holding admin-token.
+    #[arg(
+        long,
+        env = "TRIBUTARY_DATA_DIR",
+        default_value = "tributary-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `tributary sources …`.
+#[derive(Subcommand)]
+pub enum SourcesCmd {
+    /// Create a source and print its write key.
+    Create {
+        /// `activecampaign` or `http`.
+        #[arg(long = "type", default_value = "activecampaign")]
+        kind: String,
+        /// Nickname.
+        #[arg(long)]
+        name: String,
+        /// Warehouse schema name.
+        #[arg(long)]
+        schema: String,
+        /// Settings as a JSON object, e.g. '{"user_id_field":"32"}'.
+        #[arg(long)]
+        settings: Option<String>,
+    },
+    /// List sources.
+    List,
+    /// Show one source.
+    Show {
+        /// Source id.
+        id: String,
+    },
+    /// Issue a new write key; the old one stops working.
+    RotateKey {
+        /// Source id.
+        id: String,
+    },
+    /// Accept events again.
+    Enable {
+        /// Source id.
+        id: String,
+    },
+    /// Refuse events (403) without deleting.
+    Disable {
+        /// Source id.
+        id: String,
+    },
+    /// Delete a source.
+    Delete {
+        /// Source id.
+        id: String,
+    },
+}
+
+/// An authenticated admin-API client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    /// Builds a client from the connection flags.
+    pub fn new(conn: &Conn) -> anyhow::Result<Client> {
+        let token = match &conn.token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(conn.data_dir.join("admin-token"))
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "no admin token: set TRIBUTARY_ADMIN_TOKEN or --token, or run where {} exists",
+                        conn.data_dir.join("admin-token").display()
+                    )
+                })?,
+        };
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base: conn.server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    /// Sends a request to `/api/v1{path}` and returns the JSON answer or the
+    /// server's `{code,message}` as an error.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let msg = value
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed");
+            let code = value.get("code").and_then(Value::as_str).unwrap_or("error");
+            bail!("{status}: {msg} ({code})");
+        }
+        Ok(value)
+    }
+}
+
+fn print_source(s: &Value) {
+    let get = |k: &str| {
+        s.get(k)
+            .map(|v| match v {
+                Value::String(x) => x.clone(),
+                Value::Null => "-".into(),
+                o => o.to_string(),
+            })
+            .unwrap_or_default()
+    };
+    println!("id:          {}", get("id"));
+    println!("type:        {}", get("type"));
+    println!("name:        {}", get("name"));
+    println!("schema:      {}", get("schema"));
+    println!("enabled:     {}", get("enabled"));
+    println!("write key:   {}", get("write_key"));
+    println!("webhook url: {}", get("webhook_url"));
+    if let Some(st) = s.get("status").and_then(Value::as_str) {
+        println!("status:      {st}");
+    }
+    match s.get("last_event") {
+        Some(Value::Object(le)) => println!(
+            "last event:  {} ({}) at {}",
+            le.get("event").and_then(Value::as_str).unwrap_or("-"),
+            le.get("type").and_then(Value::as_str).unwrap_or("-"),
+            le.get("received_at").and_then(Value::as_str).unwrap_or("-"),
+        ),
+        _ => println!("last event:  none yet"),
+    }
+}
+
+/// Runs a `sources` subcommand.
+pub async fn sources(conn: Conn, cmd: SourcesCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let c = Client::new(&conn)?;
+    let out = match cmd {
+        SourcesCmd::Create {
+            kind,
+            name,
+            schema,
+            settings,
+        } => {
+            let settings: Value = match settings {
+                Some(s) => serde_json::from_str(&s).context("--settings must be a JSON object")?,
+                None => json!({}),
+            };
+            c.call(
+                Method::POST,
+                "/sources",
+                Some(json!({"type": kind, "name": name, "schema": schema, "settings": settings})),
+            )
+            .await?
+        }
+        SourcesCmd::List => {
+            let v = c.call(Method::GET, "/sources", None).await?;
+            if !conn.json {
+                println!(
+                    "{:<36} {:<15} {:<20} {:<20} {:<8} LAST EVENT",
+                    "ID", "TYPE", "NAME", "SCHEMA", "ENABLED"
+                );
+                for s in v.as_array().into_iter().flatten() {
+                    let le = s
+                        .get("last_event")
+                        .and_then(|l| l.get("received_at"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("-");
+                    println!(
+                        "{:<36} {:<15} {:<20} {:<20} {:<8} {le}",
+                        s["id"].as_str().unwrap_or(""),
+                        s["type"].as_str().unwrap_or(""),
+                        s["name"].as_str().unwrap_or(""),
+                        s["schema"].as_str().unwrap_or(""),
+                        s["enabled"],
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+        SourcesCmd::Show { id } => c.call(Method::GET, &format!("/sources/{id}"), None).await?,
+        SourcesCmd::RotateKey { id } => {
+            c.call(Method::POST, &format!("/sources/{id}/write-key"), None)
+                .await?
+        }
+        SourcesCmd::Enable { id } => {
+            c.call(
+                Method::PATCH,
+                &format!("/sources/{id}"),
+                Some(json!({"enabled": true})),
+            )
+            .await?
+        }
+        SourcesCmd::Disable { id } => {
+            c.call(
+                Method::PATCH,
+                &format!("/sources/{id}"),
+                Some(json!({"enabled": false})),
+            )
+            .await?
+        }
+        SourcesCmd::Delete { id } => {
+            c.call(Method::DELETE, &format!("/sources/{id}"), None)
+                .await?;
+            if !conn.json {
+                println!("deleted {id}");
+                return Ok(());
+            }
+            json!({"deleted": id})
+        }
+    };
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_source(&out);
+    }
+    Ok(())
+}
