@@ -37,6 +37,20 @@ pub enum WebhookError {
 }
 
 /// [`parse_form`] then [`map_webhook`].
+///
+/// ```
+/// use tributary_activecampaign::{Settings, parse_webhook};
+/// let body = b"type=open&date_time=2024-02-28T07%3A04%3A13-06%3A00\
+///              &contact%5Bid%5D=36&contact%5Bemail%5D=ann%40example.com&campaign%5Bid%5D=42";
+/// let webhook = parse_webhook(body, &Settings::default()).unwrap();
+/// assert_eq!(webhook.raw_type, "open");
+/// assert_eq!(webhook.mapped.event(), Some("Email Opened"));
+/// assert_eq!(webhook.email(), Some("ann@example.com"));
+/// let message = webhook.message().unwrap();
+/// assert_eq!(message["anonymousId"], "ann@example.com");
+/// assert_eq!(message["timestamp"], "2024-02-28T13:04:13.000Z");
+/// assert_eq!(message["properties"]["campaign_id"], "42");
+/// ```
 pub fn parse_webhook(body: &[u8], settings: &Settings) -> Result<Webhook, WebhookError> {
     Ok(map_webhook(&parse_form(body)?, settings)?)
 }
