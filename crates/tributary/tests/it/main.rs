@@ -1,0 +1,8 @@
+//! End-to-end tests of the `tributary` binary: real processes on real sockets, real
+//! SQLite files, real SDK clients. One test binary for the crate (link time).
+//!
+//! Tests that need an outside service (Python, Node, PostgreSQL) print `SKIP …` with
+//! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
+
+mod harness;
+mod tracking;
