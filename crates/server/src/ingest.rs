@@ -18,11 +18,10 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tributary_eventlog::{AppendStatus, NewRecord};
-use tributary_model::{CallType, NormalizeContext, Normalized, RejectCode, Rejection, normalize};
+use tributary_model::body::{BodyError, BodyLimits, parse_body};
+use tributary_model::{CallType, Normalized, Rejection};
 
 use crate::AppState;
 use crate::control::{LastEvent, Source, SourceType};
@@ -99,29 +98,6 @@ pub fn authenticate(state: &AppState, key: Option<&str>) -> Result<Arc<Source>, 
     Ok(source)
 }
 
-fn invalid_json(e: serde_json::Error) -> ApiError {
-    ApiError::bad("invalid_json", format!("the body is not valid JSON: {e}"))
-}
-
-#[derive(Deserialize)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    batch: Option<&'a RawValue>,
-    #[serde(rename = "sentAt")]
-    sent_at: Option<Value>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-    #[serde(rename = "writeKey")]
-    write_key: Option<Value>,
-}
-
-fn key_from_value(v: Option<&Value>) -> Option<String> {
-    match v {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        _ => None,
-    }
-}
-
 /// `POST /v1/{method}`.
 pub async fn tracking(
     State(state): State<Arc<AppState>>,
@@ -141,143 +117,47 @@ pub async fn tracking(
     let peer_ip = client_ip(&state, &headers, peer).map(|ip| ip.to_string());
     let header_key = basic_auth_key(&headers);
 
-    let (source, accepted, rejected, total) = match ep {
-        Endpoint::Single(call) => {
-            let bytes = read_capped(
-                &headers,
-                body,
-                limits.max_message_bytes,
-                "message_too_large",
-            )
-            .await?;
-            let value: Value = serde_json::from_slice(&bytes).map_err(invalid_json)?;
-            let Value::Object(mut obj) = value else {
-                return Err(ApiError::bad(
-                    "bad_request",
-                    "the body must be a JSON object",
-                ));
-            };
-            let key = header_key.or_else(|| key_from_value(obj.get("writeKey")));
-            let source = authenticate(&state, key.as_deref())?;
-            prepare(&state, &source, &mut obj);
-            let ctx = NormalizeContext {
-                received_at,
-                call_type: Some(call),
-                peer_ip,
-                ..Default::default()
-            };
-            match normalize(Value::Object(obj), &ctx) {
-                Ok(n) => (source, vec![n], Vec::new(), 1),
-                Err(r) => {
-                    count_rejection(&r);
+    let (call_type, cap, cap_code) = match ep {
+        Endpoint::Single(call) => (Some(call), limits.max_message_bytes, "message_too_large"),
+        Endpoint::Batch => (None, limits.max_batch_bytes, "batch_too_large"),
+    };
+    let bytes = read_capped(&headers, body, cap, cap_code).await?;
+    let body_limits = BodyLimits {
+        max_message_bytes: limits.max_message_bytes,
+        max_batch_messages: limits.max_batch_messages,
+    };
+    let raw = parse_body(&bytes, call_type, body_limits).map_err(|e| match e {
+        BodyError::TooManyMessages { .. } => ApiError::TooLarge {
+            code: e.code(),
+            message: e.to_string(),
+        },
+        e => ApiError::bad(e.code(), e.to_string()),
+    })?;
+    let key = header_key.or_else(|| raw.write_key.clone());
+    let source = authenticate(&state, key.as_deref())?;
+    let results = raw.normalize_all(received_at, peer_ip, |obj| prepare(&state, &source, obj));
+    let total = results.len();
+    let mut accepted = Vec::with_capacity(total);
+    let mut rejected = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(n) => accepted.push(n),
+            Err(r) => {
+                count_rejection(&r);
+                if ep != Endpoint::Batch {
                     return Err(ApiError::bad(r.code.as_str(), r.message));
                 }
+                rejected.push(json!({"index": i, "code": r.code.as_str(), "message": r.message}));
             }
         }
-        Endpoint::Batch => {
-            let bytes =
-                read_capped(&headers, body, limits.max_batch_bytes, "batch_too_large").await?;
-            let parsed: BatchBody<'_> = serde_json::from_slice(&bytes).map_err(invalid_json)?;
-            let key = header_key.or_else(|| key_from_value(parsed.write_key.as_ref()));
-            let source = authenticate(&state, key.as_deref())?;
-            let items: Vec<&RawValue> = match parsed.batch {
-                None => {
-                    return Err(ApiError::bad(
-                        "empty_batch",
-                        "the body has no `batch` array",
-                    ));
-                }
-                Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
-                    ApiError::bad("bad_request", "`batch` must be an array of messages")
-                })?,
-            };
-            if items.is_empty() {
-                return Err(ApiError::bad(
-                    "empty_batch",
-                    "the batch contains no messages",
-                ));
-            }
-            if items.len() > limits.max_batch_messages {
-                return Err(ApiError::TooLarge {
-                    code: "too_many_messages",
-                    message: format!(
-                        "a batch may hold at most {} messages; this one has {}",
-                        limits.max_batch_messages,
-                        items.len()
-                    ),
-                });
-            }
-            let context = match parsed.context {
-                None | Some(Value::Null) => None,
-                Some(Value::Object(m)) => Some(m),
-                Some(_) => {
-                    return Err(ApiError::bad(
-                        "context_not_object",
-                        "batch `context` must be an object",
-                    ));
-                }
-            };
-            let integrations = match parsed.integrations {
-                None | Some(Value::Null) => None,
-                Some(Value::Object(m)) => Some(m),
-                Some(_) => {
-                    return Err(ApiError::bad(
-                        "context_not_object",
-                        "batch `integrations` must be an object",
-                    ));
-                }
-            };
-            let ctx = NormalizeContext {
-                received_at,
-                call_type: None,
-                batch_sent_at: parsed.sent_at.as_ref(),
-                batch_context: context.as_ref(),
-                batch_integrations: integrations.as_ref(),
-                peer_ip,
-            };
-            let total = items.len();
-            let mut accepted = Vec::with_capacity(total);
-            let mut rejected = Vec::new();
-            for (i, raw) in items.into_iter().enumerate() {
-                let result = if raw.get().len() > limits.max_message_bytes {
-                    Err(Rejection::new(
-                        RejectCode::MessageTooLarge,
-                        format!(
-                            "a message may be at most {} bytes",
-                            limits.max_message_bytes
-                        ),
-                    ))
-                } else {
-                    match serde_json::from_str::<Value>(raw.get()) {
-                        Ok(Value::Object(mut obj)) => {
-                            prepare(&state, &source, &mut obj);
-                            normalize(Value::Object(obj), &ctx)
-                        }
-                        Ok(other) => normalize(other, &ctx),
-                        Err(e) => Err(Rejection::new(RejectCode::InvalidJson, e.to_string())),
-                    }
-                };
-                match result {
-                    Ok(n) => accepted.push(n),
-                    Err(r) => {
-                        count_rejection(&r);
-                        rejected.push(
-                            json!({"index": i, "code": r.code.as_str(), "message": r.message}),
-                        );
-                    }
-                }
-            }
-            if accepted.is_empty() {
-                return Err(ApiError::BadRequest {
-                    code: "invalid_batch",
-                    message: format!("none of the {total} messages in the batch is valid"),
-                    rejected: Some(Value::Array(rejected)),
-                });
-            }
-            (source, accepted, rejected, total)
-        }
-    };
-    let _ = total;
+    }
+    if accepted.is_empty() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_batch",
+            message: format!("none of the {total} messages in the batch is valid"),
+            rejected: Some(Value::Array(rejected)),
+        });
+    }
     let stored = append(&state, &source, accepted, None).await?;
     let mut body = json!({"success": true});
     if stored.duplicates > 0 {
