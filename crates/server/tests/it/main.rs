@@ -1,0 +1,112 @@
+//! Router tests: the axum app driven with `tower::ServiceExt::oneshot`, with fake
+//! event logs injected to show how the API answers when the log is saturated or
+//! cannot write. (Real-socket end-to-end tests live in the `tributary` crate.)
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tributary_eventlog::{AppendStatus, EventLog, LogError, LogStats, NewRecord, Record};
+use tributary_server::control::{Control, SourceType};
+use tributary_server::{AppState, Config, router};
+
+/// A log whose appends always fail the same way.
+struct FailingLog {
+    error: fn() -> LogError,
+    head: watch::Sender<u64>,
+}
+
+#[async_trait]
+impl EventLog for FailingLog {
+    async fn append(&self, _b: Vec<NewRecord>) -> Result<Vec<AppendStatus>, LogError> {
+        Err((self.error)())
+    }
+    async fn read(&self, _a: u64, _l: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn latest(&self, _s: &str, _l: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn read_range(&self, _: i64, _: i64, _: u64, _: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn get(&self, _s: &[u64]) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn cursor(&self, _c: &str) -> Result<u64, LogError> {
+        Ok(0)
+    }
+    async fn commit(&self, _c: &str, _s: u64) -> Result<(), LogError> {
+        Ok(())
+    }
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+    async fn stats(&self) -> Result<LogStats, LogError> {
+        Err((self.error)())
+    }
+    async fn close(&self) {}
+}
+
+fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(Control::open(dir.path()).unwrap());
+    let src = control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let state = Arc::new(AppState {
+        config: Config::default(),
+        control,
+        log: Arc::new(FailingLog {
+            error,
+            head: watch::channel(0).0,
+        }),
+        admin_token: "t".into(),
+    });
+    (router(state), src.write_key.clone(), dir)
+}
+
+async fn track(app: axum::Router, key: &str) -> (StatusCode, Option<String>, Value) {
+    let req = Request::post("/v1/track")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"writeKey": key, "userId": "u", "event": "E"}).to_string(),
+        ))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, retry, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn answers_429_with_retry_after_when_the_log_is_saturated() {
+    let (app, key, _dir) = app(|| LogError::Saturated);
+    let (status, retry, body) = track(app, &key).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(body["code"], "rate_limited");
+}
+
+#[tokio::test]
+async fn answers_503_without_internal_detail_when_the_log_cannot_write() {
+    let (app, key, _dir) = app(|| LogError::Unavailable("database or disk is full".into()));
+    let (status, _, body) = track(app.clone(), &key).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "unavailable");
+    assert!(!body["message"].as_str().unwrap().contains("disk is full"));
+    let ready = app
+        .oneshot(Request::get("/ready").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
