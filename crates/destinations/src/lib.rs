@@ -1,1 +1,46 @@
-//! placeholder
+//! Destinations: forwarding every source's events to webhooks, Segment-compatible
+//! Tracking APIs and ActiveCampaign.
+//!
+//! The [`Engine`] owns a SQLite file of its own (destination configurations, dead
+//! letters, statistics, delivery markers) and runs one worker per enabled
+//! destination. Each worker reads the event log from its own cursor
+//! (`destination:<id>`), delivers in order per user with bounded concurrency, retries
+//! retriable failures with exponential backoff and full jitter, and keeps what can
+//! never be delivered as dead letters that can be inspected and replayed.
+//!
+//! Guarantee: **at-least-once** per destination. A cursor only passes events whose
+//! outcome (delivered, skipped by the destination type, or dead letter) is durable,
+//! so nothing accepted by the log is lost by a crash; the only duplicates are
+//! events that were on the wire at the crash, and they are counted
+//! (`stats.redelivered`). Events keep their `messageId`, so receivers that
+//! deduplicate (Segment, Tributary) see each event once.
+//!
+//! Destination types form a closed set ([`DestinationConfig`]), one directory
+//! each: [`webhook`], [`segment`], [`activecampaign`].
+
+pub mod activecampaign;
+mod api;
+mod config;
+mod engine;
+mod error;
+mod filter;
+mod ratelimit;
+pub mod retry;
+pub mod segment;
+mod sink;
+mod store;
+pub mod webhook;
+mod worker;
+
+pub use activecampaign::ActivecampaignSettings;
+pub use api::{
+    CreateDestination, DeadLetter, DestinationStats, DestinationView, PatchDestination,
+    ReplayOutcome, ReplayRequest,
+};
+pub use config::{DestinationConfig, REDACTED, TYPES};
+pub use engine::{Engine, EngineOptions, MAX_DEAD_LETTER_LIMIT};
+pub use error::DestinationError;
+pub use filter::{CALL_TYPES, Filters};
+pub use retry::{DeliveryError, FailureKind};
+pub use segment::SegmentSettings;
+pub use webhook::WebhookSettings;

@@ -1,0 +1,490 @@
+//! The delivery engine: destination configurations, one worker per enabled
+//! destination, and the admin operations (create, patch, delete, dead letters,
+//! replay).
+//!
+//! Invariants: a destination has at most one running worker, and a stored
+//! configuration is always valid (validated before it is written). Changing a
+//! destination stops its worker gracefully (requests on the wire finish, the cursor
+//! is committed) before the new one starts from the same cursor, so a change never
+//! loses or skips events. Deleting a destination stops its worker and drops its
+//! dead letters and markers; its log cursor is simply never read again (ids are
+//! never reused).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+use tributary_eventlog::EventLog;
+
+use crate::api::{
+    CreateDestination, DeadLetter, DestinationStats, DestinationView, PatchDestination,
+    ReplayOutcome, ReplayRequest,
+};
+use crate::config::DestinationConfig;
+use crate::error::DestinationError;
+use crate::filter::Selector;
+use crate::sink::Item;
+use crate::store::{DestinationRow, Store, ms_to_time};
+use crate::worker::{ReplayJob, WorkerHandle};
+
+/// Retry timing of every destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Smallest delay before a retry (default 1 s; the server reads
+    /// `TRIBUTARY_RETRY_MIN_BACKOFF`).
+    pub retry_min_backoff: Duration,
+    /// Largest delay before a retry (default 5 min).
+    pub retry_max_backoff: Duration,
+    /// How long a batch is retried after its first attempt before its events become
+    /// dead letters (default 4 h, as Segment).
+    pub retry_window: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            retry_min_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(300),
+            retry_window: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+/// Most dead letters one listing returns.
+pub const MAX_DEAD_LETTER_LIMIT: usize = 1000;
+/// Longest accepted name.
+const MAX_NAME_CHARS: usize = 200;
+
+/// The delivery engine.
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    log: Arc<dyn EventLog>,
+    options: EngineOptions,
+    workers: Mutex<HashMap<String, WorkerHandle>>,
+    closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropped without `shutdown`: stop every worker now (nothing is lost; the
+        // cursors only cover what ended).
+        for w in self.workers.get_mut().values() {
+            w.abort();
+        }
+    }
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 10];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        bytes[..8].copy_from_slice(&nanos.to_le_bytes());
+    }
+    format!("dst_{}", hex::encode(bytes))
+}
+
+fn check_name(name: &str) -> Result<(), DestinationError> {
+    if name.trim().is_empty() {
+        return Err(DestinationError::Invalid("name is required".into()));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(DestinationError::Invalid(format!(
+            "name must be at most {MAX_NAME_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_sources(ids: &[String]) -> Result<(), DestinationError> {
+    if ids.iter().any(|s| s.trim().is_empty()) {
+        return Err(DestinationError::Invalid(
+            "source_ids must not contain empty ids".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_config(row: &DestinationRow) -> Result<DestinationConfig, DestinationError> {
+    serde_json::from_str(&row.config).map_err(|e| {
+        DestinationError::Internal(format!("stored config of {} unreadable: {e}", row.id))
+    })
+}
+
+fn selector(row: &DestinationRow, config: &DestinationConfig) -> Selector {
+    Selector::new(
+        &row.name,
+        config.catalog_name(),
+        &row.source_ids,
+        &row.filters,
+    )
+}
+
+impl Engine {
+    /// Opens the engine's store at `db_path` (created if absent) and starts one
+    /// worker per enabled destination, each resuming from its cursor.
+    pub async fn open(
+        db_path: PathBuf,
+        log: Arc<dyn EventLog>,
+        options: EngineOptions,
+    ) -> Result<Engine, DestinationError> {
+        crate::sink::install_crypto_provider();
+        let store = Store::open(&db_path).await?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                log,
+                options,
+                workers: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        let rows = engine.inner.store.destinations().await?;
+        let mut workers = engine.inner.workers.lock().await;
+        for row in rows.iter().filter(|r| r.enabled) {
+            match engine.spawn_worker(row) {
+                Ok(w) => {
+                    workers.insert(row.id.clone(), w);
+                }
+                Err(e) => {
+                    tracing::error!(destination = %row.id, error = %e.detail(), "cannot start destination");
+                }
+            }
+        }
+        drop(workers);
+        Ok(engine)
+    }
+
+    fn spawn_worker(&self, row: &DestinationRow) -> Result<WorkerHandle, DestinationError> {
+        let config = parse_config(row)?;
+        let sink = config.build()?;
+        Ok(WorkerHandle::spawn(
+            row.id.clone(),
+            sink,
+            selector(row, &config),
+            self.inner.options.clone(),
+            self.inner.store.clone(),
+            self.inner.log.clone(),
+        ))
+    }
+
+    fn check_open(&self) -> Result<(), DestinationError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(DestinationError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn row(&self, id: &str) -> Result<DestinationRow, DestinationError> {
+        self.inner
+            .store
+            .destination(id)
+            .await?
+            .ok_or(DestinationError::NotFound)
+    }
+
+    async fn view(&self, row: DestinationRow) -> Result<DestinationView, DestinationError> {
+        let config = parse_config(&row)?;
+        let stored = self.inner.store.stats(&row.id).await?;
+        let mut stats = DestinationStats {
+            delivered: stored.delivered,
+            redelivered: stored.redelivered,
+            skipped: stored.skipped,
+            dead_letters: stored.dead_letters,
+            last_success_at: stored.last_success_ms.map(ms_to_time),
+            last_error: stored.last_error,
+            last_error_at: stored.last_error_ms.map(ms_to_time),
+            ..DestinationStats::default()
+        };
+        let head = *self.inner.log.subscribe().borrow();
+        let workers = self.inner.workers.lock().await;
+        let cursor = match workers.get(&row.id) {
+            Some(w) => {
+                let live = w.live();
+                stats.retrying = live.retrying.load(Ordering::Relaxed);
+                stats.in_flight = live.in_flight.load(Ordering::Relaxed);
+                let last = live
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some((msg, at)) = last
+                    && stored.last_error_ms.is_none_or(|s| at > s)
+                {
+                    stats.last_error = Some(msg);
+                    stats.last_error_at = Some(ms_to_time(at));
+                }
+                live.cursor.load(Ordering::Relaxed)
+            }
+            None => {
+                drop(workers);
+                self.inner
+                    .log
+                    .cursor(&format!("destination:{}", row.id))
+                    .await?
+            }
+        };
+        stats.cursor = cursor;
+        stats.backlog = head.saturating_sub(cursor);
+        Ok(DestinationView {
+            id: row.id,
+            kind: config.kind().to_string(),
+            name: row.name,
+            source_ids: row.source_ids,
+            settings: config.redacted_settings(),
+            filters: row.filters,
+            enabled: row.enabled,
+            created_at: ms_to_time(row.created_at_ms),
+            updated_at: ms_to_time(row.updated_at_ms),
+            stats,
+        })
+    }
+
+    /// Creates a destination (settings validated per type → `Invalid`) and, when
+    /// enabled, starts delivering to it from the current head of the log: a new
+    /// destination receives events appended after its creation (use replay for
+    /// history).
+    pub async fn create(
+        &self,
+        req: CreateDestination,
+    ) -> Result<DestinationView, DestinationError> {
+        self.check_open()?;
+        check_name(&req.name)?;
+        check_sources(&req.source_ids)?;
+        req.filters.validate().map_err(DestinationError::Invalid)?;
+        let config = DestinationConfig::from_parts(&req.kind, req.settings)?;
+        let now = Utc::now().timestamp_millis();
+        let row = DestinationRow {
+            id: new_id(),
+            name: req.name.trim().to_string(),
+            config: serde_json::to_string(&config)
+                .map_err(|e| DestinationError::Internal(e.to_string()))?,
+            source_ids: req.source_ids,
+            filters: req.filters,
+            enabled: req.enabled,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        // Start at the head: history is the business of replay, not of creation.
+        let head = *self.inner.log.subscribe().borrow();
+        if head > 0 {
+            self.inner
+                .log
+                .commit(&format!("destination:{}", row.id), head)
+                .await?;
+        }
+        // Build first so a sink that cannot be built is never stored.
+        config.build()?;
+        self.inner.store.insert_destination(row.clone()).await?;
+        if row.enabled {
+            let worker = self.spawn_worker(&row)?;
+            self.inner
+                .workers
+                .lock()
+                .await
+                .insert(row.id.clone(), worker);
+        }
+        tracing::info!(destination = %row.id, kind = config.kind(), "destination created");
+        self.view(row).await
+    }
+
+    /// Every destination, oldest first, with statistics.
+    pub async fn list(&self) -> Result<Vec<DestinationView>, DestinationError> {
+        let rows = self.inner.store.destinations().await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(self.view(row).await?);
+        }
+        Ok(out)
+    }
+
+    /// One destination with statistics.
+    pub async fn get(&self, id: &str) -> Result<DestinationView, DestinationError> {
+        let row = self.row(id).await?;
+        self.view(row).await
+    }
+
+    /// Changes a destination; its worker restarts from its cursor when delivery
+    /// is affected.
+    pub async fn patch(
+        &self,
+        id: &str,
+        patch: PatchDestination,
+    ) -> Result<DestinationView, DestinationError> {
+        self.check_open()?;
+        let mut row = self.row(id).await?;
+        let mut config = parse_config(&row)?;
+        if let Some(name) = patch.name {
+            check_name(&name)?;
+            row.name = name.trim().to_string();
+        }
+        if let Some(sources) = patch.source_ids {
+            check_sources(&sources)?;
+            row.source_ids = sources;
+        }
+        if let Some(filters) = patch.filters {
+            filters.validate().map_err(DestinationError::Invalid)?;
+            row.filters = filters;
+        }
+        if let Some(settings) = &patch.settings {
+            config = config.patched(settings)?;
+            config.build()?;
+            row.config = serde_json::to_string(&config)
+                .map_err(|e| DestinationError::Internal(e.to_string()))?;
+        }
+        if let Some(enabled) = patch.enabled {
+            row.enabled = enabled;
+        }
+        row.updated_at_ms = Utc::now().timestamp_millis();
+        let mut workers = self.inner.workers.lock().await;
+        if let Some(old) = workers.remove(id) {
+            old.stop().await;
+        }
+        self.inner.store.update_destination(row.clone()).await?;
+        if row.enabled {
+            workers.insert(row.id.clone(), self.spawn_worker(&row)?);
+        }
+        drop(workers);
+        self.view(row).await
+    }
+
+    /// Deletes a destination, its dead letters and statistics.
+    pub async fn delete(&self, id: &str) -> Result<(), DestinationError> {
+        self.check_open()?;
+        let mut workers = self.inner.workers.lock().await;
+        self.row(id).await?;
+        if let Some(old) = workers.remove(id) {
+            old.stop().await;
+        }
+        drop(workers);
+        if !self.inner.store.delete_destination(id).await? {
+            return Err(DestinationError::NotFound);
+        }
+        tracing::info!(destination = %id, "destination deleted");
+        Ok(())
+    }
+
+    /// The destination's dead letters, oldest event first (at most `limit`, capped
+    /// at [`MAX_DEAD_LETTER_LIMIT`]).
+    pub async fn dead_letters(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DestinationError> {
+        self.row(id).await?;
+        self.inner
+            .store
+            .dead_letters(id, limit.clamp(1, MAX_DEAD_LETTER_LIMIT))
+            .await
+    }
+
+    /// Queues a replay: every dead letter (`{"dead_letters": true}`) or every event
+    /// of a time range (`{"from": …, "to": …}`) that the destination takes. Events
+    /// are sent in the background; the destination must be enabled.
+    pub async fn replay(
+        &self,
+        id: &str,
+        req: ReplayRequest,
+    ) -> Result<ReplayOutcome, DestinationError> {
+        self.check_open()?;
+        let row = self.row(id).await?;
+        if req.dead_letters == req.from.is_some() {
+            return Err(DestinationError::Invalid(
+                "replay takes either {\"dead_letters\": true} or {\"from\": …, \"to\": …}".into(),
+            ));
+        }
+        if req.dead_letters && req.to.is_some() {
+            return Err(DestinationError::Invalid(
+                "\"to\" only applies to a range replay".into(),
+            ));
+        }
+        if !row.enabled {
+            return Err(DestinationError::Invalid(
+                "destination is disabled; enable it to replay".into(),
+            ));
+        }
+        let (job, queued) = if req.dead_letters {
+            let ids = self.inner.store.start_replay(id).await?;
+            let n = ids.len() as u64;
+            (ReplayJob::DeadLetters(VecDeque::from(ids)), n)
+        } else {
+            let from = req.from.unwrap_or_default().timestamp_millis();
+            let to = req.to.unwrap_or_else(Utc::now).timestamp_millis();
+            if to <= from {
+                return Err(DestinationError::Invalid(
+                    "replay range is empty: \"to\" must be after \"from\"".into(),
+                ));
+            }
+            let seqs = self.range_seqs(&row, from, to).await?;
+            let n = seqs.len() as u64;
+            (ReplayJob::Seqs(seqs), n)
+        };
+        if queued > 0 {
+            let workers = self.inner.workers.lock().await;
+            let sent = workers.get(id).is_some_and(|w| w.replay(job));
+            if !sent {
+                return Err(DestinationError::Closed);
+            }
+        }
+        tracing::info!(destination = %id, queued, "replay queued");
+        Ok(ReplayOutcome { queued })
+    }
+
+    /// Sequence numbers of the events in `[from, to)` the destination takes.
+    async fn range_seqs(
+        &self,
+        row: &DestinationRow,
+        from: i64,
+        to: i64,
+    ) -> Result<VecDeque<u64>, DestinationError> {
+        let config = parse_config(row)?;
+        let selector = selector(row, &config);
+        let mut seqs = VecDeque::new();
+        let mut after = 0u64;
+        loop {
+            let page = self.inner.log.read_range(from, to, after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for r in page {
+                let seq = r.seq;
+                if let Some(item) = Item::from_record(r, false) {
+                    let rec = &item.record;
+                    if selector.accepts(
+                        &rec.source_id,
+                        &rec.call_type,
+                        rec.event.as_deref(),
+                        &item.value,
+                    ) {
+                        seqs.push_back(seq);
+                    }
+                }
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Stops every worker gracefully (requests on the wire finish, cursors are
+    /// committed). Later calls that change state answer `Closed`.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let workers: Vec<WorkerHandle> = {
+            let mut map = self.inner.workers.lock().await;
+            map.drain().map(|(_, w)| w).collect()
+        };
+        let stops: Vec<_> = workers
+            .into_iter()
+            .map(|w| tokio::spawn(w.stop()))
+            .collect();
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The contract between the delivery engine and a destination type.
+//!
+//! A [`Sink`] turns a batch of events into outbound requests and classifies the
+//! result. It keeps no delivery state: retries, ordering, cursors and dead letters
+//! belong to the engine ([`crate::worker`]), so every type gets the same
+//! at-least-once guarantee. A sink must be safe to call again with the same batch
+//! after any failure (the engine retries whole batches).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use tributary_eventlog::Record;
+
+use crate::retry::DeliveryError;
+
+/// One event on its way to a destination.
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    /// The log record (its `payload` is sent verbatim by JSON sinks).
+    pub record: Arc<Record>,
+    /// The payload, parsed.
+    pub value: Arc<Value>,
+    /// The ordering key: one user's events are delivered in log order.
+    pub user: Arc<str>,
+    /// Read from the live cursor (false for replays).
+    pub live: bool,
+    /// May already have reached the receiver before a crash.
+    pub maybe_dup: bool,
+    /// The dead letter this item replays, if any.
+    pub dead_letter_id: Option<i64>,
+}
+
+impl Item {
+    /// Builds an item from a log record; `None` when the payload is not JSON.
+    pub(crate) fn from_record(r: Record, live: bool) -> Option<Item> {
+        let value: Value = serde_json::from_str(&r.payload).ok()?;
+        Some(Item {
+            user: user_key(&value, &r.message_id).into(),
+            record: Arc::new(r),
+            value: Arc::new(value),
+            live,
+            maybe_dup: false,
+            dead_letter_id: None,
+        })
+    }
+
+    /// Position in the log.
+    pub(crate) fn seq(&self) -> u64 {
+        self.record.seq
+    }
+
+    /// The payload as stored.
+    pub(crate) fn raw(&self) -> &str {
+        &self.record.payload
+    }
+
+    /// Bytes this item adds to a request body.
+    pub(crate) fn size(&self) -> usize {
+        self.record.payload.len() + 1
+    }
+}
+
+/// The ordering key of an event: its userId, else its anonymousId, else its own
+/// messageId (an event with no identity is ordered with nothing).
+pub(crate) fn user_key(v: &Value, message_id: &str) -> String {
+    fn id(v: Option<&Value>) -> Option<String> {
+        match v? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+    if let Some(u) = id(v.get("userId")) {
+        format!("u:{u}")
+    } else if let Some(a) = id(v.get("anonymousId")) {
+        format!("a:{a}")
+    } else {
+        format!("m:{message_id}")
+    }
+}
+
+/// What a sink did with a batch that did not fail as a whole.
+#[derive(Debug, Default)]
+pub(crate) struct SendReport {
+    /// Indexes (into the batch) of events the destination does not take (e.g. an
+    /// ActiveCampaign identify without an email). Counted as skipped.
+    pub skipped: Vec<usize>,
+    /// Indexes of events the receiver refused for good, with why. Dead letters.
+    pub rejected: Vec<(usize, DeliveryError)>,
+}
+
+/// A destination type's outbound side.
+#[async_trait]
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// Most events in one call to [`Sink::send`].
+    fn max_batch(&self) -> usize;
+    /// Most payload bytes in one call (a batch always holds at least one event).
+    fn max_batch_bytes(&self) -> usize {
+        usize::MAX
+    }
+    /// Most concurrent calls to [`Sink::send`] for one destination.
+    fn max_in_flight(&self) -> usize;
+    /// Delivers a batch. `Err` means the whole batch failed (and is retried when
+    /// the error is retriable).
+    async fn send(&self, items: &[Item]) -> Result<SendReport, DeliveryError>;
+}
+
+/// The HTTP client every sink uses: no redirects (a 3xx is a permanent failure,
+/// never a silent re-POST), the given timeout, rustls with the ring provider.
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tributary/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(32)
+        .build()
+        .map_err(|e| format!("http client: {e}"))
+}
+
+/// Installs rustls' ring provider once per process (reqwest is built without one).
+pub(crate) fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another crate may already have installed one; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Sends a prepared request and turns a non-2xx answer or a transport failure into
+/// a classified [`DeliveryError`]; on 2xx returns the body.
+pub(crate) async fn execute(req: reqwest::RequestBuilder) -> Result<Vec<u8>, DeliveryError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| DeliveryError::from_transport(&e))?;
+    let status = resp.status();
+    let retry_after = crate::retry::retry_after_header(resp.headers());
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| DeliveryError::from_transport(&e))?;
+    if status.is_success() {
+        Ok(body.to_vec())
+    } else {
+        Err(DeliveryError::from_status(
+            status.as_u16(),
+            retry_after,
+            &body,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn user_key_prefers_user_then_anonymous_then_message() {
+        assert_eq!(
+            user_key(&json!({"userId":"u1","anonymousId":"a"}), "m"),
+            "u:u1"
+        );
+        assert_eq!(
+            user_key(&json!({"userId":"","anonymousId":"a"}), "m"),
+            "a:a"
+        );
+        assert_eq!(user_key(&json!({"userId": 42}), "m"), "u:42");
+        assert_eq!(user_key(&json!({}), "m1"), "m:m1");
+    }
+}
