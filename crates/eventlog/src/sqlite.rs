@@ -45,6 +45,8 @@ pub struct SqliteLogConfig {
     pub max_group_records: usize,
     /// Read connections in the pool. Default 4.
     pub readers: usize,
+    /// How often the writer deletes records older than `retention`. Default 60 s.
+    pub prune_interval: Duration,
 }
 
 impl Default for SqliteLogConfig {
@@ -56,6 +58,7 @@ impl Default for SqliteLogConfig {
             enqueue_timeout: Duration::from_secs(2),
             max_group_records: 50_000,
             readers: 4,
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -170,7 +173,7 @@ impl SqliteLog {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (head_tx, head_rx) = watch::channel(head);
         let max_group = config.max_group_records.max(1);
-        let retention = config.retention;
+        let retention = (config.retention, config.prune_interval);
         let writer = std::thread::Builder::new()
             .name("eventlog-writer".into())
             .spawn(move || writer_loop(writer_conn, rx, head_tx, max_group, retention))
@@ -229,7 +232,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Request>,
     head: watch::Sender<u64>,
     max_group: usize,
-    retention: Duration,
+    (retention, prune_interval): (Duration, Duration),
 ) {
     let mut last_prune = Instant::now();
     let mut pending: Vec<Request> = Vec::new();
@@ -285,7 +288,7 @@ fn writer_loop(
                 }
             }
         }
-        if last_prune.elapsed() > Duration::from_secs(60) {
+        if last_prune.elapsed() >= prune_interval {
             last_prune = Instant::now();
             prune(&conn, retention);
         }
@@ -619,6 +622,37 @@ mod tests {
         assert_eq!(st, vec![AppendStatus::Stored(3)]);
         assert_eq!(log.latest("s", 2).await.unwrap()[0].message_id, "c");
         assert_eq!(log.get(&[1, 3, 99]).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_records_and_ends_their_dedupe() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(SqliteLogConfig {
+            path: dir.path().join("events.db"),
+            retention: Duration::from_secs(3600),
+            prune_interval: Duration::ZERO,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut old = rec("s", "old");
+        old.received_at_ms -= 2 * 3600 * 1000;
+        log.append(vec![old.clone(), rec("s", "new")])
+            .await
+            .unwrap();
+        // The next group commit prunes what is older than the retention window.
+        log.append(vec![rec("s", "trigger")]).await.unwrap();
+        let ids: Vec<String> = log
+            .read(0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.message_id)
+            .collect();
+        assert_eq!(ids, vec!["new", "trigger"]);
+        // Sequence numbers keep growing; the pruned message may be stored again.
+        let st = log.append(vec![old]).await.unwrap();
+        assert_eq!(st, vec![AppendStatus::Stored(4)]);
     }
 
     #[tokio::test]
