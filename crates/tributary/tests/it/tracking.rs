@@ -533,3 +533,40 @@ async fn the_cli_manages_sources() {
     run(&["sources", "delete", id]);
     assert!(!run(&["sources", "list"]).contains(id));
 }
+
+#[tokio::test]
+async fn context_ip_comes_from_x_forwarded_for_only_behind_a_trusted_proxy() {
+    for (trusted, want) in [(true, "203.0.113.9"), (false, "127.0.0.1")] {
+        let env = if trusted {
+            vec![(
+                "TRIBUTARY_TRUSTED_PROXIES".to_string(),
+                "127.0.0.1".to_string(),
+            )]
+        } else {
+            vec![]
+        };
+        let s = Server::start_with(env);
+        let (key, id) = key_id(&s.create_source("http", "Web", "web").await);
+        let body = json!({"userId":"u","event":"E"}).to_string().into_bytes();
+        let (st, _) = s
+            .post_raw(
+                "/v1/track",
+                Some(&key),
+                &[("x-forwarded-for", "203.0.113.9, 10.0.0.1")],
+                body,
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            s.events(&id, 1).await[0]["context"]["ip"],
+            want,
+            "trusted={trusted}"
+        );
+        // A client that sets context.ip itself keeps it.
+        let body = json!({"userId":"u","event":"E","context":{"ip":"198.51.100.1"}})
+            .to_string()
+            .into_bytes();
+        s.post_raw("/v1/track", Some(&key), &[], body).await;
+        assert_eq!(s.events(&id, 1).await[0]["context"]["ip"], "198.51.100.1");
+    }
+}
