@@ -1,1 +1,306 @@
-//! placeholder
+//! The warehouse: Segment's schema (`tracks`, one table per event, `identifies`,
+//! `users`, `pages`, `screens`, `groups`, `aliases`), loaded from the event log in
+//! micro-batches into SQLite (embedded, one file per schema) or PostgreSQL.
+//!
+//! [`Warehouse::open`] starts the loader, a consumer of the [`EventLog`]: it waits on
+//! [`EventLog::subscribe`], reads up to [`WarehouseConfig::batch_max`] records at most
+//! once per [`WarehouseConfig::batch_interval`], plans their rows ([`plan`]), types
+//! them and evolves the schema ([`evolve`]: new columns online, `bigint` → `double`
+//! widening, uncastable values to `<schema>.tributary_discards`) and hands the batch to
+//! the backend.
+//!
+//! **Exactly once.** The loader's position (the last log sequence number loaded) is
+//! stored in the warehouse and written in the *same transaction* as the rows: on
+//! PostgreSQL one transaction covers every schema of the batch and
+//! `tributary.loader_state`; on SQLite each schema file carries its own position in
+//! `tributary_state`, committed with that file's rows, and a global low-water mark in
+//! `tributary-state.sqlite` is advanced only after every schema committed. A backend
+//! reads the position inside its transaction (locking it) and skips rows at or below
+//! it, so a crash, a retry or a second loader never loads a record twice; `id`
+//! (messageId) is the primary key and rows are inserted only if absent, a second guard
+//! that also collapses messages repeated beyond the log's dedupe window. `users` is
+//! upserted only from `identifies` rows that were actually inserted.
+//!
+//! Faults: a warehouse that is down, full or restarting makes the loader retry with
+//! exponential backoff (the log keeps accepting events; [`Warehouse::lag`] grows); a
+//! batch the warehouse rejects for its data is split until the offending record is
+//! isolated, and that record is recorded in `tributary_discards` instead of blocking
+//! the loader.
+
+mod backend;
+mod evolve;
+mod loader;
+pub mod naming;
+mod plan;
+mod postgres;
+mod sqlite;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tributary_eventlog::EventLog;
+
+use crate::backend::Backend;
+use crate::loader::{Loader, Shared};
+
+pub use crate::naming::validate_schema_name;
+pub use crate::types::ColumnType;
+
+/// Maps a source to the warehouse schema its events are loaded into.
+pub trait SchemaCatalog: Send + Sync + 'static {
+    /// Schema name of a source, `None` if the source is deleted or unknown (its
+    /// records are skipped). Names should pass [`validate_schema_name`]; records of a
+    /// source whose schema does not are skipped with a warning.
+    fn schema_for(&self, source_id: &str) -> Option<String>;
+}
+
+impl<F> SchemaCatalog for F
+where
+    F: Fn(&str) -> Option<String> + Send + Sync + 'static,
+{
+    fn schema_for(&self, source_id: &str) -> Option<String> {
+        self(source_id)
+    }
+}
+
+/// Settings of the warehouse.
+#[derive(Debug, Clone)]
+pub struct WarehouseConfig {
+    /// `sqlite://<dir>` (one file per schema in `<dir>`) or `postgres://…` /
+    /// `postgresql://…` (a libpq-style URL; TLS is not supported).
+    pub url: String,
+    /// Loads happen at most this often (default 1 s) unless `batch_max` records wait.
+    pub batch_interval: Duration,
+    /// Most records per load (default 10,000).
+    pub batch_max: usize,
+    /// Longest a read-only query may run (default 30 s).
+    pub query_timeout: Duration,
+    /// Most rows a query returns; more set `truncated` (default 10,000).
+    pub query_max_rows: usize,
+    /// PostgreSQL schema of the loader's own tables (default `tributary`).
+    pub state_schema: String,
+}
+
+impl WarehouseConfig {
+    /// A configuration for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        WarehouseConfig {
+            url: url.into(),
+            batch_interval: Duration::from_secs(1),
+            batch_max: 10_000,
+            query_timeout: Duration::from_secs(30),
+            query_max_rows: 10_000,
+            state_schema: "tributary".into(),
+        }
+    }
+}
+
+/// Why a warehouse call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarehouseError {
+    /// The configuration cannot be used (bad URL, unusable directory).
+    #[error("invalid warehouse configuration: {0}")]
+    InvalidConfig(String),
+    /// The schema or table does not exist (→ 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The SQL is invalid, not read-only, or ran too long (→ 400). The message is
+    /// about the caller's query and may be shown to them.
+    #[error("bad query: {0}")]
+    BadQuery(String),
+    /// The warehouse cannot be reached or is shut down (→ 503).
+    #[error("warehouse unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Which backend a warehouse uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Embedded SQLite files.
+    Sqlite,
+    /// PostgreSQL (or a compatible engine).
+    Postgres,
+}
+
+/// `GET /api/v1/warehouse`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WarehouseStatus {
+    /// `sqlite` or `postgres`.
+    pub kind: BackendKind,
+    /// Schemas with their tables, by name.
+    pub schemas: Vec<SchemaStatus>,
+    /// When the loader last committed (ISO-8601 UTC), if ever.
+    pub last_load_at: Option<String>,
+    /// Log records not loaded yet.
+    pub lag_events: u64,
+    /// Age of the oldest record not loaded yet, in seconds (0 when caught up).
+    pub lag_seconds: f64,
+}
+
+/// One schema in [`WarehouseStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchemaStatus {
+    /// Schema name.
+    pub name: String,
+    /// Its tables (including `tributary_discards`), by name.
+    pub tables: Vec<TableStatus>,
+}
+
+/// One table in [`SchemaStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableStatus {
+    /// Table name.
+    pub name: String,
+    /// Row count.
+    pub rows: u64,
+    /// True when `rows` is the planner's estimate (PostgreSQL tables over a million
+    /// rows), not an exact count.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approximate: bool,
+}
+
+/// A result column.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// `timestamp|bigint|double|boolean|text` for warehouse columns; for computed
+    /// query columns the engine's type name when it is none of those.
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+/// `GET /api/v1/warehouse/{schema}/{table}`: the newest rows of a table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableData {
+    /// The table's columns, in table order.
+    pub columns: Vec<Column>,
+    /// Rows, newest `received_at` first; timestamps as ISO-8601 UTC strings.
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+/// `POST /api/v1/query`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueryResult {
+    /// Result columns.
+    pub columns: Vec<Column>,
+    /// Result rows (at most [`WarehouseConfig::query_max_rows`]).
+    pub rows: Vec<Vec<serde_json::Value>>,
+    /// True when more rows existed than were returned.
+    pub truncated: bool,
+}
+
+/// How far the warehouse is behind the log (for `/ready` and `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Lag {
+    /// Log records not loaded yet.
+    pub events: u64,
+    /// Age of the oldest record not loaded yet, in seconds (0 when caught up).
+    pub seconds: f64,
+    /// The last log sequence number loaded.
+    pub loaded_seq: u64,
+    /// The log's head sequence number.
+    pub head: u64,
+    /// True while the loader is retrying after a warehouse failure.
+    pub retrying: bool,
+}
+
+/// The warehouse: its loader task and the read side (status, tables, queries).
+pub struct Warehouse {
+    backend: Arc<Backend>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Warehouse {
+    /// Opens the warehouse at `config.url` and starts the loader, which consumes
+    /// `log` from the position stored in the warehouse. PostgreSQL is not contacted
+    /// here: an unreachable server delays loading (with retries), not startup.
+    pub async fn open(
+        config: WarehouseConfig,
+        log: Arc<dyn EventLog>,
+        catalog: Arc<dyn SchemaCatalog>,
+    ) -> Result<Warehouse, WarehouseError> {
+        if config.batch_max == 0 {
+            return Err(WarehouseError::InvalidConfig(
+                "batch_max must be at least 1".into(),
+            ));
+        }
+        let backend = Arc::new(Backend::open(&config).await?);
+        let shared = Arc::new(Shared::new(log.subscribe()));
+        let (stop, stop_rx) = watch::channel(false);
+        let loader = Loader::new(log, catalog, backend.clone(), config, shared.clone());
+        let task = tokio::spawn(loader.run(stop_rx));
+        Ok(Warehouse {
+            backend,
+            shared,
+            stop,
+            task: tokio::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// Which backend this warehouse uses.
+    pub fn kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// Schemas, tables with row counts, last load and lag.
+    pub async fn status(&self) -> Result<WarehouseStatus, WarehouseError> {
+        let (schemas, last_load_at) = self.backend.status().await?;
+        let lag = self.lag();
+        Ok(WarehouseStatus {
+            kind: self.backend.kind(),
+            schemas,
+            last_load_at: last_load_at.map(|t| types::format_timestamp(&t)),
+            lag_events: lag.events,
+            lag_seconds: lag.seconds,
+        })
+    }
+
+    /// The newest `limit` rows of `schema.table` with its column types.
+    pub async fn table(
+        &self,
+        schema: &str,
+        table: &str,
+        limit: usize,
+    ) -> Result<TableData, WarehouseError> {
+        if validate_schema_name(schema).is_err() {
+            return Err(WarehouseError::NotFound(format!("schema {schema:?}")));
+        }
+        self.backend.table(schema, table, limit).await
+    }
+
+    /// Runs one read-only SQL statement (SQLite: a read-only connection with every
+    /// schema attached under its name; PostgreSQL: a `READ ONLY` transaction with a
+    /// statement timeout, always rolled back).
+    pub async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
+        self.backend.query(sql).await
+    }
+
+    /// The loader's lag behind the log.
+    pub fn lag(&self) -> Lag {
+        self.shared.lag()
+    }
+
+    /// Lets the loader finish the batch it is writing, stops it and closes the
+    /// backend. Records not loaded stay in the log for the next start.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+        self.backend.close().await;
+    }
+}
+
+impl Drop for Warehouse {
+    fn drop(&mut self) {
+        // The loader stops after its current batch; nothing committed is lost.
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,178 @@
+//! The closed set of warehouse backends and what the loader needs from each.
+//!
+//! [`Backend`] is a tagged enum (`sqlite`, `postgres`) chosen from the URL scheme, with
+//! one `match` per operation — no registry. Every backend implements the same
+//! contract: [`Backend::apply`] commits a whole [`LoadBatch`] and the new loader
+//! position atomically (per schema file on SQLite), skipping rows at or below the
+//! position it reads inside its transaction; failures are classified as
+//! [`LoadError::Transient`] (retry the same batch later) or [`LoadError::Permanent`]
+//! (the data is refused; the loader isolates the record).
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+
+use crate::evolve::{LoadBatch, SchemaState};
+use crate::postgres::PostgresBackend;
+use crate::sqlite::SqliteBackend;
+use crate::{BackendKind, QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
+
+/// Name of the loader's position in the warehouse state tables and in the log.
+pub(crate) const CONSUMER: &str = "warehouse";
+
+/// Why a load failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LoadError {
+    /// The warehouse is unreachable, busy, full or restarting: retry later.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The warehouse refused the data or the statement: retrying will not help.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ApplyStats {
+    /// Rows inserted (or upserted into `users`).
+    pub rows: u64,
+    /// Discards recorded.
+    pub discards: u64,
+    /// The batch had been committed before (position already past it).
+    pub already_loaded: bool,
+}
+
+/// A configured backend.
+pub(crate) enum Backend {
+    /// Embedded SQLite.
+    Sqlite(SqliteBackend),
+    /// PostgreSQL.
+    Postgres(PostgresBackend),
+}
+
+/// Where a URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// Parses `sqlite://<dir>` or `postgres://…` / `postgresql://…`.
+pub(crate) fn parse_url(url: &str) -> Result<Target, WarehouseError> {
+    if let Some(dir) = url.strip_prefix("sqlite://") {
+        if dir.is_empty() {
+            return Err(WarehouseError::InvalidConfig(
+                "sqlite:// needs a directory, e.g. sqlite://./tributary-data/warehouse".into(),
+            ));
+        }
+        Ok(Target::Sqlite(PathBuf::from(dir)))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Target::Postgres(url.to_string()))
+    } else {
+        Err(WarehouseError::InvalidConfig(
+            "warehouse url must start with sqlite:// or postgres://".into(),
+        ))
+    }
+}
+
+impl Backend {
+    pub(crate) async fn open(config: &WarehouseConfig) -> Result<Backend, WarehouseError> {
+        match parse_url(&config.url)? {
+            Target::Sqlite(dir) => Ok(Backend::Sqlite(SqliteBackend::open(dir, config).await?)),
+            Target::Postgres(url) => Ok(Backend::Postgres(PostgresBackend::open(&url, config)?)),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+            Backend::Postgres(_) => BackendKind::Postgres,
+        }
+    }
+
+    /// Prepares the state tables and returns the loader's committed position.
+    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
+        match self {
+            Backend::Sqlite(b) => b.init().await,
+            Backend::Postgres(b) => b.init().await,
+        }
+    }
+
+    /// Reads the tables and column types of a schema.
+    pub(crate) async fn describe(&self, schema: &str) -> Result<SchemaState, LoadError> {
+        match self {
+            Backend::Sqlite(b) => b.describe(schema).await,
+            Backend::Postgres(b) => b.describe(schema).await,
+        }
+    }
+
+    /// Commits a batch and the loader position `batch.last_seq`.
+    pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
+        match self {
+            Backend::Sqlite(b) => b.apply(batch).await,
+            Backend::Postgres(b) => b.apply(batch).await,
+        }
+    }
+
+    pub(crate) async fn status(
+        &self,
+    ) -> Result<(Vec<SchemaStatus>, Option<DateTime<Utc>>), WarehouseError> {
+        match self {
+            Backend::Sqlite(b) => b.status().await,
+            Backend::Postgres(b) => b.status().await,
+        }
+    }
+
+    pub(crate) async fn table(
+        &self,
+        schema: &str,
+        table: &str,
+        limit: usize,
+    ) -> Result<TableData, WarehouseError> {
+        match self {
+            Backend::Sqlite(b) => b.table(schema, table, limit).await,
+            Backend::Postgres(b) => b.table(schema, table, limit).await,
+        }
+    }
+
+    pub(crate) async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
+        match self {
+            Backend::Sqlite(b) => b.query(sql).await,
+            Backend::Postgres(b) => b.query(sql).await,
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        match self {
+            Backend::Sqlite(b) => b.close().await,
+            Backend::Postgres(b) => b.close(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_warehouse_urls() {
+        assert_eq!(
+            parse_url("sqlite://./data/warehouse").ok(),
+            Some(Target::Sqlite(PathBuf::from("./data/warehouse")))
+        );
+        assert_eq!(
+            parse_url("sqlite:///var/lib/tributary/warehouse").ok(),
+            Some(Target::Sqlite(PathBuf::from(
+                "/var/lib/tributary/warehouse"
+            )))
+        );
+        assert_eq!(
+            parse_url("postgres://u@db:5432/w").ok(),
+            Some(Target::Postgres("postgres://u@db:5432/w".into()))
+        );
+        assert!(parse_url("postgresql://db/w").is_ok());
+        assert!(parse_url("sqlite://").is_err());
+        assert!(parse_url("mysql://db").is_err());
+        assert!(parse_url("").is_err());
+    }
+}

@@ -1,0 +1,675 @@
+//! Schema evolution and typing of one micro-batch: from planned rows and the known
+//! warehouse schema to the DDL to run and the typed rows to write.
+//!
+//! For every (schema, table) of the batch, in row order: a column that does not exist
+//! yet is created with the type of its first non-null value; a `bigint` column that
+//! meets a fractional number is widened to `double`; every value is then cast to its
+//! column's final type, and a value that cannot be cast becomes NULL plus a
+//! [`Discard`] (`<schema>.tributary_discards`). Tables stop growing at
+//! [`MAX_COLUMNS`]; values for further new columns are discarded with that reason.
+//! Nothing here fails: a type conflict never fails a batch.
+//!
+//! Invariants: pure — the known schema is an input ([`SchemaState`]) and the result
+//! ([`LoadBatch`]) says what it becomes ([`TableLoad::after`]); the loader adopts it
+//! only once the backend committed. Fixed columns (`id`, `received_at`, …) never
+//! change type. Rows keep their log sequence numbers so a backend can skip, inside its
+//! transaction, rows another loader already committed.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::plan::{Planned, TableKind};
+use crate::types::{Cell, ColumnType, cast, infer, value_text, widens};
+
+/// Most columns a table gets (PostgreSQL allows 1600; SQLite 2000).
+pub const MAX_COLUMNS: usize = 1000;
+
+/// The columns of one table, in table order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableSchema {
+    columns: Vec<(String, ColumnType)>,
+    index: HashMap<String, usize>,
+}
+
+impl TableSchema {
+    /// A table with these columns.
+    pub fn from_columns(columns: impl IntoIterator<Item = (String, ColumnType)>) -> Self {
+        let mut t = TableSchema::default();
+        for (name, ty) in columns {
+            t.push(name, ty);
+        }
+        t
+    }
+
+    /// The fixed columns of a new table of `kind`.
+    pub fn for_kind(kind: TableKind) -> Self {
+        Self::from_columns(
+            kind.fixed_columns()
+                .iter()
+                .map(|(n, t)| (n.to_string(), *t)),
+        )
+    }
+
+    /// The type of a column.
+    pub fn get(&self, name: &str) -> Option<ColumnType> {
+        self.index.get(name).map(|&i| self.columns[i].1)
+    }
+
+    /// Appends a column (ignored if it exists).
+    pub fn push(&mut self, name: String, ty: ColumnType) {
+        if !self.index.contains_key(&name) {
+            self.index.insert(name.clone(), self.columns.len());
+            self.columns.push((name, ty));
+        }
+    }
+
+    fn set_type(&mut self, name: &str, ty: ColumnType) {
+        if let Some(&i) = self.index.get(name) {
+            self.columns[i].1 = ty;
+        }
+    }
+
+    /// The columns in order.
+    pub fn columns(&self) -> &[(String, ColumnType)] {
+        &self.columns
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+}
+
+/// What the loader knows about one warehouse schema.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchemaState {
+    /// The schema (PostgreSQL schema or SQLite file) and its system tables exist.
+    pub exists: bool,
+    /// Loaded tables by name (system tables excluded).
+    pub tables: HashMap<String, TableSchema>,
+}
+
+/// A value that could not be loaded, for `<schema>.tributary_discards`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discard {
+    /// The table the value was meant for.
+    pub table: String,
+    /// The column it was meant for (empty when a whole record was rejected).
+    pub column: String,
+    /// The value as text.
+    pub value: String,
+    /// Why it was discarded.
+    pub reason: String,
+    /// The row's `id` (the user id in `users`).
+    pub row_id: String,
+    /// The record's `receivedAt`.
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// One typed row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadRow {
+    /// Log sequence number of its record.
+    pub seq: u64,
+    /// The record's messageId.
+    pub message_id: String,
+    /// Primary key value (`id`).
+    pub key: String,
+    /// One cell per [`TableLoad::columns`] entry.
+    pub cells: Vec<Cell>,
+    /// Values of this row that were discarded.
+    pub discards: Vec<Discard>,
+}
+
+/// Everything to do to one table in one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableLoad {
+    /// Table name.
+    pub table: String,
+    /// Table kind (`users` is upserted, everything else inserted if absent).
+    pub kind: TableKind,
+    /// The table does not exist yet: create it with [`TableLoad::after`]'s columns.
+    pub create: bool,
+    /// Columns to add to an existing table.
+    pub add: Vec<(String, ColumnType)>,
+    /// Existing `bigint` columns to widen to `double`.
+    pub widen: Vec<String>,
+    /// The table's columns once the DDL ran.
+    pub after: TableSchema,
+    /// The columns rows carry values for (a subset of `after`, in its order).
+    pub columns: Vec<(String, ColumnType)>,
+    /// The rows, in log order.
+    pub rows: Vec<LoadRow>,
+}
+
+/// Everything to do to one schema in one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaLoad {
+    /// Schema name.
+    pub schema: String,
+    /// The loader believes the schema and its system tables exist already.
+    pub known_to_exist: bool,
+    /// Tables, `users` after `identifies`.
+    pub tables: Vec<TableLoad>,
+    /// Discards not tied to a loaded row (whole records rejected by the warehouse).
+    pub discards: Vec<Discard>,
+}
+
+/// One micro-batch, ready for a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadBatch {
+    /// Per schema.
+    pub schemas: Vec<SchemaLoad>,
+    /// Sequence number the loader's position moves to once the batch is committed.
+    pub last_seq: u64,
+    /// Load time (`uuid_ts`).
+    pub loaded_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+impl LoadBatch {
+    /// Number of rows across all tables (before de-duplication).
+    pub fn row_count(&self) -> usize {
+        self.schemas
+            .iter()
+            .flat_map(|s| &s.tables)
+            .map(|t| t.rows.len())
+            .sum()
+    }
+}
+
+/// Types a batch of planned rows against the known schemas.
+///
+/// `planned` is `(schema, row)` in log order. Schemas absent from `known` are treated
+/// as empty (everything is created).
+pub fn prepare(
+    known: &HashMap<String, SchemaState>,
+    planned: Vec<(String, Planned)>,
+    last_seq: u64,
+    loaded_at: DateTime<Utc>,
+) -> LoadBatch {
+    // Group by schema, then table, keeping first-appearance order.
+    type Tables = Vec<(String, TableKind, Vec<Planned>)>;
+    let mut schemas: Vec<(String, Tables)> = Vec::new();
+    let mut schema_index: HashMap<String, usize> = HashMap::new();
+    let mut table_index: HashMap<(usize, String), usize> = HashMap::new();
+    for (schema, p) in planned {
+        let si = *schema_index.entry(schema.clone()).or_insert_with(|| {
+            schemas.push((schema, Vec::new()));
+            schemas.len() - 1
+        });
+        let tables = &mut schemas[si].1;
+        let ti = *table_index.entry((si, p.table.clone())).or_insert_with(|| {
+            tables.push((p.table.clone(), p.kind, Vec::new()));
+            tables.len() - 1
+        });
+        tables[ti].2.push(p);
+    }
+
+    let empty = SchemaState::default();
+    let schemas = schemas
+        .into_iter()
+        .map(|(schema, mut tables)| {
+            let state = known.get(&schema).unwrap_or(&empty);
+            // `users` depends on which `identifies` rows were inserted: load it last.
+            tables.sort_by_key(|(_, kind, _)| *kind == TableKind::Users);
+            let tables = tables
+                .into_iter()
+                .map(|(table, kind, rows)| type_table(state.tables.get(&table), table, kind, rows))
+                .collect();
+            SchemaLoad {
+                schema,
+                known_to_exist: state.exists,
+                tables,
+                discards: Vec::new(),
+            }
+        })
+        .collect();
+    LoadBatch {
+        schemas,
+        last_seq,
+        loaded_at,
+    }
+}
+
+fn type_table(
+    existing: Option<&TableSchema>,
+    table: String,
+    kind: TableKind,
+    rows: Vec<Planned>,
+) -> TableLoad {
+    let fixed: HashSet<&str> = kind.fixed_columns().iter().map(|(n, _)| *n).collect();
+    let mut after = existing
+        .cloned()
+        .unwrap_or_else(|| TableSchema::for_kind(kind));
+    // A table created by hand or by an older release may lack a fixed column.
+    for (name, ty) in kind.fixed_columns() {
+        after.push(name.to_string(), *ty);
+    }
+    let mut used: HashSet<String> = HashSet::new();
+    let mut over_cap: HashSet<String> = HashSet::new();
+
+    for p in &rows {
+        for (col, value) in &p.row.values {
+            if after.get(col).is_some() {
+                used.insert(col.clone());
+            }
+            let Some(ty) = infer(value) else { continue };
+            match after.get(col) {
+                Some(current) => {
+                    if let Some(wider) = widens(current, ty)
+                        && !fixed.contains(col.as_str())
+                    {
+                        after.set_type(col, wider);
+                    }
+                }
+                None if after.len() < MAX_COLUMNS => {
+                    after.push(col.clone(), ty);
+                    used.insert(col.clone());
+                }
+                None => {
+                    over_cap.insert(col.clone());
+                }
+            }
+        }
+    }
+
+    let columns: Vec<(String, ColumnType)> = after
+        .columns()
+        .iter()
+        .filter(|(name, _)| used.contains(name))
+        .cloned()
+        .collect();
+    let position: HashMap<&str, usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n.as_str(), i))
+        .collect();
+
+    let typed_rows = rows
+        .into_iter()
+        .map(|p| {
+            let row = p.row;
+            let mut cells = vec![Cell::Null; columns.len()];
+            let mut discards = Vec::new();
+            let discard = |column: String, value: String, reason: String| Discard {
+                table: table.clone(),
+                column,
+                value,
+                reason,
+                row_id: row.key.clone(),
+                received_at: row.received_at,
+            };
+            for (col, value) in &row.values {
+                match position.get(col.as_str()) {
+                    Some(&i) => match cast(value, columns[i].1) {
+                        Ok(cell) => cells[i] = cell,
+                        Err(reason) => {
+                            discards.push(discard(col.clone(), value_text(value), reason))
+                        }
+                    },
+                    None if over_cap.contains(col) && !matches!(value, Value::Null) => {
+                        discards.push(discard(
+                            col.clone(),
+                            value_text(value),
+                            format!("table has reached the limit of {MAX_COLUMNS} columns"),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            for (col, value, reason) in &row.dropped {
+                discards.push(discard(col.clone(), value.clone(), reason.clone()));
+            }
+            LoadRow {
+                seq: row.seq,
+                message_id: row.message_id.clone(),
+                key: row.key.clone(),
+                cells,
+                discards,
+            }
+        })
+        .collect();
+
+    let (create, add, widen) = match existing {
+        None => (true, Vec::new(), Vec::new()),
+        Some(old) => {
+            let add = after
+                .columns()
+                .iter()
+                .filter(|(n, _)| old.get(n).is_none())
+                .cloned()
+                .collect();
+            let widen = after
+                .columns()
+                .iter()
+                .filter(|(n, t)| old.get(n).is_some_and(|o| o != *t))
+                .map(|(n, _)| n.clone())
+                .collect();
+            (false, add, widen)
+        }
+    };
+
+    TableLoad {
+        table,
+        kind,
+        create,
+        add,
+        widen,
+        after,
+        columns,
+        rows: typed_rows,
+    }
+}
+
+/// The `users` rows to upsert: the updates of `load` whose `identifies` row was
+/// inserted by this batch (`inserted` holds those messageIds), merged per user in log
+/// order so each user gets one row with its latest non-null values. Returns the rows
+/// (aligned with `load.columns`) and the discards of the updates that were applied.
+pub fn merge_users(
+    load: &TableLoad,
+    inserted: &HashSet<String>,
+) -> (Vec<(String, Vec<Cell>)>, Vec<Discard>) {
+    let mut order: Vec<String> = Vec::new();
+    let mut merged: HashMap<String, Vec<Cell>> = HashMap::new();
+    let mut discards = Vec::new();
+    for row in &load.rows {
+        if !inserted.contains(&row.message_id) {
+            continue;
+        }
+        let cells = merged.entry(row.key.clone()).or_insert_with(|| {
+            order.push(row.key.clone());
+            vec![Cell::Null; load.columns.len()]
+        });
+        for (i, cell) in row.cells.iter().enumerate() {
+            if !cell.is_null() {
+                cells[i] = cell.clone();
+            }
+        }
+        discards.extend(row.discards.iter().cloned());
+    }
+    let rows = order
+        .into_iter()
+        .filter_map(|k| merged.remove(&k).map(|cells| (k, cells)))
+        .collect();
+    (rows, discards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlannedRow;
+    use serde_json::json;
+
+    fn row(seq: u64, table: &str, kind: TableKind, values: Value) -> (String, Planned) {
+        let values = values
+            .as_object()
+            .expect("object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (
+            "web".to_string(),
+            Planned {
+                table: table.into(),
+                kind,
+                row: PlannedRow {
+                    seq,
+                    message_id: format!("m{seq}"),
+                    key: format!("m{seq}"),
+                    received_at: None,
+                    values,
+                    dropped: vec![],
+                },
+            },
+        )
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).expect("valid")
+    }
+
+    fn col_type(t: &TableLoad, name: &str) -> Option<ColumnType> {
+        t.after.get(name)
+    }
+
+    #[test]
+    fn creates_new_tables_with_fixed_and_inferred_columns() {
+        let b = prepare(
+            &HashMap::new(),
+            vec![row(
+                1,
+                "order_completed",
+                TableKind::Event,
+                json!({"id": "m1", "total": 10, "price": 2.5, "coupon": "X", "paid": true,
+                       "shipped_at": "2026-11-27T05:10:53.123Z", "note": null}),
+            )],
+            1,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert!(t.create);
+        assert_eq!(t.after.columns()[0], ("id".to_string(), ColumnType::Text));
+        assert_eq!(col_type(t, "user_id"), Some(ColumnType::Text));
+        assert_eq!(col_type(t, "received_at"), Some(ColumnType::Timestamp));
+        assert_eq!(col_type(t, "total"), Some(ColumnType::Bigint));
+        assert_eq!(col_type(t, "price"), Some(ColumnType::Double));
+        assert_eq!(col_type(t, "coupon"), Some(ColumnType::Text));
+        assert_eq!(col_type(t, "paid"), Some(ColumnType::Boolean));
+        assert_eq!(col_type(t, "shipped_at"), Some(ColumnType::Timestamp));
+        // A column is created only once a non-null value arrives.
+        assert_eq!(col_type(t, "note"), None);
+        assert!(t.rows[0].discards.is_empty());
+    }
+
+    #[test]
+    fn first_type_wins_and_mismatches_become_discards() {
+        let b = prepare(
+            &HashMap::new(),
+            vec![
+                row(1, "e", TableKind::Event, json!({"id": "m1", "plan": 3})),
+                row(2, "e", TableKind::Event, json!({"id": "m2", "plan": "pro"})),
+                row(3, "e", TableKind::Event, json!({"id": "m3", "plan": "42"})),
+            ],
+            3,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert_eq!(col_type(t, "plan"), Some(ColumnType::Bigint));
+        let i = t
+            .columns
+            .iter()
+            .position(|(n, _)| n == "plan")
+            .expect("plan");
+        assert_eq!(t.rows[0].cells[i], Cell::Bigint(3));
+        assert_eq!(t.rows[1].cells[i], Cell::Null);
+        assert_eq!(t.rows[2].cells[i], Cell::Bigint(42));
+        assert_eq!(
+            t.rows[1].discards,
+            vec![Discard {
+                table: "e".into(),
+                column: "plan".into(),
+                value: "pro".into(),
+                reason: "cannot cast text to bigint".into(),
+                row_id: "m2".into(),
+                received_at: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn bigint_widens_to_double_within_a_batch_and_across_batches() {
+        // Within one batch: the earlier integer is loaded as a double.
+        let b = prepare(
+            &HashMap::new(),
+            vec![
+                row(1, "e", TableKind::Event, json!({"id": "m1", "amount": 3})),
+                row(2, "e", TableKind::Event, json!({"id": "m2", "amount": 3.5})),
+            ],
+            2,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert_eq!(col_type(t, "amount"), Some(ColumnType::Double));
+        let i = t
+            .columns
+            .iter()
+            .position(|(n, _)| n == "amount")
+            .expect("col");
+        assert_eq!(t.rows[0].cells[i], Cell::Double(3.0));
+        assert_eq!(t.rows[1].cells[i], Cell::Double(3.5));
+        assert!(t.widen.is_empty());
+
+        // Across batches: an existing bigint column is widened by DDL.
+        let mut known = HashMap::new();
+        known.insert(
+            "web".to_string(),
+            SchemaState {
+                exists: true,
+                tables: [("e".to_string(), {
+                    let mut s = TableSchema::for_kind(TableKind::Event);
+                    s.push("amount".into(), ColumnType::Bigint);
+                    s
+                })]
+                .into_iter()
+                .collect(),
+            },
+        );
+        let b = prepare(
+            &known,
+            vec![row(
+                3,
+                "e",
+                TableKind::Event,
+                json!({"id": "m3", "amount": 0.25, "new": "x"}),
+            )],
+            3,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert!(!t.create);
+        assert_eq!(t.widen, vec!["amount".to_string()]);
+        assert_eq!(t.add, vec![("new".to_string(), ColumnType::Text)]);
+        // A double column meeting an integer stays double.
+        let b = prepare(
+            &HashMap::new(),
+            vec![
+                row(1, "e", TableKind::Event, json!({"id": "m1", "x": 1.5})),
+                row(2, "e", TableKind::Event, json!({"id": "m2", "x": 2})),
+            ],
+            2,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        let i = t.columns.iter().position(|(n, _)| n == "x").expect("col");
+        assert_eq!(t.rows[1].cells[i], Cell::Double(2.0));
+    }
+
+    #[test]
+    fn fixed_columns_never_change_type() {
+        let b = prepare(
+            &HashMap::new(),
+            vec![row(
+                1,
+                "e",
+                TableKind::Event,
+                json!({"id": "m1", "sent_at": "last tuesday", "user_id": "u1"}),
+            )],
+            1,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert_eq!(col_type(t, "sent_at"), Some(ColumnType::Timestamp));
+        assert_eq!(t.rows[0].discards.len(), 1);
+        assert_eq!(t.rows[0].discards[0].column, "sent_at");
+        assert_eq!(
+            t.rows[0].discards[0].reason,
+            "cannot cast text to timestamp"
+        );
+    }
+
+    #[test]
+    fn stops_adding_columns_at_the_limit() {
+        let mut props = serde_json::Map::new();
+        props.insert("id".into(), json!("m1"));
+        for i in 0..(MAX_COLUMNS + 5) {
+            props.insert(format!("p{i}"), json!(i));
+        }
+        let b = prepare(
+            &HashMap::new(),
+            vec![row(1, "e", TableKind::Event, Value::Object(props))],
+            1,
+            now(),
+        );
+        let t = &b.schemas[0].tables[0];
+        assert_eq!(t.after.len(), MAX_COLUMNS);
+        let over = MAX_COLUMNS + 5 - (MAX_COLUMNS - TableKind::Event.fixed_columns().len());
+        assert_eq!(t.rows[0].discards.len(), over);
+        assert!(t.rows[0].discards[0].reason.contains("limit"));
+    }
+
+    #[test]
+    fn users_load_after_identifies_and_merge_latest_non_null() {
+        let b = prepare(
+            &HashMap::new(),
+            vec![
+                row(1, "identifies", TableKind::Identifies, json!({"id": "m1"})),
+                {
+                    let mut r = row(
+                        1,
+                        "users",
+                        TableKind::Users,
+                        json!({"id": "u1", "plan": "free", "age": 30}),
+                    );
+                    r.1.row.key = "u1".into();
+                    r
+                },
+                row(2, "identifies", TableKind::Identifies, json!({"id": "m2"})),
+                {
+                    let mut r = row(
+                        2,
+                        "users",
+                        TableKind::Users,
+                        json!({"id": "u1", "plan": "pro", "age": null}),
+                    );
+                    r.1.row.key = "u1".into();
+                    r
+                },
+                row(3, "identifies", TableKind::Identifies, json!({"id": "m3"})),
+                {
+                    let mut r = row(
+                        3,
+                        "users",
+                        TableKind::Users,
+                        json!({"id": "u1", "plan": "gold"}),
+                    );
+                    r.1.row.key = "u1".into();
+                    r
+                },
+            ],
+            3,
+            now(),
+        );
+        let tables = &b.schemas[0].tables;
+        assert_eq!(tables[0].table, "identifies");
+        assert_eq!(tables[1].table, "users");
+        let users = &tables[1];
+        // m3's identifies row was a duplicate (not inserted): its update is skipped.
+        let inserted: HashSet<String> = ["m1".to_string(), "m2".to_string()].into();
+        let (rows, _) = merge_users(users, &inserted);
+        assert_eq!(rows.len(), 1);
+        let cell = |name: &str| {
+            let i = users
+                .columns
+                .iter()
+                .position(|(n, _)| n == name)
+                .expect("col");
+            rows[0].1[i].clone()
+        };
+        assert_eq!(rows[0].0, "u1");
+        assert_eq!(cell("plan"), Cell::Text("pro".into()));
+        assert_eq!(cell("age"), Cell::Bigint(30));
+    }
+}

@@ -1,0 +1,522 @@
+//! The loader: the event-log consumer that turns records into warehouse rows.
+//!
+//! One task per warehouse. It waits on the log's head ([`EventLog::subscribe`]), loads
+//! at most once per `batch_interval` (sooner when `batch_max` records wait), and for
+//! each batch: maps records to schemas through the [`SchemaCatalog`], plans and types
+//! the rows against what it knows of the warehouse schema, and has the backend commit
+//! rows and position together. What it knows of the schema is a cache: it is adopted
+//! only after a commit and dropped after any failure, so it is re-read from the
+//! warehouse before the retry.
+//!
+//! Invariants: the position only moves after the backend committed (exactly once is
+//! the backend's transaction; see the crate docs); records are loaded in log order;
+//! a transient failure retries the same records with exponential backoff and jitter
+//! forever (until shutdown) — nothing is skipped; a permanent failure is retried once
+//! with a fresh schema, then the batch is split in halves until the refused record is
+//! alone, and that record is committed as a discard so one bad record cannot stop the
+//! pipeline. Shutdown never interrupts a commit; it only cuts a backoff short.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tributary_eventlog::{EventLog, Record};
+
+use crate::backend::{Backend, CONSUMER, LoadError};
+use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, prepare};
+use crate::naming::validate_schema_name;
+use crate::plan::{Skip, plan_record};
+use crate::{Lag, SchemaCatalog, WarehouseConfig};
+
+/// Loader progress shared with [`crate::Warehouse::lag`].
+pub(crate) struct Shared {
+    head: watch::Receiver<u64>,
+    loaded_seq: AtomicU64,
+    /// `received_at` (ms) of the oldest record read but not committed; 0 when none.
+    pending_since_ms: AtomicI64,
+    retrying: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(head: watch::Receiver<u64>) -> Self {
+        Shared {
+            head,
+            loaded_seq: AtomicU64::new(0),
+            pending_since_ms: AtomicI64::new(0),
+            retrying: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lag(&self) -> Lag {
+        let head = *self.head.borrow();
+        let loaded_seq = self.loaded_seq.load(Ordering::Acquire);
+        let events = head.saturating_sub(loaded_seq);
+        let since = self.pending_since_ms.load(Ordering::Acquire);
+        let seconds = if events == 0 || since == 0 {
+            0.0
+        } else {
+            ((Utc::now().timestamp_millis() - since).max(0) as f64) / 1000.0
+        };
+        Lag {
+            events,
+            seconds,
+            loaded_seq,
+            head,
+            retrying: self.retrying.load(Ordering::Acquire),
+        }
+    }
+
+    fn publish(&self) {
+        let lag = self.lag();
+        metrics::gauge!("tributary_warehouse_lag_events").set(lag.events as f64);
+        metrics::gauge!("tributary_warehouse_lag_seconds").set(lag.seconds);
+    }
+}
+
+/// Delay before retry number `attempt` (0-based): 250 ms doubling to 30 s, "equal
+/// jitter" (half fixed, half scaled by `jitter` ∈ [0, 1)).
+pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base_ms = 250u64.saturating_mul(1u64 << attempt.min(20)).min(30_000);
+    let half = base_ms / 2;
+    Duration::from_millis(half + (half as f64 * jitter.clamp(0.0, 1.0)) as u64)
+}
+
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1_000_000) / 1_000_000.0
+}
+
+/// The loader task's state.
+pub(crate) struct Loader {
+    log: Arc<dyn EventLog>,
+    catalog: Arc<dyn SchemaCatalog>,
+    backend: Arc<Backend>,
+    config: WarehouseConfig,
+    shared: Arc<Shared>,
+    known: HashMap<String, SchemaState>,
+}
+
+/// Why loading a chunk of records stopped.
+enum ChunkError {
+    /// The warehouse refuses these records.
+    Permanent(String),
+    /// Shutdown was requested during a backoff.
+    Stopped,
+}
+
+fn stopped(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// Sleeps `d` unless shutdown comes first; true when shutdown came.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    if stopped(stop) {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => stopped(stop),
+        _ = stop.changed() => true,
+    }
+}
+
+impl Loader {
+    pub(crate) fn new(
+        log: Arc<dyn EventLog>,
+        catalog: Arc<dyn SchemaCatalog>,
+        backend: Arc<Backend>,
+        config: WarehouseConfig,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Loader {
+            log,
+            catalog,
+            backend,
+            config,
+            shared,
+            known: HashMap::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let Some(mut cursor) = self.init(&mut stop).await else {
+            return;
+        };
+        self.shared.loaded_seq.store(cursor, Ordering::Release);
+        self.shared.publish();
+        tracing::info!(position = cursor, kind = ?self.backend.kind(), "warehouse loader started");
+
+        let mut head_rx = self.log.subscribe();
+        let mut last_load: Option<Instant> = None;
+        let interval = self.config.batch_interval;
+        loop {
+            if stopped(&stop) {
+                break;
+            }
+            let head = *head_rx.borrow_and_update();
+            self.shared.publish();
+            if head <= cursor {
+                tokio::select! {
+                    r = head_rx.changed() => {
+                        if r.is_err() && sleep_or_stop(interval, &mut stop).await {
+                            break;
+                        }
+                    }
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let waiting = head - cursor;
+            if let Some(t) = last_load {
+                let elapsed = t.elapsed();
+                if elapsed < interval && waiting < self.config.batch_max as u64 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval - elapsed) => {}
+                        r = head_rx.changed() => {
+                            if r.is_err() && sleep_or_stop(interval - elapsed, &mut stop).await {
+                                break;
+                            }
+                        }
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            let records = match self.read(cursor).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "warehouse loader cannot read the event log");
+                    if sleep_or_stop(backoff(3, jitter()), &mut stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(last) = records.last().map(|r| r.seq) else {
+                // The head moved but nothing is readable yet; look again shortly.
+                if sleep_or_stop(interval.max(Duration::from_millis(50)), &mut stop).await {
+                    break;
+                }
+                continue;
+            };
+            last_load = Some(Instant::now());
+            self.shared
+                .pending_since_ms
+                .store(records[0].received_at_ms.max(1), Ordering::Release);
+            match self.load(records, &mut stop).await {
+                true => {
+                    cursor = last;
+                    self.shared.pending_since_ms.store(0, Ordering::Release);
+                }
+                false => break,
+            }
+        }
+        self.shared.publish();
+        tracing::info!(position = cursor, "warehouse loader stopped");
+    }
+
+    /// Prepares the backend; retries until it works or shutdown.
+    async fn init(&self, stop: &mut watch::Receiver<bool>) -> Option<u64> {
+        let mut attempt = 0;
+        loop {
+            match self.backend.init().await {
+                Ok(seq) => {
+                    self.shared.retrying.store(false, Ordering::Release);
+                    return Some(seq);
+                }
+                Err(e) => {
+                    self.shared.retrying.store(true, Ordering::Release);
+                    tracing::warn!(error = %e, attempt, "warehouse not ready; retrying");
+                    metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                        return None;
+                    }
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Reads up to `batch_max` records after `cursor`.
+    async fn read(&self, cursor: u64) -> Result<Vec<Record>, tributary_eventlog::LogError> {
+        let max = self.config.batch_max;
+        let mut out = self.log.read(cursor, max).await?;
+        while !out.is_empty() && out.len() < max {
+            let after = out.last().map_or(cursor, |r| r.seq);
+            let more = self.log.read(after, max - out.len()).await?;
+            if more.is_empty() {
+                break;
+            }
+            out.extend(more);
+        }
+        Ok(out)
+    }
+
+    /// Loads `records` (in order). Returns false when shutdown interrupted it before
+    /// everything was committed.
+    async fn load(&mut self, records: Vec<Record>, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut chunks: VecDeque<Vec<Record>> = VecDeque::from([records]);
+        while let Some(chunk) = chunks.pop_front() {
+            match self.load_chunk(&chunk, stop).await {
+                Ok(()) => {}
+                Err(ChunkError::Stopped) => return false,
+                Err(ChunkError::Permanent(e)) if chunk.len() > 1 => {
+                    tracing::warn!(error = %e, records = chunk.len(), "warehouse refused a batch; isolating the record");
+                    let mut left = chunk;
+                    let right = left.split_off(left.len() / 2);
+                    chunks.push_front(right);
+                    chunks.push_front(left);
+                }
+                Err(ChunkError::Permanent(e)) => {
+                    if !self.reject(&chunk[0], &e, stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Loads one chunk, retrying transient failures.
+    async fn load_chunk(
+        &mut self,
+        records: &[Record],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), ChunkError> {
+        let mut attempt = 0u32;
+        let mut permanent = 0u32;
+        loop {
+            let result = match self.build(records).await {
+                Ok(batch) => self.commit(batch).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(LoadError::Transient(e)) => {
+                    self.known.clear();
+                    self.shared.retrying.store(true, Ordering::Release);
+                    metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    let delay = backoff(attempt, jitter());
+                    tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "warehouse load failed; retrying");
+                    if sleep_or_stop(delay, stop).await {
+                        return Err(ChunkError::Stopped);
+                    }
+                    attempt = attempt.saturating_add(1);
+                }
+                Err(LoadError::Permanent(e)) => {
+                    self.known.clear();
+                    metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    permanent += 1;
+                    if permanent >= 2 {
+                        return Err(ChunkError::Permanent(e));
+                    }
+                    tracing::warn!(error = %e, "warehouse refused a load; retrying with a fresh schema");
+                }
+            }
+        }
+    }
+
+    /// Plans and types a chunk of records.
+    async fn build(&mut self, records: &[Record]) -> Result<LoadBatch, LoadError> {
+        let now = Utc::now();
+        let last_seq = records.last().map_or(0, |r| r.seq);
+        let mut planned = Vec::with_capacity(records.len() * 2);
+        let mut schemas = BTreeSet::new();
+        for record in records {
+            let Some(schema) = self.schema_of(record) else {
+                continue;
+            };
+            match plan_record(record, &now) {
+                Ok(rows) => {
+                    schemas.insert(schema.clone());
+                    planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
+                }
+                Err(skip) => {
+                    metrics::counter!("tributary_warehouse_skipped_total").increment(1);
+                    let reason = match skip {
+                        Skip::BadPayload(r) => r,
+                        Skip::UnknownType(t) => format!("unknown call type {t:?}"),
+                    };
+                    tracing::warn!(seq = record.seq, message_id = %record.message_id, %reason, "record not loaded");
+                }
+            }
+        }
+        self.describe(schemas).await?;
+        Ok(prepare(&self.known, planned, last_seq, now))
+    }
+
+    fn schema_of(&self, record: &Record) -> Option<String> {
+        let schema = self.catalog.schema_for(&record.source_id)?;
+        match validate_schema_name(&schema) {
+            Ok(()) => Some(schema),
+            Err(e) => {
+                metrics::counter!("tributary_warehouse_skipped_total").increment(1);
+                tracing::warn!(source_id = %record.source_id, schema = %schema, error = %e, "source has an unusable schema name; record not loaded");
+                None
+            }
+        }
+    }
+
+    async fn describe(&mut self, schemas: BTreeSet<String>) -> Result<(), LoadError> {
+        for schema in schemas {
+            if !self.known.contains_key(&schema) {
+                let state = self.backend.describe(&schema).await?;
+                self.known.insert(schema, state);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits a batch and adopts its schema changes.
+    async fn commit(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
+        let started = Instant::now();
+        let last_seq = batch.last_seq;
+        let after: Vec<(String, Vec<(String, crate::evolve::TableSchema)>)> = batch
+            .schemas
+            .iter()
+            .map(|s| {
+                (
+                    s.schema.clone(),
+                    s.tables
+                        .iter()
+                        .map(|t| (t.table.clone(), t.after.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let stats = self.backend.apply(batch).await?;
+        if stats.already_loaded {
+            // Another loader (or an earlier attempt) committed it; the cache may be
+            // behind that loader's DDL.
+            self.known.clear();
+        } else {
+            for (schema, tables) in after {
+                let state = self.known.entry(schema).or_default();
+                state.exists = true;
+                for (table, columns) in tables {
+                    state.tables.insert(table, columns);
+                }
+            }
+        }
+        self.shared.loaded_seq.store(last_seq, Ordering::Release);
+        self.shared.retrying.store(false, Ordering::Release);
+        metrics::counter!("tributary_warehouse_rows_loaded_total").increment(stats.rows);
+        metrics::counter!("tributary_warehouse_discards_total").increment(stats.discards);
+        metrics::histogram!("tributary_warehouse_batch_seconds")
+            .record(started.elapsed().as_secs_f64());
+        // The log's copy of the position is informational (retention, tooling); the
+        // warehouse's own copy is authoritative, so a failure here is harmless.
+        if let Err(e) = self.log.commit(CONSUMER, last_seq).await {
+            tracing::debug!(error = %e, "could not record the warehouse position in the log");
+        }
+        Ok(())
+    }
+
+    /// Commits a record the warehouse refuses as a discard (so the loader moves on).
+    /// Returns false on shutdown.
+    async fn reject(
+        &mut self,
+        record: &Record,
+        error: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        metrics::counter!("tributary_warehouse_rejected_records_total").increment(1);
+        tracing::error!(seq = record.seq, message_id = %record.message_id, %error, "warehouse refused a record; recorded in tributary_discards");
+        let now = Utc::now();
+        let mut attempt = 0u32;
+        loop {
+            let batch = rejection_batch(self.schema_of(record), record, error, now);
+            match self.commit(batch).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    self.known.clear();
+                    tracing::warn!(error = %e, "could not record a refused record; retrying");
+                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                        return false;
+                    }
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+}
+
+/// A batch that only records `record` as refused and moves the position past it.
+fn rejection_batch(
+    schema: Option<String>,
+    record: &Record,
+    error: &str,
+    now: DateTime<Utc>,
+) -> LoadBatch {
+    let table = plan_record(record, &now)
+        .ok()
+        .and_then(|rows| rows.last().map(|p| p.table.clone()))
+        .unwrap_or_default();
+    let schemas = schema
+        .map(|schema| SchemaLoad {
+            schema,
+            known_to_exist: false,
+            tables: Vec::new(),
+            discards: vec![Discard {
+                table,
+                column: String::new(),
+                value: record.payload.clone(),
+                reason: format!("record refused by the warehouse: {error}"),
+                row_id: record.message_id.clone(),
+                received_at: DateTime::from_timestamp_millis(record.received_at_ms),
+            }],
+        })
+        .into_iter()
+        .collect();
+    LoadBatch {
+        schemas,
+        last_seq: record.seq,
+        loaded_at: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        assert_eq!(backoff(0, 0.0), Duration::from_millis(125));
+        assert_eq!(backoff(0, 1.0), Duration::from_millis(250));
+        assert_eq!(backoff(1, 0.0), Duration::from_millis(250));
+        assert_eq!(backoff(2, 0.5), Duration::from_millis(750));
+        for attempt in [7, 8, 20, 63, u32::MAX] {
+            assert!(backoff(attempt, 1.0) <= Duration::from_secs(30));
+            assert!(backoff(attempt, 0.0) >= Duration::from_secs(15));
+        }
+    }
+
+    #[test]
+    fn a_refused_record_becomes_a_discard_that_moves_the_position() {
+        let record = Record {
+            seq: 42,
+            source_id: "src".into(),
+            message_id: "m-42".into(),
+            call_type: "track".into(),
+            event: Some("Email Delivered".into()),
+            received_at_ms: 1_800_000_000_000,
+            payload: r#"{"type":"track","event":"Email Delivered","messageId":"m-42"}"#.into(),
+        };
+        let now = Utc::now();
+        let b = rejection_batch(Some("ac".into()), &record, "row is too big", now);
+        assert_eq!(b.last_seq, 42);
+        assert_eq!(b.row_count(), 0);
+        let d = &b.schemas[0].discards[0];
+        assert_eq!(d.table, "email_delivered");
+        assert_eq!(d.row_id, "m-42");
+        assert!(d.reason.contains("row is too big"));
+        assert_eq!(d.value, record.payload);
+        // No schema (source deleted): only the position moves.
+        assert!(rejection_batch(None, &record, "x", now).schemas.is_empty());
+    }
+}

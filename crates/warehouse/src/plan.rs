@@ -1,0 +1,747 @@
+//! Table planning: which rows one log record becomes, in which tables, with which
+//! (still untyped) column values.
+//!
+//! Segment's warehouse layout (DESIGN.md §4, segment-spec §3.4):
+//! - `track` → a row in `tracks` (common columns and `context_*` only) and a row in the
+//!   event's own table `snake(event)` (the same plus one column per property);
+//! - `identify` → `identifies` (common + traits) and, when there is a `userId`, an
+//!   update of `users` (`id` = the user id, latest non-null traits);
+//! - `page` / `screen` → `pages` / `screens` (common + `name`, `category` + properties);
+//! - `group` → `groups` (common + `group_id` + traits); `alias` → `aliases` (common +
+//!   `previous_id`).
+//!
+//! Common columns: `id` (messageId), `anonymous_id`, `user_id`, `received_at`,
+//! `sent_at`, `timestamp`, `original_timestamp`, `uuid_ts` (load time) and `context_*`.
+//! `integrations`, `type`, `channel`, `version` and the write key are never loaded.
+//!
+//! Invariants: pure and deterministic for a given record and load time; a property
+//! never overwrites a fixed column (naming gives it a `_` prefix); two keys that
+//! snake-case to the same column in one message keep the first value and report the
+//! second as a discard — nothing is dropped silently.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tributary_eventlog::Record;
+use tributary_model::flatten::flatten;
+
+use crate::naming::{column_name, event_table};
+use crate::types::{ColumnType, format_timestamp, value_text};
+
+/// The kind of a loaded table; decides its fixed columns and how rows are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TableKind {
+    /// `tracks`.
+    Tracks,
+    /// A per-event table.
+    Event,
+    /// `identifies`.
+    Identifies,
+    /// `users` (upserted on `id`).
+    Users,
+    /// `pages`.
+    Pages,
+    /// `screens`.
+    Screens,
+    /// `groups`.
+    Groups,
+    /// `aliases`.
+    Aliases,
+}
+
+use ColumnType::{Text, Timestamp};
+
+const TRACK_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("anonymous_id", Text),
+    ("user_id", Text),
+    ("event", Text),
+    ("event_text", Text),
+    ("received_at", Timestamp),
+    ("sent_at", Timestamp),
+    ("timestamp", Timestamp),
+    ("original_timestamp", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+const IDENTIFY_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("anonymous_id", Text),
+    ("user_id", Text),
+    ("received_at", Timestamp),
+    ("sent_at", Timestamp),
+    ("timestamp", Timestamp),
+    ("original_timestamp", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+const PAGE_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("anonymous_id", Text),
+    ("user_id", Text),
+    ("name", Text),
+    ("category", Text),
+    ("received_at", Timestamp),
+    ("sent_at", Timestamp),
+    ("timestamp", Timestamp),
+    ("original_timestamp", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+const GROUP_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("anonymous_id", Text),
+    ("user_id", Text),
+    ("group_id", Text),
+    ("received_at", Timestamp),
+    ("sent_at", Timestamp),
+    ("timestamp", Timestamp),
+    ("original_timestamp", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+const ALIAS_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("anonymous_id", Text),
+    ("user_id", Text),
+    ("previous_id", Text),
+    ("received_at", Timestamp),
+    ("sent_at", Timestamp),
+    ("timestamp", Timestamp),
+    ("original_timestamp", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+const USER_COLUMNS: &[(&str, ColumnType)] = &[
+    ("id", Text),
+    ("received_at", Timestamp),
+    ("uuid_ts", Timestamp),
+];
+
+impl TableKind {
+    /// The columns every table of this kind has from creation, in order.
+    pub fn fixed_columns(self) -> &'static [(&'static str, ColumnType)] {
+        match self {
+            TableKind::Tracks | TableKind::Event => TRACK_COLUMNS,
+            TableKind::Identifies => IDENTIFY_COLUMNS,
+            TableKind::Users => USER_COLUMNS,
+            TableKind::Pages | TableKind::Screens => PAGE_COLUMNS,
+            TableKind::Groups => GROUP_COLUMNS,
+            TableKind::Aliases => ALIAS_COLUMNS,
+        }
+    }
+
+    fn reserved(self) -> Vec<&'static str> {
+        self.fixed_columns().iter().map(|(n, _)| *n).collect()
+    }
+}
+
+/// One row to load, before typing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedRow {
+    /// Log sequence number of the record the row comes from.
+    pub seq: u64,
+    /// The record's messageId (the row's `id`, except in `users`).
+    pub message_id: String,
+    /// The primary key value: the messageId, or the user id in `users`.
+    pub key: String,
+    /// `receivedAt` of the record, for discards.
+    pub received_at: Option<DateTime<Utc>>,
+    /// Column name → JSON leaf, in column order; nulls included.
+    pub values: Vec<(String, Value)>,
+    /// Values dropped while planning (name collisions): (column, value, reason).
+    pub dropped: Vec<(String, String, String)>,
+}
+
+/// A row with the table it goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// Target table name (already a safe identifier).
+    pub table: String,
+    /// Its kind.
+    pub kind: TableKind,
+    /// The row.
+    pub row: PlannedRow,
+}
+
+/// Why a record produced no rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// The payload is not a JSON object.
+    BadPayload(String),
+    /// The call type is none of the six.
+    UnknownType(String),
+}
+
+/// Plans the rows of one record. `uuid_ts` is the load time shared by the batch.
+pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Planned>, Skip> {
+    let payload: Value = serde_json::from_str(&record.payload)
+        .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
+    let Value::Object(msg) = payload else {
+        return Err(Skip::BadPayload("payload is not a JSON object".into()));
+    };
+    let call_type = msg
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or(record.call_type.as_str())
+        .to_ascii_lowercase();
+    let message_id = match msg.get("messageId") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => record.message_id.clone(),
+    };
+    let received_at_text = msg
+        .get("receivedAt")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| {
+            DateTime::from_timestamp_millis(record.received_at_ms).map(|t| format_timestamp(&t))
+        });
+    let received_at = received_at_text
+        .as_deref()
+        .and_then(crate::types::parse_timestamp);
+
+    let base = Base {
+        seq: record.seq,
+        message_id,
+        received_at,
+        received_at_text,
+        uuid_ts: format_timestamp(uuid_ts),
+        msg: &msg,
+    };
+
+    let mut out = Vec::with_capacity(2);
+    match call_type.as_str() {
+        "track" => {
+            let event_text = text_field(&msg, "event").or_else(|| record.event.clone());
+            let mut tracks = base.row(TableKind::Tracks);
+            let table = event_text.as_deref().map(event_table);
+            tracks.push("event", table.clone().map_or(Value::Null, Value::String));
+            tracks.push(
+                "event_text",
+                event_text.clone().map_or(Value::Null, Value::String),
+            );
+            tracks.context();
+            let row = tracks.finish();
+            out.push(Planned {
+                table: "tracks".into(),
+                kind: TableKind::Tracks,
+                row: row.clone(),
+            });
+            if let Some(table) = table {
+                let mut ev = RowBuilder::from_row(row, TableKind::Event, &msg);
+                ev.object("properties");
+                out.push(Planned {
+                    table,
+                    kind: TableKind::Event,
+                    row: ev.finish(),
+                });
+            }
+        }
+        "identify" => {
+            let mut row = base.row(TableKind::Identifies);
+            row.context();
+            row.object("traits");
+            out.push(Planned {
+                table: "identifies".into(),
+                kind: TableKind::Identifies,
+                row: row.finish(),
+            });
+            if let Some(user_id) = id_field(&msg, "userId") {
+                let mut user = RowBuilder::new(TableKind::Users, &base, user_id.clone());
+                user.push("id", Value::String(user_id));
+                user.push(
+                    "received_at",
+                    base.received_at_text
+                        .clone()
+                        .map_or(Value::Null, Value::String),
+                );
+                user.push("uuid_ts", Value::String(base.uuid_ts.clone()));
+                user.object("traits");
+                out.push(Planned {
+                    table: "users".into(),
+                    kind: TableKind::Users,
+                    row: user.finish(),
+                });
+            }
+        }
+        "page" | "screen" => {
+            let (table, kind) = if call_type == "page" {
+                ("pages", TableKind::Pages)
+            } else {
+                ("screens", TableKind::Screens)
+            };
+            let mut row = base.row(kind);
+            row.push(
+                "name",
+                text_field(&msg, "name").map_or(Value::Null, Value::String),
+            );
+            row.push(
+                "category",
+                text_field(&msg, "category").map_or(Value::Null, Value::String),
+            );
+            row.context();
+            row.object("properties");
+            out.push(Planned {
+                table: table.into(),
+                kind,
+                row: row.finish(),
+            });
+        }
+        "group" => {
+            let mut row = base.row(TableKind::Groups);
+            row.push(
+                "group_id",
+                id_field(&msg, "groupId").map_or(Value::Null, Value::String),
+            );
+            row.context();
+            row.object("traits");
+            out.push(Planned {
+                table: "groups".into(),
+                kind: TableKind::Groups,
+                row: row.finish(),
+            });
+        }
+        "alias" => {
+            let mut row = base.row(TableKind::Aliases);
+            row.push(
+                "previous_id",
+                id_field(&msg, "previousId").map_or(Value::Null, Value::String),
+            );
+            row.context();
+            out.push(Planned {
+                table: "aliases".into(),
+                kind: TableKind::Aliases,
+                row: row.finish(),
+            });
+        }
+        other => return Err(Skip::UnknownType(other.to_string())),
+    }
+    Ok(out)
+}
+
+struct Base<'a> {
+    seq: u64,
+    message_id: String,
+    received_at: Option<DateTime<Utc>>,
+    received_at_text: Option<String>,
+    uuid_ts: String,
+    msg: &'a Map<String, Value>,
+}
+
+impl<'a> Base<'a> {
+    /// A row with the common columns filled.
+    fn row(&self, kind: TableKind) -> RowBuilder<'a> {
+        let mut b = RowBuilder::new(kind, self, self.message_id.clone());
+        let msg = self.msg;
+        b.push("id", Value::String(self.message_id.clone()));
+        b.push(
+            "anonymous_id",
+            id_field(msg, "anonymousId").map_or(Value::Null, Value::String),
+        );
+        b.push(
+            "user_id",
+            id_field(msg, "userId").map_or(Value::Null, Value::String),
+        );
+        b.push(
+            "received_at",
+            self.received_at_text
+                .clone()
+                .map_or(Value::Null, Value::String),
+        );
+        for (col, key) in [
+            ("sent_at", "sentAt"),
+            ("timestamp", "timestamp"),
+            ("original_timestamp", "originalTimestamp"),
+        ] {
+            b.push(col, msg.get(key).cloned().unwrap_or(Value::Null));
+        }
+        b.push("uuid_ts", Value::String(self.uuid_ts.clone()));
+        b
+    }
+}
+
+struct RowBuilder<'a> {
+    reserved: Vec<&'static str>,
+    msg: &'a Map<String, Value>,
+    row: PlannedRow,
+    seen: std::collections::HashSet<String>,
+}
+
+impl<'a> RowBuilder<'a> {
+    fn new(kind: TableKind, base: &Base<'a>, key: String) -> Self {
+        RowBuilder {
+            reserved: kind.reserved(),
+            msg: base.msg,
+            row: PlannedRow {
+                seq: base.seq,
+                message_id: base.message_id.clone(),
+                key,
+                received_at: base.received_at,
+                values: Vec::new(),
+                dropped: Vec::new(),
+            },
+            seen: Default::default(),
+        }
+    }
+
+    /// Continues from a finished row (the event table starts as the `tracks` row).
+    fn from_row(row: PlannedRow, kind: TableKind, msg: &'a Map<String, Value>) -> Self {
+        RowBuilder {
+            reserved: kind.reserved(),
+            msg,
+            seen: row.values.iter().map(|(c, _)| c.clone()).collect(),
+            row,
+        }
+    }
+
+    /// Sets a fixed column.
+    fn push(&mut self, column: &str, value: Value) {
+        if self.seen.insert(column.to_string()) {
+            self.row.values.push((column.to_string(), value));
+        }
+    }
+
+    /// Adds a flattened dynamic column; keeps the first value on a name collision.
+    fn push_dynamic(&mut self, column: String, value: Value) {
+        if self.seen.contains(&column) {
+            if !value.is_null() {
+                self.row.dropped.push((
+                    column,
+                    value_text(&value),
+                    "another key of the message has the same column name".into(),
+                ));
+            }
+            return;
+        }
+        self.seen.insert(column.clone());
+        self.row.values.push((column, value));
+    }
+
+    /// Adds the `context_*` columns.
+    fn context(&mut self) {
+        let msg = self.msg;
+        let Some(Value::Object(ctx)) = msg.get("context") else {
+            return;
+        };
+        for (path, value) in flatten(ctx, "context") {
+            let col = column_name(&path, &self.reserved, true);
+            self.push_dynamic(col, value);
+        }
+    }
+
+    /// Adds the un-prefixed columns of `properties` or `traits`.
+    fn object(&mut self, field: &str) {
+        let msg = self.msg;
+        let Some(Value::Object(obj)) = msg.get(field) else {
+            return;
+        };
+        for (path, value) in flatten(obj, "") {
+            let col = column_name(&path, &self.reserved, false);
+            self.push_dynamic(col, value);
+        }
+    }
+
+    fn finish(self) -> PlannedRow {
+        self.row
+    }
+}
+
+/// A string-valued field (`event`, `name`, `category`).
+fn text_field(msg: &Map<String, Value>, key: &str) -> Option<String> {
+    match msg.get(key) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::Bool(b)) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// An identifier field (`userId`, …): strings as they are, numbers as their text
+/// (analytics libraries accept numeric ids); empty strings are absent.
+fn id_field(msg: &Map<String, Value>, key: &str) -> Option<String> {
+    text_field(msg, key).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(seq: u64, payload: Value) -> Record {
+        Record {
+            seq,
+            source_id: "src".into(),
+            message_id: payload["messageId"].as_str().unwrap_or("m").to_string(),
+            call_type: payload["type"].as_str().unwrap_or("track").to_string(),
+            event: payload["event"].as_str().map(str::to_string),
+            received_at_ms: 1_800_000_000_000,
+            payload: payload.to_string(),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_001, 0).expect("valid")
+    }
+
+    fn get<'a>(row: &'a PlannedRow, col: &str) -> Option<&'a Value> {
+        row.values.iter().find(|(c, _)| c == col).map(|(_, v)| v)
+    }
+
+    fn columns(row: &PlannedRow) -> Vec<&str> {
+        row.values.iter().map(|(c, _)| c.as_str()).collect()
+    }
+
+    #[test]
+    fn a_track_becomes_a_tracks_row_and_an_event_table_row() {
+        let out = plan_record(
+            &record(
+                7,
+                json!({
+                    "type": "track", "messageId": "m1", "event": "Email Delivered",
+                    "userId": "u1", "anonymousId": "a1",
+                    "properties": {"email_subject": "Hi", "campaignID": 12, "tags": ["x", "y"],
+                                   "link": {"url": "https://e.x", "id": 3}},
+                    "context": {"traits": {"email": "a@b.c"}, "library": {"name": "ac"}},
+                    "integrations": {"All": true},
+                    "timestamp": "2026-11-27T05:10:53.123Z",
+                    "originalTimestamp": "2026-11-27T05:10:53.000Z",
+                    "sentAt": "2026-11-27T05:10:53.100Z",
+                    "receivedAt": "2026-11-27T05:10:54.000Z"
+                }),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(out.len(), 2);
+        let tracks = &out[0];
+        assert_eq!(tracks.table, "tracks");
+        assert_eq!(
+            columns(&tracks.row),
+            vec![
+                "id",
+                "anonymous_id",
+                "user_id",
+                "received_at",
+                "sent_at",
+                "timestamp",
+                "original_timestamp",
+                "uuid_ts",
+                "event",
+                "event_text",
+                "context_traits_email",
+                "context_library_name",
+            ]
+        );
+        assert_eq!(get(&tracks.row, "event"), Some(&json!("email_delivered")));
+        assert_eq!(
+            get(&tracks.row, "event_text"),
+            Some(&json!("Email Delivered"))
+        );
+        assert_eq!(
+            get(&tracks.row, "uuid_ts"),
+            Some(&json!(format_timestamp(&now())))
+        );
+        assert_eq!(tracks.row.seq, 7);
+        assert_eq!(tracks.row.key, "m1");
+
+        let ev = &out[1];
+        assert_eq!(ev.table, "email_delivered");
+        assert_eq!(ev.kind, TableKind::Event);
+        assert_eq!(get(&ev.row, "email_subject"), Some(&json!("Hi")));
+        assert_eq!(get(&ev.row, "campaign_id"), Some(&json!(12)));
+        assert_eq!(get(&ev.row, "tags"), Some(&json!("[\"x\",\"y\"]")));
+        assert_eq!(get(&ev.row, "link_url"), Some(&json!("https://e.x")));
+        assert_eq!(get(&ev.row, "link_id"), Some(&json!(3)));
+        assert_eq!(get(&ev.row, "context_traits_email"), Some(&json!("a@b.c")));
+        assert!(get(&ev.row, "integrations_all").is_none());
+        // tracks has no property columns.
+        assert!(get(&tracks.row, "email_subject").is_none());
+    }
+
+    #[test]
+    fn properties_named_like_reserved_columns_are_prefixed_not_dropped() {
+        let out = plan_record(
+            &record(
+                1,
+                json!({"type": "track", "messageId": "m1", "event": "Signed Up",
+                       "properties": {"user_id": "evil", "timestamp": "x", "id": 5,
+                                      "event": "e", "context": {"ip": "1.1.1.1"}, "name": "n"},
+                       "context": {"ip": "2.2.2.2"}}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        let ev = &out[1].row;
+        assert_eq!(get(ev, "user_id"), Some(&Value::Null));
+        assert_eq!(get(ev, "_user_id"), Some(&json!("evil")));
+        assert_eq!(get(ev, "_timestamp"), Some(&json!("x")));
+        assert_eq!(get(ev, "_id"), Some(&json!(5)));
+        assert_eq!(get(ev, "_event"), Some(&json!("e")));
+        assert_eq!(get(ev, "_context_ip"), Some(&json!("1.1.1.1")));
+        assert_eq!(get(ev, "context_ip"), Some(&json!("2.2.2.2")));
+        assert_eq!(get(ev, "name"), Some(&json!("n")));
+        assert_eq!(get(ev, "id"), Some(&json!("m1")));
+    }
+
+    #[test]
+    fn keys_that_snake_case_alike_keep_the_first_and_report_the_second() {
+        let out = plan_record(
+            &record(
+                1,
+                json!({"type": "track", "messageId": "m1", "event": "E",
+                       "properties": {"planName": "a", "plan_name": "b", "plan name": null}}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        let ev = &out[1].row;
+        assert_eq!(get(ev, "plan_name"), Some(&json!("a")));
+        assert_eq!(ev.dropped.len(), 1);
+        assert_eq!(ev.dropped[0].0, "plan_name");
+        assert_eq!(ev.dropped[0].1, "b");
+    }
+
+    #[test]
+    fn events_with_hostile_names_get_safe_tables() {
+        for (event, table) in [
+            ("Tracks", "_tracks"),
+            ("Users", "_users"),
+            ("\"; DROP TABLE tracks; --", "drop_table_tracks"),
+            ("Order Completed 🎉", "order_completed"),
+        ] {
+            let out = plan_record(
+                &record(
+                    1,
+                    json!({"type": "track", "messageId": "m1", "event": event}),
+                ),
+                &now(),
+            )
+            .expect("planned");
+            assert_eq!(out[1].table, table, "{event:?}");
+            assert_eq!(get(&out[0].row, "event"), Some(&json!(table)));
+            assert_eq!(get(&out[0].row, "event_text"), Some(&json!(event)));
+        }
+        let long = "Very Long Event Name ".repeat(15);
+        let out = plan_record(
+            &record(
+                1,
+                json!({"type": "track", "messageId": "m1", "event": long}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(out[1].table.len(), 63);
+    }
+
+    #[test]
+    fn an_identify_becomes_identifies_and_a_users_update() {
+        let out = plan_record(
+            &record(
+                3,
+                json!({"type": "identify", "messageId": "m3", "userId": "u1",
+                       "traits": {"email": "a@b.c", "plan": "pro", "address": {"city": "Oslo"}, "id": "x"},
+                       "receivedAt": "2026-11-27T05:10:54.000Z"}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].table, "identifies");
+        assert_eq!(get(&out[0].row, "email"), Some(&json!("a@b.c")));
+        assert_eq!(get(&out[0].row, "address_city"), Some(&json!("Oslo")));
+        let users = &out[1];
+        assert_eq!(users.table, "users");
+        assert_eq!(users.kind, TableKind::Users);
+        assert_eq!(users.row.key, "u1");
+        assert_eq!(users.row.message_id, "m3");
+        assert_eq!(get(&users.row, "id"), Some(&json!("u1")));
+        assert_eq!(get(&users.row, "_id"), Some(&json!("x")));
+        assert_eq!(get(&users.row, "plan"), Some(&json!("pro")));
+        assert!(get(&users.row, "anonymous_id").is_none());
+        // Anonymous identify: no users row.
+        let out = plan_record(
+            &record(
+                4,
+                json!({"type": "identify", "messageId": "m4", "anonymousId": "a",
+                              "traits": {"plan": "x"}}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn pages_screens_groups_and_aliases_have_their_columns() {
+        let page = plan_record(
+            &record(1, json!({"type": "page", "messageId": "p", "name": "Home", "category": "Docs",
+                              "properties": {"title": "Welcome", "url": "https://x", "name": "Home"}})),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(page[0].table, "pages");
+        assert_eq!(get(&page[0].row, "name"), Some(&json!("Home")));
+        assert_eq!(get(&page[0].row, "category"), Some(&json!("Docs")));
+        assert_eq!(get(&page[0].row, "title"), Some(&json!("Welcome")));
+        assert_eq!(get(&page[0].row, "_name"), Some(&json!("Home")));
+        let screen = plan_record(
+            &record(
+                2,
+                json!({"type": "screen", "messageId": "s", "name": "Login"}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(screen[0].table, "screens");
+        assert_eq!(get(&screen[0].row, "name"), Some(&json!("Login")));
+        let group = plan_record(
+            &record(
+                3,
+                json!({"type": "group", "messageId": "g", "groupId": "acme",
+                              "traits": {"employees": 40}}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(group[0].table, "groups");
+        assert_eq!(get(&group[0].row, "group_id"), Some(&json!("acme")));
+        assert_eq!(get(&group[0].row, "employees"), Some(&json!(40)));
+        let alias = plan_record(
+            &record(
+                4,
+                json!({"type": "alias", "messageId": "al", "userId": "u2",
+                              "previousId": "anon-1"}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(alias[0].table, "aliases");
+        assert_eq!(get(&alias[0].row, "previous_id"), Some(&json!("anon-1")));
+        assert_eq!(get(&alias[0].row, "user_id"), Some(&json!("u2")));
+    }
+
+    #[test]
+    fn unknown_types_and_bad_payloads_are_skipped() {
+        let mut r = record(1, json!({"type": "launch", "messageId": "x"}));
+        assert_eq!(
+            plan_record(&r, &now()),
+            Err(Skip::UnknownType("launch".into()))
+        );
+        r.payload = "not json".into();
+        assert!(matches!(plan_record(&r, &now()), Err(Skip::BadPayload(_))));
+        r.payload = "[1]".into();
+        assert!(matches!(plan_record(&r, &now()), Err(Skip::BadPayload(_))));
+    }
+
+    #[test]
+    fn received_at_falls_back_to_the_log_time() {
+        let out = plan_record(
+            &record(1, json!({"type": "track", "messageId": "m1", "event": "E"})),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(
+            get(&out[0].row, "received_at"),
+            Some(&json!("2027-01-15T08:00:00.000Z"))
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! The PostgreSQL warehouse (also the shape for Postgres-compatible engines).
+//!
+//! One PostgreSQL schema per source schema; the loader's own tables live in the state
+//! schema (default `tributary`): `migrations` (versions applied, under an advisory
+//! lock so several nodes can start at once) and `loader_state` (the position).
+//! Two connection pools: one for loading, one for reads whose sessions default to
+//! read-only transactions.
+//!
+//! Invariants: a batch is one transaction — schema DDL, rows (binary `COPY` into a
+//! temporary table, then `INSERT … SELECT … ON CONFLICT ("id") DO NOTHING`, `users`
+//! upserted), discards and the position (`SELECT … FOR UPDATE` at the start, so two
+//! loaders serialize and the second skips what the first committed). Nothing is
+//! written outside it. Connection failures, server restarts, full disks and lock
+//! timeouts are transient (retried); data and statement errors are permanent.
+
+mod load;
+mod read;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::evolve::{LoadBatch, SchemaState, TableSchema};
+use crate::naming::{DISCARDS_TABLE, quote};
+use crate::types::{Cell, ColumnType};
+use crate::{QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
+
+/// The PostgreSQL backend.
+pub(crate) struct PostgresBackend {
+    load_pool: Pool,
+    read_pool: Pool,
+    state_schema: String,
+    query_timeout: Duration,
+    query_max_rows: usize,
+}
+
+/// PostgreSQL type of a column type.
+pub(crate) fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Timestamp => "timestamptz",
+        ColumnType::Bigint => "bigint",
+        ColumnType::Double => "double precision",
+        ColumnType::Boolean => "boolean",
+        ColumnType::Text => "text",
+    }
+}
+
+/// Wire type of a column type (for binary COPY).
+pub(crate) fn wire_type(ty: ColumnType) -> Type {
+    match ty {
+        ColumnType::Timestamp => Type::TIMESTAMPTZ,
+        ColumnType::Bigint => Type::INT8,
+        ColumnType::Double => Type::FLOAT8,
+        ColumnType::Boolean => Type::BOOL,
+        ColumnType::Text => Type::TEXT,
+    }
+}
+
+/// Column type of an `information_schema.columns.data_type`.
+pub(crate) fn column_type(data_type: &str) -> ColumnType {
+    match data_type {
+        "timestamp with time zone" | "timestamp without time zone" | "date" => {
+            ColumnType::Timestamp
+        }
+        "bigint" | "integer" | "smallint" => ColumnType::Bigint,
+        "double precision" | "real" | "numeric" => ColumnType::Double,
+        "boolean" => ColumnType::Boolean,
+        _ => ColumnType::Text,
+    }
+}
+
+impl ToSql for Cell {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match (self, ty) {
+            (Cell::Null, _) => Ok(IsNull::Yes),
+            (Cell::Bigint(i), &Type::INT8) => i.to_sql(ty, out),
+            (Cell::Double(f), &Type::FLOAT8) => f.to_sql(ty, out),
+            (Cell::Boolean(b), &Type::BOOL) => b.to_sql(ty, out),
+            (Cell::Text(s), &Type::TEXT) => s.to_sql(ty, out),
+            (Cell::Timestamp(t), &Type::TIMESTAMPTZ) => t.to_sql(ty, out),
+            (cell, ty) => Err(format!("cannot write {cell:?} as {ty}").into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::INT8 | Type::FLOAT8 | Type::BOOL | Type::TEXT | Type::TIMESTAMPTZ
+        )
+    }
+
+    to_sql_checked!();
+}
+
+/// Transient: no SQLSTATE (I/O, closed connection), connection exceptions (08),
+/// transaction rollbacks (40: serialization, deadlock), insufficient resources (53:
+/// disk full, too many connections), object not in prerequisite state (55: lock not
+/// available), operator intervention (57: shutdown, cancel, timeout) and system errors
+/// (58). Everything else (22 data, 23 constraint, 42 syntax/undefined, 54 limits) is
+/// permanent.
+pub(crate) fn classify(e: tokio_postgres::Error) -> LoadError {
+    let transient = match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            ["08", "40", "53", "55", "57", "58"]
+                .iter()
+                .any(|p| c.starts_with(p))
+        }
+    };
+    let text = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    if transient {
+        LoadError::Transient(text)
+    } else {
+        LoadError::Permanent(text)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> LoadError {
+    LoadError::Transient(format!("cannot get a connection: {e}"))
+}
+
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE {state}.loader_state (
+        consumer text PRIMARY KEY,
+        seq bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )",
+)];
+
+fn build_pool(cfg: tokio_postgres::Config, size: usize) -> Result<Pool, WarehouseError> {
+    let manager = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .build()
+        .map_err(|e| WarehouseError::InvalidConfig(format!("postgres pool: {e}")))
+}
+
+impl PostgresBackend {
+    pub(crate) fn open(url: &str, config: &WarehouseConfig) -> Result<Self, WarehouseError> {
+        let mut cfg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| WarehouseError::InvalidConfig(format!("postgres url: {e}")))?;
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(5));
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("tributary-warehouse");
+        }
+        let mut read_cfg = cfg.clone();
+        read_cfg.options("-c default_transaction_read_only=on");
+        // `tributary` is reserved for sources precisely so it can be the default here.
+        if config.state_schema != "tributary" {
+            crate::naming::validate_schema_name(&config.state_schema)
+                .map_err(|e| WarehouseError::InvalidConfig(format!("state_schema: {e}")))?;
+        }
+        Ok(PostgresBackend {
+            load_pool: build_pool(cfg, 2)?,
+            read_pool: build_pool(read_cfg, 4)?,
+            state_schema: config.state_schema.clone(),
+            query_timeout: config.query_timeout,
+            query_max_rows: config.query_max_rows,
+        })
+    }
+
+    fn state(&self) -> String {
+        quote(&self.state_schema)
+    }
+
+    /// Applies the state-schema migrations and returns the loader position.
+    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
+        let mut client = self.load_pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(classify)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tributary-warehouse-migrations'))",
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+        let state = self.state();
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {state};
+             CREATE TABLE IF NOT EXISTS {state}.migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await
+        .map_err(classify)?;
+        let applied: Vec<i32> = tx
+            .query(&format!("SELECT version FROM {state}.migrations"), &[])
+            .await
+            .map_err(classify)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(&sql.replace("{state}", &state))
+                .await
+                .map_err(classify)?;
+            tx.execute(
+                &format!("INSERT INTO {state}.migrations (version) VALUES ($1)"),
+                &[version],
+            )
+            .await
+            .map_err(classify)?;
+            tracing::info!(version, "warehouse state schema migrated");
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {state}.loader_state (consumer, seq) VALUES ($1, 0)
+                 ON CONFLICT (consumer) DO NOTHING"
+            ),
+            &[&CONSUMER],
+        )
+        .await
+        .map_err(classify)?;
+        let seq: i64 = tx
+            .query_one(
+                &format!("SELECT seq FROM {state}.loader_state WHERE consumer = $1"),
+                &[&CONSUMER],
+            )
+            .await
+            .map_err(classify)?
+            .get(0);
+        tx.commit().await.map_err(classify)?;
+        Ok(seq.max(0) as u64)
+    }
+
+    pub(crate) async fn describe(&self, schema: &str) -> Result<SchemaState, LoadError> {
+        let client = self.load_pool.get().await.map_err(pool_error)?;
+        let rows = client
+            .query(
+                "SELECT table_name::text, column_name::text, data_type::text
+                 FROM information_schema.columns
+                 WHERE table_schema = $1
+                 ORDER BY table_name, ordinal_position",
+                &[&schema],
+            )
+            .await
+            .map_err(classify)?;
+        let mut state = SchemaState::default();
+        for row in rows {
+            let table: String = row.get(0);
+            if table == DISCARDS_TABLE {
+                state.exists = true;
+                continue;
+            }
+            let column: String = row.get(1);
+            let data_type: String = row.get(2);
+            state
+                .tables
+                .entry(table)
+                .or_insert_with(TableSchema::default)
+                .push(column, column_type(&data_type));
+        }
+        Ok(state)
+    }
+
+    pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
+        let mut client = self.load_pool.get().await.map_err(pool_error)?;
+        let result = load::apply(&mut client, &self.state(), &batch).await;
+        if matches!(result, Err(LoadError::Transient(_))) {
+            // The session may be broken; do not return it to the pool.
+            let _ = deadpool_postgres::Object::take(client);
+        }
+        result
+    }
+
+    pub(crate) async fn status(
+        &self,
+    ) -> Result<(Vec<SchemaStatus>, Option<DateTime<Utc>>), WarehouseError> {
+        read::status(&self.read_pool, &self.state(), self.query_timeout).await
+    }
+
+    pub(crate) async fn table(
+        &self,
+        schema: &str,
+        table: &str,
+        limit: usize,
+    ) -> Result<TableData, WarehouseError> {
+        read::table(&self.read_pool, schema, table, limit, self.query_timeout).await
+    }
+
+    pub(crate) async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
+        read::query(
+            &self.read_pool,
+            sql,
+            self.query_timeout,
+            self.query_max_rows,
+        )
+        .await
+    }
+
+    pub(crate) fn close(&self) {
+        self.load_pool.close();
+        self.read_pool.close();
+    }
+}

@@ -1,0 +1,275 @@
+//! Writing a batch into SQLite schema files.
+//!
+//! Per schema file, one `BEGIN IMMEDIATE` transaction: read the file's position
+//! (`tributary_state`), make the tables match the batch (create, `ADD COLUMN`, widen
+//! by rebuilding the table — SQLite cannot change a column's declared type), insert
+//! rows newer than the position with `ON CONFLICT ("id") DO NOTHING`, upsert `users`
+//! from the `identifies` rows actually inserted, record discards of inserted rows,
+//! write the new position, commit. Then the global low-water mark moves.
+//!
+//! Invariants: rows and position of a schema commit together; a row at or below the
+//! position is never written again; the table shape is checked against the live file
+//! inside the transaction, so a stale loader cache cannot break a load.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rusqlite::{Transaction, TransactionBehavior, params_from_iter};
+
+use super::{Writer, classify, sql_type, table_columns};
+use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::evolve::{Discard, LoadBatch, SchemaLoad, TableLoad, merge_users};
+use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
+use crate::plan::TableKind;
+use crate::types::{ColumnType, format_timestamp};
+
+pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
+    let mut stats = ApplyStats::default();
+    let loaded_at = format_timestamp(&batch.loaded_at);
+    let mut all_loaded_before = true;
+    for schema in &batch.schemas {
+        let conn = w.schema(dir, &schema.schema).map_err(classify)?;
+        let fresh =
+            apply_schema(conn, schema, batch.last_seq, &loaded_at, &mut stats).map_err(classify)?;
+        all_loaded_before &= !fresh;
+    }
+    let state = w.state(dir).map_err(classify)?;
+    state
+        .execute(
+            "INSERT INTO loader_state (consumer, seq, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
+             WHERE excluded.seq > loader_state.seq",
+            rusqlite::params![CONSUMER, batch.last_seq as i64, loaded_at],
+        )
+        .map_err(classify)?;
+    stats.already_loaded = !batch.schemas.is_empty() && all_loaded_before;
+    Ok(stats)
+}
+
+/// Loads one schema's part of the batch; false when the file was already past it.
+fn apply_schema(
+    conn: &mut rusqlite::Connection,
+    load: &SchemaLoad,
+    last_seq: u64,
+    loaded_at: &str,
+    stats: &mut ApplyStats,
+) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let position: u64 = tx
+        .query_row(
+            &format!("SELECT seq FROM {} WHERE consumer = ?1", quote(STATE_TABLE)),
+            [CONSUMER],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|s| s.max(0) as u64)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(0),
+            e => Err(e),
+        })?;
+    if position >= last_seq {
+        return Ok(false);
+    }
+
+    let mut identifies_inserted: HashSet<String> = HashSet::new();
+    let mut discards: Vec<&Discard> = Vec::new();
+    let mut merged_discards: Vec<Discard> = Vec::new();
+    for table in &load.tables {
+        ensure_table(&tx, table)?;
+        if table.kind == TableKind::Users {
+            let (rows, d) = merge_users(table, &identifies_inserted);
+            stats.rows += upsert_users(&tx, table, &rows)?;
+            merged_discards.extend(d);
+            continue;
+        }
+        let sql = insert_sql(table);
+        let mut stmt = tx.prepare(&sql)?;
+        for row in table.rows.iter().filter(|r| r.seq > position) {
+            if stmt.execute(params_from_iter(row.cells.iter()))? > 0 {
+                stats.rows += 1;
+                discards.extend(row.discards.iter());
+                if table.kind == TableKind::Identifies {
+                    identifies_inserted.insert(row.message_id.clone());
+                }
+            }
+        }
+    }
+    discards.extend(merged_discards.iter());
+    discards.extend(load.discards.iter());
+    if !discards.is_empty() {
+        let mut stmt = tx.prepare(&format!(
+            "INSERT INTO {} (\"table_name\", \"column_name\", \"column_value\", \"reason\", \"row_id\", \"received_at\", \"uuid_ts\")
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            quote(DISCARDS_TABLE)
+        ))?;
+        for d in &discards {
+            stmt.execute(rusqlite::params![
+                d.table,
+                d.column,
+                d.value,
+                d.reason,
+                d.row_id,
+                d.received_at.as_ref().map(format_timestamp),
+                loaded_at,
+            ])?;
+        }
+        stats.discards += discards.len() as u64;
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (consumer, seq, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+            quote(STATE_TABLE)
+        ),
+        rusqlite::params![CONSUMER, last_seq as i64, loaded_at],
+    )?;
+    tx.commit()?;
+    Ok(true)
+}
+
+fn column_list(columns: &[(String, ColumnType)]) -> String {
+    columns
+        .iter()
+        .map(|(n, _)| quote(n))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn insert_sql(table: &TableLoad) -> String {
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (\"id\") DO NOTHING",
+        quote(&table.table),
+        column_list(&table.columns),
+        placeholders(table.columns.len())
+    )
+}
+
+fn upsert_users(
+    tx: &Transaction<'_>,
+    table: &TableLoad,
+    rows: &[(String, Vec<crate::types::Cell>)],
+) -> rusqlite::Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let updates: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|(n, _)| n != "id")
+        .map(|(n, _)| format!("{q} = COALESCE(excluded.{q}, {q})", q = quote(n)))
+        .collect();
+    let conflict = if updates.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    };
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (\"id\") {conflict}",
+        quote(&table.table),
+        column_list(&table.columns),
+        placeholders(table.columns.len())
+    );
+    let mut stmt = tx.prepare(&sql)?;
+    let mut n = 0;
+    for (_, cells) in rows {
+        n += stmt.execute(params_from_iter(cells.iter()))? as u64;
+    }
+    Ok(n)
+}
+
+/// `CREATE TABLE` text for `name` with these columns; `id` is the primary key under a
+/// constraint name no table can have (snake-cased names never contain `__`).
+pub(crate) fn create_table_sql(name: &str, columns: &[(String, ColumnType)]) -> String {
+    let mut defs: Vec<String> = columns
+        .iter()
+        .map(|(n, t)| {
+            if n == "id" {
+                format!("{} {} NOT NULL", quote(n), sql_type(*t))
+            } else {
+                format!("{} {}", quote(n), sql_type(*t))
+            }
+        })
+        .collect();
+    defs.push("CONSTRAINT \"tributary__pk\" PRIMARY KEY (\"id\")".to_string());
+    format!("CREATE TABLE {} ({})", quote(name), defs.join(", "))
+}
+
+/// Makes the live table match `table.after`: create, add columns, widen.
+fn ensure_table(tx: &Transaction<'_>, table: &TableLoad) -> rusqlite::Result<()> {
+    let live = table_columns(tx, &table.table)?;
+    if live.is_empty() {
+        tx.execute_batch(&create_table_sql(&table.table, table.after.columns()))?;
+        return Ok(());
+    }
+    let live_types: std::collections::HashMap<&str, ColumnType> = live
+        .iter()
+        .map(|(n, t)| (n.as_str(), super::column_type(t)))
+        .collect();
+    let mut widen = false;
+    for (name, ty) in table.after.columns() {
+        match live_types.get(name.as_str()) {
+            None => tx.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(&table.table),
+                quote(name),
+                sql_type(*ty)
+            ))?,
+            Some(ColumnType::Bigint) if *ty == ColumnType::Double => widen = true,
+            Some(_) => {}
+        }
+    }
+    if widen {
+        rebuild_widened(tx, table)?;
+    }
+    Ok(())
+}
+
+/// Rebuilds a table with its `bigint` columns that `table.after` says are `double`
+/// declared `DOUBLE PRECISION`; existing integers become reals on the copy.
+fn rebuild_widened(tx: &Transaction<'_>, table: &TableLoad) -> rusqlite::Result<()> {
+    // Re-read: columns added just now are part of the table.
+    let live_now = table_columns(tx, &table.table)?;
+    let columns: Vec<(String, ColumnType)> = live_now
+        .iter()
+        .map(|(n, t)| {
+            let live_ty = super::column_type(t);
+            let ty = match (live_ty, table.after.get(n)) {
+                (ColumnType::Bigint, Some(ColumnType::Double)) => ColumnType::Double,
+                _ => live_ty,
+            };
+            (n.clone(), ty)
+        })
+        .collect();
+    let tmp = format!("{}__tributary_widen", table.table);
+    tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&tmp)))?;
+    let has_id = columns.iter().any(|(n, _)| n == "id");
+    let create = if has_id {
+        create_table_sql(&tmp, &columns)
+    } else {
+        format!(
+            "CREATE TABLE {} ({})",
+            quote(&tmp),
+            columns
+                .iter()
+                .map(|(n, t)| format!("{} {}", quote(n), sql_type(*t)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cols = column_list(&columns);
+    tx.execute_batch(&format!(
+        "{create};
+         INSERT INTO {tmp} ({cols}) SELECT {cols} FROM {t};
+         DROP TABLE {t};
+         ALTER TABLE {tmp} RENAME TO {t};",
+        tmp = quote(&tmp),
+        t = quote(&table.table),
+    ))?;
+    Ok(())
+}
