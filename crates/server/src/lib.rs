@@ -12,6 +12,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod destinations_api;
 pub mod error;
 pub mod ingest;
 pub mod ops;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub log: Arc<dyn EventLog>,
     /// The admin API token.
     pub admin_token: String,
+    /// The destination delivery engine (`None` in router tests that do not need it).
+    pub destinations: Option<Arc<tributary_destinations::Engine>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -79,10 +82,9 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// Builds the router for a state (used by [`serve`] and by router tests).
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = admin::routes().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        admin::require_admin,
-    ));
+    let api = admin::routes().merge(destinations_api::routes()).layer(
+        axum::middleware::from_fn_with_state(state.clone(), admin::require_admin),
+    );
     Router::new()
         .route("/v1/webhooks/activecampaign", post(webhook::activecampaign))
         .route(
@@ -133,11 +135,23 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
         )
     };
     ops::install_metrics();
+    let destinations = tributary_destinations::Engine::open(
+        config.data_dir.join("destinations.db"),
+        log.clone(),
+        tributary_destinations::EngineOptions {
+            retry_min_backoff: Duration::from_millis(config.destinations.retry_min_backoff_ms),
+            retry_max_backoff: Duration::from_secs(config.destinations.retry_max_backoff_secs),
+            retry_window: Duration::from_secs(config.destinations.retry_window_secs),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
     Ok(Arc::new(AppState {
         config,
         control,
         log,
         admin_token: token,
+        destinations: Some(Arc::new(destinations)),
     }))
 }
 
@@ -173,6 +187,9 @@ pub async fn serve(
     .context("serving")?;
     tracing::info!("shutting down: flushing state and closing the event log");
     flusher.abort();
+    if let Some(d) = &state.destinations {
+        d.shutdown().await;
+    }
     if let Err(e) = state.control.flush() {
         tracing::warn!(error = ?e, "final flush of control state failed");
     }

@@ -41,6 +41,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::SourcesCmd,
     },
+    /// Manage destinations (webhook, segment, activecampaign).
+    Destinations {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        command: cli::DestinationsCmd,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +78,7 @@ fn main() -> std::process::ExitCode {
                 listen,
             } => serve(config, data_dir, listen).await,
             Command::Sources { conn, command } => cli::sources(conn, command).await,
+            Command::Destinations { conn, command } => cli::destinations(conn, command).await,
         }
     });
     match result {

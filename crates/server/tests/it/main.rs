@@ -67,6 +67,7 @@ fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
             head: watch::channel(0).0,
         }),
         admin_token: "t".into(),
+        destinations: None,
     });
     (router(state), src.write_key.clone(), dir)
 }

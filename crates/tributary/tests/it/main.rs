@@ -4,5 +4,7 @@
 //! Tests that need an outside service (Python, Node, PostgreSQL) print `SKIP …` with
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
+mod activecampaign;
+mod destinations;
 mod harness;
 mod tracking;
