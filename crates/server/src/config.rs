@@ -282,6 +282,18 @@ impl Config {
             .to_string()
     }
 
+    /// The warehouse URL to load into, `None` when loading is off.
+    pub fn warehouse_url(&self) -> Option<String> {
+        match self.warehouse.url.as_deref().map(str::trim) {
+            Some("off") | Some("none") | Some("") => None,
+            Some(u) => Some(u.to_string()),
+            None => Some(format!(
+                "sqlite://{}",
+                self.data_dir.join("warehouse").display()
+            )),
+        }
+    }
+
     /// Event log retention as a duration.
     pub fn log_retention(&self) -> Duration {
         Duration::from_secs(self.log.retention_hours * 3600)

@@ -16,6 +16,7 @@ pub mod destinations_api;
 pub mod error;
 pub mod ingest;
 pub mod ops;
+pub mod warehouse_api;
 pub mod webhook;
 
 use std::future::Future;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub admin_token: String,
     /// The destination delivery engine (`None` in router tests that do not need it).
     pub destinations: Option<Arc<tributary_destinations::Engine>>,
+    /// The warehouse loader and query side (`None` when `TRIBUTARY_WAREHOUSE=off`).
+    pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -82,9 +85,13 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// Builds the router for a state (used by [`serve`] and by router tests).
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = admin::routes().merge(destinations_api::routes()).layer(
-        axum::middleware::from_fn_with_state(state.clone(), admin::require_admin),
-    );
+    let api = admin::routes()
+        .merge(destinations_api::routes())
+        .merge(warehouse_api::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin,
+        ));
     Router::new()
         .route("/v1/webhooks/activecampaign", post(webhook::activecampaign))
         .route(
@@ -146,12 +153,30 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
+    let warehouse = match config.warehouse_url() {
+        None => None,
+        Some(url) => {
+            let catalog = {
+                let control = control.clone();
+                move |id: &str| control.schema_of(id)
+            };
+            let mut wc = tributary_warehouse::WarehouseConfig::new(url);
+            wc.batch_interval = Duration::from_millis(config.warehouse.batch_interval_ms);
+            wc.batch_max = config.warehouse.batch_max;
+            Some(Arc::new(
+                tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
+                    .await
+                    .context("opening the warehouse")?,
+            ))
+        }
+    };
     Ok(Arc::new(AppState {
         config,
         control,
         log,
         admin_token: token,
         destinations: Some(Arc::new(destinations)),
+        warehouse,
     }))
 }
 
@@ -189,6 +214,9 @@ pub async fn serve(
     flusher.abort();
     if let Some(d) = &state.destinations {
         d.shutdown().await;
+    }
+    if let Some(w) = &state.warehouse {
+        w.shutdown().await;
     }
     if let Err(e) = state.control.flush() {
         tracing::warn!(error = ?e, "final flush of control state failed");

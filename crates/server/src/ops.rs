@@ -41,9 +41,17 @@ pub async fn health() -> impl IntoResponse {
 
 /// `GET /ready`: the log can be read; reports its head and size.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let warehouse = state.warehouse.as_ref().map(|w| w.lag());
     match state.log.stats().await {
-        Ok(s) => axum::Json(json!({"status": "ready", "log": {"head": s.head, "records": s.records, "bytes": s.bytes}}))
-            .into_response(),
+        Ok(s) => axum::Json(json!({
+            "status": "ready",
+            "log": {"head": s.head, "records": s.records, "bytes": s.bytes},
+            "warehouse": warehouse.map(|l| json!({
+                "lag_events": l.events, "lag_seconds": l.seconds,
+                "loaded_seq": l.loaded_seq, "retrying": l.retrying,
+            })),
+        }))
+        .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "unavailable", "reason": e.to_string()})),
@@ -60,6 +68,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metrics::gauge!("tributary_log_bytes").set(s.bytes as f64);
     }
     metrics::gauge!("tributary_sources").set(state.control.sources().len() as f64);
+    if let Some(w) = &state.warehouse {
+        let lag = w.lag();
+        metrics::gauge!("tributary_warehouse_lag_events").set(lag.events as f64);
+        metrics::gauge!("tributary_warehouse_lag_seconds").set(lag.seconds);
+        metrics::gauge!("tributary_warehouse_loaded_seq").set(lag.loaded_seq as f64);
+        metrics::gauge!("tributary_warehouse_retrying").set(if lag.retrying { 1.0 } else { 0.0 });
+    }
     let text = PROMETHEUS
         .get()
         .and_then(|h| h.as_ref())

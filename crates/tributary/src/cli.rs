@@ -400,3 +400,118 @@ pub async fn destinations(conn: Conn, cmd: DestinationsCmd) -> anyhow::Result<()
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
+
+/// Output formats of `tributary sql`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SqlFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header row.
+    Csv,
+    /// The API's JSON answer.
+    Json,
+}
+
+fn cell_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Runs `tributary sql "…"` against `POST /api/v1/query`.
+pub async fn sql(conn: Conn, sql: String, format: SqlFormat) -> anyhow::Result<()> {
+    let c = Client::new(&conn)?;
+    let out = c
+        .call(reqwest::Method::POST, "/query", Some(json!({"sql": sql})))
+        .await?;
+    let columns: Vec<String> = out["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            c["name"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| cell_text(c))
+        })
+        .collect();
+    let rows: Vec<Vec<String>> = out["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().into_iter().flatten().map(cell_text).collect())
+        .collect();
+    match if conn.json { SqlFormat::Json } else { format } {
+        SqlFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+        SqlFormat::Csv => {
+            println!(
+                "{}",
+                columns
+                    .iter()
+                    .map(|c| csv_field(c))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            for r in &rows {
+                println!(
+                    "{}",
+                    r.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        SqlFormat::Table => {
+            let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
+            for r in &rows {
+                for (i, c) in r.iter().enumerate() {
+                    if let Some(w) = widths.get_mut(i) {
+                        *w = (*w).max(c.chars().count().min(60));
+                    }
+                }
+            }
+            let line = |cells: &[String]| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| {
+                        let c: String = c.chars().take(60).collect();
+                        format!("{c:<w$}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            println!("{}", line(&columns));
+            println!(
+                "{}",
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("-+-")
+            );
+            for r in &rows {
+                println!("{}", line(r));
+            }
+            let more = if out["truncated"] == true {
+                " (truncated)"
+            } else {
+                ""
+            };
+            println!(
+                "({} row{}){more}",
+                rows.len(),
+                if rows.len() == 1 { "" } else { "s" }
+            );
+        }
+    }
+    Ok(())
+}

@@ -41,6 +41,17 @@ enum Command {
         #[command(subcommand)]
         command: cli::SourcesCmd,
     },
+    /// Run read-only SQL against the warehouse, e.g.
+    /// `tributary sql "select * from activecampaign.email_delivered"`.
+    Sql {
+        #[command(flatten)]
+        conn: cli::Conn,
+        /// The SQL statement.
+        sql: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: cli::SqlFormat,
+    },
     /// Manage destinations (webhook, segment, activecampaign).
     Destinations {
         #[command(flatten)]
@@ -79,6 +90,7 @@ fn main() -> std::process::ExitCode {
             } => serve(config, data_dir, listen).await,
             Command::Sources { conn, command } => cli::sources(conn, command).await,
             Command::Destinations { conn, command } => cli::destinations(conn, command).await,
+            Command::Sql { conn, sql, format } => cli::sql(conn, sql, format).await,
         }
     });
     match result {

@@ -68,6 +68,7 @@ fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
         }),
         admin_token: "t".into(),
         destinations: None,
+        warehouse: None,
     });
     (router(state), src.write_key.clone(), dir)
 }

@@ -8,3 +8,4 @@ mod activecampaign;
 mod destinations;
 mod harness;
 mod tracking;
+mod warehouse;
