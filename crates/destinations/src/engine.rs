@@ -54,6 +54,31 @@ impl Default for EngineOptions {
     }
 }
 
+impl EngineOptions {
+    /// Parses a duration as the server's environment gives it
+    /// (`TRIBUTARY_RETRY_MIN_BACKOFF` and friends): `250ms`, `1s`, `1.5s`, `5m`,
+    /// `4h`, or a bare number of seconds.
+    pub fn parse_duration(value: &str) -> Result<Duration, String> {
+        let v = value.trim();
+        let (num, unit) = match v.find(|c: char| c.is_ascii_alphabetic()) {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, "s"),
+        };
+        let n: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid duration {value:?}"))?;
+        let secs = match unit.trim() {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(format!("invalid duration unit in {value:?} (ms, s, m, h)")),
+        };
+        Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {value:?}"))
+    }
+}
+
 /// Most dead letters one listing returns.
 pub const MAX_DEAD_LETTER_LIMIT: usize = 1000;
 /// Longest accepted name.
@@ -69,6 +94,9 @@ struct Inner {
     log: Arc<dyn EventLog>,
     options: EngineOptions,
     workers: Mutex<HashMap<String, WorkerHandle>>,
+    /// Serializes changes (create, patch, delete, shutdown) so a destination never
+    /// has two workers, without holding `workers` while a worker drains.
+    changes: Mutex<()>,
     closed: AtomicBool,
 }
 
@@ -143,6 +171,7 @@ impl Engine {
                 log,
                 options,
                 workers: Mutex::new(HashMap::new()),
+                changes: Mutex::new(()),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -319,6 +348,7 @@ impl Engine {
         id: &str,
         patch: PatchDestination,
     ) -> Result<DestinationView, DestinationError> {
+        let _changes = self.inner.changes.lock().await;
         self.check_open()?;
         let mut row = self.row(id).await?;
         let mut config = parse_config(&row)?;
@@ -344,27 +374,31 @@ impl Engine {
             row.enabled = enabled;
         }
         row.updated_at_ms = Utc::now().timestamp_millis();
-        let mut workers = self.inner.workers.lock().await;
-        if let Some(old) = workers.remove(id) {
+        let old = self.inner.workers.lock().await.remove(id);
+        if let Some(old) = old {
             old.stop().await;
         }
         self.inner.store.update_destination(row.clone()).await?;
         if row.enabled {
-            workers.insert(row.id.clone(), self.spawn_worker(&row)?);
+            let worker = self.spawn_worker(&row)?;
+            self.inner
+                .workers
+                .lock()
+                .await
+                .insert(row.id.clone(), worker);
         }
-        drop(workers);
         self.view(row).await
     }
 
     /// Deletes a destination, its dead letters and statistics.
     pub async fn delete(&self, id: &str) -> Result<(), DestinationError> {
+        let _changes = self.inner.changes.lock().await;
         self.check_open()?;
-        let mut workers = self.inner.workers.lock().await;
         self.row(id).await?;
-        if let Some(old) = workers.remove(id) {
+        let old = self.inner.workers.lock().await.remove(id);
+        if let Some(old) = old {
             old.stop().await;
         }
-        drop(workers);
         if !self.inner.store.delete_destination(id).await? {
             return Err(DestinationError::NotFound);
         }
@@ -455,16 +489,13 @@ impl Engine {
             after = last.seq;
             for r in page {
                 let seq = r.seq;
-                if let Some(item) = Item::from_record(r, false) {
-                    let rec = &item.record;
-                    if selector.accepts(
-                        &rec.source_id,
-                        &rec.call_type,
-                        rec.event.as_deref(),
-                        &item.value,
-                    ) {
-                        seqs.push_back(seq);
-                    }
+                if !selector.accepts_record(&r.source_id, &r.call_type, r.event.as_deref()) {
+                    continue;
+                }
+                if let Some(item) = Item::from_record(r, false)
+                    && selector.accepts_payload(&item.value)
+                {
+                    seqs.push_back(seq);
                 }
             }
         }
@@ -474,6 +505,7 @@ impl Engine {
     /// Stops every worker gracefully (requests on the wire finish, cursors are
     /// committed). Later calls that change state answer `Closed`.
     pub async fn shutdown(&self) {
+        let _changes = self.inner.changes.lock().await;
         self.inner.closed.store(true, Ordering::Release);
         let workers: Vec<WorkerHandle> = {
             let mut map = self.inner.workers.lock().await;
@@ -486,5 +518,31 @@ impl Engine {
         for s in stops {
             let _ = s.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        let p = EngineOptions::parse_duration;
+        assert_eq!(p("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(p("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(p("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(p("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(p("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert!(p("-1s").is_err());
+        assert!(p("fast").is_err());
+        assert!(p("3d").is_err());
+    }
+
+    #[test]
+    fn defaults_match_segment() {
+        let o = EngineOptions::default();
+        assert_eq!(o.retry_min_backoff, Duration::from_secs(1));
+        assert_eq!(o.retry_max_backoff, Duration::from_secs(300));
+        assert_eq!(o.retry_window, Duration::from_secs(4 * 3600));
     }
 }

@@ -466,17 +466,18 @@ impl Worker {
             return;
         }
         let maybe_dup = self.recovery.maybe.remove(&seq);
+        if !self
+            .shared
+            .selector
+            .accepts_record(&r.source_id, &r.call_type, r.event.as_deref())
+        {
+            return;
+        }
         let Some(mut item) = Item::from_record(r, true) else {
             tracing::warn!(destination = %self.shared.id, seq, "log record is not JSON; skipped");
             return;
         };
-        let rec = &item.record;
-        if !self.shared.selector.accepts(
-            &rec.source_id,
-            &rec.call_type,
-            rec.event.as_deref(),
-            &item.value,
-        ) {
+        if !self.shared.selector.accepts_payload(&item.value) {
             return;
         }
         item.maybe_dup = maybe_dup;

@@ -424,14 +424,14 @@ fn tag_names(v: Option<&Value>) -> Vec<String> {
 /// `(list id, status)` pairs from `lists: [{id, status}]`; status 1 subscribes
 /// (`active`), 2 unsubscribes (`unsubscribed`). Entries with another status are
 /// ignored.
-fn lists(v: Option<&Value>) -> Vec<(String, u8)> {
+fn lists(v: Option<&Value>) -> Vec<(Value, u8)> {
     let Some(Value::Array(items)) = v else {
         return Vec::new();
     };
     items
         .iter()
         .filter_map(|l| {
-            let id = id_string(l.get("id")?)?;
+            let id = l.get("id").filter(|id| id_string(id).is_some())?.clone();
             let status = match l
                 .get("status")
                 .map(|s| scalar_string(s).unwrap_or_default())
@@ -605,7 +605,7 @@ mod tests {
                 {"id": 3, "status": "weird"},
                 {"id": 4}
             ]))),
-            vec![("1".into(), 1), ("7".into(), 2), ("4".into(), 1)]
+            vec![(json!(1), 1), (json!("7"), 2), (json!(4), 1)]
         );
     }
 }
