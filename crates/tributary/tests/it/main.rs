@@ -5,7 +5,9 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod crash;
 mod destinations;
 mod harness;
+mod sdk;
 mod tracking;
 mod warehouse;

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Installs the outside clients that the end-to-end tests drive (crates/tributary/tests/it/sdk.rs):
+# the official Segment SDKs for Python and Node, from PyPI and npm, pinned.
+#
+#   Python venv:  $HOME/.cache/tributary-venv   (tests: TRIBUTARY_TEST_PYTHON)
+#   Node modules: $HOME/.cache/tributary-node    (tests: TRIBUTARY_TEST_NODE_MODULES)
+#
+# Idempotent: a step whose pinned package is already installed is skipped, so running it
+# before every CI run costs a second. Needs python3 (with venv) and node >= 20 with npm.
+set -euo pipefail
+
+PY_SDK_VERSION="2.4.0" # segment-analytics-python
+NODE_SDK_VERSION="3.1.0" # @segment/analytics-node
+
+VENV="${TRIBUTARY_VENV:-$HOME/.cache/tributary-venv}"
+NODE_PREFIX="${TRIBUTARY_NODE_PREFIX:-$HOME/.cache/tributary-node}"
+
+log() { printf 'install-test-deps: %s\n' "$*" >&2; }
+
+# --- Python: segment-analytics-python in a venv -------------------------------------------
+python_sdk_ok() {
+    [ -x "$VENV/bin/python" ] &&
+        "$VENV/bin/python" - "$PY_SDK_VERSION" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+import segment.analytics  # noqa: F401
+sys.exit(0 if version("segment-analytics-python") == sys.argv[1] else 1)
+EOF
+}
+
+if python_sdk_ok; then
+    log "segment-analytics-python $PY_SDK_VERSION already in $VENV"
+else
+    PYTHON="${PYTHON:-$(command -v python3 || true)}"
+    if [ -z "$PYTHON" ]; then
+        log "python3 not found"
+        exit 1
+    fi
+    if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+        log "python3 lacks venv/ensurepip; installing python3-venv"
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        PYTHON=/usr/bin/python3
+    fi
+    mkdir -p "$(dirname "$VENV")"
+    # A venv whose interpreter no longer runs (its base Python went away) is rebuilt.
+    "$VENV/bin/python" -c 'import sys' 2>/dev/null || {
+        rm -rf "$VENV"
+        "$PYTHON" -m venv "$VENV"
+    }
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "segment-analytics-python==$PY_SDK_VERSION"
+    python_sdk_ok || {
+        log "segment-analytics-python did not install into $VENV"
+        exit 1
+    }
+    log "installed segment-analytics-python $PY_SDK_VERSION into $VENV"
+fi
+
+# --- Node: @segment/analytics-node under an npm prefix -------------------------------------
+node_sdk_ok() {
+    local pkg="$NODE_PREFIX/node_modules/@segment/analytics-node/package.json"
+    [ -f "$pkg" ] &&
+        node -e 'process.exit(require(process.argv[1]).version === process.argv[2] ? 0 : 1)' \
+            "$pkg" "$NODE_SDK_VERSION" 2>/dev/null
+}
+
+if node_sdk_ok; then
+    log "@segment/analytics-node $NODE_SDK_VERSION already in $NODE_PREFIX"
+else
+    if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+        log "node/npm not found; installing Debian's nodejs and npm"
+        apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    mkdir -p "$NODE_PREFIX"
+    # A package.json of our own, so npm installs here and not into a parent project.
+    [ -f "$NODE_PREFIX/package.json" ] ||
+        printf '{"name":"tributary-test-clients","private":true}\n' >"$NODE_PREFIX/package.json"
+    npm install --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error \
+        "@segment/analytics-node@$NODE_SDK_VERSION"
+    node_sdk_ok || {
+        log "@segment/analytics-node did not install into $NODE_PREFIX"
+        exit 1
+    }
+    log "installed @segment/analytics-node $NODE_SDK_VERSION into $NODE_PREFIX"
+fi
