@@ -110,6 +110,12 @@ pub fn widens(column: ColumnType, value: ColumnType) -> Option<ColumnType> {
 /// Casts `value` into a column of type `ty`. `Err` carries the discard reason.
 pub fn cast(value: &Value, ty: ColumnType) -> Result<Cell, String> {
     let fail = || Err(format!("cannot cast {} to {}", kind(value), ty));
+    // PostgreSQL text cannot hold NUL; refuse it on every backend alike.
+    if let Value::String(s) = value
+        && s.contains('\0')
+    {
+        return Err("text contains a NUL character".into());
+    }
     match (ty, value) {
         (_, Value::Null) => Ok(Cell::Null),
         (ColumnType::Text, Value::String(s)) => Ok(Cell::Text(s.clone())),
@@ -403,6 +409,16 @@ mod tests {
                     assert_eq!(widens(c, v), None, "{c} meets {v}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn refuses_text_with_nul_characters() {
+        for ty in [ColumnType::Text, ColumnType::Bigint, ColumnType::Timestamp] {
+            assert_eq!(
+                cast(&json!("a\u{0}b"), ty),
+                Err("text contains a NUL character".into())
+            );
         }
     }
 

@@ -138,12 +138,14 @@ pub(super) async fn apply(
             let rows: Vec<Vec<Cell>> = discards
                 .into_iter()
                 .map(|d| {
+                    // PostgreSQL text cannot hold NUL (a discarded value may).
+                    let text = |s: String| Cell::Text(s.replace('\0', "\u{FFFD}"));
                     vec![
-                        Cell::Text(d.table),
-                        Cell::Text(d.column),
-                        Cell::Text(d.value),
-                        Cell::Text(d.reason),
-                        Cell::Text(d.row_id),
+                        text(d.table),
+                        text(d.column),
+                        text(d.value),
+                        text(d.reason),
+                        text(d.row_id),
                         d.received_at.map_or(Cell::Null, Cell::Timestamp),
                         loaded_at.clone(),
                     ]

@@ -311,16 +311,19 @@ fn text_value(text: Option<&str>, ty: &Type) -> Value {
         Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => {
             s.parse::<i64>().map_or_else(|_| string(), Value::from)
         }
-        Type::FLOAT4 | Type::FLOAT8 | Type::NUMERIC => {
-            if let Ok(i) = s.parse::<i64>() {
-                Value::from(i)
-            } else {
-                s.parse::<f64>()
-                    .ok()
-                    .and_then(serde_json::Number::from_f64)
-                    .map_or_else(string, Value::Number)
-            }
-        }
+        Type::FLOAT4 | Type::FLOAT8 => s
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(string, Value::Number),
+        Type::NUMERIC => match s.parse::<i64>() {
+            Ok(i) => Value::from(i),
+            Err(_) => s
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or_else(string, Value::Number),
+        },
         Type::JSON | Type::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
         Type::TIMESTAMPTZ => DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z")
             .map(|t| Value::String(format_timestamp(&t.with_timezone(&Utc))))
@@ -344,7 +347,8 @@ mod tests {
         assert_eq!(text_value(Some("f"), &Type::BOOL), json!(false));
         assert_eq!(text_value(Some("42"), &Type::INT8), json!(42));
         assert_eq!(text_value(Some("2.5"), &Type::FLOAT8), json!(2.5));
-        assert_eq!(text_value(Some("3"), &Type::FLOAT8), json!(3));
+        assert_eq!(text_value(Some("3"), &Type::FLOAT8), json!(3.0));
+        assert_eq!(text_value(Some("7"), &Type::NUMERIC), json!(7));
         assert_eq!(text_value(Some("NaN"), &Type::FLOAT8), json!("NaN"));
         assert_eq!(text_value(Some("12.50"), &Type::NUMERIC), json!(12.5));
         assert_eq!(text_value(Some("{\"a\":1}"), &Type::JSONB), json!({"a": 1}));

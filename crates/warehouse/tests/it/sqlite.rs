@@ -1,0 +1,155 @@
+//! The scenarios on the embedded SQLite warehouse, plus what is specific to its files.
+
+use serde_json::json;
+use tributary_warehouse::WarehouseError;
+
+use crate::scenarios;
+use crate::support::{Harness, track};
+
+#[tokio::test]
+async fn sqlite_seed_query_returns_email_events() {
+    scenarios::seed_query_returns_email_events(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_loads_identifies_users_pages_screens_groups_aliases() {
+    scenarios::loads_identifies_users_pages_screens_groups_aliases(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_widens_and_discards() {
+    scenarios::widens_and_discards(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_hostile_names_are_loaded_under_safe_identifiers() {
+    scenarios::hostile_names_are_loaded_under_safe_identifiers(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_restart_loads_nothing_twice() {
+    scenarios::restart_loads_nothing_twice(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_queries_are_read_only() {
+    scenarios::queries_are_read_only(&Harness::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_refused_record_does_not_stop_the_loader() {
+    scenarios::a_refused_record_does_not_stop_the_loader(&Harness::sqlite().await).await;
+}
+
+/// One file per schema, readable by any SQLite client while the loader runs, with the
+/// rows and the loader position inside.
+#[tokio::test]
+async fn sqlite_schema_files_open_in_outside_tools_while_loading() {
+    let h = Harness::sqlite().await;
+    h.source("ac", "activecampaign");
+    let wh = h.open().await;
+    let last = h
+        .append(
+            "ac",
+            vec![track(
+                "f-1",
+                "Email Delivered",
+                json!({"email_subject": "Hi"}),
+            )],
+        )
+        .await;
+    h.wait_loaded(&wh, last).await;
+
+    let dir = h.dir.path().join("warehouse");
+    let file = dir.join("activecampaign.sqlite");
+    assert!(file.exists());
+    assert!(dir.join("tributary-state.sqlite").exists());
+    let outside =
+        rusqlite::Connection::open_with_flags(&file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open schema file");
+    let subject: String = outside
+        .query_row("SELECT email_subject FROM email_delivered", [], |r| {
+            r.get(0)
+        })
+        .expect("row");
+    assert_eq!(subject, "Hi");
+    let mode: String = outside
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+    let position: i64 = outside
+        .query_row("SELECT seq FROM tributary_state", [], |r| r.get(0))
+        .expect("position");
+    assert_eq!(position as u64, last);
+
+    // The loader keeps writing while the outside reader holds its connection.
+    let last = h
+        .append(
+            "ac",
+            vec![track(
+                "f-2",
+                "Email Delivered",
+                json!({"email_subject": "Again"}),
+            )],
+        )
+        .await;
+    h.wait_loaded(&wh, last).await;
+    let n: i64 = outside
+        .query_row("SELECT count(*) FROM email_delivered", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 2);
+    wh.shutdown().await;
+}
+
+/// `VACUUM INTO` would write a file even on a read-only connection: refused.
+#[tokio::test]
+async fn sqlite_query_cannot_write_files() {
+    let h = Harness::sqlite().await;
+    h.source("s", "site");
+    let wh = h.open().await;
+    let last = h.append("s", vec![track("v-1", "Viewed", json!({}))]).await;
+    h.wait_loaded(&wh, last).await;
+    let target = h.dir.path().join("copy.sqlite");
+    let sql = format!("VACUUM site INTO '{}'", target.display());
+    match wh.query(&sql).await {
+        Err(WarehouseError::BadQuery(_)) => {}
+        other => panic!("VACUUM INTO should be refused, got {other:?}"),
+    }
+    assert!(!target.exists());
+    let sql = format!(
+        "ATTACH DATABASE '{}' AS other",
+        h.dir.path().join("new.sqlite").display()
+    );
+    let _ = wh.query(&sql).await;
+    assert!(!h.dir.path().join("new.sqlite").exists());
+    wh.shutdown().await;
+}
+
+/// More schemas than SQLite can attach at once: a query attaches the ones it names.
+#[tokio::test]
+async fn sqlite_queries_work_with_many_schemas() {
+    let h = Harness::sqlite().await;
+    let mut last = 0;
+    let wh = h.open().await;
+    for i in 0..12 {
+        let source = format!("src{i}");
+        h.source(&source, &format!("schema{i}"));
+        last = h
+            .append(
+                &source,
+                vec![track(&format!("m-{i}"), "Viewed", json!({"i": i}))],
+            )
+            .await;
+    }
+    h.wait_loaded(&wh, last).await;
+    let rows = h
+        .rows(
+            &wh,
+            "select a.i, b.i from schema0.viewed a, schema11.viewed b",
+        )
+        .await;
+    assert_eq!(rows, vec![vec![json!(0), json!(11)]]);
+    let status = wh.status().await.expect("status");
+    assert_eq!(status.schemas.len(), 12);
+    wh.shutdown().await;
+}
