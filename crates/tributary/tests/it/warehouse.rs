@@ -229,3 +229,167 @@ async fn seed_query_on_postgresql() {
     let (_, w) = s.admin(Method::GET, "/warehouse", None).await;
     assert_eq!(w["kind"], "postgres");
 }
+
+/// Sends batches of unique messages from several tasks until `stop`, recording the
+/// messageIds that got a 200.
+async fn continuous_load(
+    url: String,
+    key: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (url, key, stop) = (url.clone(), key.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = crate::harness::client();
+            let mut acked = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let ids: Vec<String> = (0..25).map(|i| format!("x-{t}-{n}-{i}")).collect();
+                n += 1;
+                let batch: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({"type":"track","userId":"u","event":"Order Completed","messageId":id,"properties":{"total":n}}))
+                    .collect();
+                let r = client
+                    .post(format!("{url}/v1/batch"))
+                    .basic_auth(&key, Some(""))
+                    .json(&json!({"batch": batch}))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => acked.extend(ids),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+async fn caught_up(s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = crate::harness::client()
+            .get(format!("{}/ready", s.url))
+            .send()
+            .await;
+        if let Ok(r) = r
+            && let Ok(v) = r.json::<Value>().await
+            && v["warehouse"]["lag_events"] == 0
+            && v["log"]["head"].as_u64().unwrap_or(0) > 0
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "warehouse never caught up\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn assert_exactly_once(s: &Server, acked: &[String]) {
+    for table in ["tracks", "order_completed"] {
+        let (_, v) = query(
+            s,
+            &format!("select count(*), count(distinct id) from shop.{table}"),
+        )
+        .await;
+        assert_eq!(
+            v["rows"][0][0], v["rows"][0][1],
+            "{table}: duplicate rows: {v}"
+        );
+        let mut ids = std::collections::HashSet::new();
+        loop {
+            let sql = format!(
+                "select id from shop.{table} order by id limit 5000 offset {}",
+                ids.len()
+            );
+            let (st, v) = query(s, &sql).await;
+            assert_eq!(st, 200, "{v}");
+            let page = v["rows"].as_array().unwrap();
+            if page.is_empty() {
+                break;
+            }
+            ids.extend(page.iter().map(|r| r[0].as_str().unwrap().to_string()));
+        }
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|id| !ids.contains(*id))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{table}: acknowledged but not loaded: {missing:?}"
+        );
+    }
+}
+
+async fn kill_during_load(extra_env: Vec<(String, String)>, mid_load: impl FnOnce()) {
+    let mut env = vec![(
+        "TRIBUTARY_WAREHOUSE_INTERVAL_MS".to_string(),
+        "100".to_string(),
+    )];
+    env.extend(extra_env);
+    let mut s = Server::start_with(env);
+    let (key, _) = key_id(&s.create_source("http", "Shop", "shop").await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(continuous_load(s.url.clone(), key.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    mid_load();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(
+        acked.len() >= 100,
+        "too little load to prove anything: {}",
+        acked.len()
+    );
+    s.restart();
+    caught_up(&s).await;
+    assert_exactly_once(&s, &acked).await;
+}
+
+#[tokio::test]
+async fn sigkill_during_continuous_load_loads_every_acknowledged_event_exactly_once() {
+    kill_during_load(Vec::new(), || {}).await;
+}
+
+#[tokio::test]
+async fn postgresql_connections_dropped_and_sigkill_mid_load_still_load_exactly_once() {
+    let test = "postgresql_connections_dropped_and_sigkill_mid_load_still_load_exactly_once";
+    let Some(url) = fresh_postgres_db(test) else {
+        return;
+    };
+    let db = url.rsplit('/').next().unwrap().to_string();
+    // What a PostgreSQL restart looks like to the loader: every connection to its
+    // database is terminated mid-load (without stopping the shared server that other
+    // tests use).
+    let drop_connections = move || {
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    kill_during_load(vec![("TRIBUTARY_WAREHOUSE".into(), url)], drop_connections).await;
+}
