@@ -560,6 +560,20 @@ impl Store {
         .await
     }
 
+    /// Makes every dead letter of `dest` eligible for replay again (a starting
+    /// worker has no queued replays, so none of them is being replayed).
+    pub(crate) async fn reset_replaying(&self, dest: &str) -> Result<(), DestinationError> {
+        let dest = dest.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE dead_letters SET replaying = 0 WHERE dest_id = ?1 AND replaying = 1",
+                params![dest],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// The records of these dead letters, with their ids.
     pub(crate) async fn dead_letter_records(
         &self,

@@ -425,6 +425,9 @@ impl Worker {
                 }
             }
         }
+        if let Err(e) = self.shared.store.reset_replaying(&self.shared.id).await {
+            tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot reset replay flags");
+        }
         match self
             .shared
             .store
@@ -461,6 +464,12 @@ impl Worker {
     /// filters refuse, queues the rest.
     fn accept_live(&mut self, r: Record) {
         let seq = r.seq;
+        if seq > self.read_pos + 1 {
+            // Sequence numbers are dense; a hole means retention removed events this
+            // destination had not read yet.
+            tracing::warn!(destination = %self.shared.id, from = self.read_pos + 1, to = seq - 1,
+                "events left the log before this destination read them");
+        }
         self.read_pos = self.read_pos.max(seq);
         if self.recovery.done.remove(&seq) {
             return;

@@ -576,3 +576,62 @@ async fn admin_operations_validate_and_pause() {
     ));
     h.engine.shutdown().await;
 }
+
+/// Prints delivery throughput to a batched local receiver (a measurement, not an
+/// assertion: run with `--ignored --nocapture`, ideally in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "throughput measurement; run explicitly"]
+async fn throughput_to_batched_webhook() {
+    let h = Harness::new().await;
+    let rx = Receiver::ok().await;
+    let dest = h
+        .create(
+            "webhook",
+            "bench",
+            json!({"url": rx.url("/"), "batch_size": 500}),
+        )
+        .await;
+    let n = 50_000;
+    // Appends first, with the destination paused, so only delivery is timed.
+    h.engine
+        .patch(
+            &dest.id,
+            PatchDestination {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        h.append(
+            chunk
+                .iter()
+                .map(|i| track(&format!("u{}", i % 1000), *i))
+                .collect(),
+        )
+        .await;
+    }
+    let start = std::time::Instant::now();
+    h.engine
+        .patch(
+            &dest.id,
+            PatchDestination {
+                enabled: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    h.wait_idle(&dest.id).await;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(
+        h.engine.get(&dest.id).await.unwrap().stats.delivered,
+        n as u64
+    );
+    eprintln!(
+        "delivered {n} events in {secs:.2}s: {:.0} events/s",
+        n as f64 / secs
+    );
+    h.engine.shutdown().await;
+}

@@ -56,6 +56,16 @@ async fn restart_resumes_from_the_cursor_without_loss_or_duplicates() {
     engine.shutdown().await;
 }
 
+/// Kills the helper process if the test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 const CHILD_ENV: &str = "TRIBUTARY_DESTINATIONS_IT_CHILD_DIR";
 
 /// Run by `sigkill_during_delivery_only_resends_in_flight_events` as a separate
@@ -112,7 +122,7 @@ async fn sigkill_during_delivery_only_resends_in_flight_events() {
         dest.id
     };
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "restart::crash_child",
@@ -124,12 +134,13 @@ async fn sigkill_during_delivery_only_resends_in_flight_events() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     wait_for(Duration::from_secs(30), "child delivering", || async {
         rx.accepted().len() >= 100
     })
     .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     let before_restart = rx.accepted().len();
     assert!(before_restart < 400, "killed mid-delivery");
 
