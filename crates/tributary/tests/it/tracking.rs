@@ -570,3 +570,69 @@ async fn context_ip_comes_from_x_forwarded_for_only_behind_a_trusted_proxy() {
         assert_eq!(s.events(&id, 1).await[0]["context"]["ip"], "198.51.100.1");
     }
 }
+
+#[tokio::test]
+async fn first_start_generates_a_private_admin_token_and_prints_it_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::harness::free_port();
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env_remove("TRIBUTARY_ADMIN_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_file = || {
+        let p = dir.path().join("admin-token");
+        for _ in 0..200 {
+            if let Ok(t) = std::fs::read_to_string(&p)
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_string();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("admin-token never written");
+    };
+    let stop_and_stderr = |mut c: std::process::Child| {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        c.kill().unwrap();
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let first = start();
+    let token = wait_file();
+    let mode = std::fs::metadata(dir.path().join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(token.len() >= 40, "{token}");
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/sources"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let err = stop_and_stderr(first);
+    assert!(
+        err.contains(&token),
+        "the token is printed on first start: {err}"
+    );
+    let second = start();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(wait_file(), token, "the token is kept across restarts");
+    let err = stop_and_stderr(second);
+    assert!(!err.contains(&token), "printed only once: {err}");
+}
