@@ -9,7 +9,9 @@
 //! - `track` → form POST to `track_url` with `actid`, `key`, `event` (cut to 32
 //!   characters), `eventdata` (`properties.acValue`) and `visit={"email":…}`.
 //! - Other calls, and identify/track calls without an email, are skipped (counted,
-//!   never dead-lettered): ActiveCampaign keys contacts on email.
+//!   never dead-lettered): ActiveCampaign keys contacts on email. `page` is skipped
+//!   too: ActiveCampaign documents no server-side page-view call (site tracking is
+//!   its browser script), so there is nothing faithful to send.
 //!
 //! Every API call carries `Api-Token` and waits for the account's shared rate
 //! limiter (5 requests/s by default). Custom fields and tag ids are cached (fields
