@@ -55,6 +55,34 @@ pub fn flatten(object: &Map<String, Value>, prefix: &str) -> Vec<(String, Value)
     out
 }
 
+/// [`flatten`] for an object the caller owns: leaves are moved, not cloned. Same
+/// output as `flatten(&object, prefix)`.
+pub fn flatten_owned(object: Map<String, Value>, prefix: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::with_capacity(object.len());
+    let mut stack: Vec<(String, serde_json::map::IntoIter)> =
+        vec![(prefix.to_string(), object.into_iter())];
+    while let Some((path, iter)) = stack.last_mut() {
+        let Some((key, value)) = iter.next() else {
+            stack.pop();
+            continue;
+        };
+        let joined = join(path, &key);
+        match value {
+            Value::Object(child) => {
+                if !child.is_empty() {
+                    stack.push((joined, child.into_iter()));
+                }
+            }
+            Value::Array(_) => {
+                let text = array_text(&value);
+                out.push((joined, Value::String(text)));
+            }
+            scalar => out.push((joined, scalar)),
+        }
+    }
+    out
+}
+
 /// The text an array is stored as: compact JSON (`["507f1","505bd"]`).
 ///
 /// Segment's docs show `[507f1, 505bd]`, which is not JSON and cannot be parsed back;
@@ -168,6 +196,19 @@ mod tests {
             flat(json!({"product_id": {"sku": "A-1"}}), ""),
             pairs(&[("product_id_sku", json!("A-1"))])
         );
+    }
+
+    #[test]
+    fn owned_and_borrowed_flattening_agree() {
+        let v = json!({"a": {"b": [1, {"c": 2}], "d": {"e": null, "f": {}}}, "g": "h",
+                       "context": {"x": 1}, "i": {"j": {"k": true}}});
+        let object = v.as_object().expect("object").clone();
+        for prefix in ["", "context"] {
+            assert_eq!(
+                flatten_owned(object.clone(), prefix),
+                flatten(&object, prefix)
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::plan::{Planned, TableKind};
-use crate::types::{Cell, ColumnType, cast, infer, value_text, widens};
+use crate::types::{Cell, ColumnType, cast_owned, infer, value_text, widens};
 
 /// Most columns a table gets (PostgreSQL allows 1600; SQLite 2000).
 pub const MAX_COLUMNS: usize = 1000;
@@ -65,10 +65,9 @@ impl TableSchema {
         }
     }
 
-    fn set_type(&mut self, name: &str, ty: ColumnType) {
-        if let Some(&i) = self.index.get(name) {
-            self.columns[i].1 = ty;
-        }
+    /// Position of a column.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
     }
 
     /// The columns in order.
@@ -240,93 +239,107 @@ fn type_table(
     kind: TableKind,
     rows: Vec<Planned>,
 ) -> TableLoad {
-    let fixed: HashSet<&str> = kind.fixed_columns().iter().map(|(n, _)| *n).collect();
+    let fixed = kind.fixed_columns();
     let mut after = existing
         .cloned()
         .unwrap_or_else(|| TableSchema::for_kind(kind));
     // A table created by hand or by an older release may lack a fixed column.
-    for (name, ty) in kind.fixed_columns() {
+    for (name, ty) in fixed {
         after.push(name.to_string(), *ty);
     }
-    let mut used: HashSet<String> = HashSet::new();
-    let mut over_cap: HashSet<String> = HashSet::new();
 
+    // Pass 1, in row order: resolve every value's column (creating columns and
+    // widening as values come), remembering the index so pass 2 needs no lookups.
+    const OVER_CAP: usize = usize::MAX;
+    let mut used: Vec<bool> = vec![false; after.len()];
+    let mut slots: Vec<Vec<usize>> = Vec::with_capacity(rows.len());
     for p in &rows {
+        let mut row_slots = Vec::with_capacity(p.row.values.len());
         for (col, value) in &p.row.values {
-            if after.get(col).is_some() {
-                used.insert(col.clone());
-            }
-            let Some(ty) = infer(value) else { continue };
-            match after.get(col) {
-                Some(current) => {
-                    if let Some(wider) = widens(current, ty)
-                        && !fixed.contains(col.as_str())
+            let slot = match after.index_of(col) {
+                Some(i) => {
+                    // Only a bigint column can widen, and only for a fractional number:
+                    // skip inference (timestamp parsing) for everything else.
+                    if after.columns[i].1 == ColumnType::Bigint
+                        && matches!(value, Value::Number(_))
+                        && let Some(ty) = infer(value)
+                        && let Some(wider) = widens(ColumnType::Bigint, ty)
+                        && !fixed.iter().any(|(f, _)| f == col)
                     {
-                        after.set_type(col, wider);
+                        after.columns[i].1 = wider;
                     }
+                    i
                 }
-                None if after.len() < MAX_COLUMNS => {
-                    after.push(col.clone(), ty);
-                    used.insert(col.clone());
-                }
-                None => {
-                    over_cap.insert(col.clone());
-                }
+                None => match infer(value) {
+                    None => OVER_CAP, // a null never creates a column
+                    Some(_) if after.len() >= MAX_COLUMNS => OVER_CAP,
+                    Some(ty) => {
+                        after.push(col.clone(), ty);
+                        used.push(false);
+                        after.len() - 1
+                    }
+                },
+            };
+            if slot != OVER_CAP {
+                used[slot] = true;
             }
+            row_slots.push(slot);
+        }
+        slots.push(row_slots);
+    }
+
+    // The written columns: those some row has a value (maybe null) for.
+    let mut position: Vec<usize> = vec![OVER_CAP; after.len()];
+    let mut columns: Vec<(String, ColumnType)> = Vec::new();
+    for (i, col) in after.columns().iter().enumerate() {
+        if used[i] {
+            position[i] = columns.len();
+            columns.push(col.clone());
         }
     }
 
-    let columns: Vec<(String, ColumnType)> = after
-        .columns()
-        .iter()
-        .filter(|(name, _)| used.contains(name))
-        .cloned()
-        .collect();
-    let position: HashMap<&str, usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _))| (n.as_str(), i))
-        .collect();
-
+    // Pass 2: cast every value to its column's final type.
     let typed_rows = rows
         .into_iter()
-        .map(|p| {
+        .zip(slots)
+        .map(|(p, row_slots)| {
             let row = p.row;
             let mut cells = vec![Cell::Null; columns.len()];
             let mut discards = Vec::new();
-            let discard = |column: String, value: String, reason: String| Discard {
-                table: table.clone(),
-                column,
-                value,
-                reason,
-                row_id: row.key.clone(),
-                received_at: row.received_at,
+            let mut discard = |column: String, value: String, reason: String| {
+                discards.push(Discard {
+                    table: table.clone(),
+                    column,
+                    value,
+                    reason,
+                    row_id: row.key.clone(),
+                    received_at: row.received_at,
+                })
             };
-            for (col, value) in &row.values {
-                match position.get(col.as_str()) {
-                    Some(&i) => match cast(value, columns[i].1) {
-                        Ok(cell) => cells[i] = cell,
-                        Err(reason) => {
-                            discards.push(discard(col.clone(), value_text(value), reason))
-                        }
-                    },
-                    None if over_cap.contains(col) && !matches!(value, Value::Null) => {
-                        discards.push(discard(
-                            col.clone(),
-                            value_text(value),
+            for ((col, value), slot) in row.values.into_iter().zip(row_slots) {
+                if slot == OVER_CAP {
+                    if !value.is_null() {
+                        discard(
+                            col,
+                            value_text(&value),
                             format!("table has reached the limit of {MAX_COLUMNS} columns"),
-                        ));
+                        );
                     }
-                    None => {}
+                    continue;
+                }
+                let pos = position[slot];
+                match cast_owned(value, columns[pos].1) {
+                    Ok(cell) => cells[pos] = cell,
+                    Err((reason, value)) => discard(col, value_text(&value), reason),
                 }
             }
-            for (col, value, reason) in &row.dropped {
-                discards.push(discard(col.clone(), value.clone(), reason.clone()));
+            for (col, value, reason) in row.dropped {
+                discard(col, value, reason);
             }
             LoadRow {
                 seq: row.seq,
-                message_id: row.message_id.clone(),
-                key: row.key.clone(),
+                message_id: row.message_id,
+                key: row.key,
                 cells,
                 discards,
             }

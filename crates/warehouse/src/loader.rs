@@ -17,6 +17,7 @@
 //! pipeline. Shutdown never interrupts a commit; it only cuts a backoff short.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use tributary_eventlog::{EventLog, Record};
 use crate::backend::{Backend, CONSUMER, LoadError};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, prepare};
 use crate::naming::validate_schema_name;
-use crate::plan::{Skip, plan_record};
+use crate::plan::{Skip, plan_record_at};
 use crate::{Lag, SchemaCatalog, WarehouseConfig};
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
@@ -260,20 +261,21 @@ impl Loader {
     /// Loads `records` (in order). Returns false when shutdown interrupted it before
     /// everything was committed.
     async fn load(&mut self, records: Vec<Record>, stop: &mut watch::Receiver<bool>) -> bool {
-        let mut chunks: VecDeque<Vec<Record>> = VecDeque::from([records]);
+        let records = Arc::new(records);
+        let mut chunks: VecDeque<Range<usize>> = VecDeque::new();
+        chunks.push_back(0..records.len());
         while let Some(chunk) = chunks.pop_front() {
-            match self.load_chunk(&chunk, stop).await {
+            match self.load_chunk(&records, chunk.clone(), stop).await {
                 Ok(()) => {}
                 Err(ChunkError::Stopped) => return false,
                 Err(ChunkError::Permanent(e)) if chunk.len() > 1 => {
                     tracing::warn!(error = %e, records = chunk.len(), "warehouse refused a batch; isolating the record");
-                    let mut left = chunk;
-                    let right = left.split_off(left.len() / 2);
-                    chunks.push_front(right);
-                    chunks.push_front(left);
+                    let mid = chunk.start + chunk.len() / 2;
+                    chunks.push_front(mid..chunk.end);
+                    chunks.push_front(chunk.start..mid);
                 }
                 Err(ChunkError::Permanent(e)) => {
-                    if !self.reject(&chunk[0], &e, stop).await {
+                    if !self.reject(&records[chunk.start], &e, stop).await {
                         return false;
                     }
                 }
@@ -285,13 +287,14 @@ impl Loader {
     /// Loads one chunk, retrying transient failures.
     async fn load_chunk(
         &mut self,
-        records: &[Record],
+        records: &Arc<Vec<Record>>,
+        chunk: Range<usize>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), ChunkError> {
         let mut attempt = 0u32;
         let mut permanent = 0u32;
         loop {
-            let result = match self.build(records).await {
+            let result = match self.build(records.clone(), chunk.clone()).await {
                 Ok(batch) => self.commit(batch).await,
                 Err(e) => Err(e),
             };
@@ -321,45 +324,51 @@ impl Loader {
         }
     }
 
-    /// Plans and types a chunk of records.
-    async fn build(&mut self, records: &[Record]) -> Result<LoadBatch, LoadError> {
+    /// Plans and types a chunk of records. The CPU work (JSON parsing, naming, typing)
+    /// runs on a blocking thread, never on the async runtime.
+    async fn build(
+        &mut self,
+        records: Arc<Vec<Record>>,
+        chunk: Range<usize>,
+    ) -> Result<LoadBatch, LoadError> {
         let now = Utc::now();
-        let last_seq = records.last().map_or(0, |r| r.seq);
-        let mut planned = Vec::with_capacity(records.len() * 2);
-        let mut schemas = BTreeSet::new();
-        for record in records {
-            let Some(schema) = self.schema_of(record) else {
-                continue;
-            };
-            match plan_record(record, &now) {
-                Ok(rows) => {
-                    schemas.insert(schema.clone());
-                    planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
-                }
-                Err(skip) => {
-                    metrics::counter!("tributary_warehouse_skipped_total").increment(1);
-                    let reason = match skip {
-                        Skip::BadPayload(r) => r,
-                        Skip::UnknownType(t) => format!("unknown call type {t:?}"),
-                    };
-                    tracing::warn!(seq = record.seq, message_id = %record.message_id, %reason, "record not loaded");
+        let last_seq = records[chunk.end - 1].seq;
+        let catalog = self.catalog.clone();
+        let (planned, schemas) = blocking(move || {
+            let uuid_ts = crate::types::format_timestamp(&now);
+            let mut planned = Vec::with_capacity(chunk.len() * 2);
+            let mut schemas = BTreeSet::new();
+            for record in &records[chunk] {
+                let Some(schema) = schema_of(catalog.as_ref(), record) else {
+                    continue;
+                };
+                match plan_record_at(record, &uuid_ts) {
+                    Ok(rows) => {
+                        schemas.insert(schema.clone());
+                        planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
+                    }
+                    Err(skip) => {
+                        metrics::counter!("tributary_warehouse_skipped_total").increment(1);
+                        let reason = match skip {
+                            Skip::BadPayload(r) => r,
+                            Skip::UnknownType(t) => format!("unknown call type {t:?}"),
+                        };
+                        tracing::warn!(seq = record.seq, message_id = %record.message_id, %reason, "record not loaded");
+                    }
                 }
             }
-        }
+            (planned, schemas)
+        })
+        .await?;
         self.describe(schemas).await?;
-        Ok(prepare(&self.known, planned, last_seq, now))
-    }
-
-    fn schema_of(&self, record: &Record) -> Option<String> {
-        let schema = self.catalog.schema_for(&record.source_id)?;
-        match validate_schema_name(&schema) {
-            Ok(()) => Some(schema),
-            Err(e) => {
-                metrics::counter!("tributary_warehouse_skipped_total").increment(1);
-                tracing::warn!(source_id = %record.source_id, schema = %schema, error = %e, "source has an unusable schema name; record not loaded");
-                None
-            }
-        }
+        let known = std::mem::take(&mut self.known);
+        let (batch, known) = blocking(move || {
+            let batch = prepare(&known, planned, last_seq, now);
+            (batch, known)
+        })
+        .await?;
+        self.known = known;
+        Ok(batch)
     }
 
     async fn describe(&mut self, schemas: BTreeSet<String>) -> Result<(), LoadError> {
@@ -430,7 +439,8 @@ impl Loader {
         let now = Utc::now();
         let mut attempt = 0u32;
         loop {
-            let batch = rejection_batch(self.schema_of(record), record, error, now);
+            let schema = schema_of(self.catalog.as_ref(), record);
+            let batch = rejection_batch(schema, record, error, now);
             match self.commit(batch).await {
                 Ok(()) => return true,
                 Err(e) => {
@@ -446,6 +456,30 @@ impl Loader {
     }
 }
 
+/// The schema a record loads into, if its source has a usable one.
+fn schema_of(catalog: &dyn SchemaCatalog, record: &Record) -> Option<String> {
+    let schema = catalog.schema_for(&record.source_id)?;
+    match validate_schema_name(&schema) {
+        Ok(()) => Some(schema),
+        Err(e) => {
+            metrics::counter!("tributary_warehouse_skipped_total").increment(1);
+            tracing::warn!(source_id = %record.source_id, schema = %schema, error = %e, "source has an unusable schema name; record not loaded");
+            None
+        }
+    }
+}
+
+/// Runs CPU-bound work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, LoadError> {
+    // A panic here would be a bug triggered by some record: permanent, so the loader
+    // isolates the record instead of retrying forever.
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LoadError::Permanent(format!("planning task failed: {e}")))
+}
+
 /// A batch that only records `record` as refused and moves the position past it.
 fn rejection_batch(
     schema: Option<String>,
@@ -453,10 +487,19 @@ fn rejection_batch(
     error: &str,
     now: DateTime<Utc>,
 ) -> LoadBatch {
-    let table = plan_record(record, &now)
-        .ok()
-        .and_then(|rows| rows.last().map(|p| p.table.clone()))
-        .unwrap_or_default();
+    // From the log's columns only: the payload may be what cannot be processed.
+    let table = match record.call_type.as_str() {
+        "track" => record
+            .event
+            .as_deref()
+            .map_or_else(|| "tracks".to_string(), crate::naming::event_table),
+        "identify" => "identifies".into(),
+        "page" => "pages".into(),
+        "screen" => "screens".into(),
+        "group" => "groups".into(),
+        "alias" => "aliases".into(),
+        _ => String::new(),
+    };
     let schemas = schema
         .map(|schema| SchemaLoad {
             schema,

@@ -114,9 +114,17 @@ pub fn event_table(event: &str) -> String {
 /// (`is_context == false`) any name starting with `context_` (or equal to `context`)
 /// is reserved as well, so a property cannot shadow a context column.
 pub fn column_name(path: &str, reserved: &[&str], is_context: bool) -> String {
+    column_name_by(path, |name| reserved.contains(&name), is_context)
+}
+
+/// [`column_name`] with the reserved names given as a predicate.
+pub(crate) fn column_name_by(
+    path: &str,
+    is_reserved: impl Fn(&str) -> bool,
+    is_context: bool,
+) -> String {
     finish(path, snakecase(path).into_owned(), |name| {
-        reserved.contains(&name)
-            || (!is_context && (name == "context" || name.starts_with("context_")))
+        is_reserved(name) || (!is_context && (name == "context" || name.starts_with("context_")))
     })
 }
 

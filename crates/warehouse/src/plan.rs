@@ -21,10 +21,12 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
 use tributary_eventlog::Record;
-use tributary_model::flatten::flatten;
 
-use crate::naming::{column_name, event_table};
+use tributary_model::flatten::flatten_owned;
+
+use crate::naming::{column_name_by, event_table};
 use crate::types::{ColumnType, format_timestamp, value_text};
 
 /// The kind of a loaded table; decides its fixed columns and how rows are written.
@@ -129,10 +131,6 @@ impl TableKind {
             TableKind::Aliases => ALIAS_COLUMNS,
         }
     }
-
-    fn reserved(self) -> Vec<&'static str> {
-        self.fixed_columns().iter().map(|(n, _)| *n).collect()
-    }
 }
 
 /// One row to load, before typing.
@@ -172,13 +170,19 @@ pub enum Skip {
     UnknownType(String),
 }
 
-/// Plans the rows of one record. `uuid_ts` is the load time shared by the batch.
-pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Planned>, Skip> {
+/// Plans the rows of one record. `uuid_ts` is the load time shared by the batch,
+/// already formatted (once per batch).
+pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Skip> {
     let payload: Value = serde_json::from_str(&record.payload)
         .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
-    let Value::Object(msg) = payload else {
+    let Value::Object(mut msg) = payload else {
         return Err(Skip::BadPayload("payload is not a JSON object".into()));
     };
+    // The nested objects are moved out (their leaves are moved into rows, not copied).
+    let context = take_object(&mut msg, "context");
+    let properties = take_object(&mut msg, "properties");
+    let traits = take_object(&mut msg, "traits");
+
     let call_type = msg
         .get("type")
         .and_then(Value::as_str)
@@ -204,48 +208,59 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
         message_id,
         received_at,
         received_at_text,
-        uuid_ts: format_timestamp(uuid_ts),
+        uuid_ts: uuid_ts.to_string(),
         msg: &msg,
     };
+    let text = |key: &str| text_field(&msg, key).map_or(Value::Null, Value::String);
+    let id = |key: &str| id_field(&msg, key).map_or(Value::Null, Value::String);
 
     let mut out = Vec::with_capacity(2);
     match call_type.as_str() {
         "track" => {
             let event_text = text_field(&msg, "event").or_else(|| record.event.clone());
-            let mut tracks = base.row(TableKind::Tracks);
             let table = event_text.as_deref().map(event_table);
+            let mut tracks = base.row(TableKind::Tracks);
             tracks.push("event", table.clone().map_or(Value::Null, Value::String));
-            tracks.push(
-                "event_text",
-                event_text.clone().map_or(Value::Null, Value::String),
-            );
-            tracks.context();
+            tracks.push("event_text", event_text.map_or(Value::Null, Value::String));
+            tracks.context(context);
             let row = tracks.finish();
-            out.push(Planned {
-                table: "tracks".into(),
-                kind: TableKind::Tracks,
-                row: row.clone(),
-            });
             if let Some(table) = table {
-                let mut ev = RowBuilder::from_row(row, TableKind::Event, &msg);
-                ev.object("properties");
+                let mut ev = RowBuilder::from_row(row.clone(), TableKind::Event);
+                ev.object(properties.map(|p| flatten_owned(p, "")));
+                out.push(Planned {
+                    table: "tracks".into(),
+                    kind: TableKind::Tracks,
+                    row,
+                });
                 out.push(Planned {
                     table,
                     kind: TableKind::Event,
                     row: ev.finish(),
                 });
+            } else {
+                out.push(Planned {
+                    table: "tracks".into(),
+                    kind: TableKind::Tracks,
+                    row,
+                });
             }
         }
         "identify" => {
+            let traits = traits.map(|t| flatten_owned(t, ""));
+            let user_id = id_field(&msg, "userId");
             let mut row = base.row(TableKind::Identifies);
-            row.context();
-            row.object("traits");
+            row.context(context);
+            let (identify_traits, user_traits) = match user_id {
+                Some(_) => (traits.clone(), traits),
+                None => (traits, None),
+            };
+            row.object(identify_traits);
             out.push(Planned {
                 table: "identifies".into(),
                 kind: TableKind::Identifies,
                 row: row.finish(),
             });
-            if let Some(user_id) = id_field(&msg, "userId") {
+            if let Some(user_id) = user_id {
                 let mut user = RowBuilder::new(TableKind::Users, &base, user_id.clone());
                 user.push("id", Value::String(user_id));
                 user.push(
@@ -255,7 +270,7 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
                         .map_or(Value::Null, Value::String),
                 );
                 user.push("uuid_ts", Value::String(base.uuid_ts.clone()));
-                user.object("traits");
+                user.object(user_traits);
                 out.push(Planned {
                     table: "users".into(),
                     kind: TableKind::Users,
@@ -270,16 +285,10 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
                 ("screens", TableKind::Screens)
             };
             let mut row = base.row(kind);
-            row.push(
-                "name",
-                text_field(&msg, "name").map_or(Value::Null, Value::String),
-            );
-            row.push(
-                "category",
-                text_field(&msg, "category").map_or(Value::Null, Value::String),
-            );
-            row.context();
-            row.object("properties");
+            row.push("name", text("name"));
+            row.push("category", text("category"));
+            row.context(context);
+            row.object(properties.map(|p| flatten_owned(p, "")));
             out.push(Planned {
                 table: table.into(),
                 kind,
@@ -288,12 +297,9 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
         }
         "group" => {
             let mut row = base.row(TableKind::Groups);
-            row.push(
-                "group_id",
-                id_field(&msg, "groupId").map_or(Value::Null, Value::String),
-            );
-            row.context();
-            row.object("traits");
+            row.push("group_id", id("groupId"));
+            row.context(context);
+            row.object(traits.map(|t| flatten_owned(t, "")));
             out.push(Planned {
                 table: "groups".into(),
                 kind: TableKind::Groups,
@@ -302,11 +308,8 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
         }
         "alias" => {
             let mut row = base.row(TableKind::Aliases);
-            row.push(
-                "previous_id",
-                id_field(&msg, "previousId").map_or(Value::Null, Value::String),
-            );
-            row.context();
+            row.push("previous_id", id("previousId"));
+            row.context(context);
             out.push(Planned {
                 table: "aliases".into(),
                 kind: TableKind::Aliases,
@@ -318,6 +321,18 @@ pub fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Plann
     Ok(out)
 }
 
+/// Removes `key` from the message when it is an object.
+fn take_object(msg: &mut Map<String, Value>, key: &str) -> Option<Map<String, Value>> {
+    match msg.remove(key) {
+        Some(Value::Object(m)) => Some(m),
+        Some(other) => {
+            msg.insert(key.to_string(), other);
+            None
+        }
+        None => None,
+    }
+}
+
 struct Base<'a> {
     seq: u64,
     message_id: String,
@@ -327,9 +342,9 @@ struct Base<'a> {
     msg: &'a Map<String, Value>,
 }
 
-impl<'a> Base<'a> {
+impl Base<'_> {
     /// A row with the common columns filled.
-    fn row(&self, kind: TableKind) -> RowBuilder<'a> {
+    fn row(&self, kind: TableKind) -> RowBuilder {
         let mut b = RowBuilder::new(kind, self, self.message_id.clone());
         let msg = self.msg;
         b.push("id", Value::String(self.message_id.clone()));
@@ -359,88 +374,97 @@ impl<'a> Base<'a> {
     }
 }
 
-struct RowBuilder<'a> {
-    reserved: Vec<&'static str>,
-    msg: &'a Map<String, Value>,
+struct RowBuilder {
+    fixed: &'static [(&'static str, ColumnType)],
     row: PlannedRow,
-    seen: std::collections::HashSet<String>,
 }
 
-impl<'a> RowBuilder<'a> {
-    fn new(kind: TableKind, base: &Base<'a>, key: String) -> Self {
+impl RowBuilder {
+    fn new(kind: TableKind, base: &Base<'_>, key: String) -> Self {
         RowBuilder {
-            reserved: kind.reserved(),
-            msg: base.msg,
+            fixed: kind.fixed_columns(),
             row: PlannedRow {
                 seq: base.seq,
                 message_id: base.message_id.clone(),
                 key,
                 received_at: base.received_at,
-                values: Vec::new(),
+                values: Vec::with_capacity(24),
                 dropped: Vec::new(),
             },
-            seen: Default::default(),
         }
     }
 
     /// Continues from a finished row (the event table starts as the `tracks` row).
-    fn from_row(row: PlannedRow, kind: TableKind, msg: &'a Map<String, Value>) -> Self {
+    fn from_row(row: PlannedRow, kind: TableKind) -> Self {
         RowBuilder {
-            reserved: kind.reserved(),
-            msg,
-            seen: row.values.iter().map(|(c, _)| c.clone()).collect(),
+            fixed: kind.fixed_columns(),
             row,
         }
     }
 
     /// Sets a fixed column.
     fn push(&mut self, column: &str, value: Value) {
-        if self.seen.insert(column.to_string()) {
-            self.row.values.push((column.to_string(), value));
-        }
-    }
-
-    /// Adds a flattened dynamic column; keeps the first value on a name collision.
-    fn push_dynamic(&mut self, column: String, value: Value) {
-        if self.seen.contains(&column) {
-            if !value.is_null() {
-                self.row.dropped.push((
-                    column,
-                    value_text(&value),
-                    "another key of the message has the same column name".into(),
-                ));
-            }
-            return;
-        }
-        self.seen.insert(column.clone());
-        self.row.values.push((column, value));
+        self.row.values.push((column.to_string(), value));
     }
 
     /// Adds the `context_*` columns.
-    fn context(&mut self) {
-        let msg = self.msg;
-        let Some(Value::Object(ctx)) = msg.get("context") else {
-            return;
-        };
-        for (path, value) in flatten(ctx, "context") {
-            let col = column_name(&path, &self.reserved, true);
-            self.push_dynamic(col, value);
+    fn context(&mut self, context: Option<Map<String, Value>>) {
+        let Some(ctx) = context else { return };
+        let fixed = self.fixed;
+        for (path, value) in flatten_owned(ctx, "context") {
+            let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), true);
+            self.row.values.push((col, value));
         }
     }
 
-    /// Adds the un-prefixed columns of `properties` or `traits`.
-    fn object(&mut self, field: &str) {
-        let msg = self.msg;
-        let Some(Value::Object(obj)) = msg.get(field) else {
-            return;
-        };
-        for (path, value) in flatten(obj, "") {
-            let col = column_name(&path, &self.reserved, false);
-            self.push_dynamic(col, value);
+    /// Adds the un-prefixed columns of flattened `properties` or `traits`.
+    fn object(&mut self, flat: Option<Vec<(String, Value)>>) {
+        let Some(flat) = flat else { return };
+        let fixed = self.fixed;
+        for (path, value) in flat {
+            let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), false);
+            self.row.values.push((col, value));
         }
     }
 
-    fn finish(self) -> PlannedRow {
+    /// Resolves keys that snake-cased to the same column: the first non-null value is
+    /// kept, any other non-null value is reported in `dropped`.
+    fn finish(mut self) -> PlannedRow {
+        let values = &mut self.row.values;
+        let mut duplicates: Vec<(usize, usize)> = Vec::new();
+        {
+            let mut first: HashMap<&str, usize> = HashMap::with_capacity(values.len());
+            for (i, (col, _)) in values.iter().enumerate() {
+                if let Some(&j) = first.get(col.as_str()) {
+                    duplicates.push((i, j));
+                } else {
+                    first.insert(col.as_str(), i);
+                }
+            }
+        }
+        if duplicates.is_empty() {
+            return self.row;
+        }
+        for &(i, j) in &duplicates {
+            if values[j].1.is_null() {
+                values[j].1 = std::mem::take(&mut values[i].1);
+            } else if !values[i].1.is_null() {
+                let value = value_text(&values[i].1);
+                self.row.dropped.push((
+                    values[i].0.clone(),
+                    value,
+                    "another key of the message has the same column name".into(),
+                ));
+            }
+        }
+        let remove: HashSet<usize> = duplicates.iter().map(|(i, _)| *i).collect();
+        let kept = std::mem::take(values)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !remove.contains(i))
+            .map(|(_, v)| v)
+            .collect();
+        self.row.values = kept;
         self.row
     }
 }
@@ -480,6 +504,10 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_001, 0).expect("valid")
+    }
+
+    fn plan_record(record: &Record, uuid_ts: &DateTime<Utc>) -> Result<Vec<Planned>, Skip> {
+        plan_record_at(record, &format_timestamp(uuid_ts))
     }
 
     fn get<'a>(row: &'a PlannedRow, col: &str) -> Option<&'a Value> {
@@ -598,6 +626,23 @@ mod tests {
         assert_eq!(ev.dropped.len(), 1);
         assert_eq!(ev.dropped[0].0, "plan_name");
         assert_eq!(ev.dropped[0].1, "b");
+        assert_eq!(
+            ev.values.iter().filter(|(c, _)| c == "plan_name").count(),
+            1
+        );
+
+        // A null first does not hide a later value.
+        let out = plan_record(
+            &record(
+                1,
+                json!({"type": "track", "messageId": "m1", "event": "E",
+                       "properties": {"planName": null, "plan_name": "b"}}),
+            ),
+            &now(),
+        )
+        .expect("planned");
+        assert_eq!(get(&out[1].row, "plan_name"), Some(&json!("b")));
+        assert!(out[1].row.dropped.is_empty());
     }
 
     #[test]

@@ -161,6 +161,15 @@ pub fn cast(value: &Value, ty: ColumnType) -> Result<Cell, String> {
     }
 }
 
+/// [`cast`] for a value the caller owns: strings are moved into the cell. On failure
+/// the value comes back with the reason.
+pub fn cast_owned(value: Value, ty: ColumnType) -> Result<Cell, (String, Value)> {
+    match (ty, value) {
+        (ColumnType::Text, Value::String(s)) if !s.contains('\0') => Ok(Cell::Text(s)),
+        (_, value) => cast(&value, ty).map_err(|reason| (reason, value)),
+    }
+}
+
 /// How a value is described in a discard reason.
 fn kind(value: &Value) -> &'static str {
     match value {
@@ -190,6 +199,9 @@ pub fn value_text(value: &Value) -> String {
 pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     // Cheap shape check first: every accepted form starts `YYYY-MM-DD?HH:MM`.
     let b = s.as_bytes();
+    if let Some(t) = parse_canonical(b) {
+        return Some(t);
+    }
     if b.len() < 16
         || b.len() > 40
         || !b[..4].iter().all(u8::is_ascii_digit)
@@ -217,11 +229,55 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     None
 }
 
+/// Fast path for the form ingest stores, `YYYY-MM-DDTHH:MM:SS.sssZ` (also without the
+/// milliseconds); anything else goes to the general parser.
+fn parse_canonical(b: &[u8]) -> Option<DateTime<Utc>> {
+    let millis = match b.len() {
+        24 if b[19] == b'.' && b[23] == b'Z' => digits(&b[20..23])?,
+        20 if b[19] == b'Z' => 0,
+        _ => return None,
+    };
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(
+        i32::try_from(digits(&b[0..4])?).ok()?,
+        digits(&b[5..7])?,
+        digits(&b[8..10])?,
+    )?;
+    let time = date.and_hms_milli_opt(
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+        millis,
+    )?;
+    Some(time.and_utc())
+}
+
+fn digits(b: &[u8]) -> Option<u32> {
+    b.iter().try_fold(0u32, |acc, &c| {
+        c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+    })
+}
+
 /// The canonical text of a timestamp: `2026-11-27T05:10:53.123Z` (UTC, milliseconds).
 /// SQLite stores timestamps in this form, which sorts correctly as text and is
 /// understood by SQLite's date functions.
 pub fn format_timestamp(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    use chrono::{Datelike, Timelike};
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return t.to_rfc3339_opts(SecondsFormat::Millis, true);
+    }
+    format!(
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        (t.nanosecond() % 1_000_000_000) / 1_000_000,
+    )
 }
 
 #[cfg(test)]
@@ -287,7 +343,44 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_agrees_with_the_general_parser() {
+        for s in [
+            "2026-11-27T05:10:53.123Z",
+            "2026-11-27T05:10:53Z",
+            "2024-02-29T23:59:59.999Z",
+            "0001-01-01T00:00:00.000Z",
+        ] {
+            let general = DateTime::parse_from_rfc3339(s)
+                .expect("valid")
+                .with_timezone(&Utc);
+            assert_eq!(parse_canonical(s.as_bytes()), Some(general), "{s}");
+            assert_eq!(parse_timestamp(s), Some(general), "{s}");
+        }
+        for s in [
+            "2025-02-29T00:00:00.000Z",
+            "2026-11-27T25:10:53.123Z",
+            "2026-11-27T05:10:53.12xZ",
+            "2026-11-27 05:10:53.123Z",
+        ] {
+            assert_eq!(parse_canonical(s.as_bytes()), None, "{s}");
+        }
+    }
+
+    #[test]
     fn formats_timestamps_canonically() {
+        let t = ts("2026-11-27T05:10:53.123456Z");
+        assert_eq!(
+            format_timestamp(&t),
+            t.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
+        let far = chrono::NaiveDate::from_ymd_opt(12026, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("valid")
+            .and_utc();
+        assert_eq!(
+            format_timestamp(&far),
+            far.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
         assert_eq!(
             format_timestamp(&ts("2026-11-27T07:10:53.1+02:00")),
             "2026-11-27T05:10:53.100Z"

@@ -208,3 +208,53 @@ async fn postgres_unreachable_at_start_is_retried_not_fatal() {
     ));
     wh.shutdown().await;
 }
+
+/// Load throughput of a 20-property event into PostgreSQL (two rows per event:
+/// `tracks` and the event table). Prints a figure; asserts only correctness.
+/// Run with `cargo test -p tributary-warehouse --test it -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "throughput figure, run on demand"]
+async fn postgres_load_throughput() {
+    with_postgres("postgres_load_throughput", async |h| {
+        h.source("perf", "perf");
+        let s = h.schema("perf");
+        let n = 50_000usize;
+        let mut last = 0;
+        for chunk in 0..(n / 5_000) {
+            let batch = (chunk * 5_000..(chunk + 1) * 5_000)
+                .map(|i| {
+                    let mut props = serde_json::Map::new();
+                    for p in 0..20 {
+                        props.insert(
+                            format!("prop{p}"),
+                            match p % 4 {
+                                0 => json!(i),
+                                1 => json!(i as f64 * 0.5),
+                                2 => json!(format!("value-{i}-{p}")),
+                                _ => json!(i % 2 == 0),
+                            },
+                        );
+                    }
+                    track(
+                        &format!("t-{i}"),
+                        "Perf Event",
+                        serde_json::Value::Object(props),
+                    )
+                })
+                .collect();
+            last = h.append("perf", batch).await;
+        }
+        let started = std::time::Instant::now();
+        let wh = h.open().await;
+        h.wait_loaded(&wh, last).await;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "postgres load: {n} events ({} rows) in {secs:.2} s = {:.0} rows/s",
+            2 * n,
+            (2 * n) as f64 / secs
+        );
+        assert_eq!(h.count(&wh, &format!("{s}.perf_event")).await, n as i64);
+        wh.shutdown().await;
+    })
+    .await;
+}

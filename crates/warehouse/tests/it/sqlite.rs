@@ -153,3 +153,40 @@ async fn sqlite_queries_work_with_many_schemas() {
     assert_eq!(status.schemas.len(), 12);
     wh.shutdown().await;
 }
+
+/// Load throughput of a 20-property event into SQLite. Prints a figure only.
+#[tokio::test]
+#[ignore = "throughput figure, run on demand"]
+async fn sqlite_load_throughput() {
+    let h = Harness::sqlite().await;
+    h.source("perf", "perf");
+    let n = 50_000usize;
+    let mut last = 0;
+    for chunk in 0..(n / 5_000) {
+        let batch = (chunk * 5_000..(chunk + 1) * 5_000)
+            .map(|i| {
+                let mut props = serde_json::Map::new();
+                for p in 0..20 {
+                    props.insert(format!("prop{p}"), json!(format!("value-{i}-{p}")));
+                }
+                track(
+                    &format!("t-{i}"),
+                    "Perf Event",
+                    serde_json::Value::Object(props),
+                )
+            })
+            .collect();
+        last = h.append("perf", batch).await;
+    }
+    let started = std::time::Instant::now();
+    let wh = h.open().await;
+    h.wait_loaded(&wh, last).await;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "sqlite load: {n} events ({} rows) in {secs:.2} s = {:.0} rows/s",
+        2 * n,
+        (2 * n) as f64 / secs
+    );
+    assert_eq!(h.count(&wh, "perf.perf_event").await, n as i64);
+    wh.shutdown().await;
+}
