@@ -104,15 +104,21 @@ pub(super) async fn apply(
             )
             .await?;
             let cols = column_list(&table.columns);
+            let insert = format!(
+                "INSERT INTO {schema}.{t} ({cols}) SELECT {cols} FROM {temp}
+                 ON CONFLICT (\"id\") DO NOTHING",
+                t = quote(&table.table)
+            );
+            // Which ids were inserted matters only for `users` (fed by identifies) and
+            // for discards; otherwise the count is enough.
+            let need_ids =
+                table.kind == TableKind::Identifies || rows.iter().any(|r| !r.discards.is_empty());
+            if !need_ids {
+                stats.rows += tx.execute(&insert, &[]).await.map_err(classify)?;
+                continue;
+            }
             let inserted: HashSet<String> = tx
-                .query(
-                    &format!(
-                        "INSERT INTO {schema}.{t} ({cols}) SELECT {cols} FROM {temp}
-                         ON CONFLICT (\"id\") DO NOTHING RETURNING \"id\"",
-                        t = quote(&table.table)
-                    ),
-                    &[],
-                )
+                .query(&format!("{insert} RETURNING \"id\""), &[])
                 .await
                 .map_err(classify)?
                 .iter()
