@@ -145,10 +145,12 @@ impl Loader {
     }
 
     pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        self.estimate_position().await;
         let Some(mut cursor) = self.init(&mut stop).await else {
             return;
         };
         self.shared.loaded_seq.store(cursor, Ordering::Release);
+        self.shared.pending_since_ms.store(0, Ordering::Release);
         self.shared.publish();
         tracing::info!(position = cursor, kind = ?self.backend.kind(), "warehouse loader started");
 
@@ -219,6 +221,23 @@ impl Loader {
         }
         self.shared.publish();
         tracing::info!(position = cursor, "warehouse loader stopped");
+    }
+
+    /// Until the warehouse answers, reports lag from the log's copy of the position (a
+    /// hint written after each commit) so `/ready` and `/metrics` are meaningful even
+    /// when the warehouse is down at startup.
+    async fn estimate_position(&self) {
+        let Ok(seq) = self.log.cursor(CONSUMER).await else {
+            return;
+        };
+        self.shared.loaded_seq.store(seq, Ordering::Release);
+        if let Ok(next) = self.log.read(seq, 1).await
+            && let Some(r) = next.first()
+        {
+            self.shared
+                .pending_since_ms
+                .store(r.received_at_ms.max(1), Ordering::Release);
+        }
     }
 
     /// Prepares the backend; retries until it works or shutdown.

@@ -169,8 +169,27 @@ impl PostgresBackend {
         if cfg.get_application_name().is_none() {
             cfg.application_name("tributary-warehouse");
         }
+        // A peer that vanishes without closing the connection (partition, VM gone) is
+        // noticed within about a minute instead of hanging a load.
+        cfg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(60));
+        let base_options = cfg.get_options().unwrap_or_default().to_string();
+        let with = |extra: &str| {
+            if base_options.is_empty() {
+                extra.to_string()
+            } else {
+                format!("{base_options} {extra}")
+            }
+        };
         let mut read_cfg = cfg.clone();
-        read_cfg.options("-c default_transaction_read_only=on");
+        read_cfg.options(with("-c default_transaction_read_only=on"));
+        // Loads never wait long for a lock a reader holds (an `ALTER TABLE` queued
+        // behind a long BI query would also block every reader queued behind it):
+        // the load fails as transient and is retried.
+        cfg.options(with("-c lock_timeout=30000 -c idle_in_transaction_session_timeout=600000"));
         // `tributary` is reserved for sources precisely so it can be the default here.
         if config.state_schema != "tributary" {
             crate::naming::validate_schema_name(&config.state_schema)
