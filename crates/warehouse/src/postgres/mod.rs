@@ -189,7 +189,9 @@ impl PostgresBackend {
         // Loads never wait long for a lock a reader holds (an `ALTER TABLE` queued
         // behind a long BI query would also block every reader queued behind it):
         // the load fails as transient and is retried.
-        cfg.options(with("-c lock_timeout=30000 -c idle_in_transaction_session_timeout=600000"));
+        cfg.options(with(
+            "-c lock_timeout=30000 -c idle_in_transaction_session_timeout=600000",
+        ));
         // `tributary` is reserved for sources precisely so it can be the default here.
         if config.state_schema != "tributary" {
             crate::naming::validate_schema_name(&config.state_schema)

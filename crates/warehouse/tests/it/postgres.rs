@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tributary_eventlog::EventLog;
 use tributary_warehouse::WarehouseError;
 
 use crate::scenarios;
