@@ -26,6 +26,11 @@ use crate::types::{Cell, ColumnType, cast_owned, infer, value_text, widens};
 /// Most columns a table gets (PostgreSQL allows 1600; SQLite 2000).
 pub const MAX_COLUMNS: usize = 1000;
 
+/// Most loaded tables a schema gets (Segment manages "the first 5,000 collections per
+/// source"); events of further event names are still loaded into `tracks`, and their
+/// properties are kept in `tributary_discards`.
+pub const MAX_TABLES: usize = 5000;
+
 /// The columns of one table, in table order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TableSchema {
@@ -214,15 +219,26 @@ pub fn prepare(
             let state = known.get(&schema).unwrap_or(&empty);
             // `users` depends on which `identifies` rows were inserted: load it last.
             tables.sort_by_key(|(_, kind, _)| *kind == TableKind::Users);
-            let tables = tables
-                .into_iter()
-                .map(|(table, kind, rows)| type_table(state.tables.get(&table), table, kind, rows))
-                .collect();
+            let mut count = state.tables.len();
+            let mut discards = Vec::new();
+            let mut loads = Vec::with_capacity(tables.len());
+            for (table, kind, rows) in tables {
+                let existing = state.tables.get(&table);
+                if existing.is_none() {
+                    if kind == TableKind::Event && count >= MAX_TABLES {
+                        // The rows stay in `tracks`; their properties go to discards.
+                        discards.extend(rows.into_iter().map(|p| table_limit_discard(&table, p)));
+                        continue;
+                    }
+                    count += 1;
+                }
+                loads.push(type_table(existing, table, kind, rows));
+            }
             SchemaLoad {
                 schema,
                 known_to_exist: state.exists,
-                tables,
-                discards: Vec::new(),
+                tables: loads,
+                discards,
             }
         })
         .collect();
@@ -230,6 +246,25 @@ pub fn prepare(
         schemas,
         last_seq,
         loaded_at,
+    }
+}
+
+/// The discard for an event row that gets no table (the schema is at [`MAX_TABLES`]):
+/// the row's non-null values as a JSON object.
+fn table_limit_discard(table: &str, p: Planned) -> Discard {
+    let values: serde_json::Map<String, Value> = p
+        .row
+        .values
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .collect();
+    Discard {
+        table: table.to_string(),
+        column: String::new(),
+        value: Value::Object(values).to_string(),
+        reason: format!("schema has reached the limit of {MAX_TABLES} tables"),
+        row_id: p.row.key,
+        received_at: p.row.received_at,
     }
 }
 
@@ -621,6 +656,45 @@ mod tests {
         let over = MAX_COLUMNS + 5 - (MAX_COLUMNS - TableKind::Event.fixed_columns().len());
         assert_eq!(t.rows[0].discards.len(), over);
         assert!(t.rows[0].discards[0].reason.contains("limit"));
+    }
+
+    #[test]
+    fn event_tables_stop_at_the_limit_and_rows_stay_in_tracks() {
+        let mut state = SchemaState {
+            exists: true,
+            tables: HashMap::new(),
+        };
+        for i in 0..MAX_TABLES {
+            state
+                .tables
+                .insert(format!("t{i}"), TableSchema::for_kind(TableKind::Event));
+        }
+        state
+            .tables
+            .insert("tracks".into(), TableSchema::for_kind(TableKind::Tracks));
+        let known: HashMap<String, SchemaState> = [("web".to_string(), state)].into();
+        let b = prepare(
+            &known,
+            vec![
+                row(1, "tracks", TableKind::Tracks, json!({"id": "m1"})),
+                row(
+                    1,
+                    "one_more",
+                    TableKind::Event,
+                    json!({"id": "m1", "x": 1, "y": null}),
+                ),
+                row(2, "t7", TableKind::Event, json!({"id": "m2", "x": 2})),
+            ],
+            2,
+            now(),
+        );
+        let s = &b.schemas[0];
+        let names: Vec<&str> = s.tables.iter().map(|t| t.table.as_str()).collect();
+        assert_eq!(names, vec!["tracks", "t7"]);
+        assert_eq!(s.discards.len(), 1);
+        assert_eq!(s.discards[0].table, "one_more");
+        assert_eq!(s.discards[0].value, r#"{"id":"m1","x":1}"#);
+        assert!(s.discards[0].reason.contains("5000 tables"));
     }
 
     #[test]
