@@ -50,6 +50,9 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     /// Most messages in one batch (default 2500).
     pub max_batch_messages: usize,
+    /// Request-body bytes ingest may hold in memory at once, across all requests
+    /// (default 256 MiB). Past it, requests wait up to a second and then get 429.
+    pub max_inflight_bytes: usize,
 }
 
 /// Event log settings.
@@ -115,6 +118,7 @@ impl Default for Limits {
             max_message_bytes: 32 * 1024,
             max_batch_bytes: 500_000,
             max_batch_messages: 2500,
+            max_inflight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -168,6 +172,9 @@ pub enum ConfigError {
         /// The parser's explanation.
         message: String,
     },
+    /// Settings that do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
     /// An environment variable has a value that does not parse.
     #[error("invalid value for {name}: {message}")]
     Env {
@@ -269,6 +276,11 @@ impl Config {
                     name: "TRIBUTARY_RETRY_MIN_BACKOFF".into(),
                     message: format!("{v:?} is not a duration (e.g. 500ms, 1s)"),
                 })?;
+        }
+        if config.limits.max_inflight_bytes < config.limits.max_batch_bytes {
+            return Err(ConfigError::Invalid(
+                "limits.max_inflight_bytes must be at least limits.max_batch_bytes".into(),
+            ));
         }
         Ok(config)
     }

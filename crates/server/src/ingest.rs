@@ -121,6 +121,8 @@ pub async fn tracking(
         Endpoint::Single(call) => (Some(call), limits.max_message_bytes, "message_too_large"),
         Endpoint::Batch => (None, limits.max_batch_bytes, "batch_too_large"),
     };
+    // Memory bound: reserve the body's worst case before reading it.
+    let _reserved = reserve(&state, cap).await?;
     let bytes = read_capped(&headers, body, cap, cap_code).await?;
     let body_limits = BodyLimits {
         max_message_bytes: limits.max_message_bytes,
@@ -167,6 +169,26 @@ pub async fn tracking(
         body["rejected"] = Value::Array(rejected);
     }
     Ok(axum::Json(body).into_response())
+}
+
+/// Reserves `bytes` of the ingest memory budget, waiting up to a second.
+pub async fn reserve(
+    state: &AppState,
+    bytes: usize,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        state.ingest_budget.acquire_many(n),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => {
+            metrics::counter!("tributary_ingest_saturated_total").increment(1);
+            Err(ApiError::Saturated)
+        }
+    }
 }
 
 async fn read_capped(

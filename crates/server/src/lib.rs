@@ -48,6 +48,34 @@ pub struct AppState {
     pub destinations: Option<Arc<tributary_destinations::Engine>>,
     /// The warehouse loader and query side (`None` when `TRIBUTARY_WAREHOUSE=off`).
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
+    /// Bytes of request bodies that ingest may hold at once (see
+    /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
+    /// gets 429.
+    pub ingest_budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// A state with no destinations or warehouse, for router tests.
+    pub fn new(
+        config: Config,
+        control: Arc<Control>,
+        log: Arc<dyn EventLog>,
+        admin_token: String,
+    ) -> Self {
+        let budget = config
+            .limits
+            .max_inflight_bytes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        AppState {
+            config,
+            control,
+            log,
+            admin_token,
+            destinations: None,
+            warehouse: None,
+            ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+        }
+    }
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -170,14 +198,10 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             ))
         }
     };
-    Ok(Arc::new(AppState {
-        config,
-        control,
-        log,
-        admin_token: token,
-        destinations: Some(Arc::new(destinations)),
-        warehouse,
-    }))
+    let mut state = AppState::new(config, control, log, token);
+    state.destinations = Some(Arc::new(destinations));
+    state.warehouse = warehouse;
+    Ok(Arc::new(state))
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains and flushes.

@@ -90,6 +90,7 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let source = authenticate(&state, key.as_deref())?;
     let (parts, body) = request.into_parts();
+    let _reserved = crate::ingest::reserve(&state, MAX_WEBHOOK_BYTES).await?;
     let bytes = crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES).await?;
     let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
     let webhook = parse_webhook(&bytes, &settings).map_err(|e| {

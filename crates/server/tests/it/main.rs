@@ -59,17 +59,11 @@ fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
     let src = control
         .create(SourceType::Http, "web", "web", json!({}))
         .unwrap();
-    let state = Arc::new(AppState {
-        config: Config::default(),
-        control,
-        log: Arc::new(FailingLog {
-            error,
-            head: watch::channel(0).0,
-        }),
-        admin_token: "t".into(),
-        destinations: None,
-        warehouse: None,
+    let log = Arc::new(FailingLog {
+        error,
+        head: watch::channel(0).0,
     });
+    let state = Arc::new(AppState::new(Config::default(), control, log, "t".into()));
     (router(state), src.write_key.clone(), dir)
 }
 
@@ -111,4 +105,25 @@ async fn answers_503_without_internal_detail_when_the_log_cannot_write() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn answers_429_when_request_bodies_would_exceed_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(Control::open(dir.path()).unwrap());
+    let src = control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let mut config = Config::default();
+    // Room for less than one single-message body (32 KiB): nothing fits.
+    config.limits.max_inflight_bytes = 1024;
+    let log = Arc::new(FailingLog {
+        error: || LogError::Closed,
+        head: watch::channel(0).0,
+    });
+    let state = Arc::new(AppState::new(config, control, log, "t".into()));
+    let (status, retry, body) = track(router(state), &src.write_key).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(body["code"], "rate_limited");
 }
