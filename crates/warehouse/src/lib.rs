@@ -4,8 +4,8 @@
 //!
 //! [`Warehouse::open`] starts the loader, a consumer of the [`EventLog`]: it waits on
 //! [`EventLog::subscribe`], reads up to [`WarehouseConfig::batch_max`] records at most
-//! once per [`WarehouseConfig::batch_interval`], plans their rows ([`plan`]), types
-//! them and evolves the schema ([`evolve`]: new columns online, `bigint` → `double`
+//! once per [`WarehouseConfig::batch_interval`], plans their rows (module `plan`), types
+//! them and evolves the schema (module `evolve`: new columns online, `bigint` → `double`
 //! widening, uncastable values to `<schema>.tributary_discards`) and hands the batch to
 //! the backend.
 //!
@@ -20,6 +20,10 @@
 //! (messageId) is the primary key and rows are inserted only if absent, a second guard
 //! that also collapses messages repeated beyond the log's dedupe window. `users` is
 //! upserted only from `identifies` rows that were actually inserted.
+//!
+//! Limits: identifiers are at most 63 bytes ([`naming`]), a table gets at most
+//! [`MAX_COLUMNS`] columns and a schema at most [`MAX_TABLES`] tables; what does not
+//! fit is kept in `tributary_discards`, never dropped silently and never failing a batch.
 //!
 //! Faults: a warehouse that is down, full or restarting makes the loader retry with
 //! exponential backoff (the log keeps accepting events; [`Warehouse::lag`] grows); a
@@ -46,6 +50,7 @@ use tributary_eventlog::EventLog;
 use crate::backend::Backend;
 use crate::loader::{Loader, Shared};
 
+pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
 pub use crate::types::ColumnType;
 
