@@ -98,6 +98,8 @@ pub struct SchemaState {
 /// A value that could not be loaded, for `<schema>.tributary_discards`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Discard {
+    /// Log sequence number of the record the value comes from.
+    pub seq: u64,
     /// The table the value was meant for.
     pub table: String,
     /// The column it was meant for (empty when a whole record was rejected).
@@ -157,7 +159,8 @@ pub struct SchemaLoad {
     pub known_to_exist: bool,
     /// Tables, `users` after `identifies`.
     pub tables: Vec<TableLoad>,
-    /// Discards not tied to a loaded row (whole records rejected by the warehouse).
+    /// Discards not tied to a loaded row (records refused by the warehouse, events
+    /// beyond the table limit); written when their `seq` is past the position.
     pub discards: Vec<Discard>,
 }
 
@@ -259,6 +262,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         .filter(|(_, v)| !v.is_null())
         .collect();
     Discard {
+        seq: p.row.seq,
         table: table.to_string(),
         column: String::new(),
         value: Value::Object(values).to_string(),
@@ -343,6 +347,7 @@ fn type_table(
             let mut discards = Vec::new();
             let mut discard = |column: String, value: String, reason: String| {
                 discards.push(Discard {
+                    seq: row.seq,
                     table: table.clone(),
                     column,
                     value,
@@ -537,6 +542,7 @@ mod tests {
         assert_eq!(
             t.rows[1].discards,
             vec![Discard {
+                seq: 2,
                 table: "e".into(),
                 column: "plan".into(),
                 value: "pro".into(),

@@ -525,6 +525,7 @@ fn rejection_batch(
             known_to_exist: false,
             tables: Vec::new(),
             discards: vec![Discard {
+                seq: record.seq,
                 table,
                 column: String::new(),
                 value: record.payload.clone(),

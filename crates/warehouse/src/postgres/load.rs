@@ -136,7 +136,7 @@ pub(super) async fn apply(
                 }
             }
         }
-        discards.extend(load.discards.iter().cloned());
+        discards.extend(load.discards.iter().filter(|d| d.seq > position).cloned());
         if !discards.is_empty() {
             stats.discards += discards.len() as u64;
             let columns = discard_columns();

@@ -94,7 +94,7 @@ fn apply_schema(
         }
     }
     discards.extend(merged_discards.iter());
-    discards.extend(load.discards.iter());
+    discards.extend(load.discards.iter().filter(|d| d.seq > position));
     if !discards.is_empty() {
         let mut stmt = tx.prepare(&format!(
             "INSERT INTO {} (\"table_name\", \"column_name\", \"column_value\", \"reason\", \"row_id\", \"received_at\", \"uuid_ts\")

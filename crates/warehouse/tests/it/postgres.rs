@@ -274,3 +274,22 @@ async fn postgres_load_throughput() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn postgres_a_rewound_position_loads_nothing_twice() {
+    with_postgres(
+        "postgres_a_rewound_position_loads_nothing_twice",
+        async |h| {
+            let state = h.state_schema.clone();
+            scenarios::a_rewound_position_loads_nothing_twice(&h, || async move {
+                let client = crate::support::pg_connect().await.expect("connect");
+                client
+                    .execute(&format!("UPDATE \"{state}\".loader_state SET seq = 0"), &[])
+                    .await
+                    .expect("rewind");
+            })
+            .await
+        },
+    )
+    .await;
+}

@@ -190,3 +190,76 @@ async fn sqlite_load_throughput() {
     assert_eq!(h.count(&wh, "perf.perf_event").await, n as i64);
     wh.shutdown().await;
 }
+
+#[tokio::test]
+async fn sqlite_a_rewound_position_loads_nothing_twice() {
+    let h = Harness::sqlite().await;
+    let dir = h.dir.path().join("warehouse");
+    scenarios::a_rewound_position_loads_nothing_twice(&h, || async move {
+        // Both copies of the position go back to the start of the log.
+        let state = rusqlite::Connection::open(dir.join("tributary-state.sqlite")).expect("state");
+        state
+            .execute("UPDATE loader_state SET seq = 0", [])
+            .expect("rewind global");
+        let file = rusqlite::Connection::open(dir.join("rewind.sqlite")).expect("schema file");
+        file.execute("UPDATE tributary_state SET seq = 0", [])
+            .expect("rewind schema");
+    })
+    .await;
+}
+
+/// A crash after a schema file committed and before the global mark moved: the
+/// file's own position skips what it holds even when batches are cut differently.
+#[tokio::test]
+async fn sqlite_a_schema_file_ahead_of_the_global_mark_is_not_reloaded() {
+    let h = Harness::sqlite().await;
+    h.source("a", "ahead");
+    let wh = h.open().await;
+    let last = h
+        .append(
+            "a",
+            (0..5)
+                .map(|i| track(&format!("a-{i}"), "Tick", json!({"i": i})))
+                .collect(),
+        )
+        .await;
+    h.wait_loaded(&wh, last).await;
+    wh.shutdown().await;
+    drop(wh);
+    let state = rusqlite::Connection::open(h.dir.path().join("warehouse/tributary-state.sqlite"))
+        .expect("state");
+    state
+        .execute("UPDATE loader_state SET seq = 2", [])
+        .expect("rewind global");
+    drop(state);
+    // A row deleted by hand tells the guards apart: re-reading seq 3..5 and relying on
+    // the primary key would bring a-3 back; the file's position skips it.
+    let file =
+        rusqlite::Connection::open(h.dir.path().join("warehouse/ahead.sqlite")).expect("file");
+    file.execute("DELETE FROM tick WHERE id = 'a-3'", [])
+        .expect("delete");
+    drop(file);
+    let wh = h.open().await;
+    let last = h
+        .append(
+            "a",
+            (5..8)
+                .map(|i| track(&format!("a-{i}"), "Tick", json!({"i": i})))
+                .collect(),
+        )
+        .await;
+    h.wait_loaded(&wh, last).await;
+    assert_eq!(h.count(&wh, "ahead.tick").await, 7);
+    assert!(
+        h.rows(&wh, "select id from ahead.tick where id = 'a-3'")
+            .await
+            .is_empty()
+    );
+    assert_eq!(h.count(&wh, "ahead.tracks").await, 8);
+    let position: i64 = rusqlite::Connection::open(h.dir.path().join("warehouse/ahead.sqlite"))
+        .expect("file")
+        .query_row("SELECT seq FROM tributary_state", [], |r| r.get(0))
+        .expect("position");
+    assert_eq!(position as u64, last);
+    wh.shutdown().await;
+}
