@@ -491,10 +491,12 @@ impl EventLog for SqliteLog {
     async fn stats(&self) -> Result<LogStats, LogError> {
         let head = *self.head.borrow();
         let path = self.config.path.clone();
+        // Two separate MIN/MAX sub-queries are index lookups; a single
+        // `SELECT MIN(seq), MAX(seq)` scans the whole table.
         let (min, max): (i64, i64) = self
             .with_reader(|c| {
                 c.query_row(
-                    "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
+                    "SELECT COALESCE((SELECT MIN(seq) FROM events), 0), COALESCE((SELECT MAX(seq) FROM events), 0)",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
