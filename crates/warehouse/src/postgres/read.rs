@@ -139,12 +139,28 @@ pub(super) async fn status(
                 .join(" UNION ALL ");
             let result = c.query(&sql, &[]).await;
             let _ = c.batch_execute("ROLLBACK").await;
-            for row in result.map_err(unavailable)? {
-                let i: i32 = row.get(0);
-                let n: i64 = row.get(1);
-                if let Some((si, ti, _)) = counts.get(i as usize) {
-                    out[*si].tables[*ti].rows = n.max(0) as u64;
+            match result {
+                Ok(rows) => {
+                    for row in rows {
+                        let i: i32 = row.get(0);
+                        let n: i64 = row.get(1);
+                        if let Some((si, ti, _)) = counts.get(i as usize) {
+                            out[*si].tables[*ti].rows = n.max(0) as u64;
+                        }
+                    }
                 }
+                // A table dropped between the listing and the count (another
+                // loader's schema, a DBA's DROP) must not fail the whole status:
+                // count one by one and keep the estimate for any that vanished.
+                Err(e) if e.code().is_some() => {
+                    for (si, ti, q) in &counts {
+                        if let Ok(row) = c.query_one(q.as_str(), &[]).await {
+                            let n: i64 = row.get(0);
+                            out[*si].tables[*ti].rows = n.max(0) as u64;
+                        }
+                    }
+                }
+                Err(e) => return Err(unavailable(e)),
             }
         }
         let last: Option<DateTime<Utc>> = c
