@@ -145,7 +145,9 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
     let (token, generated) = admin_token(&config)?;
     if generated {
         let path = config.data_dir.join("admin-token");
-        eprintln!(
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
             "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
             path.display()
         );

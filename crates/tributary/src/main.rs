@@ -68,7 +68,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .init();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -99,6 +99,21 @@ fn main() -> std::process::ExitCode {
             eprintln!("tributary: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Stderr for logs that never fails: when stderr points at a full disk, a log line is
+/// dropped instead of the logger's fallback `eprintln!` panicking the request task.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

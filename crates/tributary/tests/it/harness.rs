@@ -74,6 +74,21 @@ impl Server {
         s
     }
 
+    /// Starts a server on a given (existing) data dir.
+    pub fn start_in(dir: PathBuf, env: Vec<(String, String)>) -> Server {
+        let mut s = Server {
+            child: None,
+            url: String::new(),
+            token: format!("test-token-{}", free_port()),
+            data_dir: dir,
+            port: free_port(),
+            env,
+            _tmp: None,
+        };
+        s.spawn();
+        s
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

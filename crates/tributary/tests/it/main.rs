@@ -7,6 +7,7 @@
 mod activecampaign;
 mod crash;
 mod destinations;
+mod diskfull;
 mod harness;
 mod sdk;
 mod tracking;
