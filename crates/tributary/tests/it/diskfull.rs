@@ -105,3 +105,55 @@ async fn a_full_disk_answers_503_loses_nothing_acknowledged_and_recovers() {
     assert!(ids.contains("after-1"));
     s.kill();
 }
+
+#[tokio::test]
+async fn the_warehouse_pauses_on_a_full_disk_and_catches_up_exactly_once() {
+    let test = "the_warehouse_pauses_on_a_full_disk_and_catches_up_exactly_once";
+    let holder = tempfile::tempdir().unwrap();
+    let Some(mount) = mount_tmpfs(test, holder.path(), "6m") else {
+        return;
+    };
+    let s = Server::start_in(
+        mount.0.clone(),
+        vec![("TRIBUTARY_WAREHOUSE_INTERVAL_MS".into(), "100".into())],
+    );
+    let (key, _) = key_id(&s.create_source("http", "Web", "web").await);
+    let filler = "w".repeat(2000);
+    let mut acked = 0u64;
+    let mut full = false;
+    for n in 0..3000 {
+        let batch: Vec<_> = (0..10)
+            .map(|i| json!({"type":"track","userId":"u","event":"Viewed","messageId":format!("w-{n}-{i}"),"properties":{"f":filler,"n":n}}))
+            .collect();
+        let (st, v) = s.post("/v1/batch", &key, json!({"batch": batch})).await;
+        match st {
+            200 => acked += 10,
+            503 => {
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(full, "the disk never filled");
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&mount.0)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    crate::warehouse::caught_up(&s).await;
+    for table in ["tracks", "viewed"] {
+        let (st, v) = crate::warehouse::query(
+            &s,
+            &format!("select count(*), count(distinct id) from web.{table}"),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["rows"][0][0], v["rows"][0][1], "{table}: duplicates: {v}");
+        assert!(
+            v["rows"][0][0].as_u64().unwrap() >= acked,
+            "{table}: {v} < {acked} acknowledged"
+        );
+    }
+}

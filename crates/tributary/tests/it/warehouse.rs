@@ -19,7 +19,7 @@ const EMAIL_EVENTS: [&str; 6] = [
     "Email Marked as Spam",
 ];
 
-async fn query(s: &Server, sql: &str) -> (u16, Value) {
+pub(crate) async fn query(s: &Server, sql: &str) -> (u16, Value) {
     s.admin(Method::POST, "/query", Some(json!({"sql": sql})))
         .await
 }
@@ -275,7 +275,7 @@ async fn continuous_load(
     all
 }
 
-async fn caught_up(s: &Server) {
+pub(crate) async fn caught_up(s: &Server) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = crate::harness::client()
