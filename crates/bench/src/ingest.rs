@@ -197,6 +197,8 @@ impl ServerRun {
 pub struct Report {
     /// The command line.
     pub command: String,
+    /// `git describe --always --dirty` of the source tree, when known.
+    pub revision: Option<String>,
     /// The machine.
     pub machine: Machine,
     /// `(fstype, device, mount)` of the data dirs.
@@ -238,15 +240,25 @@ pub async fn run(opts: Options, command: String, client_threads: usize) -> anyho
     }
     progress(format!("machine: {}", machine.describe()));
     progress(format!("server: {}", bin.display()));
+    // Run a private copy, so a `cargo build` elsewhere cannot swap the binary between
+    // the durable and the no-op server.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("tributary-bench-bin-")
+        .tempdir_in(&opts.tmp_dir)?;
+    let snapshot = bin_dir.path().join("tributary");
+    std::fs::copy(&bin, &snapshot)
+        .with_context(|| format!("copying {} to {}", bin.display(), snapshot.display()))?;
+    let revision = revision();
     let mut runs = Vec::new();
-    let durable = run_server(&opts, &bin, LogMode::Durable, None).await?;
+    let durable = run_server(&opts, &snapshot, LogMode::Durable, None).await?;
     let rate = durable.phase(Load::TrackLatency).and_then(|p| p.rate);
     runs.push(durable);
     if !opts.no_baseline {
-        runs.push(run_server(&opts, &bin, LogMode::Null, rate).await?);
+        runs.push(run_server(&opts, &snapshot, LogMode::Null, rate).await?);
     }
     Ok(Report {
         command,
+        revision,
         machine,
         data_fs,
         server_bin: bin,
@@ -254,6 +266,26 @@ pub async fn run(opts: Options, command: String, client_threads: usize) -> anyho
         client_threads,
         runs,
     })
+}
+
+/// The revision of the source tree the bench was run from (best effort: the crate's
+/// directory under `cargo run`, else the current directory).
+fn revision() -> Option<String> {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let out = std::process::Command::new("git")
+        .args([
+            "-C",
+            &dir,
+            "describe",
+            "--always",
+            "--dirty",
+            "--exclude",
+            "*",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }
 
 fn run_id() -> String {

@@ -139,10 +139,7 @@ struct IngestArgs {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let command = std::iter::once("tributary-bench".to_string())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = command_line();
     match args.command {
         Command::Ingest(a) => match ingest_main(a, command) {
             Ok(true) => ExitCode::SUCCESS,
@@ -204,6 +201,28 @@ fn log_main(a: LogArgs) -> anyhow::Result<()> {
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// The command line as a user would retype it: under `cargo run` (which sets
+/// `CARGO_PKG_NAME` for the program it runs) the cargo command, else the binary.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let under_cargo = std::env::var("CARGO_PKG_NAME").is_ok_and(|p| p == "tributary-bench");
+    if under_cargo {
+        let release = std::env::current_exe()
+            .map(|p| p.components().any(|c| c.as_os_str() == "release"))
+            .unwrap_or(true);
+        format!(
+            "cargo run {}-p tributary-bench -- {}",
+            if release { "--release " } else { "" },
+            args.join(" ")
+        )
+    } else {
+        std::iter::once("tributary-bench".to_string())
+            .chain(args)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// Runs the ingest bench; `Ok(false)` when the correctness check failed.

@@ -75,6 +75,9 @@ pub fn markdown(r: &Report) -> String {
     let o = &r.options;
     let _ = writeln!(s, "## Ingest benchmark\n");
     let _ = writeln!(s, "- command: `{}`", r.command);
+    if let Some(rev) = &r.revision {
+        let _ = writeln!(s, "- source: commit `{rev}`");
+    }
     let _ = writeln!(s, "- machine: {}", r.machine.describe());
     let _ = writeln!(
         s,
@@ -86,7 +89,7 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- server: `{}` (release) as a separate process on 127.0.0.1, {}; \
+        "- server: `{}` (release; a copy taken at start) as a separate process on 127.0.0.1, {}; \
          load from this process over keep-alive HTTP/1.1 ({} connections, {} client thread{}); \
          each phase {:.0?} warm-up then {:.0?} measured",
         r.server_bin.display(),
@@ -379,6 +382,7 @@ pub fn json(r: &Report) -> Value {
     };
     json!({
         "command": r.command,
+        "revision": r.revision,
         "machine": r.machine.to_json(),
         "data_dir": {"path": r.options.tmp_dir, "fstype": r.data_fs.0, "device": r.data_fs.1, "mount": r.data_fs.2},
         "server_bin": r.server_bin,
