@@ -201,17 +201,28 @@ pub fn prepare(
     type Tables = Vec<(String, TableKind, Vec<Planned>)>;
     let mut schemas: Vec<(String, Tables)> = Vec::new();
     let mut schema_index: HashMap<String, usize> = HashMap::new();
-    let mut table_index: HashMap<(usize, String), usize> = HashMap::new();
+    // Per schema: table name → index in its `Tables`.
+    let mut table_index: Vec<HashMap<String, usize>> = Vec::new();
     for (schema, p) in planned {
-        let si = *schema_index.entry(schema.clone()).or_insert_with(|| {
-            schemas.push((schema, Vec::new()));
-            schemas.len() - 1
-        });
+        let si = match schema_index.get(&schema) {
+            Some(&si) => si,
+            None => {
+                schemas.push((schema.clone(), Vec::new()));
+                table_index.push(HashMap::new());
+                schema_index.insert(schema, schemas.len() - 1);
+                schemas.len() - 1
+            }
+        };
         let tables = &mut schemas[si].1;
-        let ti = *table_index.entry((si, p.table.clone())).or_insert_with(|| {
-            tables.push((p.table.clone(), p.kind, Vec::new()));
-            tables.len() - 1
-        });
+        let index = &mut table_index[si];
+        let ti = match index.get(&p.table) {
+            Some(&ti) => ti,
+            None => {
+                index.insert(p.table.clone(), tables.len());
+                tables.push((p.table.clone(), p.kind, Vec::new()));
+                tables.len() - 1
+            }
+        };
         tables[ti].2.push(p);
     }
 
@@ -224,7 +235,7 @@ pub fn prepare(
             tables.sort_by_key(|(_, kind, _)| *kind == TableKind::Users);
             let mut count = state.tables.len();
             let mut discards = Vec::new();
-            let mut loads = Vec::with_capacity(tables.len());
+            let mut jobs = Vec::with_capacity(tables.len());
             for (table, kind, rows) in tables {
                 let existing = state.tables.get(&table);
                 if existing.is_none() {
@@ -235,12 +246,12 @@ pub fn prepare(
                     }
                     count += 1;
                 }
-                loads.push(type_table(existing, table, kind, rows));
+                jobs.push((existing, table, kind, rows));
             }
             SchemaLoad {
                 schema,
                 known_to_exist: state.exists,
-                tables: loads,
+                tables: type_tables(jobs),
                 discards,
             }
         })
@@ -250,6 +261,55 @@ pub fn prepare(
         last_seq,
         loaded_at,
     }
+}
+
+/// Below this many rows a schema's tables are typed on the calling thread only.
+const PARALLEL_MIN_ROWS: usize = 2000;
+
+/// One table to type: its known schema, name, kind and rows.
+type TableJob<'a> = (Option<&'a TableSchema>, String, TableKind, Vec<Planned>);
+
+/// Types the tables of one schema, in order. Tables are independent, so a large batch
+/// (`tracks` plus event tables) is typed on two threads: the biggest tables are
+/// spread over both, and the results are put back in the input order.
+fn type_tables(jobs: Vec<TableJob<'_>>) -> Vec<TableLoad> {
+    let total: usize = jobs.iter().map(|j| j.3.len()).sum();
+    if jobs.len() < 2 || total < PARALLEL_MIN_ROWS {
+        return jobs
+            .into_iter()
+            .map(|(existing, table, kind, rows)| type_table(existing, table, kind, rows))
+            .collect();
+    }
+    let n = jobs.len();
+    let mut jobs: Vec<(usize, TableJob<'_>)> = jobs.into_iter().enumerate().collect();
+    jobs.sort_by_key(|(_, j)| std::cmp::Reverse(j.3.len()));
+    let (mut here, mut there) = (Vec::new(), Vec::new());
+    let (mut here_rows, mut there_rows) = (0, 0);
+    for job in jobs {
+        if here_rows <= there_rows {
+            here_rows += job.1.3.len();
+            here.push(job);
+        } else {
+            there_rows += job.1.3.len();
+            there.push(job);
+        }
+    }
+    let run = |jobs: Vec<(usize, TableJob<'_>)>| -> Vec<(usize, TableLoad)> {
+        jobs.into_iter()
+            .map(|(i, (existing, table, kind, rows))| (i, type_table(existing, table, kind, rows)))
+            .collect()
+    };
+    let (mut done, other) = std::thread::scope(|s| {
+        let other = s.spawn(|| run(there));
+        (run(here), other.join())
+    });
+    match other {
+        Ok(other) => done.extend(other),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    debug_assert_eq!(done.len(), n);
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, t)| t).collect()
 }
 
 /// The discard for an event row that gets no table (the schema is at [`MAX_TABLES`]):
@@ -292,10 +352,17 @@ fn type_table(
     const OVER_CAP: usize = usize::MAX;
     let mut used: Vec<bool> = vec![false; after.len()];
     let mut slots: Vec<Vec<usize>> = Vec::with_capacity(rows.len());
+    // Rows of a table mostly carry the same columns in the same order: the previous
+    // row's column at the same position is tried before the (hashing) index lookup.
+    let mut hint: Vec<usize> = Vec::new();
     for p in &rows {
         let mut row_slots = Vec::with_capacity(p.row.values.len());
-        for (col, value) in &p.row.values {
-            let slot = match after.index_of(col) {
+        for (k, (col, value)) in p.row.values.iter().enumerate() {
+            let found = match hint.get(k) {
+                Some(&i) if i != OVER_CAP && after.columns[i].0 == *col => Some(i),
+                _ => after.index_of(col),
+            };
+            let slot = match found {
                 Some(i) => {
                     // Only a bigint column can widen, and only for a fractional number:
                     // skip inference (timestamp parsing) for everything else.
@@ -324,6 +391,7 @@ fn type_table(
             }
             row_slots.push(slot);
         }
+        hint.clone_from(&row_slots);
         slots.push(row_slots);
     }
 

@@ -431,6 +431,17 @@ impl RowBuilder {
     /// kept, any other non-null value is reported in `dropped`.
     fn finish(mut self) -> PlannedRow {
         let values = &mut self.row.values;
+        // Names in order with their positions; a stable sort keeps the first of equal
+        // names first. Rows rarely have duplicates: no hashing on the common path.
+        let mut sorted: Vec<(&str, usize)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, (col, _))| (col.as_str(), i))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        if sorted.windows(2).all(|w| w[0].0 != w[1].0) {
+            return self.row;
+        }
         let mut duplicates: Vec<(usize, usize)> = Vec::new();
         {
             let mut first: HashMap<&str, usize> = HashMap::with_capacity(values.len());
@@ -441,9 +452,6 @@ impl RowBuilder {
                     first.insert(col.as_str(), i);
                 }
             }
-        }
-        if duplicates.is_empty() {
-            return self.row;
         }
         for &(i, j) in &duplicates {
             if values[j].1.is_null() {
