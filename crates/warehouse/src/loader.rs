@@ -8,6 +8,14 @@
 //! only after a commit and dropped after any failure, so it is re-read from the
 //! warehouse before the retry.
 //!
+//! Pipelining: while a batch commits and a full batch already waits in the log (a
+//! backlog), the next batch is read, planned and typed against the schema cache as
+//! the commit will leave it. It is kept only if the commit succeeded and used only if
+//! the cache is then exactly the one it was typed against (no `already_loaded`, no
+//! failure, no split); otherwise it is rebuilt. It is a batch like any other: its
+//! rows and its position are committed together in its own transaction, after the
+//! previous one. Planning and typing of a large batch use two threads.
+//!
 //! Invariants: the position only moves after the backend committed (exactly once is
 //! the backend's transaction; see the crate docs); records are loaded in log order;
 //! a transient failure retries the same records with exponential backoff and jitter
@@ -27,9 +35,9 @@ use tokio::sync::watch;
 use tributary_eventlog::{EventLog, Record};
 
 use crate::backend::{Backend, CONSUMER, LoadError};
-use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, prepare};
+use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
-use crate::plan::{Skip, plan_record_at};
+use crate::plan::{Planned, Skip, plan_record_at};
 use crate::{Lag, SchemaCatalog, WarehouseConfig};
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
@@ -101,6 +109,144 @@ pub(crate) struct Loader {
     config: WarehouseConfig,
     shared: Arc<Shared>,
     known: HashMap<String, SchemaState>,
+    /// The next batch, read and built while the previous one committed.
+    ahead: Option<Ahead>,
+}
+
+/// The records after position `after`, read (and if possible built) while the batch
+/// ending at `after` committed. Used only if the loader's position is then `after`.
+struct Ahead {
+    after: u64,
+    records: Arc<Vec<Record>>,
+    batch: Option<Prebuilt>,
+}
+
+/// A batch built ahead, and the schema cache it was typed against.
+struct Prebuilt {
+    known: HashMap<String, SchemaState>,
+    batch: LoadBatch,
+}
+
+/// The schema each table of a batch has once the batch is committed.
+type SchemaChanges = Vec<(String, Vec<(String, TableSchema)>)>;
+
+fn schema_changes(batch: &LoadBatch) -> SchemaChanges {
+    batch
+        .schemas
+        .iter()
+        .map(|s| {
+            (
+                s.schema.clone(),
+                s.tables
+                    .iter()
+                    .map(|t| (t.table.clone(), t.after.clone()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Applies a committed batch's schema changes to the loader's cache.
+fn adopt(known: &mut HashMap<String, SchemaState>, changes: &SchemaChanges) {
+    for (schema, tables) in changes {
+        let state = known.entry(schema.clone()).or_default();
+        state.exists = true;
+        for (table, columns) in tables {
+            state.tables.insert(table.clone(), columns.clone());
+        }
+    }
+}
+
+/// Reads the records after `after` and, when every schema they load into is in
+/// `known` (nothing to describe), plans and types them against it. `None` when
+/// nothing could be read.
+async fn build_ahead(
+    log: Arc<dyn EventLog>,
+    catalog: Arc<dyn SchemaCatalog>,
+    after: u64,
+    max: usize,
+    known: HashMap<String, SchemaState>,
+) -> Option<Ahead> {
+    let records = Arc::new(read_log(log.as_ref(), after, max).await.ok()?);
+    let last_seq = records.last()?.seq;
+    let now = Utc::now();
+    let input = records.clone();
+    let batch = blocking(move || {
+        let (planned, schemas) = plan_records(catalog.as_ref(), &input, now);
+        if !schemas.iter().all(|s| known.contains_key(s)) {
+            return None;
+        }
+        let batch = prepare(&known, planned, last_seq, now);
+        Some(Prebuilt { known, batch })
+    })
+    .await
+    .ok()
+    .flatten();
+    Some(Ahead {
+        after,
+        records,
+        batch,
+    })
+}
+
+/// Below this many records a batch is planned on the calling thread only.
+const PARALLEL_MIN_RECORDS: usize = 2000;
+
+/// Plans the rows of `records`: `(schema, row)` in log order, and the schemas seen.
+/// Records without a usable schema or that cannot be planned are skipped (counted and
+/// logged). Planning is per record, so a large batch is planned in two halves on two
+/// threads and the halves are joined in order.
+fn plan_records(
+    catalog: &dyn SchemaCatalog,
+    records: &[Record],
+    now: DateTime<Utc>,
+) -> (Vec<(String, Planned)>, BTreeSet<String>) {
+    let uuid_ts = crate::types::format_timestamp(&now);
+    if records.len() < PARALLEL_MIN_RECORDS {
+        return plan_slice(catalog, records, &uuid_ts);
+    }
+    let (first, second) = records.split_at(records.len() / 2);
+    let ((mut planned, mut schemas), other) = std::thread::scope(|s| {
+        let other = s.spawn(|| plan_slice(catalog, second, &uuid_ts));
+        (plan_slice(catalog, first, &uuid_ts), other.join())
+    });
+    match other {
+        Ok((more, more_schemas)) => {
+            planned.extend(more);
+            schemas.extend(more_schemas);
+        }
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    (planned, schemas)
+}
+
+fn plan_slice(
+    catalog: &dyn SchemaCatalog,
+    records: &[Record],
+    uuid_ts: &str,
+) -> (Vec<(String, Planned)>, BTreeSet<String>) {
+    let mut planned = Vec::with_capacity(records.len() * 2);
+    let mut schemas = BTreeSet::new();
+    for record in records {
+        let Some(schema) = schema_of(catalog, record) else {
+            continue;
+        };
+        match plan_record_at(record, uuid_ts) {
+            Ok(rows) => {
+                schemas.insert(schema.clone());
+                planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
+            }
+            Err(skip) => {
+                metrics::counter!("tributary_warehouse_skipped_total").increment(1);
+                let reason = match skip {
+                    Skip::BadPayload(r) => r,
+                    Skip::UnknownType(t) => format!("unknown call type {t:?}"),
+                };
+                tracing::warn!(seq = record.seq, message_id = %record.message_id, %reason, "record not loaded");
+            }
+        }
+    }
+    (planned, schemas)
 }
 
 /// Why loading a chunk of records stopped.
@@ -141,6 +287,7 @@ impl Loader {
             config,
             shared,
             known: HashMap::new(),
+            ahead: None,
         }
     }
 
@@ -190,7 +337,20 @@ impl Loader {
                     continue;
                 }
             }
-            let records = match self.read(cursor).await {
+            let ahead = match self.ahead.take() {
+                Some(a) if a.after == cursor => Some(a),
+                _ => None,
+            };
+            let (records, prebuilt) = match ahead {
+                Some(a) => (Ok(a.records), a.batch),
+                None => (
+                    read_log(self.log.as_ref(), cursor, self.config.batch_max)
+                        .await
+                        .map(Arc::new),
+                    None,
+                ),
+            };
+            let records = match records {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "warehouse loader cannot read the event log");
@@ -211,7 +371,7 @@ impl Loader {
             self.shared
                 .pending_since_ms
                 .store(records[0].received_at_ms.max(1), Ordering::Release);
-            match self.load(records, &mut stop).await {
+            match self.load(records, prebuilt, &mut stop).await {
                 true => {
                     cursor = last;
                     self.shared.pending_since_ms.store(0, Ordering::Release);
@@ -262,29 +422,23 @@ impl Loader {
         }
     }
 
-    /// Reads up to `batch_max` records after `cursor`.
-    async fn read(&self, cursor: u64) -> Result<Vec<Record>, tributary_eventlog::LogError> {
-        let max = self.config.batch_max;
-        let mut out = self.log.read(cursor, max).await?;
-        while !out.is_empty() && out.len() < max {
-            let after = out.last().map_or(cursor, |r| r.seq);
-            let more = self.log.read(after, max - out.len()).await?;
-            if more.is_empty() {
-                break;
-            }
-            out.extend(more);
-        }
-        Ok(out)
-    }
-
-    /// Loads `records` (in order). Returns false when shutdown interrupted it before
-    /// everything was committed.
-    async fn load(&mut self, records: Vec<Record>, stop: &mut watch::Receiver<bool>) -> bool {
-        let records = Arc::new(records);
+    /// Loads `records` (in order), starting from `prebuilt` when it was built ahead
+    /// (see [`Ahead`]). Returns false when shutdown interrupted it before everything
+    /// was committed.
+    async fn load(
+        &mut self,
+        records: Arc<Vec<Record>>,
+        prebuilt: Option<Prebuilt>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut prebuilt = prebuilt;
         let mut chunks: VecDeque<Range<usize>> = VecDeque::new();
         chunks.push_back(0..records.len());
         while let Some(chunk) = chunks.pop_front() {
-            match self.load_chunk(&records, chunk.clone(), stop).await {
+            match self
+                .load_chunk(&records, chunk.clone(), prebuilt.take(), stop)
+                .await
+            {
                 Ok(()) => {}
                 Err(ChunkError::Stopped) => return false,
                 Err(ChunkError::Permanent(e)) if chunk.len() > 1 => {
@@ -303,17 +457,29 @@ impl Loader {
         true
     }
 
-    /// Loads one chunk, retrying transient failures.
+    /// Loads one chunk, retrying transient failures. A `prebuilt` batch is used for the
+    /// first attempt only, and only if it was typed against exactly the schema the
+    /// loader knows now; otherwise the chunk is built afresh.
     async fn load_chunk(
         &mut self,
         records: &Arc<Vec<Record>>,
         chunk: Range<usize>,
+        prebuilt: Option<Prebuilt>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), ChunkError> {
         let mut attempt = 0u32;
         let mut permanent = 0u32;
+        let mut prebuilt =
+            prebuilt.filter(|p| chunk == (0..records.len()) && p.known == self.known);
         loop {
-            let result = match self.build(records.clone(), chunk.clone()).await {
+            let batch = match prebuilt.take() {
+                Some(p) => Ok(p.batch),
+                None => self.build(records.clone(), chunk.clone()).await,
+            };
+            let result = match batch {
+                Ok(batch) if chunk == (0..records.len()) => {
+                    self.commit_and_build_ahead(batch).await
+                }
                 Ok(batch) => self.commit(batch).await,
                 Err(e) => Err(e),
             };
@@ -343,6 +509,30 @@ impl Loader {
         }
     }
 
+    /// Commits a whole batch and, while the warehouse works on it, reads, plans and
+    /// types the next one when a full batch already waits in the log (a backlog), so
+    /// the next commit can start as soon as this one ends. The batch built ahead is
+    /// typed against the schema as it will be *if this commit succeeds*; it is kept
+    /// only on success, and [`Loader::load_chunk`] uses it only if the loader's schema
+    /// cache is then exactly that (no `already_loaded`, no failure in between).
+    async fn commit_and_build_ahead(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
+        self.ahead = None;
+        let after = batch.last_seq;
+        let head = *self.shared.head.borrow();
+        let max = self.config.batch_max;
+        if head.saturating_sub(after) < max as u64 {
+            return self.commit(batch).await;
+        }
+        let mut known = self.known.clone();
+        adopt(&mut known, &schema_changes(&batch));
+        let next = build_ahead(self.log.clone(), self.catalog.clone(), after, max, known);
+        let (result, ahead) = tokio::join!(self.commit(batch), next);
+        if result.is_ok() {
+            self.ahead = ahead;
+        }
+        result
+    }
+
     /// Plans and types a chunk of records. The CPU work (JSON parsing, naming, typing)
     /// runs on a blocking thread, never on the async runtime.
     async fn build(
@@ -353,32 +543,8 @@ impl Loader {
         let now = Utc::now();
         let last_seq = records[chunk.end - 1].seq;
         let catalog = self.catalog.clone();
-        let (planned, schemas) = blocking(move || {
-            let uuid_ts = crate::types::format_timestamp(&now);
-            let mut planned = Vec::with_capacity(chunk.len() * 2);
-            let mut schemas = BTreeSet::new();
-            for record in &records[chunk] {
-                let Some(schema) = schema_of(catalog.as_ref(), record) else {
-                    continue;
-                };
-                match plan_record_at(record, &uuid_ts) {
-                    Ok(rows) => {
-                        schemas.insert(schema.clone());
-                        planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
-                    }
-                    Err(skip) => {
-                        metrics::counter!("tributary_warehouse_skipped_total").increment(1);
-                        let reason = match skip {
-                            Skip::BadPayload(r) => r,
-                            Skip::UnknownType(t) => format!("unknown call type {t:?}"),
-                        };
-                        tracing::warn!(seq = record.seq, message_id = %record.message_id, %reason, "record not loaded");
-                    }
-                }
-            }
-            (planned, schemas)
-        })
-        .await?;
+        let (planned, schemas) =
+            blocking(move || plan_records(catalog.as_ref(), &records[chunk], now)).await?;
         self.describe(schemas).await?;
         let known = std::mem::take(&mut self.known);
         let (batch, known) = blocking(move || {
@@ -404,32 +570,14 @@ impl Loader {
     async fn commit(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
         let started = Instant::now();
         let last_seq = batch.last_seq;
-        let after: Vec<(String, Vec<(String, crate::evolve::TableSchema)>)> = batch
-            .schemas
-            .iter()
-            .map(|s| {
-                (
-                    s.schema.clone(),
-                    s.tables
-                        .iter()
-                        .map(|t| (t.table.clone(), t.after.clone()))
-                        .collect(),
-                )
-            })
-            .collect();
+        let changes = schema_changes(&batch);
         let stats = self.backend.apply(batch).await?;
         if stats.already_loaded {
             // Another loader (or an earlier attempt) committed it; the cache may be
             // behind that loader's DDL.
             self.known.clear();
         } else {
-            for (schema, tables) in after {
-                let state = self.known.entry(schema).or_default();
-                state.exists = true;
-                for (table, columns) in tables {
-                    state.tables.insert(table, columns);
-                }
-            }
+            adopt(&mut self.known, &changes);
         }
         self.shared.loaded_seq.store(last_seq, Ordering::Release);
         self.shared.retrying.store(false, Ordering::Release);
@@ -473,6 +621,24 @@ impl Loader {
             }
         }
     }
+}
+
+/// Reads up to `max` records after `cursor`.
+async fn read_log(
+    log: &dyn EventLog,
+    cursor: u64,
+    max: usize,
+) -> Result<Vec<Record>, tributary_eventlog::LogError> {
+    let mut out = log.read(cursor, max).await?;
+    while !out.is_empty() && out.len() < max {
+        let after = out.last().map_or(cursor, |r| r.seq);
+        let more = log.read(after, max - out.len()).await?;
+        if more.is_empty() {
+            break;
+        }
+        out.extend(more);
+    }
+    Ok(out)
 }
 
 /// The schema a record loads into, if its source has a usable one.
