@@ -470,14 +470,15 @@ async fn measure(
 }
 
 /// Waits up to `limit` until the rest of the machine is idle: less than
-/// [`QUIET_CORES`] of CPU used over a 1 s sample (the server under test is idle
-/// between phases, and so is the bench).
+/// [`QUIET_CORES`] of CPU used in each of [`QUIET_SECONDS`] consecutive 1 s samples
+/// (the server under test is idle between phases, and so is the bench).
 pub async fn wait_quiet(limit: Duration) {
     if limit.is_zero() {
         return;
     }
     let deadline = Instant::now() + limit;
     let mut warned = false;
+    let mut quiet = 0;
     loop {
         let (b0, s0) = machine::machine_cpu_secs();
         let t0 = Instant::now();
@@ -485,8 +486,13 @@ pub async fn wait_quiet(limit: Duration) {
         let (b1, s1) = machine::machine_cpu_secs();
         let busy = ((b1 - b0) - (s1 - s0)) / t0.elapsed().as_secs_f64();
         if busy < QUIET_CORES {
-            return;
+            quiet += 1;
+            if quiet >= QUIET_SECONDS {
+                return;
+            }
+            continue;
         }
+        quiet = 0;
         if Instant::now() >= deadline {
             progress(format!(
                 "  the machine is still busy ({busy:.2} cores used by other processes); going on anyway"
@@ -504,6 +510,8 @@ pub async fn wait_quiet(limit: Duration) {
 
 /// CPU use (in cores) below which the machine counts as quiet.
 const QUIET_CORES: f64 = 0.15;
+/// Consecutive quiet seconds needed before a phase starts.
+const QUIET_SECONDS: u32 = 3;
 
 fn status_delta(m0: &Metrics, m1: &Metrics, label: &str) -> f64 {
     m1.sum_with("tributary_http_requests_total", label)
