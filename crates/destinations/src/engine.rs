@@ -493,7 +493,7 @@ impl Engine {
                     continue;
                 }
                 if let Some(item) = Item::from_record(r, false)
-                    && selector.accepts_payload(&item.value)
+                    && selector.accepts_integrations(item.integrations.as_deref())
                 {
                     seqs.push_back(seq);
                 }

@@ -96,7 +96,8 @@ impl Selector {
         event: Option<&str>,
         payload: &Value,
     ) -> bool {
-        self.accepts_record(source_id, call_type, event) && self.accepts_payload(payload)
+        self.accepts_record(source_id, call_type, event)
+            && self.accepts_integrations(payload.get("integrations"))
     }
 
     /// The checks that need only the log record's columns (cheap: no JSON).
@@ -124,9 +125,10 @@ impl Selector {
         true
     }
 
-    /// The check on the message itself: its `integrations` object.
-    pub(crate) fn accepts_payload(&self, payload: &Value) -> bool {
-        integrations_allow(payload.get("integrations"), &self.names)
+    /// The check on the message itself: its `integrations` object (`None` when
+    /// it has none).
+    pub(crate) fn accepts_integrations(&self, integrations: Option<&Value>) -> bool {
+        integrations_allow(integrations, &self.names)
     }
 }
 

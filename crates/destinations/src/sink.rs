@@ -10,19 +10,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Number, Value};
 
 use tributary_eventlog::Record;
 
 use crate::retry::DeliveryError;
 
 /// One event on its way to a destination.
+///
+/// Only the fields the engine routes on are read from the payload (`userId`,
+/// `anonymousId`, `integrations`; call type and event name are log columns): the
+/// payload itself stays the stored string, which JSON sinks splice into request
+/// bodies verbatim. Sinks that transform events parse it themselves
+/// ([`Item::value`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Item {
     /// The log record (its `payload` is sent verbatim by JSON sinks).
     pub record: Arc<Record>,
-    /// The payload, parsed.
-    pub value: Arc<Value>,
+    /// The payload's `integrations` object, when it has one.
+    pub integrations: Option<Arc<Value>>,
     /// The ordering key: one user's events are delivered in log order.
     pub user: Arc<str>,
     /// Read from the live cursor (false for replays).
@@ -33,14 +41,48 @@ pub(crate) struct Item {
     pub dead_letter_id: Option<i64>,
 }
 
+/// The routing fields of a payload, borrowed from it; everything else is skipped
+/// unparsed but still checked to be JSON. (Skipped parts get a syntax check only:
+/// serde_json neither range-checks numbers nor pairs `\u` surrogates it skips.
+/// Payloads in the log are written by serde_json, so never differ on that.)
+#[derive(Deserialize)]
+struct Routing<'a> {
+    #[serde(rename = "userId", borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "anonymousId", borrow, default)]
+    anonymous_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    integrations: Option<&'a RawValue>,
+}
+
 impl Item {
     /// Builds an item from a log record; `None` when the payload is not JSON.
     pub(crate) fn from_record(r: Record, live: bool) -> Option<Item> {
-        let value: Value = serde_json::from_str(&r.payload).ok()?;
+        let (user, integrations) = match serde_json::from_str::<Routing<'_>>(&r.payload) {
+            Ok(route) if r.payload.trim_start().starts_with('{') => {
+                let user = key_from_ids(
+                    raw_id(route.user_id),
+                    raw_id(route.anonymous_id),
+                    &r.message_id,
+                );
+                let integrations = route
+                    .integrations
+                    .filter(|raw| raw.get().starts_with('{'))
+                    .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+                (user, integrations)
+            }
+            // Not an object, a repeated key, or not JSON: the general (slow) path
+            // decides, exactly as for any other payload.
+            _ => {
+                let value: Value = serde_json::from_str(&r.payload).ok()?;
+                let integrations = value.get("integrations").filter(|v| v.is_object()).cloned();
+                (user_key(&value, &r.message_id), integrations)
+            }
+        };
         Some(Item {
-            user: user_key(&value, &r.message_id).into(),
+            user: user.into(),
             record: Arc::new(r),
-            value: Arc::new(value),
+            integrations: integrations.map(Arc::new),
             live,
             maybe_dup: false,
             dead_letter_id: None,
@@ -55,6 +97,11 @@ impl Item {
     /// The payload as stored.
     pub(crate) fn raw(&self) -> &str {
         &self.record.payload
+    }
+
+    /// The payload, parsed (for sinks that transform events).
+    pub(crate) fn value(&self) -> serde_json::Result<Value> {
+        serde_json::from_str(self.raw())
     }
 
     /// Bytes this item adds to a request body.
@@ -73,12 +120,31 @@ pub(crate) fn user_key(v: &Value, message_id: &str) -> String {
             _ => None,
         }
     }
-    if let Some(u) = id(v.get("userId")) {
+    key_from_ids(id(v.get("userId")), id(v.get("anonymousId")), message_id)
+}
+
+fn key_from_ids(user: Option<String>, anonymous: Option<String>, message_id: &str) -> String {
+    if let Some(u) = user {
         format!("u:{u}")
-    } else if let Some(a) = id(v.get("anonymousId")) {
+    } else if let Some(a) = anonymous {
         format!("a:{a}")
     } else {
         format!("m:{message_id}")
+    }
+}
+
+/// An identity as [`user_key`] reads it, from unparsed JSON: a non-empty string or
+/// a number (in serde_json's canonical form); anything else is no identity.
+fn raw_id(raw: Option<&RawValue>) -> Option<String> {
+    let text = raw?.get();
+    match text.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(text)
+            .ok()
+            .filter(|s| !s.is_empty()),
+        b'-' | b'0'..=b'9' => serde_json::from_str::<Number>(text)
+            .ok()
+            .map(|n| n.to_string()),
+        _ => None,
     }
 }
 
@@ -172,5 +238,53 @@ mod tests {
         );
         assert_eq!(user_key(&json!({"userId": 42}), "m"), "u:42");
         assert_eq!(user_key(&json!({}), "m1"), "m:m1");
+    }
+
+    fn record(payload: &str) -> Record {
+        Record {
+            seq: 1,
+            source_id: "s".into(),
+            message_id: "m1".into(),
+            call_type: "track".into(),
+            event: None,
+            received_at_ms: 0,
+            payload: payload.into(),
+        }
+    }
+
+    /// The routing fields read without parsing the payload match a full parse.
+    #[test]
+    fn routing_fields_match_a_full_parse() {
+        for payload in [
+            r#"{"userId":"u1","anonymousId":"a"}"#,
+            r#"{"userId":"","anonymousId":"a"}"#,
+            r#"{"userId":null,"anonymousId":7}"#,
+            r#"{"userId":42}"#,
+            r#"{"userId":-1.50e3}"#,
+            r#"{"userId":1e2,"integrations":{"All":false,"X":{"a":[1]}}}"#,
+            r#"{"userId":"a\"b\u00e9\n","properties":{"x":[1,{"y":"z"}]}}"#,
+            r#"{"userId":{"nested":1},"anonymousId":["a"],"integrations":null}"#,
+            r#"{"userId":true,"anonymousId":"\ud83d\ude00","integrations":[1]}"#,
+            r#" { "userId" : "sp" , "integrations" : { "All" : true } } "#,
+            r#"{"userId":"first","userId":"second"}"#,
+            r#"{}"#,
+            r#"[1,2]"#,
+            r#""just a string""#,
+            r#"12"#,
+        ] {
+            let item = Item::from_record(record(payload), true).unwrap();
+            let v: Value = serde_json::from_str(payload).unwrap();
+            assert_eq!(&*item.user, user_key(&v, "m1"), "{payload}");
+            assert_eq!(
+                item.integrations.as_deref(),
+                v.get("integrations").filter(|i| i.is_object()),
+                "{payload}"
+            );
+            assert_eq!(item.raw(), payload);
+            assert_eq!(item.value().unwrap(), v);
+        }
+        for bad in ["", "{", r#"{"userId":"u1"} x"#, r#"{"a":tru}"#, "not json"] {
+            assert!(Item::from_record(record(bad), true).is_none(), "{bad}");
+        }
     }
 }

@@ -486,7 +486,11 @@ impl Worker {
             tracing::warn!(destination = %self.shared.id, seq, "log record is not JSON; skipped");
             return;
         };
-        if !self.shared.selector.accepts_payload(&item.value) {
+        if !self
+            .shared
+            .selector
+            .accepts_integrations(item.integrations.as_deref())
+        {
             return;
         }
         item.maybe_dup = maybe_dup;

@@ -512,8 +512,14 @@ impl Sink for ActivecampaignSink {
         let mut report = SendReport::default();
         for (i, item) in items.iter().enumerate() {
             let sent = match item.record.call_type.as_str() {
-                "identify" => self.identify(&item.value).await?,
-                "track" => self.track(&item.value).await?,
+                "identify" => match item.value() {
+                    Ok(v) => self.identify(&v).await?,
+                    Err(_) => false,
+                },
+                "track" => match item.value() {
+                    Ok(v) => self.track(&v).await?,
+                    Err(_) => false,
+                },
                 _ => false,
             };
             if !sent {
