@@ -320,6 +320,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         .values
         .into_iter()
         .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.into_owned(), v))
         .collect();
     Discard {
         seq: p.row.seq,
@@ -370,7 +371,7 @@ fn type_table(
                         && matches!(value, Value::Number(_))
                         && let Some(ty) = infer(value)
                         && let Some(wider) = widens(ColumnType::Bigint, ty)
-                        && !fixed.iter().any(|(f, _)| f == col)
+                        && !fixed.iter().any(|(f, _)| *f == col.as_ref())
                     {
                         after.columns[i].1 = wider;
                     }
@@ -380,7 +381,7 @@ fn type_table(
                     None => OVER_CAP, // a null never creates a column
                     Some(_) if after.len() >= MAX_COLUMNS => OVER_CAP,
                     Some(ty) => {
-                        after.push(col.clone(), ty);
+                        after.push(col.to_string(), ty);
                         used.push(false);
                         after.len() - 1
                     }
@@ -428,7 +429,7 @@ fn type_table(
                 if slot == OVER_CAP {
                     if !value.is_null() {
                         discard(
-                            col,
+                            col.into_owned(),
                             value_text(&value),
                             format!("table has reached the limit of {MAX_COLUMNS} columns"),
                         );
@@ -438,7 +439,7 @@ fn type_table(
                 let pos = position[slot];
                 match cast_owned(value, columns[pos].1) {
                     Ok(cell) => cells[pos] = cell,
-                    Err((reason, value)) => discard(col, value_text(&value), reason),
+                    Err((reason, value)) => discard(col.into_owned(), value_text(&value), reason),
                 }
             }
             for (col, value, reason) in row.dropped {
@@ -529,7 +530,7 @@ mod tests {
             .as_object()
             .expect("object")
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone().into(), v.clone()))
             .collect();
         (
             "web".to_string(),

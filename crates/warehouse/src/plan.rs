@@ -21,6 +21,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use tributary_eventlog::Record;
 
@@ -144,8 +145,9 @@ pub struct PlannedRow {
     pub key: String,
     /// `receivedAt` of the record, for discards.
     pub received_at: Option<DateTime<Utc>>,
-    /// Column name → JSON leaf, in column order; nulls included.
-    pub values: Vec<(String, Value)>,
+    /// Column name → JSON leaf, in column order; nulls included. Fixed columns'
+    /// names are borrowed (no allocation per row), property columns' owned.
+    pub values: Vec<(Cow<'static, str>, Value)>,
     /// Values dropped while planning (name collisions): (column, value, reason).
     pub dropped: Vec<(String, String, String)>,
 }
@@ -403,8 +405,8 @@ impl RowBuilder {
     }
 
     /// Sets a fixed column.
-    fn push(&mut self, column: &str, value: Value) {
-        self.row.values.push((column.to_string(), value));
+    fn push(&mut self, column: &'static str, value: Value) {
+        self.row.values.push((Cow::Borrowed(column), value));
     }
 
     /// Adds the `context_*` columns.
@@ -413,7 +415,7 @@ impl RowBuilder {
         let fixed = self.fixed;
         for (path, value) in flatten_owned(ctx, "context") {
             let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), true);
-            self.row.values.push((col, value));
+            self.row.values.push((Cow::Owned(col), value));
         }
     }
 
@@ -423,7 +425,7 @@ impl RowBuilder {
         let fixed = self.fixed;
         for (path, value) in flat {
             let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), false);
-            self.row.values.push((col, value));
+            self.row.values.push((Cow::Owned(col), value));
         }
     }
 
@@ -436,7 +438,7 @@ impl RowBuilder {
         let mut sorted: Vec<(&str, usize)> = values
             .iter()
             .enumerate()
-            .map(|(i, (col, _))| (col.as_str(), i))
+            .map(|(i, (col, _))| (col.as_ref(), i))
             .collect();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
         if sorted.windows(2).all(|w| w[0].0 != w[1].0) {
@@ -446,10 +448,10 @@ impl RowBuilder {
         {
             let mut first: HashMap<&str, usize> = HashMap::with_capacity(values.len());
             for (i, (col, _)) in values.iter().enumerate() {
-                if let Some(&j) = first.get(col.as_str()) {
+                if let Some(&j) = first.get(col.as_ref()) {
                     duplicates.push((i, j));
                 } else {
-                    first.insert(col.as_str(), i);
+                    first.insert(col.as_ref(), i);
                 }
             }
         }
@@ -459,7 +461,7 @@ impl RowBuilder {
             } else if !values[i].1.is_null() {
                 let value = value_text(&values[i].1);
                 self.row.dropped.push((
-                    values[i].0.clone(),
+                    values[i].0.to_string(),
                     value,
                     "another key of the message has the same column name".into(),
                 ));
@@ -523,7 +525,7 @@ mod tests {
     }
 
     fn columns(row: &PlannedRow) -> Vec<&str> {
-        row.values.iter().map(|(c, _)| c.as_str()).collect()
+        row.values.iter().map(|(c, _)| c.as_ref()).collect()
     }
 
     #[test]

@@ -310,6 +310,9 @@ impl PostgresBackend {
             // The session may be broken; do not return it to the pool.
             let _ = deadpool_postgres::Object::take(client);
         }
+        // Freeing a batch's rows takes milliseconds: do it off the loader's path (the
+        // next commit waits on this one returning).
+        tokio::task::spawn_blocking(move || drop(batch));
         result
     }
 
