@@ -7,7 +7,10 @@
 //! once per [`WarehouseConfig::batch_interval`], plans their rows (module `plan`), types
 //! them and evolves the schema (module `evolve`: new columns online, `bigint` → `double`
 //! widening, uncastable values to `<schema>.tributary_discards`) and hands the batch to
-//! the backend.
+//! the backend. When a backlog waits, the next batch is read, planned and typed while
+//! the previous one commits; it is used only if that commit succeeded and left the
+//! schema as the batch assumed, and it commits in its own transaction (module
+//! `loader`).
 //!
 //! **Exactly once.** The loader's position (the last log sequence number loaded) is
 //! stored in the warehouse and written in the *same transaction* as the rows: on
