@@ -191,9 +191,9 @@ impl LoadBatch {
 ///
 /// `planned` is `(schema, row)` in log order. Schemas absent from `known` are treated
 /// as empty (everything is created).
-pub fn prepare(
+pub fn prepare<S: AsRef<str>>(
     known: &HashMap<String, SchemaState>,
-    planned: Vec<(String, Planned)>,
+    planned: Vec<(S, Planned)>,
     last_seq: u64,
     loaded_at: DateTime<Utc>,
 ) -> LoadBatch {
@@ -204,12 +204,12 @@ pub fn prepare(
     // Per schema: table name → index in its `Tables`.
     let mut table_index: Vec<HashMap<String, usize>> = Vec::new();
     for (schema, p) in planned {
-        let si = match schema_index.get(&schema) {
+        let si = match schema_index.get(schema.as_ref()) {
             Some(&si) => si,
             None => {
-                schemas.push((schema.clone(), Vec::new()));
+                schemas.push((schema.as_ref().to_string(), Vec::new()));
                 table_index.push(HashMap::new());
-                schema_index.insert(schema, schemas.len() - 1);
+                schema_index.insert(schema.as_ref().to_string(), schemas.len() - 1);
                 schemas.len() - 1
             }
         };
@@ -352,15 +352,17 @@ fn type_table(
     // widening as values come), remembering the index so pass 2 needs no lookups.
     const OVER_CAP: usize = usize::MAX;
     let mut used: Vec<bool> = vec![false; after.len()];
-    let mut slots: Vec<Vec<usize>> = Vec::with_capacity(rows.len());
+    // Every row's slots, one after the other (a row has one per value).
+    let mut slots: Vec<usize> = Vec::with_capacity(rows.iter().map(|p| p.row.values.len()).sum());
     // Rows of a table mostly carry the same columns in the same order: the previous
     // row's column at the same position is tried before the (hashing) index lookup.
-    let mut hint: Vec<usize> = Vec::new();
+    let mut previous = 0..0;
     for p in &rows {
-        let mut row_slots = Vec::with_capacity(p.row.values.len());
+        let start = slots.len();
         for (k, (col, value)) in p.row.values.iter().enumerate() {
-            let found = match hint.get(k) {
-                Some(&i) if i != OVER_CAP && after.columns[i].0 == *col => Some(i),
+            let hint = (k < previous.len()).then(|| slots[previous.start + k]);
+            let found = match hint {
+                Some(i) if i != OVER_CAP && after.columns[i].0 == *col => Some(i),
                 _ => after.index_of(col),
             };
             let slot = match found {
@@ -390,10 +392,9 @@ fn type_table(
             if slot != OVER_CAP {
                 used[slot] = true;
             }
-            row_slots.push(slot);
+            slots.push(slot);
         }
-        hint.clone_from(&row_slots);
-        slots.push(row_slots);
+        previous = start..slots.len();
     }
 
     // The written columns: those some row has a value (maybe null) for.
@@ -407,11 +408,13 @@ fn type_table(
     }
 
     // Pass 2: cast every value to its column's final type.
+    let mut next_slot = 0;
     let typed_rows = rows
         .into_iter()
-        .zip(slots)
-        .map(|(p, row_slots)| {
+        .map(|p| {
             let row = p.row;
+            let row_slots = &slots[next_slot..next_slot + row.values.len()];
+            next_slot += row.values.len();
             let mut cells = vec![Cell::Null; columns.len()];
             let mut discards = Vec::new();
             let mut discard = |column: String, value: String, reason: String| {
@@ -425,7 +428,7 @@ fn type_table(
                     received_at: row.received_at,
                 })
             };
-            for ((col, value), slot) in row.values.into_iter().zip(row_slots) {
+            for ((col, value), &slot) in row.values.into_iter().zip(row_slots) {
                 if slot == OVER_CAP {
                     if !value.is_null() {
                         discard(

@@ -200,7 +200,7 @@ fn plan_records(
     catalog: &dyn SchemaCatalog,
     records: &[Record],
     now: DateTime<Utc>,
-) -> (Vec<(String, Planned)>, BTreeSet<String>) {
+) -> (Vec<(Arc<str>, Planned)>, BTreeSet<String>) {
     let uuid_ts = crate::types::format_timestamp(&now);
     if records.len() < PARALLEL_MIN_RECORDS {
         return plan_slice(catalog, records, &uuid_ts);
@@ -224,16 +224,29 @@ fn plan_slice(
     catalog: &dyn SchemaCatalog,
     records: &[Record],
     uuid_ts: &str,
-) -> (Vec<(String, Planned)>, BTreeSet<String>) {
+) -> (Vec<(Arc<str>, Planned)>, BTreeSet<String>) {
     let mut planned = Vec::with_capacity(records.len() * 2);
     let mut schemas = BTreeSet::new();
+    // Consecutive records mostly come from one source: its schema is looked up once
+    // per run and shared by the rows.
+    let mut last: Option<(&str, Arc<str>)> = None;
     for record in records {
-        let Some(schema) = schema_of(catalog, record) else {
-            continue;
+        let schema = match &last {
+            Some((source, schema)) if *source == record.source_id => schema.clone(),
+            _ => {
+                let Some(schema) = schema_of(catalog, record) else {
+                    continue;
+                };
+                let schema: Arc<str> = schema.into();
+                last = Some((record.source_id.as_str(), schema.clone()));
+                schema
+            }
         };
         match plan_record_at(record, uuid_ts) {
             Ok(rows) => {
-                schemas.insert(schema.clone());
+                if !schemas.contains(&*schema) {
+                    schemas.insert(schema.to_string());
+                }
                 planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
             }
             Err(skip) => {

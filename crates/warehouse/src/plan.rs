@@ -210,7 +210,7 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
         message_id,
         received_at,
         received_at_text,
-        uuid_ts: uuid_ts.to_string(),
+        uuid_ts,
         msg: &msg,
     };
     let text = |key: &str| text_field(&msg, key).map_or(Value::Null, Value::String);
@@ -271,7 +271,7 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
                         .clone()
                         .map_or(Value::Null, Value::String),
                 );
-                user.push("uuid_ts", Value::String(base.uuid_ts.clone()));
+                user.push("uuid_ts", Value::String(base.uuid_ts.to_string()));
                 user.object(user_traits);
                 out.push(Planned {
                     table: "users".into(),
@@ -340,7 +340,7 @@ struct Base<'a> {
     message_id: String,
     received_at: Option<DateTime<Utc>>,
     received_at_text: Option<String>,
-    uuid_ts: String,
+    uuid_ts: &'a str,
     msg: &'a Map<String, Value>,
 }
 
@@ -371,7 +371,7 @@ impl Base<'_> {
         ] {
             b.push(col, msg.get(key).cloned().unwrap_or(Value::Null));
         }
-        b.push("uuid_ts", Value::String(self.uuid_ts.clone()));
+        b.push("uuid_ts", Value::String(self.uuid_ts.to_string()));
         b
     }
 }
