@@ -124,12 +124,9 @@ async fn short_paths_text_plain_and_body_write_key_work_like_analytics_js() {
     assert_eq!(page["originalTimestamp"], "2026-01-01T00:00:00.000Z");
 }
 
+/// yyyy-mm-ddThh:mm:ss.mmmZ → ms since the epoch (via `date`, keeping chrono out of
+/// the test's dependencies).
 fn chrono_ms(s: &str) -> i64 {
-    tributary_model_ts(s)
-}
-
-fn tributary_model_ts(s: &str) -> i64 {
-    // yyyy-mm-ddThh:mm:ss.mmmZ → ms since epoch, without pulling chrono into the test.
     let out = std::process::Command::new("date")
         .args(["-u", "-d", s, "+%s%3N"])
         .output()
