@@ -13,6 +13,7 @@
 //! - `append` either makes the whole batch durable or returns an error and
 //!   stores none of it.
 
+mod dedupe;
 pub mod null;
 pub mod sqlite;
 
