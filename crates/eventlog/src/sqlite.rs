@@ -146,10 +146,10 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, WriterState)> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     // The checkpointer thread does this, never a commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    // A group of up to 50,000 records must fit in the page cache: with SQLite's
+    // A group must fit in the page cache (16 MiB: ~15,000 records): with SQLite's
     // default 2 MiB the writer spilled pages to the WAL mid-transaction and read
     // index pages back from disk, which cost more than the inserts themselves.
-    conn.pragma_update(None, "cache_size", -32 * 1024)?;
+    conn.pragma_update(None, "cache_size", -16 * 1024)?;
     // After a checkpoint lets the WAL restart, keep at most this much of its file.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
