@@ -180,7 +180,13 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, WriterState)> {
         tx.query_row("SELECT value FROM meta WHERE key = 'dedupe_key'", [], |r| {
             r.get(0)
         })?;
-    let k = |i: usize| u64::from_le_bytes(secret[i..i + 8].try_into().unwrap_or_default());
+    let k = |i: usize| {
+        secret
+            .get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or_default()
+    };
     let mut dedupe = DedupeIndex::new(k(0), k(8));
     if old_events && version < 1 {
         migrate_v0(&tx, &dedupe)?;
