@@ -320,7 +320,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         .values
         .into_iter()
         .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.into_owned(), v))
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
     Discard {
         seq: p.row.seq,
@@ -362,7 +362,7 @@ fn type_table(
         for (k, (col, value)) in p.row.values.iter().enumerate() {
             let hint = (k < previous.len()).then(|| slots[previous.start + k]);
             let found = match hint {
-                Some(i) if i != OVER_CAP && after.columns[i].0 == *col => Some(i),
+                Some(i) if i != OVER_CAP && after.columns[i].0 == **col => Some(i),
                 _ => after.index_of(col),
             };
             let slot = match found {
@@ -432,7 +432,7 @@ fn type_table(
                 if slot == OVER_CAP {
                     if !value.is_null() {
                         discard(
-                            col.into_owned(),
+                            col.to_string(),
                             value_text(&value),
                             format!("table has reached the limit of {MAX_COLUMNS} columns"),
                         );
@@ -442,7 +442,7 @@ fn type_table(
                 let pos = position[slot];
                 match cast_owned(value, columns[pos].1) {
                     Ok(cell) => cells[pos] = cell,
-                    Err((reason, value)) => discard(col.into_owned(), value_text(&value), reason),
+                    Err((reason, value)) => discard(col.to_string(), value_text(&value), reason),
                 }
             }
             for (col, value, reason) in row.dropped {

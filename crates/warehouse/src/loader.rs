@@ -37,7 +37,7 @@ use tributary_eventlog::{EventLog, Record};
 use crate::backend::{Backend, CONSUMER, LoadError};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
-use crate::plan::{Planned, Skip, plan_record_at};
+use crate::plan::{Names, Planned, Skip, plan_record_with};
 use crate::{Lag, SchemaCatalog, WarehouseConfig};
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
@@ -230,6 +230,7 @@ fn plan_slice(
     // Consecutive records mostly come from one source: its schema is looked up once
     // per run and shared by the rows.
     let mut last: Option<(&str, Arc<str>)> = None;
+    let mut names = Names::default();
     for record in records {
         let schema = match &last {
             Some((source, schema)) if *source == record.source_id => schema.clone(),
@@ -242,7 +243,7 @@ fn plan_slice(
                 schema
             }
         };
-        match plan_record_at(record, uuid_ts) {
+        match plan_record_with(record, uuid_ts, &mut names) {
             Ok(rows) => {
                 if !schemas.contains(&*schema) {
                     schemas.insert(schema.to_string());

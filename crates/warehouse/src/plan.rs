@@ -20,12 +20,14 @@
 //! second as a discard — nothing is dropped silently.
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use tributary_eventlog::Record;
 
-use tributary_model::flatten::flatten_owned;
+use tributary_model::flatten::array_text;
 
 use crate::naming::{column_name_by, event_table};
 use crate::types::{ColumnType, format_timestamp, value_text};
@@ -134,6 +136,108 @@ impl TableKind {
     }
 }
 
+/// A column name in a planned row: a fixed column's `'static` name, or a property's
+/// or context's name shared by every row that has it (interned by [`Names`], so a
+/// row costs no allocation per column name). One pointer wide, so a row's values
+/// stay small allocations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Name {
+    /// A fixed column.
+    Fixed(&'static &'static str),
+    /// A name computed once per planning thread and batch.
+    Shared(Arc<String>),
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Name::Fixed(s) => s,
+            Name::Shared(s) => s,
+        }
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        self
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &**self == other
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Self {
+        Name::Shared(Arc::new(s))
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+/// Column and table names already computed by one planning thread: snake-casing and
+/// collision rules run once per distinct path, not once per row.
+#[derive(Default)]
+pub struct Names {
+    /// Per (fixed columns of the table kind, is context): flattened path → column.
+    columns: Vec<(usize, bool, HashMap<Box<str>, Arc<String>>)>,
+    /// Event name → table name.
+    tables: HashMap<Box<str>, Arc<str>>,
+    /// Scratch buffer for flattened paths.
+    path: String,
+}
+
+impl Names {
+    /// The column of flattened `path` in a table with `fixed` columns.
+    fn column(
+        &mut self,
+        fixed: &'static [(&'static str, ColumnType)],
+        is_context: bool,
+        path: &str,
+    ) -> Arc<String> {
+        let id = fixed.as_ptr() as usize;
+        let at = match self
+            .columns
+            .iter()
+            .position(|(f, c, _)| *f == id && *c == is_context)
+        {
+            Some(at) => at,
+            None => {
+                self.columns.push((id, is_context, HashMap::new()));
+                self.columns.len() - 1
+            }
+        };
+        let map = &mut self.columns[at].2;
+        if let Some(name) = map.get(path) {
+            return name.clone();
+        }
+        let name = Arc::new(column_name_by(
+            path,
+            |n| fixed.iter().any(|(f, _)| *f == n),
+            is_context,
+        ));
+        map.insert(path.into(), name.clone());
+        name
+    }
+
+    /// The table of an event name.
+    fn event_table(&mut self, event: &str) -> Arc<str> {
+        if let Some(t) = self.tables.get(event) {
+            return t.clone();
+        }
+        let t: Arc<str> = event_table(event).into();
+        self.tables.insert(event.into(), t.clone());
+        t
+    }
+}
+
 /// One row to load, before typing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedRow {
@@ -145,9 +249,8 @@ pub struct PlannedRow {
     pub key: String,
     /// `receivedAt` of the record, for discards.
     pub received_at: Option<DateTime<Utc>>,
-    /// Column name → JSON leaf, in column order; nulls included. Fixed columns'
-    /// names are borrowed (no allocation per row), property columns' owned.
-    pub values: Vec<(Cow<'static, str>, Value)>,
+    /// Column name → JSON leaf, in column order; nulls included.
+    pub values: Vec<(Name, Value)>,
     /// Values dropped while planning (name collisions): (column, value, reason).
     pub dropped: Vec<(String, String, String)>,
 }
@@ -172,35 +275,200 @@ pub enum Skip {
     UnknownType(String),
 }
 
+/// The top-level fields of a message that planning reads, borrowed from the payload
+/// (every other field is skipped without being built).
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(rename = "type", borrow, default)]
+    call_type: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "receivedAt", borrow, default)]
+    received_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "anonymousId", borrow, default)]
+    anonymous_id: Option<&'a RawValue>,
+    #[serde(rename = "sentAt", borrow, default)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(rename = "originalTimestamp", borrow, default)]
+    original_timestamp: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    category: Option<&'a RawValue>,
+    #[serde(rename = "groupId", borrow, default)]
+    group_id: Option<&'a RawValue>,
+    #[serde(rename = "previousId", borrow, default)]
+    previous_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    traits: Option<&'a RawValue>,
+}
+
+/// The fields of a message planning reads (absent and `null` alike are `None`).
+#[derive(Default)]
+struct Msg {
+    call_type: Option<Value>,
+    message_id: Option<Value>,
+    received_at: Option<Value>,
+    event: Option<Value>,
+    user_id: Option<Value>,
+    anonymous_id: Option<Value>,
+    sent_at: Option<Value>,
+    timestamp: Option<Value>,
+    original_timestamp: Option<Value>,
+    name: Option<Value>,
+    category: Option<Value>,
+    group_id: Option<Value>,
+    previous_id: Option<Value>,
+    context: Option<Map<String, Value>>,
+    properties: Option<Map<String, Value>>,
+    traits: Option<Map<String, Value>>,
+}
+
+impl Msg {
+    /// Parses a payload. The borrowed parse reads only the fields above; a payload it
+    /// cannot take (not an object, a repeated field, invalid JSON) goes through the
+    /// general parse, whose rules (the last of repeated keys wins) are the reference.
+    fn parse(payload: &str) -> Result<Msg, Skip> {
+        if payload.trim_start().starts_with('{')
+            && let Ok(raw) = serde_json::from_str::<RawMessage<'_>>(payload)
+            && let Some(msg) = Msg::from_raw(&raw)
+        {
+            return Ok(msg);
+        }
+        let payload: Value = serde_json::from_str(payload)
+            .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
+        let Value::Object(mut m) = payload else {
+            return Err(Skip::BadPayload("payload is not a JSON object".into()));
+        };
+        let mut field = |key: &str| m.remove(key).filter(|v| !v.is_null());
+        let (call_type, message_id, received_at, event) = (
+            field("type"),
+            field("messageId"),
+            field("receivedAt"),
+            field("event"),
+        );
+        let (user_id, anonymous_id, sent_at, timestamp) = (
+            field("userId"),
+            field("anonymousId"),
+            field("sentAt"),
+            field("timestamp"),
+        );
+        let (original_timestamp, name, category, group_id, previous_id) = (
+            field("originalTimestamp"),
+            field("name"),
+            field("category"),
+            field("groupId"),
+            field("previousId"),
+        );
+        let mut object = |key: &str| match m.remove(key) {
+            Some(Value::Object(o)) => Some(o),
+            _ => None,
+        };
+        let (context, properties, traits) =
+            (object("context"), object("properties"), object("traits"));
+        Ok(Msg {
+            call_type,
+            message_id,
+            received_at,
+            event,
+            user_id,
+            anonymous_id,
+            sent_at,
+            timestamp,
+            original_timestamp,
+            name,
+            category,
+            group_id,
+            previous_id,
+            context,
+            properties,
+            traits,
+        })
+    }
+
+    /// `None` when a field does not parse on its own (it then goes through the
+    /// general parse, which decides).
+    fn from_raw(raw: &RawMessage<'_>) -> Option<Msg> {
+        fn value(r: Option<&RawValue>) -> Option<Option<Value>> {
+            match r {
+                None => Some(None),
+                Some(r) => serde_json::from_str::<Value>(r.get())
+                    .ok()
+                    .map(|v| Some(v).filter(|v| !v.is_null())),
+            }
+        }
+        fn object(r: Option<&RawValue>) -> Option<Option<Map<String, Value>>> {
+            match r {
+                Some(r) if r.get().starts_with('{') => {
+                    serde_json::from_str::<Map<String, Value>>(r.get())
+                        .ok()
+                        .map(Some)
+                }
+                _ => Some(None),
+            }
+        }
+        Some(Msg {
+            call_type: value(raw.call_type)?,
+            message_id: value(raw.message_id)?,
+            received_at: value(raw.received_at)?,
+            event: value(raw.event)?,
+            user_id: value(raw.user_id)?,
+            anonymous_id: value(raw.anonymous_id)?,
+            sent_at: value(raw.sent_at)?,
+            timestamp: value(raw.timestamp)?,
+            original_timestamp: value(raw.original_timestamp)?,
+            name: value(raw.name)?,
+            category: value(raw.category)?,
+            group_id: value(raw.group_id)?,
+            previous_id: value(raw.previous_id)?,
+            context: object(raw.context)?,
+            properties: object(raw.properties)?,
+            traits: object(raw.traits)?,
+        })
+    }
+}
+
 /// Plans the rows of one record. `uuid_ts` is the load time shared by the batch,
 /// already formatted (once per batch).
+#[cfg(test)]
 pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Skip> {
-    let payload: Value = serde_json::from_str(&record.payload)
-        .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
-    let Value::Object(mut msg) = payload else {
-        return Err(Skip::BadPayload("payload is not a JSON object".into()));
-    };
-    // The nested objects are moved out (their leaves are moved into rows, not copied).
-    let context = take_object(&mut msg, "context");
-    let properties = take_object(&mut msg, "properties");
-    let traits = take_object(&mut msg, "traits");
+    plan_record_with(record, uuid_ts, &mut Names::default())
+}
 
-    let call_type = msg
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or(record.call_type.as_str())
-        .to_ascii_lowercase();
-    let message_id = match msg.get("messageId") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+/// [`plan_record_at`] with the names already computed for earlier records.
+pub fn plan_record_with(
+    record: &Record,
+    uuid_ts: &str,
+    names: &mut Names,
+) -> Result<Vec<Planned>, Skip> {
+    let mut msg = Msg::parse(&record.payload)?;
+    // The nested objects are moved out (their leaves are moved into rows, not copied).
+    let context = msg.context.take();
+    let properties = msg.properties.take();
+    let traits = msg.traits.take();
+
+    let call_type = match &msg.call_type {
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        _ => record.call_type.to_ascii_lowercase(),
+    };
+    let message_id = match msg.message_id.take() {
+        Some(Value::String(s)) if !s.is_empty() => s,
         _ => record.message_id.clone(),
     };
-    let received_at_text = msg
-        .get("receivedAt")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .or_else(|| {
-            DateTime::from_timestamp_millis(record.received_at_ms).map(|t| format_timestamp(&t))
-        });
+    let received_at_text = match msg.received_at.take() {
+        Some(Value::String(s)) => Some(s),
+        _ => DateTime::from_timestamp_millis(record.received_at_ms).map(|t| format_timestamp(&t)),
+    };
     let received_at = received_at_text
         .as_deref()
         .and_then(crate::types::parse_timestamp);
@@ -213,29 +481,34 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
         uuid_ts,
         msg: &msg,
     };
-    let text = |key: &str| text_field(&msg, key).map_or(Value::Null, Value::String);
-    let id = |key: &str| id_field(&msg, key).map_or(Value::Null, Value::String);
+    let text = |v: &Option<Value>| text_field(v).map_or(Value::Null, Value::String);
+    let id = |v: &Option<Value>| id_field(v).map_or(Value::Null, Value::String);
 
     let mut out = Vec::with_capacity(2);
     match call_type.as_str() {
         "track" => {
-            let event_text = text_field(&msg, "event").or_else(|| record.event.clone());
-            let table = event_text.as_deref().map(event_table);
-            let mut tracks = base.row(TableKind::Tracks);
-            tracks.push("event", table.clone().map_or(Value::Null, Value::String));
-            tracks.push("event_text", event_text.map_or(Value::Null, Value::String));
-            tracks.context(context);
+            let event_text = text_field(&msg.event).or_else(|| record.event.clone());
+            let table = event_text.as_deref().map(|e| names.event_table(e));
+            let mut tracks = base.row(TableKind::Tracks, 2 + leaves(&context));
+            tracks.push(
+                &"event",
+                table
+                    .as_ref()
+                    .map_or(Value::Null, |t| Value::String(t.to_string())),
+            );
+            tracks.push(&"event_text", event_text.map_or(Value::Null, Value::String));
+            tracks.context(context, names);
             let row = tracks.finish();
             if let Some(table) = table {
-                let mut ev = RowBuilder::from_row(row.clone(), TableKind::Event);
-                ev.object(properties.map(|p| flatten_owned(p, "")));
+                let mut ev = RowBuilder::from_row(&row, TableKind::Event, leaves(&properties));
+                ev.object(properties, names);
                 out.push(Planned {
                     table: "tracks".into(),
                     kind: TableKind::Tracks,
                     row,
                 });
                 out.push(Planned {
-                    table,
+                    table: table.to_string(),
                     kind: TableKind::Event,
                     row: ev.finish(),
                 });
@@ -248,31 +521,35 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
             }
         }
         "identify" => {
-            let traits = traits.map(|t| flatten_owned(t, ""));
-            let user_id = id_field(&msg, "userId");
-            let mut row = base.row(TableKind::Identifies);
-            row.context(context);
+            let user_id = id_field(&msg.user_id);
+            let mut row = base.row(TableKind::Identifies, leaves(&context) + leaves(&traits));
+            row.context(context, names);
             let (identify_traits, user_traits) = match user_id {
                 Some(_) => (traits.clone(), traits),
                 None => (traits, None),
             };
-            row.object(identify_traits);
+            row.object(identify_traits, names);
             out.push(Planned {
                 table: "identifies".into(),
                 kind: TableKind::Identifies,
                 row: row.finish(),
             });
             if let Some(user_id) = user_id {
-                let mut user = RowBuilder::new(TableKind::Users, &base, user_id.clone());
-                user.push("id", Value::String(user_id));
+                let mut user = RowBuilder::new(
+                    TableKind::Users,
+                    &base,
+                    user_id.clone(),
+                    leaves(&user_traits),
+                );
+                user.push(&"id", Value::String(user_id));
                 user.push(
-                    "received_at",
+                    &"received_at",
                     base.received_at_text
                         .clone()
                         .map_or(Value::Null, Value::String),
                 );
-                user.push("uuid_ts", Value::String(base.uuid_ts.to_string()));
-                user.object(user_traits);
+                user.push(&"uuid_ts", Value::String(base.uuid_ts.to_string()));
+                user.object(user_traits, names);
                 out.push(Planned {
                     table: "users".into(),
                     kind: TableKind::Users,
@@ -286,11 +563,11 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
             } else {
                 ("screens", TableKind::Screens)
             };
-            let mut row = base.row(kind);
-            row.push("name", text("name"));
-            row.push("category", text("category"));
-            row.context(context);
-            row.object(properties.map(|p| flatten_owned(p, "")));
+            let mut row = base.row(kind, leaves(&context) + leaves(&properties));
+            row.push(&"name", text(&msg.name));
+            row.push(&"category", text(&msg.category));
+            row.context(context, names);
+            row.object(properties, names);
             out.push(Planned {
                 table: table.into(),
                 kind,
@@ -298,10 +575,10 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
             });
         }
         "group" => {
-            let mut row = base.row(TableKind::Groups);
-            row.push("group_id", id("groupId"));
-            row.context(context);
-            row.object(traits.map(|t| flatten_owned(t, "")));
+            let mut row = base.row(TableKind::Groups, leaves(&context) + leaves(&traits));
+            row.push(&"group_id", id(&msg.group_id));
+            row.context(context, names);
+            row.object(traits, names);
             out.push(Planned {
                 table: "groups".into(),
                 kind: TableKind::Groups,
@@ -309,9 +586,9 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
             });
         }
         "alias" => {
-            let mut row = base.row(TableKind::Aliases);
-            row.push("previous_id", id("previousId"));
-            row.context(context);
+            let mut row = base.row(TableKind::Aliases, leaves(&context));
+            row.push(&"previous_id", id(&msg.previous_id));
+            row.context(context, names);
             out.push(Planned {
                 table: "aliases".into(),
                 kind: TableKind::Aliases,
@@ -323,55 +600,42 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
     Ok(out)
 }
 
-/// Removes `key` from the message when it is an object.
-fn take_object(msg: &mut Map<String, Value>, key: &str) -> Option<Map<String, Value>> {
-    match msg.remove(key) {
-        Some(Value::Object(m)) => Some(m),
-        Some(other) => {
-            msg.insert(key.to_string(), other);
-            None
-        }
-        None => None,
-    }
-}
-
 struct Base<'a> {
     seq: u64,
     message_id: String,
     received_at: Option<DateTime<Utc>>,
     received_at_text: Option<String>,
     uuid_ts: &'a str,
-    msg: &'a Map<String, Value>,
+    msg: &'a Msg,
 }
 
 impl Base<'_> {
-    /// A row with the common columns filled.
-    fn row(&self, kind: TableKind) -> RowBuilder {
-        let mut b = RowBuilder::new(kind, self, self.message_id.clone());
+    /// A row with the common columns filled and room for `leaves` more values.
+    fn row(&self, kind: TableKind, leaves: usize) -> RowBuilder {
+        let mut b = RowBuilder::new(kind, self, self.message_id.clone(), leaves);
         let msg = self.msg;
-        b.push("id", Value::String(self.message_id.clone()));
+        b.push(&"id", Value::String(self.message_id.clone()));
         b.push(
-            "anonymous_id",
-            id_field(msg, "anonymousId").map_or(Value::Null, Value::String),
+            &"anonymous_id",
+            id_field(&msg.anonymous_id).map_or(Value::Null, Value::String),
         );
         b.push(
-            "user_id",
-            id_field(msg, "userId").map_or(Value::Null, Value::String),
+            &"user_id",
+            id_field(&msg.user_id).map_or(Value::Null, Value::String),
         );
         b.push(
-            "received_at",
+            &"received_at",
             self.received_at_text
                 .clone()
                 .map_or(Value::Null, Value::String),
         );
-        for (col, key) in [
-            ("sent_at", "sentAt"),
-            ("timestamp", "timestamp"),
-            ("original_timestamp", "originalTimestamp"),
-        ] {
-            b.push(col, msg.get(key).cloned().unwrap_or(Value::Null));
-        }
-        b.push("uuid_ts", Value::String(self.uuid_ts.to_string()));
+        b.push(&"sent_at", msg.sent_at.clone().unwrap_or(Value::Null));
+        b.push(&"timestamp", msg.timestamp.clone().unwrap_or(Value::Null));
+        b.push(
+            &"original_timestamp",
+            msg.original_timestamp.clone().unwrap_or(Value::Null),
+        );
+        b.push(&"uuid_ts", Value::String(self.uuid_ts.to_string()));
         b
     }
 }
@@ -382,66 +646,108 @@ struct RowBuilder {
 }
 
 impl RowBuilder {
-    fn new(kind: TableKind, base: &Base<'_>, key: String) -> Self {
+    /// A row with room for its fixed columns and `leaves` more values: rows are
+    /// allocated once, at their size (a small allocation, not a growing one).
+    fn new(kind: TableKind, base: &Base<'_>, key: String, leaves: usize) -> Self {
+        let fixed = kind.fixed_columns();
         RowBuilder {
-            fixed: kind.fixed_columns(),
+            fixed,
             row: PlannedRow {
                 seq: base.seq,
                 message_id: base.message_id.clone(),
                 key,
                 received_at: base.received_at,
-                values: Vec::with_capacity(24),
+                values: Vec::with_capacity(fixed.len() + leaves),
                 dropped: Vec::new(),
             },
         }
     }
 
-    /// Continues from a finished row (the event table starts as the `tracks` row).
-    fn from_row(row: PlannedRow, kind: TableKind) -> Self {
+    /// Continues from a copy of a finished row (the event table starts as the
+    /// `tracks` row), with room for `leaves` more values.
+    fn from_row(row: &PlannedRow, kind: TableKind, leaves: usize) -> Self {
+        let mut values = Vec::with_capacity(row.values.len() + leaves);
+        values.extend(row.values.iter().cloned());
         RowBuilder {
             fixed: kind.fixed_columns(),
-            row,
+            row: PlannedRow {
+                seq: row.seq,
+                message_id: row.message_id.clone(),
+                key: row.key.clone(),
+                received_at: row.received_at,
+                values,
+                dropped: row.dropped.clone(),
+            },
         }
     }
 
     /// Sets a fixed column.
-    fn push(&mut self, column: &'static str, value: Value) {
-        self.row.values.push((Cow::Borrowed(column), value));
+    fn push(&mut self, column: &'static &'static str, value: Value) {
+        self.row.values.push((Name::Fixed(column), value));
     }
 
     /// Adds the `context_*` columns.
-    fn context(&mut self, context: Option<Map<String, Value>>) {
-        let Some(ctx) = context else { return };
-        let fixed = self.fixed;
-        for (path, value) in flatten_owned(ctx, "context") {
-            let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), true);
-            self.row.values.push((Cow::Owned(col), value));
+    fn context(&mut self, context: Option<Map<String, Value>>, names: &mut Names) {
+        if let Some(ctx) = context {
+            self.flatten(ctx, "context", true, names);
         }
     }
 
-    /// Adds the un-prefixed columns of flattened `properties` or `traits`.
-    fn object(&mut self, flat: Option<Vec<(String, Value)>>) {
-        let Some(flat) = flat else { return };
-        let fixed = self.fixed;
-        for (path, value) in flat {
-            let col = column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), false);
-            self.row.values.push((Cow::Owned(col), value));
+    /// Adds the un-prefixed columns of `properties` or `traits`.
+    fn object(&mut self, object: Option<Map<String, Value>>, names: &mut Names) {
+        if let Some(object) = object {
+            self.flatten(object, "", false, names);
         }
+    }
+
+    /// Adds one column per leaf of `object`, as
+    /// [`tributary_model::flatten::flatten_owned`] joins and orders them (depth first,
+    /// keys joined with `_`, arrays as JSON text, empty objects nothing), with each
+    /// joined path named once per batch through `names`.
+    fn flatten(
+        &mut self,
+        object: Map<String, Value>,
+        prefix: &str,
+        is_context: bool,
+        names: &mut Names,
+    ) {
+        let fixed = self.fixed;
+        let mut path = std::mem::take(&mut names.path);
+        path.clear();
+        path.push_str(prefix);
+        let mut stack: Vec<(usize, serde_json::map::IntoIter)> =
+            vec![(path.len(), object.into_iter())];
+        while let Some((len, iter)) = stack.last_mut() {
+            let Some((key, value)) = iter.next() else {
+                stack.pop();
+                continue;
+            };
+            path.truncate(*len);
+            if !path.is_empty() {
+                path.push('_');
+            }
+            path.push_str(&key);
+            let leaf = match value {
+                Value::Object(child) => {
+                    if !child.is_empty() {
+                        stack.push((path.len(), child.into_iter()));
+                    }
+                    continue;
+                }
+                Value::Array(_) => Value::String(array_text(&value)),
+                scalar => scalar,
+            };
+            let col = names.column(fixed, is_context, &path);
+            self.row.values.push((Name::Shared(col), leaf));
+        }
+        names.path = path;
     }
 
     /// Resolves keys that snake-cased to the same column: the first non-null value is
     /// kept, any other non-null value is reported in `dropped`.
     fn finish(mut self) -> PlannedRow {
         let values = &mut self.row.values;
-        // Names in order with their positions; a stable sort keeps the first of equal
-        // names first. Rows rarely have duplicates: no hashing on the common path.
-        let mut sorted: Vec<(&str, usize)> = values
-            .iter()
-            .enumerate()
-            .map(|(i, (col, _))| (col.as_ref(), i))
-            .collect();
-        sorted.sort_by(|a, b| a.0.cmp(b.0));
-        if sorted.windows(2).all(|w| w[0].0 != w[1].0) {
+        if !has_duplicate_names(values) {
             return self.row;
         }
         let mut duplicates: Vec<(usize, usize)> = Vec::new();
@@ -479,9 +785,36 @@ impl RowBuilder {
     }
 }
 
+/// How many columns an object flattens into (at most: empty objects give none).
+fn leaves(object: &Option<Map<String, Value>>) -> usize {
+    fn count(m: &Map<String, Value>) -> usize {
+        m.values()
+            .map(|v| match v {
+                Value::Object(child) => count(child),
+                _ => 1,
+            })
+            .sum()
+    }
+    object.as_ref().map_or(0, count)
+}
+
+/// Whether two values of a row have the same column name. Rows rarely have
+/// duplicates: small rows are compared pairwise without allocating.
+fn has_duplicate_names(values: &[(Name, Value)]) -> bool {
+    if values.len() <= 48 {
+        return values
+            .iter()
+            .enumerate()
+            .any(|(i, (a, _))| values[i + 1..].iter().any(|(b, _)| **a == **b));
+    }
+    let mut sorted: Vec<&str> = values.iter().map(|(c, _)| c.as_ref()).collect();
+    sorted.sort_unstable();
+    sorted.windows(2).any(|w| w[0] == w[1])
+}
+
 /// A string-valued field (`event`, `name`, `category`).
-fn text_field(msg: &Map<String, Value>, key: &str) -> Option<String> {
-    match msg.get(key) {
+fn text_field(v: &Option<Value>) -> Option<String> {
+    match v {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::Bool(b)) => Some(b.to_string()),
@@ -491,8 +824,8 @@ fn text_field(msg: &Map<String, Value>, key: &str) -> Option<String> {
 
 /// An identifier field (`userId`, …): strings as they are, numbers as their text
 /// (analytics libraries accept numeric ids); empty strings are absent.
-fn id_field(msg: &Map<String, Value>, key: &str) -> Option<String> {
-    text_field(msg, key).filter(|s| !s.is_empty())
+fn id_field(v: &Option<Value>) -> Option<String> {
+    text_field(v).filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
