@@ -314,7 +314,7 @@ struct RawMessage<'a> {
 }
 
 /// The fields of a message planning reads (absent and `null` alike are `None`).
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Msg {
     call_type: Option<Value>,
     message_id: Option<Value>,
@@ -339,12 +339,21 @@ impl Msg {
     /// cannot take (not an object, a repeated field, invalid JSON) goes through the
     /// general parse, whose rules (the last of repeated keys wins) are the reference.
     fn parse(payload: &str) -> Result<Msg, Skip> {
-        if payload.trim_start().starts_with('{')
-            && let Ok(raw) = serde_json::from_str::<RawMessage<'_>>(payload)
-            && let Some(msg) = Msg::from_raw(&raw)
-        {
-            return Ok(msg);
+        match Msg::parse_borrowed(payload) {
+            Some(msg) => Ok(msg),
+            None => Msg::parse_general(payload),
         }
+    }
+
+    fn parse_borrowed(payload: &str) -> Option<Msg> {
+        if !payload.trim_start().starts_with('{') {
+            return None;
+        }
+        let raw = serde_json::from_str::<RawMessage<'_>>(payload).ok()?;
+        Msg::from_raw(&raw)
+    }
+
+    fn parse_general(payload: &str) -> Result<Msg, Skip> {
         let payload: Value = serde_json::from_str(payload)
             .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
         let Value::Object(mut m) = payload else {
@@ -1118,6 +1127,37 @@ mod tests {
         assert!(matches!(plan_record(&r, &now()), Err(Skip::BadPayload(_))));
         r.payload = "[1]".into();
         assert!(matches!(plan_record(&r, &now()), Err(Skip::BadPayload(_))));
+    }
+
+    #[test]
+    fn the_borrowed_parse_agrees_with_the_general_one() {
+        for payload in [
+            r#"{"type":"track","messageId":"m1","event":"E","userId":42,"anonymousId":"",
+               "properties":{"a":{"b":[1,{"c":2}]},"d":null,"e":{}},"context":{"ip":"1.2.3.4"},
+               "traits":[1],"timestamp":7,"sentAt":null,"extra":{"x":1},"extra":2}"#,
+            r#"{"type":"identify","userId":"u","traits":{"plan":"pro","plan":"max","n":1.5},
+               "context":"not an object","name":true,"category":"c","groupId":"g","previousId":0}"#,
+            r#" {"type":null,"messageId":null,"receivedAt":"2026-11-27T05:10:54.000Z",
+               "properties":{"k\u00e9y":"v\n"},"originalTimestamp":"x"}"#,
+            "{}",
+        ] {
+            let borrowed = Msg::parse_borrowed(payload).expect("borrowed parse");
+            let general = Msg::parse_general(payload).expect("general parse");
+            assert_eq!(borrowed, general, "{payload}");
+        }
+        // What the borrowed parse does not take goes to the general one.
+        for payload in [
+            r#"{"type":"track","type":"page"}"#,
+            "[1]",
+            " x",
+            r#"{"a":}"#,
+        ] {
+            assert!(Msg::parse_borrowed(payload).is_none(), "{payload}");
+        }
+        assert_eq!(
+            Msg::parse(r#"{"type":"track","type":"page"}"#).map(|m| m.call_type),
+            Ok(Some(json!("page")))
+        );
     }
 
     #[test]
