@@ -182,12 +182,15 @@ impl std::fmt::Display for Name {
     }
 }
 
+/// Flattened path → column name.
+type NameMap = HashMap<Box<str>, Arc<String>>;
+
 /// Column and table names already computed by one planning thread: snake-casing and
 /// collision rules run once per distinct path, not once per row.
 #[derive(Default)]
 pub struct Names {
     /// Per (fixed columns of the table kind, is context): flattened path → column.
-    columns: Vec<(usize, bool, HashMap<Box<str>, Arc<String>>)>,
+    columns: Vec<(usize, bool, NameMap)>,
     /// Event name → table name.
     tables: HashMap<Box<str>, Arc<str>>,
     /// Scratch buffer for flattened paths.
