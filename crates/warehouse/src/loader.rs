@@ -727,6 +727,91 @@ fn rejection_batch(
 mod tests {
     use super::*;
 
+    /// Plans, types and encodes batches of bench-like events and prints the CPU time
+    /// per 10,000 (`cargo test --release -p tributary-warehouse --lib -- --ignored
+    /// --nocapture cpu_per_batch`): a quick measure of the loader's own work, without
+    /// PostgreSQL.
+    #[test]
+    #[ignore]
+    fn cpu_per_batch() {
+        let records: Vec<Record> = (0..10_000u64)
+            .map(|seq| {
+                let payload = serde_json::json!({
+                    "type": "track", "event": "Bench Event", "messageId": format!("t-1-{seq:08}"),
+                    "userId": format!("user-{}", seq % 10_000),
+                    "context": {"library": {"name": "tributary-bench", "version": "1.0.0"}},
+                    "properties": {
+                        "sent_us": 1_800_000_000_000_000u64 + seq, "seq": seq,
+                        "price": 19.99 + (seq % 100) as f64, "currency": "USD",
+                        "sku": format!("SKU-{}", seq % 5000), "in_stock": seq % 3 != 0,
+                        "note": "a bench event with a few properties of each type",
+                    },
+                    "receivedAt": "2026-11-27T05:10:54.123Z",
+                    "sentAt": "2026-11-27T05:10:54.100Z",
+                    "originalTimestamp": "2026-11-27T05:10:54.000Z",
+                    "timestamp": "2026-11-27T05:10:54.023Z",
+                });
+                Record {
+                    seq: seq + 1,
+                    source_id: "src".into(),
+                    message_id: format!("t-1-{seq:08}"),
+                    call_type: "track".into(),
+                    event: Some("Bench Event".into()),
+                    received_at_ms: 1_800_000_000_000,
+                    payload: payload.to_string(),
+                }
+            })
+            .collect();
+        let catalog = |_: &str| Some("bench".to_string());
+        // The process's CPU time (all threads), ms.
+        fn cpu_ms() -> f64 {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            let after = stat.rsplit(')').next().unwrap_or("");
+            let f: Vec<f64> = after
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            (f[11] + f[12]) * 10.0
+        }
+        let mut known: HashMap<String, SchemaState> = HashMap::new();
+        let rounds = 20;
+        let mut cpu = [0.0f64; 4];
+        for _ in 0..rounds {
+            let c0 = cpu_ms();
+            let (planned, _) = plan_records(&catalog, &records, Utc::now());
+            let c1 = cpu_ms();
+            let batch = prepare(&known, planned, 10_000, Utc::now());
+            let c2 = cpu_ms();
+            let mut bytes = 0usize;
+            for t in &batch.schemas[0].tables {
+                bytes += crate::postgres::encode_for_test(&t.columns, &t.rows);
+            }
+            assert!(bytes > 0);
+            let c3 = cpu_ms();
+            for t in &batch.schemas[0].tables {
+                known
+                    .entry("bench".into())
+                    .or_default()
+                    .tables
+                    .insert(t.table.clone(), t.after.clone());
+            }
+            drop(batch);
+            let c4 = cpu_ms();
+            for (i, d) in [c1 - c0, c2 - c1, c3 - c2, c4 - c3].into_iter().enumerate() {
+                cpu[i] += d;
+            }
+        }
+        let r = f64::from(rounds);
+        println!(
+            "CPU ms per 10,000 events: plan {:.0} type {:.0} encode {:.0} drop {:.0} total {:.0}",
+            cpu[0] / r,
+            cpu[1] / r,
+            cpu[2] / r,
+            cpu[3] / r,
+            cpu.iter().sum::<f64>() / r
+        );
+    }
+
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
         assert_eq!(backoff(0, 0.0), Duration::from_millis(125));

@@ -74,6 +74,25 @@ pub(super) async fn copy_rows<'r>(
     sink.as_mut().finish().await.map_err(CopyError::Db)
 }
 
+/// Encodes `rows` as [`copy_rows`] does; returns the bytes (for timing).
+#[cfg(test)]
+pub(crate) fn encode_for_test(
+    columns: &[(String, ColumnType)],
+    rows: &[crate::evolve::LoadRow],
+) -> usize {
+    let types: Vec<ColumnType> = columns.iter().map(|(_, t)| *t).collect();
+    let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
+    let mut total = 0;
+    for row in rows {
+        encode_row(&mut buf, &types, &row.cells).expect("encodes");
+        if buf.len() >= CHUNK_BYTES {
+            total += buf.len();
+            buf.clear();
+        }
+    }
+    total + buf.len()
+}
+
 /// Appends one tuple.
 fn encode_row(buf: &mut BytesMut, types: &[ColumnType], cells: &[Cell]) -> Result<(), String> {
     if cells.len() != types.len() {

@@ -19,6 +19,9 @@ mod copy;
 mod load;
 mod read;
 
+#[cfg(test)]
+pub(crate) use copy::encode_for_test;
+
 use std::str::FromStr;
 use std::time::Duration;
 
