@@ -316,9 +316,19 @@ struct RawMessage<'a> {
     traits: Option<&'a RawValue>,
 }
 
+/// A nested object of a message (`context`, `properties`, `traits`): its text as
+/// the borrowed parse found it, flattened into columns without building a map, or the
+/// map the general parse built.
+#[derive(Debug, Clone)]
+enum Object<'a> {
+    Raw(&'a RawValue),
+    Map(Map<String, Value>),
+}
+
 /// The fields of a message planning reads (absent and `null` alike are `None`).
-#[derive(Debug, Default, PartialEq)]
-struct Msg {
+#[derive(Debug, Default)]
+#[cfg_attr(test, derive(PartialEq))]
+struct Msg<'a> {
     call_type: Option<Value>,
     message_id: Option<Value>,
     received_at: Option<Value>,
@@ -332,23 +342,38 @@ struct Msg {
     category: Option<Value>,
     group_id: Option<Value>,
     previous_id: Option<Value>,
-    context: Option<Map<String, Value>>,
-    properties: Option<Map<String, Value>>,
-    traits: Option<Map<String, Value>>,
+    context: Option<Object<'a>>,
+    properties: Option<Object<'a>>,
+    traits: Option<Object<'a>>,
 }
 
-impl Msg {
+/// Objects compare as the maps they are (the borrowed and the general parse agree).
+#[cfg(test)]
+impl PartialEq for Object<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        fn map(o: &Object<'_>) -> Map<String, Value> {
+            match o {
+                Object::Raw(r) => serde_json::from_str(r.get()).expect("an object"),
+                Object::Map(m) => m.clone(),
+            }
+        }
+        map(self) == map(other)
+    }
+}
+
+impl<'a> Msg<'a> {
     /// Parses a payload. The borrowed parse reads only the fields above; a payload it
     /// cannot take (not an object, a repeated field, invalid JSON) goes through the
     /// general parse, whose rules (the last of repeated keys wins) are the reference.
-    fn parse(payload: &str) -> Result<Msg, Skip> {
+    #[cfg(test)]
+    fn parse(payload: &'a str) -> Result<Msg<'a>, Skip> {
         match Msg::parse_borrowed(payload) {
             Some(msg) => Ok(msg),
             None => Msg::parse_general(payload),
         }
     }
 
-    fn parse_borrowed(payload: &str) -> Option<Msg> {
+    fn parse_borrowed(payload: &'a str) -> Option<Msg<'a>> {
         if !payload.trim_start().starts_with('{') {
             return None;
         }
@@ -356,7 +381,7 @@ impl Msg {
         Msg::from_raw(&raw)
     }
 
-    fn parse_general(payload: &str) -> Result<Msg, Skip> {
+    fn parse_general(payload: &str) -> Result<Msg<'a>, Skip> {
         let payload: Value = serde_json::from_str(payload)
             .map_err(|e| Skip::BadPayload(format!("payload is not JSON: {e}")))?;
         let Value::Object(mut m) = payload else {
@@ -383,7 +408,7 @@ impl Msg {
             field("previousId"),
         );
         let mut object = |key: &str| match m.remove(key) {
-            Some(Value::Object(o)) => Some(o),
+            Some(Value::Object(o)) => Some(Object::Map(o)),
             _ => None,
         };
         let (context, properties, traits) =
@@ -409,8 +434,9 @@ impl Msg {
     }
 
     /// `None` when a field does not parse on its own (it then goes through the
-    /// general parse, which decides).
-    fn from_raw(raw: &RawMessage<'_>) -> Option<Msg> {
+    /// general parse, which decides). Objects are kept as text: one that turns out
+    /// not to parse while it is flattened sends the record to the general parse then.
+    fn from_raw(raw: &RawMessage<'a>) -> Option<Msg<'a>> {
         fn value(r: Option<&RawValue>) -> Option<Option<Value>> {
             match r {
                 None => Some(None),
@@ -419,13 +445,9 @@ impl Msg {
                     .map(|v| Some(v).filter(|v| !v.is_null())),
             }
         }
-        fn object(r: Option<&RawValue>) -> Option<Option<Map<String, Value>>> {
+        fn object(r: Option<&RawValue>) -> Option<Option<Object<'_>>> {
             match r {
-                Some(r) if r.get().starts_with('{') => {
-                    serde_json::from_str::<Map<String, Value>>(r.get())
-                        .ok()
-                        .map(Some)
-                }
+                Some(r) if r.get().starts_with('{') => Some(Some(Object::Raw(r))),
                 _ => Some(None),
             }
         }
@@ -458,12 +480,50 @@ pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Sk
 }
 
 /// [`plan_record_at`] with the names already computed for earlier records.
+///
+/// The borrowed parse is tried first; a record it cannot take, or whose objects turn
+/// out to need the general rules (a key repeated in an object, where the last value
+/// wins; text that does not parse), is planned again from the general parse, whose
+/// result is the reference.
 pub fn plan_record_with(
     record: &Record,
     uuid_ts: &str,
     names: &mut Names,
 ) -> Result<Vec<Planned>, Skip> {
-    let mut msg = Msg::parse(&record.payload)?;
+    if let Some(msg) = Msg::parse_borrowed(&record.payload) {
+        match plan_msg(record, msg, uuid_ts, names) {
+            Ok(out) => return Ok(out),
+            Err(Unplanned::Skip(skip)) => return Err(skip),
+            Err(Unplanned::General) => {}
+        }
+    }
+    let msg = Msg::parse_general(&record.payload)?;
+    plan_msg(record, msg, uuid_ts, names).map_err(|e| match e {
+        Unplanned::Skip(skip) => skip,
+        // Maps never ask for the general parse; should one, the record is refused.
+        Unplanned::General => Skip::BadPayload("payload cannot be planned".into()),
+    })
+}
+
+/// Why [`plan_msg`] produced no rows.
+enum Unplanned {
+    Skip(Skip),
+    /// The borrowed parse's objects need the general parse's rules.
+    General,
+}
+
+impl From<Skip> for Unplanned {
+    fn from(skip: Skip) -> Self {
+        Unplanned::Skip(skip)
+    }
+}
+
+fn plan_msg(
+    record: &Record,
+    mut msg: Msg<'_>,
+    uuid_ts: &str,
+    names: &mut Names,
+) -> Result<Vec<Planned>, Unplanned> {
     // The nested objects are moved out (their leaves are moved into rows, not copied).
     let context = msg.context.take();
     let properties = msg.properties.take();
@@ -485,13 +545,18 @@ pub fn plan_record_with(
         .as_deref()
         .and_then(crate::types::parse_timestamp);
 
-    let base = Base {
+    // The common values are moved into the first row (the event row copies them).
+    let mut base = Base {
         seq: record.seq,
         message_id,
         received_at,
         received_at_text,
         uuid_ts,
-        msg: &msg,
+        anonymous_id: id_owned(msg.anonymous_id.take()),
+        user_id: id_owned(msg.user_id.take()),
+        sent_at: msg.sent_at.take(),
+        timestamp: msg.timestamp.take(),
+        original_timestamp: msg.original_timestamp.take(),
     };
     let text = |v: &Option<Value>| text_field(v).map_or(Value::Null, Value::String);
     let id = |v: &Option<Value>| id_field(v).map_or(Value::Null, Value::String);
@@ -510,7 +575,7 @@ pub fn plan_record_with(
             );
             tracks.push(&"event_text", event_text.map_or(Value::Null, Value::String));
             tracks.context(context, names);
-            let row = tracks.finish();
+            let row = tracks.finish()?;
             if let Some(table) = table {
                 let mut ev = RowBuilder::from_row(&row, TableKind::Event, leaves(&properties));
                 ev.object(properties, names);
@@ -522,7 +587,7 @@ pub fn plan_record_with(
                 out.push(Planned {
                     table: table.to_string(),
                     kind: TableKind::Event,
-                    row: ev.finish(),
+                    row: ev.finish()?,
                 });
             } else {
                 out.push(Planned {
@@ -533,7 +598,7 @@ pub fn plan_record_with(
             }
         }
         "identify" => {
-            let user_id = id_field(&msg.user_id);
+            let user_id = base.user_id.clone();
             let mut row = base.row(TableKind::Identifies, leaves(&context) + leaves(&traits));
             row.context(context, names);
             let (identify_traits, user_traits) = match user_id {
@@ -544,7 +609,7 @@ pub fn plan_record_with(
             out.push(Planned {
                 table: "identifies".into(),
                 kind: TableKind::Identifies,
-                row: row.finish(),
+                row: row.finish()?,
             });
             if let Some(user_id) = user_id {
                 let mut user = RowBuilder::new(
@@ -565,7 +630,7 @@ pub fn plan_record_with(
                 out.push(Planned {
                     table: "users".into(),
                     kind: TableKind::Users,
-                    row: user.finish(),
+                    row: user.finish()?,
                 });
             }
         }
@@ -583,7 +648,7 @@ pub fn plan_record_with(
             out.push(Planned {
                 table: table.into(),
                 kind,
-                row: row.finish(),
+                row: row.finish()?,
             });
         }
         "group" => {
@@ -594,7 +659,7 @@ pub fn plan_record_with(
             out.push(Planned {
                 table: "groups".into(),
                 kind: TableKind::Groups,
-                row: row.finish(),
+                row: row.finish()?,
             });
         }
         "alias" => {
@@ -604,10 +669,10 @@ pub fn plan_record_with(
             out.push(Planned {
                 table: "aliases".into(),
                 kind: TableKind::Aliases,
-                row: row.finish(),
+                row: row.finish()?,
             });
         }
-        other => return Err(Skip::UnknownType(other.to_string())),
+        other => return Err(Skip::UnknownType(other.to_string()).into()),
     }
     Ok(out)
 }
@@ -618,22 +683,26 @@ struct Base<'a> {
     received_at: Option<DateTime<Utc>>,
     received_at_text: Option<String>,
     uuid_ts: &'a str,
-    msg: &'a Msg,
+    anonymous_id: Option<String>,
+    user_id: Option<String>,
+    sent_at: Option<Value>,
+    timestamp: Option<Value>,
+    original_timestamp: Option<Value>,
 }
 
 impl Base<'_> {
-    /// A row with the common columns filled and room for `leaves` more values.
-    fn row(&self, kind: TableKind, leaves: usize) -> RowBuilder {
+    /// A row with the common columns filled and room for `leaves` more values. The
+    /// common values move into it: called once per record.
+    fn row(&mut self, kind: TableKind, leaves: usize) -> RowBuilder {
         let mut b = RowBuilder::new(kind, self, self.message_id.clone(), leaves);
-        let msg = self.msg;
         b.push(&"id", Value::String(self.message_id.clone()));
         b.push(
             &"anonymous_id",
-            id_field(&msg.anonymous_id).map_or(Value::Null, Value::String),
+            self.anonymous_id.take().map_or(Value::Null, Value::String),
         );
         b.push(
             &"user_id",
-            id_field(&msg.user_id).map_or(Value::Null, Value::String),
+            self.user_id.take().map_or(Value::Null, Value::String),
         );
         b.push(
             &"received_at",
@@ -641,11 +710,11 @@ impl Base<'_> {
                 .clone()
                 .map_or(Value::Null, Value::String),
         );
-        b.push(&"sent_at", msg.sent_at.clone().unwrap_or(Value::Null));
-        b.push(&"timestamp", msg.timestamp.clone().unwrap_or(Value::Null));
+        b.push(&"sent_at", self.sent_at.take().unwrap_or(Value::Null));
+        b.push(&"timestamp", self.timestamp.take().unwrap_or(Value::Null));
         b.push(
             &"original_timestamp",
-            msg.original_timestamp.clone().unwrap_or(Value::Null),
+            self.original_timestamp.take().unwrap_or(Value::Null),
         );
         b.push(&"uuid_ts", Value::String(self.uuid_ts.to_string()));
         b
@@ -655,6 +724,10 @@ impl Base<'_> {
 struct RowBuilder {
     fixed: &'static [(&'static str, ColumnType)],
     row: PlannedRow,
+    /// An object was flattened from text (repeated keys are not merged then).
+    from_text: bool,
+    /// An object's text did not parse.
+    failed: bool,
 }
 
 impl RowBuilder {
@@ -672,6 +745,8 @@ impl RowBuilder {
                 values: Vec::with_capacity(fixed.len() + leaves),
                 dropped: Vec::new(),
             },
+            from_text: false,
+            failed: false,
         }
     }
 
@@ -690,6 +765,8 @@ impl RowBuilder {
                 values,
                 dropped: row.dropped.clone(),
             },
+            from_text: false,
+            failed: false,
         }
     }
 
@@ -699,17 +776,51 @@ impl RowBuilder {
     }
 
     /// Adds the `context_*` columns.
-    fn context(&mut self, context: Option<Map<String, Value>>, names: &mut Names) {
-        if let Some(ctx) = context {
-            self.flatten(ctx, "context", true, names);
+    fn context(&mut self, context: Option<Object<'_>>, names: &mut Names) {
+        match context {
+            Some(Object::Map(ctx)) => self.flatten(ctx, "context", true, names),
+            Some(Object::Raw(ctx)) => self.flatten_text(ctx, "context", true, names),
+            None => {}
         }
     }
 
     /// Adds the un-prefixed columns of `properties` or `traits`.
-    fn object(&mut self, object: Option<Map<String, Value>>, names: &mut Names) {
-        if let Some(object) = object {
-            self.flatten(object, "", false, names);
+    fn object(&mut self, object: Option<Object<'_>>, names: &mut Names) {
+        match object {
+            Some(Object::Map(object)) => self.flatten(object, "", false, names),
+            Some(Object::Raw(object)) => self.flatten_text(object, "", false, names),
+            None => {}
         }
+    }
+
+    /// [`RowBuilder::flatten`] reading the object's text directly: no map is built,
+    /// keys without escapes are not copied, and only leaves are allocated. A key
+    /// repeated in an object gives two values of one column here (the general parse
+    /// keeps the last): [`RowBuilder::finish`] then sends the record to the general
+    /// parse, as it does when the text does not parse.
+    fn flatten_text(
+        &mut self,
+        object: &RawValue,
+        prefix: &str,
+        is_context: bool,
+        names: &mut Names,
+    ) {
+        self.from_text = true;
+        let mut path = std::mem::take(&mut names.path);
+        path.clear();
+        path.push_str(prefix);
+        let mut flatten = FlattenText {
+            out: &mut self.row.values,
+            fixed: self.fixed,
+            is_context,
+            names,
+            path: &mut path,
+            depth: 0,
+        };
+        if flatten.object(object.get()).is_err() {
+            self.failed = true;
+        }
+        names.path = path;
     }
 
     /// Adds one column per leaf of `object`, as
@@ -756,11 +867,19 @@ impl RowBuilder {
     }
 
     /// Resolves keys that snake-cased to the same column: the first non-null value is
-    /// kept, any other non-null value is reported in `dropped`.
-    fn finish(mut self) -> PlannedRow {
+    /// kept, any other non-null value is reported in `dropped`. An object flattened
+    /// from text with such keys (maybe a repeated key) or that did not parse asks for
+    /// the general parse instead.
+    fn finish(mut self) -> Result<PlannedRow, Unplanned> {
+        if self.failed {
+            return Err(Unplanned::General);
+        }
         let values = &mut self.row.values;
         if !has_duplicate_names(values) {
-            return self.row;
+            return Ok(self.row);
+        }
+        if self.from_text {
+            return Err(Unplanned::General);
         }
         let mut duplicates: Vec<(usize, usize)> = Vec::new();
         {
@@ -793,12 +912,103 @@ impl RowBuilder {
             .map(|(_, v)| v)
             .collect();
         self.row.values = kept;
-        self.row
+        Ok(self.row)
     }
 }
 
-/// How many columns an object flattens into (at most: empty objects give none).
-fn leaves(object: &Option<Map<String, Value>>) -> usize {
+/// Deepest object nesting flattened from text (serde_json's own parse limit).
+const MAX_DEPTH: usize = 128;
+
+/// The state of [`RowBuilder::flatten_text`].
+struct FlattenText<'r> {
+    out: &'r mut Vec<(Name, Value)>,
+    fixed: &'static [(&'static str, ColumnType)],
+    is_context: bool,
+    names: &'r mut Names,
+    /// The joined path of the object being read.
+    path: &'r mut String,
+    depth: usize,
+}
+
+impl FlattenText<'_> {
+    /// Adds the leaves of the object whose JSON text is `text`.
+    fn object(&mut self, text: &str) -> Result<(), serde_json::Error> {
+        use serde::de::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_str(text);
+        (&mut de).deserialize_map(ObjectVisitor(self))?;
+        de.end()
+    }
+}
+
+/// Reads one object's entries, depth first, in document order.
+struct ObjectVisitor<'f, 'r>(&'f mut FlattenText<'r>);
+
+impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let f = self.0;
+        f.depth += 1;
+        if f.depth > MAX_DEPTH {
+            return Err(A::Error::custom("objects nested too deeply"));
+        }
+        let len = f.path.len();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            f.path.truncate(len);
+            if !f.path.is_empty() {
+                f.path.push('_');
+            }
+            f.path.push_str(&key);
+            let raw: &'de RawValue = map.next_value()?;
+            let text = raw.get();
+            if text.starts_with('{') {
+                f.object(text).map_err(A::Error::custom)?;
+                continue;
+            }
+            let value: Value = serde_json::from_str(text).map_err(A::Error::custom)?;
+            let leaf = match value {
+                Value::Array(_) => Value::String(array_text(&value)),
+                scalar => scalar,
+            };
+            let col = f.names.column(f.fixed, f.is_context, f.path);
+            f.out.push((Name::Shared(col), leaf));
+        }
+        f.path.truncate(len);
+        f.depth -= 1;
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the text when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// How many columns an object flattens into (at most: empty objects give none; for
+/// text, the number of `:` — every key has one, and a few strings do).
+fn leaves(object: &Option<Object<'_>>) -> usize {
     fn count(m: &Map<String, Value>) -> usize {
         m.values()
             .map(|v| match v {
@@ -807,7 +1017,11 @@ fn leaves(object: &Option<Map<String, Value>>) -> usize {
             })
             .sum()
     }
-    object.as_ref().map_or(0, count)
+    match object {
+        None => 0,
+        Some(Object::Map(m)) => count(m),
+        Some(Object::Raw(r)) => r.get().bytes().filter(|&b| b == b':').count(),
+    }
 }
 
 /// Whether two values of a row have the same column name. Rows rarely have
@@ -838,6 +1052,14 @@ fn text_field(v: &Option<Value>) -> Option<String> {
 /// (analytics libraries accept numeric ids); empty strings are absent.
 fn id_field(v: &Option<Value>) -> Option<String> {
     text_field(v).filter(|s| !s.is_empty())
+}
+
+/// [`id_field`] of a value the caller owns (a string is moved, not copied).
+fn id_owned(v: Option<Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s).filter(|s| !s.is_empty()),
+        other => id_field(&other),
+    }
 }
 
 #[cfg(test)]
@@ -1161,6 +1383,49 @@ mod tests {
             Msg::parse(r#"{"type":"track","type":"page"}"#).map(|m| m.call_type),
             Ok(Some(json!("page")))
         );
+    }
+
+    #[test]
+    fn objects_read_from_text_plan_like_maps() {
+        let payloads = [
+            // A repeated key: the last value wins, in the first key's place.
+            r#"{"type":"track","messageId":"m1","event":"E",
+               "properties":{"a":1,"b":{"c":"x","d":[1,{"e":2}]},"a":2,"k\u00e9y":"v","f":{},"g":null}}"#,
+            // Keys that snake-case alike: first kept, second reported.
+            r#"{"type":"page","messageId":"m2","properties":{"planName":"a","plan_name":"b"},
+               "context":{"ip":"1.2.3.4","library":{"name":"n","version":"1"}}}"#,
+            r#"{"type":"identify","messageId":"m3","userId":"u","traits":{"x":{"y":{"z":true}},"n":1.5}}"#,
+            r#"{"type":"group","messageId":"m4","groupId":"g","traits":{"n":-7},"context":"not an object"}"#,
+        ];
+        for payload in payloads {
+            let r = Record {
+                seq: 1,
+                source_id: "src".into(),
+                message_id: "m".into(),
+                call_type: "track".into(),
+                event: None,
+                received_at_ms: 1_800_000_000_000,
+                payload: payload.into(),
+            };
+            let uuid_ts = format_timestamp(&now());
+            let planned = plan_record_at(&r, &uuid_ts).expect("planned");
+            let general = plan_msg(
+                &r,
+                Msg::parse_general(payload).expect("parses"),
+                &uuid_ts,
+                &mut Names::default(),
+            )
+            .ok()
+            .expect("planned");
+            assert_eq!(planned, general, "{payload}");
+        }
+        let r = record(1, json!({"type": "track", "messageId": "m1", "event": "E"}));
+        let mut dup = r.clone();
+        dup.payload =
+            r#"{"type":"track","messageId":"m1","event":"E","properties":{"a":1,"a":2}}"#.into();
+        let out = plan_record(&dup, &now()).expect("planned");
+        assert_eq!(get(&out[1].row, "a"), Some(&json!(2)));
+        assert!(out[1].row.dropped.is_empty());
     }
 
     #[test]
