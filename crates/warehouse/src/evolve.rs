@@ -215,11 +215,11 @@ pub fn prepare<S: AsRef<str>>(
         };
         let tables = &mut schemas[si].1;
         let index = &mut table_index[si];
-        let ti = match index.get(&p.table) {
+        let ti = match index.get(&*p.table) {
             Some(&ti) => ti,
             None => {
-                index.insert(p.table.clone(), tables.len());
-                tables.push((p.table.clone(), p.kind, Vec::new()));
+                index.insert(p.table.to_string(), tables.len());
+                tables.push((p.table.to_string(), p.kind, Vec::new()));
                 tables.len() - 1
             }
         };

@@ -170,9 +170,21 @@ impl PartialEq<str> for Name {
     }
 }
 
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &**self == *other
+    }
+}
+
 impl From<String> for Name {
     fn from(s: String) -> Self {
         Name::Shared(Arc::new(s))
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name::Shared(Arc::new(s.to_string()))
     }
 }
 
@@ -192,7 +204,7 @@ pub struct Names {
     /// Per (fixed columns of the table kind, is context): flattened path → column.
     columns: Vec<(usize, bool, NameMap)>,
     /// Event name → table name.
-    tables: HashMap<Box<str>, Arc<str>>,
+    tables: HashMap<Box<str>, Arc<String>>,
     /// Scratch buffer for flattened paths.
     path: String,
 }
@@ -231,11 +243,11 @@ impl Names {
     }
 
     /// The table of an event name.
-    fn event_table(&mut self, event: &str) -> Arc<str> {
+    fn event_table(&mut self, event: &str) -> Arc<String> {
         if let Some(t) = self.tables.get(event) {
             return t.clone();
         }
-        let t: Arc<str> = event_table(event).into();
+        let t = Arc::new(event_table(event));
         self.tables.insert(event.into(), t.clone());
         t
     }
@@ -262,7 +274,7 @@ pub struct PlannedRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planned {
     /// Target table name (already a safe identifier).
-    pub table: String,
+    pub table: Name,
     /// Its kind.
     pub kind: TableKind,
     /// The row.
@@ -529,10 +541,14 @@ fn plan_msg(
     let properties = msg.properties.take();
     let traits = msg.traits.take();
 
-    let call_type = match &msg.call_type {
-        Some(Value::String(s)) => s.to_ascii_lowercase(),
-        _ => record.call_type.to_ascii_lowercase(),
+    // The six call types, whatever their case, without building a lowercase copy.
+    let given = match &msg.call_type {
+        Some(Value::String(s)) => s.as_str(),
+        _ => record.call_type.as_str(),
     };
+    let call_type = ["track", "identify", "page", "screen", "group", "alias"]
+        .into_iter()
+        .find(|t| t.eq_ignore_ascii_case(given));
     let message_id = match msg.message_id.take() {
         Some(Value::String(s)) if !s.is_empty() => s,
         _ => record.message_id.clone(),
@@ -562,9 +578,9 @@ fn plan_msg(
     let id = |v: &Option<Value>| id_field(v).map_or(Value::Null, Value::String);
 
     let mut out = Vec::with_capacity(2);
-    match call_type.as_str() {
+    match call_type.unwrap_or_default() {
         "track" => {
-            let event_text = text_field(&msg.event).or_else(|| record.event.clone());
+            let event_text = text_owned(msg.event.take()).or_else(|| record.event.clone());
             let table = event_text.as_deref().map(|e| names.event_table(e));
             let mut tracks = base.row(TableKind::Tracks, 2 + leaves(&context));
             tracks.push(
@@ -580,18 +596,18 @@ fn plan_msg(
                 let mut ev = RowBuilder::from_row(&row, TableKind::Event, leaves(&properties));
                 ev.object(properties, names);
                 out.push(Planned {
-                    table: "tracks".into(),
+                    table: Name::Fixed(&"tracks"),
                     kind: TableKind::Tracks,
                     row,
                 });
                 out.push(Planned {
-                    table: table.to_string(),
+                    table: Name::Shared(table),
                     kind: TableKind::Event,
                     row: ev.finish()?,
                 });
             } else {
                 out.push(Planned {
-                    table: "tracks".into(),
+                    table: Name::Fixed(&"tracks"),
                     kind: TableKind::Tracks,
                     row,
                 });
@@ -607,7 +623,7 @@ fn plan_msg(
             };
             row.object(identify_traits, names);
             out.push(Planned {
-                table: "identifies".into(),
+                table: Name::Fixed(&"identifies"),
                 kind: TableKind::Identifies,
                 row: row.finish()?,
             });
@@ -628,17 +644,17 @@ fn plan_msg(
                 user.push(&"uuid_ts", Value::String(base.uuid_ts.to_string()));
                 user.object(user_traits, names);
                 out.push(Planned {
-                    table: "users".into(),
+                    table: Name::Fixed(&"users"),
                     kind: TableKind::Users,
                     row: user.finish()?,
                 });
             }
         }
         "page" | "screen" => {
-            let (table, kind) = if call_type == "page" {
-                ("pages", TableKind::Pages)
+            let (table, kind): (&'static &'static str, _) = if call_type == Some("page") {
+                (&"pages", TableKind::Pages)
             } else {
-                ("screens", TableKind::Screens)
+                (&"screens", TableKind::Screens)
             };
             let mut row = base.row(kind, leaves(&context) + leaves(&properties));
             row.push(&"name", text(&msg.name));
@@ -646,7 +662,7 @@ fn plan_msg(
             row.context(context, names);
             row.object(properties, names);
             out.push(Planned {
-                table: table.into(),
+                table: Name::Fixed(table),
                 kind,
                 row: row.finish()?,
             });
@@ -657,7 +673,7 @@ fn plan_msg(
             row.context(context, names);
             row.object(traits, names);
             out.push(Planned {
-                table: "groups".into(),
+                table: Name::Fixed(&"groups"),
                 kind: TableKind::Groups,
                 row: row.finish()?,
             });
@@ -667,12 +683,12 @@ fn plan_msg(
             row.push(&"previous_id", id(&msg.previous_id));
             row.context(context, names);
             out.push(Planned {
-                table: "aliases".into(),
+                table: Name::Fixed(&"aliases"),
                 kind: TableKind::Aliases,
                 row: row.finish()?,
             });
         }
-        other => return Err(Skip::UnknownType(other.to_string()).into()),
+        _ => return Err(Skip::UnknownType(given.to_ascii_lowercase()).into()),
     }
     Ok(out)
 }
@@ -1045,6 +1061,14 @@ fn text_field(v: &Option<Value>) -> Option<String> {
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::Bool(b)) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+/// [`text_field`] of a value the caller owns (a string is moved, not copied).
+fn text_owned(v: Option<Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s),
+        other => text_field(&other),
     }
 }
 
