@@ -16,6 +16,7 @@
 //! transaction, rows another loader already committed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -119,10 +120,10 @@ pub struct Discard {
 pub struct LoadRow {
     /// Log sequence number of its record.
     pub seq: u64,
-    /// The record's messageId.
-    pub message_id: String,
-    /// Primary key value (`id`).
-    pub key: String,
+    /// The record's messageId (shared with the record's other rows).
+    pub message_id: Arc<str>,
+    /// Primary key value (`id`; the messageId itself except in `users`).
+    pub key: Arc<str>,
     /// One cell per [`TableLoad::columns`] entry.
     pub cells: Vec<Cell>,
     /// Values of this row that were discarded.
@@ -328,7 +329,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         column: String::new(),
         value: Value::Object(values).to_string(),
         reason: format!("schema has reached the limit of {MAX_TABLES} tables"),
-        row_id: p.row.key,
+        row_id: p.row.key.to_string(),
         received_at: p.row.received_at,
     }
 }
@@ -424,7 +425,7 @@ fn type_table(
                     column,
                     value,
                     reason,
-                    row_id: row.key.clone(),
+                    row_id: row.key.to_string(),
                     received_at: row.received_at,
                 })
             };
@@ -501,11 +502,11 @@ pub fn merge_users(
     let mut merged: HashMap<String, Vec<Cell>> = HashMap::new();
     let mut discards = Vec::new();
     for row in &load.rows {
-        if !inserted.contains(&row.message_id) {
+        if !inserted.contains(&*row.message_id) {
             continue;
         }
-        let cells = merged.entry(row.key.clone()).or_insert_with(|| {
-            order.push(row.key.clone());
+        let cells = merged.entry(row.key.to_string()).or_insert_with(|| {
+            order.push(row.key.to_string());
             vec![Cell::Null; load.columns.len()]
         });
         for (i, cell) in row.cells.iter().enumerate() {
@@ -542,8 +543,8 @@ mod tests {
                 kind,
                 row: PlannedRow {
                     seq,
-                    message_id: format!("m{seq}"),
-                    key: format!("m{seq}"),
+                    message_id: format!("m{seq}").into(),
+                    key: format!("m{seq}").into(),
                     received_at: None,
                     values,
                     dropped: vec![],

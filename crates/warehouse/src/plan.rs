@@ -258,10 +258,11 @@ impl Names {
 pub struct PlannedRow {
     /// Log sequence number of the record the row comes from.
     pub seq: u64,
-    /// The record's messageId (the row's `id`, except in `users`).
-    pub message_id: String,
+    /// The record's messageId (the row's `id`, except in `users`), shared by the
+    /// record's rows.
+    pub message_id: Arc<str>,
     /// The primary key value: the messageId, or the user id in `users`.
-    pub key: String,
+    pub key: Arc<str>,
     /// `receivedAt` of the record, for discards.
     pub received_at: Option<DateTime<Utc>>,
     /// Column name → JSON leaf, in column order; nulls included.
@@ -564,7 +565,8 @@ fn plan_msg(
     // The common values are moved into the first row (the event row copies them).
     let mut base = Base {
         seq: record.seq,
-        message_id,
+        message_id: Arc::from(message_id.as_str()),
+        id: Some(message_id),
         received_at,
         received_at_text,
         uuid_ts,
@@ -631,7 +633,7 @@ fn plan_msg(
                 let mut user = RowBuilder::new(
                     TableKind::Users,
                     &base,
-                    user_id.clone(),
+                    Arc::from(user_id.as_str()),
                     leaves(&user_traits),
                 );
                 user.push(&"id", Value::String(user_id));
@@ -695,7 +697,9 @@ fn plan_msg(
 
 struct Base<'a> {
     seq: u64,
-    message_id: String,
+    message_id: Arc<str>,
+    /// The messageId for the first row's `id` column (moved there).
+    id: Option<String>,
     received_at: Option<DateTime<Utc>>,
     received_at_text: Option<String>,
     uuid_ts: &'a str,
@@ -711,7 +715,8 @@ impl Base<'_> {
     /// common values move into it: called once per record.
     fn row(&mut self, kind: TableKind, leaves: usize) -> RowBuilder {
         let mut b = RowBuilder::new(kind, self, self.message_id.clone(), leaves);
-        b.push(&"id", Value::String(self.message_id.clone()));
+        let id = self.id.take().unwrap_or_else(|| self.message_id.to_string());
+        b.push(&"id", Value::String(id));
         b.push(
             &"anonymous_id",
             self.anonymous_id.take().map_or(Value::Null, Value::String),
@@ -749,7 +754,7 @@ struct RowBuilder {
 impl RowBuilder {
     /// A row with room for its fixed columns and `leaves` more values: rows are
     /// allocated once, at their size (a small allocation, not a growing one).
-    fn new(kind: TableKind, base: &Base<'_>, key: String, leaves: usize) -> Self {
+    fn new(kind: TableKind, base: &Base<'_>, key: Arc<str>, leaves: usize) -> Self {
         let fixed = kind.fixed_columns();
         RowBuilder {
             fixed,
@@ -1170,7 +1175,7 @@ mod tests {
             Some(&json!(format_timestamp(&now())))
         );
         assert_eq!(tracks.row.seq, 7);
-        assert_eq!(tracks.row.key, "m1");
+        assert_eq!(&*tracks.row.key, "m1");
 
         let ev = &out[1];
         assert_eq!(ev.table, "email_delivered");
@@ -1297,8 +1302,8 @@ mod tests {
         let users = &out[1];
         assert_eq!(users.table, "users");
         assert_eq!(users.kind, TableKind::Users);
-        assert_eq!(users.row.key, "u1");
-        assert_eq!(users.row.message_id, "m3");
+        assert_eq!(&*users.row.key, "u1");
+        assert_eq!(&*users.row.message_id, "m3");
         assert_eq!(get(&users.row, "id"), Some(&json!("u1")));
         assert_eq!(get(&users.row, "_id"), Some(&json!("x")));
         assert_eq!(get(&users.row, "plan"), Some(&json!("pro")));

@@ -119,14 +119,14 @@ pub(super) async fn apply(
                 identifies_inserted.extend(
                     rows.iter()
                         .filter(|r| is_inserted(&r.key))
-                        .map(|r| r.key.clone()),
+                        .map(|r| r.key.to_string()),
                 );
             }
             // Discards of rows that were inserted, once per id (the first row of an id).
             if rows.iter().any(|r| !r.discards.is_empty()) {
                 let mut seen: HashSet<&str> = HashSet::new();
                 for row in &rows {
-                    if is_inserted(&row.key) && seen.insert(&row.key) {
+                    if is_inserted(&row.key) && seen.insert(&*row.key) {
                         discards.extend(row.discards.iter().cloned());
                     }
                 }

@@ -88,7 +88,7 @@ fn apply_schema(
                 stats.rows += 1;
                 discards.extend(row.discards.iter());
                 if table.kind == TableKind::Identifies {
-                    identifies_inserted.insert(row.message_id.clone());
+                    identifies_inserted.insert(row.message_id.to_string());
                 }
             }
         }
