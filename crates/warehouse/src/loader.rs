@@ -231,6 +231,8 @@ fn plan_slice(
     // per run and shared by the rows.
     let mut last: Option<(&str, Arc<str>)> = None;
     let mut names = Names::default();
+    // A record's rows, reused from record to record.
+    let mut rows = Vec::with_capacity(2);
     for record in records {
         let schema = match &last {
             Some((source, schema)) if *source == record.source_id => schema.clone(),
@@ -243,12 +245,13 @@ fn plan_slice(
                 schema
             }
         };
-        match plan_record_with(record, uuid_ts, &mut names) {
-            Ok(rows) => {
+        rows.clear();
+        match plan_record_with(record, uuid_ts, &mut names, &mut rows) {
+            Ok(()) => {
                 if !schemas.contains(&*schema) {
                     schemas.insert(schema.to_string());
                 }
-                planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
+                planned.extend(rows.drain(..).map(|p| (schema.clone(), p)));
             }
             Err(skip) => {
                 metrics::counter!("tributary_warehouse_skipped_total").increment(1);

@@ -489,10 +489,13 @@ impl<'a> Msg<'a> {
 /// already formatted (once per batch).
 #[cfg(test)]
 pub fn plan_record_at(record: &Record, uuid_ts: &str) -> Result<Vec<Planned>, Skip> {
-    plan_record_with(record, uuid_ts, &mut Names::default())
+    let mut out = Vec::new();
+    plan_record_with(record, uuid_ts, &mut Names::default(), &mut out)?;
+    Ok(out)
 }
 
-/// [`plan_record_at`] with the names already computed for earlier records.
+/// [`plan_record_at`] with the names already computed for earlier records; the rows
+/// are appended to `out` (nothing is appended when the record is skipped).
 ///
 /// The borrowed parse is tried first; a record it cannot take, or whose objects turn
 /// out to need the general rules (a key repeated in an object, where the last value
@@ -502,19 +505,27 @@ pub fn plan_record_with(
     record: &Record,
     uuid_ts: &str,
     names: &mut Names,
-) -> Result<Vec<Planned>, Skip> {
+    out: &mut Vec<Planned>,
+) -> Result<(), Skip> {
+    let start = out.len();
     if let Some(msg) = Msg::parse_borrowed(&record.payload) {
-        match plan_msg(record, msg, uuid_ts, names) {
-            Ok(out) => return Ok(out),
-            Err(Unplanned::Skip(skip)) => return Err(skip),
-            Err(Unplanned::General) => {}
+        match plan_msg(record, msg, uuid_ts, names, out) {
+            Ok(()) => return Ok(()),
+            Err(Unplanned::Skip(skip)) => {
+                out.truncate(start);
+                return Err(skip);
+            }
+            Err(Unplanned::General) => out.truncate(start),
         }
     }
     let msg = Msg::parse_general(&record.payload)?;
-    plan_msg(record, msg, uuid_ts, names).map_err(|e| match e {
-        Unplanned::Skip(skip) => skip,
-        // Maps never ask for the general parse; should one, the record is refused.
-        Unplanned::General => Skip::BadPayload("payload cannot be planned".into()),
+    plan_msg(record, msg, uuid_ts, names, out).map_err(|e| {
+        out.truncate(start);
+        match e {
+            Unplanned::Skip(skip) => skip,
+            // Maps never ask for the general parse; should one, the record is refused.
+            Unplanned::General => Skip::BadPayload("payload cannot be planned".into()),
+        }
     })
 }
 
@@ -536,7 +547,8 @@ fn plan_msg(
     mut msg: Msg<'_>,
     uuid_ts: &str,
     names: &mut Names,
-) -> Result<Vec<Planned>, Unplanned> {
+    out: &mut Vec<Planned>,
+) -> Result<(), Unplanned> {
     // The nested objects are moved out (their leaves are moved into rows, not copied).
     let context = msg.context.take();
     let properties = msg.properties.take();
@@ -579,7 +591,6 @@ fn plan_msg(
     let text = |v: &Option<Value>| text_field(v).map_or(Value::Null, Value::String);
     let id = |v: &Option<Value>| id_field(v).map_or(Value::Null, Value::String);
 
-    let mut out = Vec::with_capacity(2);
     match call_type.unwrap_or_default() {
         "track" => {
             let event_text = text_owned(msg.event.take()).or_else(|| record.event.clone());
@@ -692,7 +703,7 @@ fn plan_msg(
         }
         _ => return Err(Skip::UnknownType(given.to_ascii_lowercase()).into()),
     }
-    Ok(out)
+    Ok(())
 }
 
 struct Base<'a> {
@@ -1438,11 +1449,13 @@ mod tests {
             };
             let uuid_ts = format_timestamp(&now());
             let planned = plan_record_at(&r, &uuid_ts).expect("planned");
-            let general = plan_msg(
+            let mut general = Vec::new();
+            plan_msg(
                 &r,
                 Msg::parse_general(payload).expect("parses"),
                 &uuid_ts,
                 &mut Names::default(),
+                &mut general,
             )
             .ok()
             .expect("planned");
