@@ -124,8 +124,8 @@ pub struct LoadRow {
     pub message_id: Arc<str>,
     /// Primary key value (`id`; the messageId itself except in `users`).
     pub key: Arc<str>,
-    /// One cell per [`TableLoad::columns`] entry.
-    pub cells: Vec<Cell>,
+    /// The row's place in its table: its cells are [`TableLoad::cells_of`].
+    pub at: usize,
     /// Values of this row that were discarded.
     pub discards: Vec<Discard>,
 }
@@ -149,6 +149,17 @@ pub struct TableLoad {
     pub columns: Vec<(String, ColumnType)>,
     /// The rows, in log order.
     pub rows: Vec<LoadRow>,
+    /// Every row's cells, one after the other: one per [`TableLoad::columns`] entry
+    /// each (one allocation per table, not one per row).
+    pub cells: Vec<Cell>,
+}
+
+impl TableLoad {
+    /// The cells of one of this table's rows, aligned with [`TableLoad::columns`].
+    pub fn cells_of(&self, row: &LoadRow) -> &[Cell] {
+        let n = self.columns.len();
+        &self.cells[row.at * n..(row.at + 1) * n]
+    }
 }
 
 /// Everything to do to one schema in one batch.
@@ -410,13 +421,16 @@ fn type_table(
 
     // Pass 2: cast every value to its column's final type.
     let mut next_slot = 0;
+    let width = columns.len();
+    let mut all_cells: Vec<Cell> = vec![Cell::Null; rows.len() * width];
     let typed_rows = rows
         .into_iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(at, p)| {
             let row = p.row;
             let row_slots = &slots[next_slot..next_slot + row.values.len()];
             next_slot += row.values.len();
-            let mut cells = vec![Cell::Null; columns.len()];
+            let cells = &mut all_cells[at * width..(at + 1) * width];
             let mut discards = Vec::new();
             let mut discard = |column: String, value: String, reason: String| {
                 discards.push(Discard {
@@ -453,7 +467,7 @@ fn type_table(
                 seq: row.seq,
                 message_id: row.message_id,
                 key: row.key,
-                cells,
+                at,
                 discards,
             }
         })
@@ -487,6 +501,7 @@ fn type_table(
         after,
         columns,
         rows: typed_rows,
+        cells: all_cells,
     }
 }
 
@@ -509,7 +524,7 @@ pub fn merge_users(
             order.push(row.key.to_string());
             vec![Cell::Null; load.columns.len()]
         });
-        for (i, cell) in row.cells.iter().enumerate() {
+        for (i, cell) in load.cells_of(row).iter().enumerate() {
             if !cell.is_null() {
                 cells[i] = cell.clone();
             }
@@ -609,9 +624,9 @@ mod tests {
             .iter()
             .position(|(n, _)| n == "plan")
             .expect("plan");
-        assert_eq!(t.rows[0].cells[i], Cell::Bigint(3));
-        assert_eq!(t.rows[1].cells[i], Cell::Null);
-        assert_eq!(t.rows[2].cells[i], Cell::Bigint(42));
+        assert_eq!(t.cells_of(&t.rows[0])[i], Cell::Bigint(3));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Null);
+        assert_eq!(t.cells_of(&t.rows[2])[i], Cell::Bigint(42));
         assert_eq!(
             t.rows[1].discards,
             vec![Discard {
@@ -645,8 +660,8 @@ mod tests {
             .iter()
             .position(|(n, _)| n == "amount")
             .expect("col");
-        assert_eq!(t.rows[0].cells[i], Cell::Double(3.0));
-        assert_eq!(t.rows[1].cells[i], Cell::Double(3.5));
+        assert_eq!(t.cells_of(&t.rows[0])[i], Cell::Double(3.0));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Double(3.5));
         assert!(t.widen.is_empty());
 
         // Across batches: an existing bigint column is widened by DDL.
@@ -691,7 +706,7 @@ mod tests {
         );
         let t = &b.schemas[0].tables[0];
         let i = t.columns.iter().position(|(n, _)| n == "x").expect("col");
-        assert_eq!(t.rows[1].cells[i], Cell::Double(2.0));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Double(2.0));
     }
 
     #[test]

@@ -787,7 +787,7 @@ mod tests {
             let c2 = cpu_ms();
             let mut bytes = 0usize;
             for t in &batch.schemas[0].tables {
-                bytes += crate::postgres::encode_for_test(&t.columns, &t.rows);
+                bytes += crate::postgres::encode_for_test(t);
             }
             assert!(bytes > 0);
             let c3 = cpu_ms();

@@ -726,7 +726,10 @@ impl Base<'_> {
     /// common values move into it: called once per record.
     fn row(&mut self, kind: TableKind, leaves: usize) -> RowBuilder {
         let mut b = RowBuilder::new(kind, self, self.message_id.clone(), leaves);
-        let id = self.id.take().unwrap_or_else(|| self.message_id.to_string());
+        let id = self
+            .id
+            .take()
+            .unwrap_or_else(|| self.message_id.to_string());
         b.push(&"id", Value::String(id));
         b.push(
             &"anonymous_id",

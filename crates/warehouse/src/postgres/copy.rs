@@ -76,15 +76,13 @@ pub(super) async fn copy_rows<'r>(
 
 /// Encodes `rows` as [`copy_rows`] does; returns the bytes (for timing).
 #[cfg(test)]
-pub(crate) fn encode_for_test(
-    columns: &[(String, ColumnType)],
-    rows: &[crate::evolve::LoadRow],
-) -> usize {
+pub(crate) fn encode_for_test(table: &crate::evolve::TableLoad) -> usize {
+    let columns = &table.columns;
     let types: Vec<ColumnType> = columns.iter().map(|(_, t)| *t).collect();
     let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
     let mut total = 0;
-    for row in rows {
-        encode_row(&mut buf, &types, &row.cells).expect("encodes");
+    for row in &table.rows {
+        encode_row(&mut buf, &types, table.cells_of(row)).expect("encodes");
         if buf.len() >= CHUNK_BYTES {
             total += buf.len();
             buf.clear();

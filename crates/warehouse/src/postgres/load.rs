@@ -322,7 +322,7 @@ async fn insert_direct(
         tx,
         target,
         &table.columns,
-        rows.iter().map(|r| r.cells.as_slice()),
+        rows.iter().map(|r| table.cells_of(r)),
     )
     .await;
     match copied {
@@ -357,7 +357,7 @@ async fn insert_if_absent(
         tx,
         temp,
         &table.columns,
-        rows.iter().map(|r| r.cells.as_slice()),
+        rows.iter().map(|r| table.cells_of(r)),
     )
     .await?;
     let cols = column_list(&table.columns);
