@@ -999,22 +999,91 @@ impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_, '_> {
                 f.path.push('_');
             }
             f.path.push_str(&key);
-            let raw: &'de RawValue = map.next_value()?;
-            let text = raw.get();
-            if text.starts_with('{') {
-                f.object(text).map_err(A::Error::custom)?;
-                continue;
-            }
-            let value: Value = serde_json::from_str(text).map_err(A::Error::custom)?;
-            let leaf = match value {
-                Value::Array(_) => Value::String(array_text(&value)),
-                scalar => scalar,
-            };
-            let col = f.names.column(f.fixed, f.is_context, f.path);
-            f.out.push((Name::Shared(col), leaf));
+            map.next_value_seed(Entry(&mut *f))?;
         }
         f.path.truncate(len);
         f.depth -= 1;
+        Ok(())
+    }
+}
+
+impl FlattenText<'_> {
+    /// Adds a leaf at the current path.
+    fn leaf(&mut self, value: Value) {
+        let col = self.names.column(self.fixed, self.is_context, self.path);
+        self.out.push((Name::Shared(col), value));
+    }
+}
+
+/// The value of one object entry, read in the same pass as its key: an object is
+/// flattened under the entry's path, an array becomes its JSON text, a scalar is a
+/// leaf — the values `serde_json::Value` would hold.
+struct Entry<'f, 'r>(&'f mut FlattenText<'r>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Entry<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Entry<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        ObjectVisitor(self.0).visit_map(map)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        let array = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        self.0.leaf(Value::String(array_text(&array)));
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.leaf(Value::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.leaf(Value::Number(v.into()));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.leaf(Value::Number(v.into()));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        // As `serde_json::Value` reads it.
+        self.0
+            .leaf(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.leaf(Value::String(v.to_string()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.0.leaf(Value::String(v));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.leaf(Value::Null);
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        self.0.leaf(Value::Null);
         Ok(())
     }
 }
@@ -1439,6 +1508,10 @@ mod tests {
                "context":{"ip":"1.2.3.4","library":{"name":"n","version":"1"}}}"#,
             r#"{"type":"identify","messageId":"m3","userId":"u","traits":{"x":{"y":{"z":true}},"n":1.5}}"#,
             r#"{"type":"group","messageId":"m4","groupId":"g","traits":{"n":-7},"context":"not an object"}"#,
+            // Numbers and strings as `Value` reads them.
+            r#"{"type":"track","messageId":"m5","event":"E","properties":{"u":18446744073709551615,
+               "i":-9223372036854775808,"f":1.0,"z":-0.0,"e":1e300,"s":"a\"b\n\u00e9","t":true,
+               "arr":[[1,2],{"x":null},"y"],"o":{"p":{"q":{}}},"n":null}}"#,
         ];
         for payload in payloads {
             let r = Record {
