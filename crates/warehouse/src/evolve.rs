@@ -275,6 +275,9 @@ pub fn prepare<S: AsRef<str>>(
     }
 }
 
+/// The slot of a value whose column would exceed [`MAX_COLUMNS`].
+const OVER_CAP: usize = usize::MAX;
+
 /// Below this many rows a schema's tables are typed on the calling thread only.
 const PARALLEL_MIN_ROWS: usize = 2000;
 
@@ -351,6 +354,17 @@ fn type_table(
     kind: TableKind,
     rows: Vec<Planned>,
 ) -> TableLoad {
+    type_table_split(existing, table, kind, rows, PARALLEL_MIN_ROWS)
+}
+
+/// [`type_table`], casting on two threads from `split_at` rows.
+fn type_table_split(
+    existing: Option<&TableSchema>,
+    table: String,
+    kind: TableKind,
+    rows: Vec<Planned>,
+    split_at: usize,
+) -> TableLoad {
     let fixed = kind.fixed_columns();
     let mut after = existing
         .cloned()
@@ -362,7 +376,6 @@ fn type_table(
 
     // Pass 1, in row order: resolve every value's column (creating columns and
     // widening as values come), remembering the index so pass 2 needs no lookups.
-    const OVER_CAP: usize = usize::MAX;
     let mut used: Vec<bool> = vec![false; after.len()];
     // Every row's slots, one after the other (a row has one per value).
     let mut slots: Vec<usize> = Vec::with_capacity(rows.iter().map(|p| p.row.values.len()).sum());
@@ -419,59 +432,35 @@ fn type_table(
         }
     }
 
-    // Pass 2: cast every value to its column's final type.
-    let mut next_slot = 0;
+    // Pass 2: cast every value to its column's final type. Rows are independent now:
+    // a large table is cast in two halves on two threads (the other table typed at
+    // the same time may be narrower and finish first).
     let width = columns.len();
     let mut all_cells: Vec<Cell> = vec![Cell::Null; rows.len() * width];
-    let typed_rows = rows
-        .into_iter()
-        .enumerate()
-        .map(|(at, p)| {
-            let row = p.row;
-            let row_slots = &slots[next_slot..next_slot + row.values.len()];
-            next_slot += row.values.len();
-            let cells = &mut all_cells[at * width..(at + 1) * width];
-            let mut discards = Vec::new();
-            let mut discard = |column: String, value: String, reason: String| {
-                discards.push(Discard {
-                    seq: row.seq,
-                    table: table.clone(),
-                    column,
-                    value,
-                    reason,
-                    row_id: row.key.to_string(),
-                    received_at: row.received_at,
-                })
-            };
-            for ((col, value), &slot) in row.values.into_iter().zip(row_slots) {
-                if slot == OVER_CAP {
-                    if !value.is_null() {
-                        discard(
-                            col.to_string(),
-                            value_text(&value),
-                            format!("table has reached the limit of {MAX_COLUMNS} columns"),
-                        );
-                    }
-                    continue;
-                }
-                let pos = position[slot];
-                match cast_owned(value, columns[pos].1) {
-                    Ok(cell) => cells[pos] = cell,
-                    Err((reason, value)) => discard(col.to_string(), value_text(&value), reason),
-                }
-            }
-            for (col, value, reason) in row.dropped {
-                discard(col, value, reason);
-            }
-            LoadRow {
-                seq: row.seq,
-                message_id: row.message_id,
-                key: row.key,
-                at,
-                discards,
-            }
-        })
-        .collect();
+    let pass = Pass2 {
+        table: &table,
+        columns: &columns,
+        position: &position,
+    };
+    let typed_rows = if rows.len() >= split_at.max(2) {
+        let mut rows = rows;
+        let second = rows.split_off(rows.len() / 2);
+        let first_slots: usize = rows.iter().map(|p| p.row.values.len()).sum();
+        let (slots_a, slots_b) = slots.split_at(first_slots);
+        let (cells_a, cells_b) = all_cells.split_at_mut(rows.len() * width);
+        let first_len = rows.len();
+        let (mut typed, other) = std::thread::scope(|s| {
+            let other = s.spawn(|| pass.rows(second, slots_b, cells_b, first_len));
+            (pass.rows(rows, slots_a, cells_a, 0), other.join())
+        });
+        match other {
+            Ok(more) => typed.extend(more),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        typed
+    } else {
+        pass.rows(rows, &slots, &mut all_cells, 0)
+    };
 
     let (create, add, widen) = match existing {
         None => (true, Vec::new(), Vec::new()),
@@ -502,6 +491,80 @@ fn type_table(
         columns,
         rows: typed_rows,
         cells: all_cells,
+    }
+}
+
+/// What casting a table's rows needs once its columns are final.
+struct Pass2<'a> {
+    table: &'a str,
+    columns: &'a [(String, ColumnType)],
+    /// Column slot (pass 1) → position in `columns`.
+    position: &'a [usize],
+}
+
+impl Pass2<'_> {
+    /// Casts `rows` (whose values' slots are `slots`, one after the other) into
+    /// `cells` (theirs, one after the other); the first row is the table's row
+    /// `first_at`.
+    fn rows(
+        &self,
+        rows: Vec<Planned>,
+        slots: &[usize],
+        cells: &mut [Cell],
+        first_at: usize,
+    ) -> Vec<LoadRow> {
+        let width = self.columns.len();
+        let mut next_slot = 0;
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let row = p.row;
+                let row_slots = &slots[next_slot..next_slot + row.values.len()];
+                next_slot += row.values.len();
+                let cells = &mut cells[i * width..(i + 1) * width];
+                let mut discards = Vec::new();
+                let mut discard = |column: String, value: String, reason: String| {
+                    discards.push(Discard {
+                        seq: row.seq,
+                        table: self.table.to_string(),
+                        column,
+                        value,
+                        reason,
+                        row_id: row.key.to_string(),
+                        received_at: row.received_at,
+                    })
+                };
+                for ((col, value), &slot) in row.values.into_iter().zip(row_slots) {
+                    if slot == OVER_CAP {
+                        if !value.is_null() {
+                            discard(
+                                col.to_string(),
+                                value_text(&value),
+                                format!("table has reached the limit of {MAX_COLUMNS} columns"),
+                            );
+                        }
+                        continue;
+                    }
+                    let pos = self.position[slot];
+                    match cast_owned(value, self.columns[pos].1) {
+                        Ok(cell) => cells[pos] = cell,
+                        Err((reason, value)) => {
+                            discard(col.to_string(), value_text(&value), reason)
+                        }
+                    }
+                }
+                for (col, value, reason) in row.dropped {
+                    discard(col, value, reason);
+                }
+                LoadRow {
+                    seq: row.seq,
+                    message_id: row.message_id,
+                    key: row.key,
+                    at: first_at + i,
+                    discards,
+                }
+            })
+            .collect()
     }
 }
 
@@ -789,6 +852,28 @@ mod tests {
         assert_eq!(s.discards[0].table, "one_more");
         assert_eq!(s.discards[0].value, r#"{"id":"m1","x":1}"#);
         assert!(s.discards[0].reason.contains("5000 tables"));
+    }
+
+    #[test]
+    fn a_table_cast_in_two_halves_equals_one_cast_whole() {
+        let rows = || -> Vec<Planned> {
+            (0..41u64)
+                .map(|i| {
+                    let v = match i % 4 {
+                        0 => json!({"n": i, "s": format!("x{i}"), "t": "2026-11-27T05:10:53.123Z"}),
+                        1 => json!({"n": 1.5, "s": null, "t": "not a time"}),
+                        2 => json!({"n": "7", "b": true, "t": null}),
+                        _ => json!({"s": i, "b": "maybe"}),
+                    };
+                    row(i + 1, "e", TableKind::Event, v).1
+                })
+                .collect()
+        };
+        let whole = type_table_split(None, "e".into(), TableKind::Event, rows(), usize::MAX);
+        let halves = type_table_split(None, "e".into(), TableKind::Event, rows(), 1);
+        assert_eq!(whole, halves);
+        assert!(whole.rows.iter().any(|r| !r.discards.is_empty()));
+        assert_eq!(whole.rows.last().map(|r| r.at), Some(40));
     }
 
     #[test]
