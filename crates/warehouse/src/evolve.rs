@@ -286,7 +286,9 @@ type TableJob<'a> = (Option<&'a TableSchema>, String, TableKind, Vec<Planned>);
 
 /// Types the tables of one schema, in order. Tables are independent, so a large batch
 /// (`tracks` plus event tables) is typed on two threads: the biggest tables are
-/// spread over both, and the results are put back in the input order.
+/// spread over both, and the results are put back in the input order. Within a table
+/// of [`PARALLEL_MIN_ROWS`] rows or more, casting (once the columns are fixed) is
+/// split over two threads too.
 fn type_tables(jobs: Vec<TableJob<'_>>) -> Vec<TableLoad> {
     let total: usize = jobs.iter().map(|j| j.3.len()).sum();
     if jobs.len() < 2 || total < PARALLEL_MIN_ROWS {

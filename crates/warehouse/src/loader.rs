@@ -766,7 +766,8 @@ mod tests {
             })
             .collect();
         let catalog = |_: &str| Some("bench".to_string());
-        // The process's CPU time (all threads), ms.
+        // The process's CPU time (all threads), ms; 0 where there is no /proc (Linux
+        // clock ticks of 10 ms assumed).
         fn cpu_ms() -> f64 {
             let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
             let after = stat.rsplit(')').next().unwrap_or("");
@@ -774,7 +775,10 @@ mod tests {
                 .split_whitespace()
                 .map(|x| x.parse().unwrap_or(0.0))
                 .collect();
-            (f[11] + f[12]) * 10.0
+            match (f.get(11), f.get(12)) {
+                (Some(user), Some(system)) => (user + system) * 10.0,
+                _ => 0.0,
+            }
         }
         let mut known: HashMap<String, SchemaState> = HashMap::new();
         let rounds = 20;
