@@ -291,36 +291,37 @@ pub enum Skip {
     UnknownType(String),
 }
 
-/// The top-level fields of a message that planning reads, borrowed from the payload
-/// (every other field is skipped without being built).
+/// The top-level fields of a message that planning reads, in one pass over the
+/// payload: scalars as values, the nested objects borrowed as text (every other field
+/// is skipped without being built).
 #[derive(Deserialize)]
 struct RawMessage<'a> {
-    #[serde(rename = "type", borrow, default)]
-    call_type: Option<&'a RawValue>,
-    #[serde(rename = "messageId", borrow, default)]
-    message_id: Option<&'a RawValue>,
-    #[serde(rename = "receivedAt", borrow, default)]
-    received_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    event: Option<&'a RawValue>,
-    #[serde(rename = "userId", borrow, default)]
-    user_id: Option<&'a RawValue>,
-    #[serde(rename = "anonymousId", borrow, default)]
-    anonymous_id: Option<&'a RawValue>,
-    #[serde(rename = "sentAt", borrow, default)]
-    sent_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    timestamp: Option<&'a RawValue>,
-    #[serde(rename = "originalTimestamp", borrow, default)]
-    original_timestamp: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    name: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    category: Option<&'a RawValue>,
-    #[serde(rename = "groupId", borrow, default)]
-    group_id: Option<&'a RawValue>,
-    #[serde(rename = "previousId", borrow, default)]
-    previous_id: Option<&'a RawValue>,
+    #[serde(rename = "type", default)]
+    call_type: Option<Value>,
+    #[serde(rename = "messageId", default)]
+    message_id: Option<Value>,
+    #[serde(rename = "receivedAt", default)]
+    received_at: Option<Value>,
+    #[serde(default)]
+    event: Option<Value>,
+    #[serde(rename = "userId", default)]
+    user_id: Option<Value>,
+    #[serde(rename = "anonymousId", default)]
+    anonymous_id: Option<Value>,
+    #[serde(rename = "sentAt", default)]
+    sent_at: Option<Value>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(rename = "originalTimestamp", default)]
+    original_timestamp: Option<Value>,
+    #[serde(default)]
+    name: Option<Value>,
+    #[serde(default)]
+    category: Option<Value>,
+    #[serde(rename = "groupId", default)]
+    group_id: Option<Value>,
+    #[serde(rename = "previousId", default)]
+    previous_id: Option<Value>,
     #[serde(borrow, default)]
     context: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -391,7 +392,7 @@ impl<'a> Msg<'a> {
             return None;
         }
         let raw = serde_json::from_str::<RawMessage<'_>>(payload).ok()?;
-        Msg::from_raw(&raw)
+        Some(Msg::from_raw(raw))
     }
 
     fn parse_general(payload: &str) -> Result<Msg<'a>, Skip> {
@@ -446,42 +447,31 @@ impl<'a> Msg<'a> {
         })
     }
 
-    /// `None` when a field does not parse on its own (it then goes through the
-    /// general parse, which decides). Objects are kept as text: one that turns out
-    /// not to parse while it is flattened sends the record to the general parse then.
-    fn from_raw(raw: &RawMessage<'a>) -> Option<Msg<'a>> {
-        fn value(r: Option<&RawValue>) -> Option<Option<Value>> {
-            match r {
-                None => Some(None),
-                Some(r) => serde_json::from_str::<Value>(r.get())
-                    .ok()
-                    .map(|v| Some(v).filter(|v| !v.is_null())),
-            }
+    /// The message from its one-pass read (`null` already reads as `None`). Objects
+    /// are kept as text: one that turns out not to parse while it is flattened sends
+    /// the record to the general parse then.
+    fn from_raw(raw: RawMessage<'a>) -> Msg<'a> {
+        fn object(r: Option<&RawValue>) -> Option<Object<'_>> {
+            r.filter(|r| r.get().starts_with('{')).map(Object::Raw)
         }
-        fn object(r: Option<&RawValue>) -> Option<Option<Object<'_>>> {
-            match r {
-                Some(r) if r.get().starts_with('{') => Some(Some(Object::Raw(r))),
-                _ => Some(None),
-            }
+        Msg {
+            call_type: raw.call_type,
+            message_id: raw.message_id,
+            received_at: raw.received_at,
+            event: raw.event,
+            user_id: raw.user_id,
+            anonymous_id: raw.anonymous_id,
+            sent_at: raw.sent_at,
+            timestamp: raw.timestamp,
+            original_timestamp: raw.original_timestamp,
+            name: raw.name,
+            category: raw.category,
+            group_id: raw.group_id,
+            previous_id: raw.previous_id,
+            context: object(raw.context),
+            properties: object(raw.properties),
+            traits: object(raw.traits),
         }
-        Some(Msg {
-            call_type: value(raw.call_type)?,
-            message_id: value(raw.message_id)?,
-            received_at: value(raw.received_at)?,
-            event: value(raw.event)?,
-            user_id: value(raw.user_id)?,
-            anonymous_id: value(raw.anonymous_id)?,
-            sent_at: value(raw.sent_at)?,
-            timestamp: value(raw.timestamp)?,
-            original_timestamp: value(raw.original_timestamp)?,
-            name: value(raw.name)?,
-            category: value(raw.category)?,
-            group_id: value(raw.group_id)?,
-            previous_id: value(raw.previous_id)?,
-            context: object(raw.context)?,
-            properties: object(raw.properties)?,
-            traits: object(raw.traits)?,
-        })
     }
 }
 
