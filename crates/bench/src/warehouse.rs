@@ -23,10 +23,11 @@
 //! server is stopped and restarted with `TRIBUTARY_WAREHOUSE` set to a fresh database,
 //! and the bench polls the loader's position (`tributary.loader_state`, committed in
 //! the same transaction as the rows) in that database until it reaches the log's
-//! head — not `/ready`, whose log statistics cost the server CPU. Rows/s is
-//! rows loaded (one in `tracks`, one in `bench_event` per event) over the time from
-//! spawning the server to caught up — so it includes the server's start, reading the
-//! log, planning, typing and the transactions. The baseline reads the same rows back,
+//! head — not `/ready`, whose log statistics cost the server CPU. The headline
+//! rows/s, the one compared with issue #4's target, is the event table's rows (one per
+//! event) over the time from spawning the server to caught up — so it includes the
+//! server's start, reading the log, planning, typing and the transactions; the same
+//! time counting the `tracks` rows too (two rows per event) is printed beside it. The baseline reads the same rows back,
 //! creates identical tables (`LIKE … INCLUDING ALL`, so the same primary keys) in the
 //! same database and writes them with a binary `COPY` (`BinaryCopyInWriter`) per
 //! table, one transaction per `batch_max` events, as the loader commits.
@@ -52,7 +53,8 @@ use crate::server::locate_binary;
 
 /// The target of issue #4: p95 freshness, milliseconds.
 const TARGET_FRESH_P95_MS: f64 = 2000.0;
-/// The target of issue #4: rows/s into PostgreSQL.
+/// The target of issue #4: rows/s into PostgreSQL's 20-column event table (its rows
+/// alone; `tracks` rows are not counted).
 const TARGET_LOAD_ROWS: f64 = 50_000.0;
 /// The event table every bench event lands in.
 const TABLE: &str = "bench.bench_event";
@@ -224,6 +226,17 @@ impl Throughput {
     /// Rows/s of the raw COPY.
     pub fn copy_rows_per_sec(&self) -> f64 {
         self.copy_rows as f64 / self.copy_secs.max(1e-9)
+    }
+
+    /// Rows/s into the event table alone (one row per event), whole time: the figure
+    /// issue #4's target is about.
+    pub fn event_rows_per_sec(&self) -> f64 {
+        self.events as f64 / self.wall_secs.max(1e-9)
+    }
+
+    /// The raw COPY's rows/s counting only the event table's rows.
+    pub fn copy_event_rows_per_sec(&self) -> f64 {
+        self.events as f64 / self.copy_secs.max(1e-9)
     }
 }
 
@@ -1100,32 +1113,34 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if let Some(t) = &r.throughput {
+        // Issue #4's target is on the event table alone: the verdict counts only its
+        // rows (one per event), over the same time as the `tracks`-plus-event figure.
         let _ = writeln!(
             s,
-            "| PostgreSQL load, {}-column event table + `tracks`, rows/s (spawn → caught up) | **{}** | {} (raw binary COPY, same rows) | {} | ≥ {} | {} |",
+            "| PostgreSQL load, {}-column event table only, rows/s (spawn → caught up) | **{}** | {} (raw binary COPY, same rows) | {} | ≥ {} | {} |",
             t.columns,
+            thousands(t.event_rows_per_sec()),
+            thousands(t.copy_event_rows_per_sec()),
+            ratio(t.event_rows_per_sec(), t.copy_event_rows_per_sec()),
+            thousands(TARGET_LOAD_ROWS),
+            mark(t.event_rows_per_sec() >= TARGET_LOAD_ROWS)
+        );
+        let _ = writeln!(
+            s,
+            "| the same, counting the event table's and `tracks`' rows, rows/s | {} | {} | {} | | |",
             thousands(t.rows_per_sec()),
             thousands(t.copy_rows_per_sec()),
             ratio(t.rows_per_sec(), t.copy_rows_per_sec()),
-            thousands(TARGET_LOAD_ROWS),
-            mark(t.rows_per_sec() >= TARGET_LOAD_ROWS)
         );
         if let Some(steady) = t.steady_rows_per_sec() {
             let _ = writeln!(
                 s,
-                "| the same after the loader's first commit (no start-up), rows/s | {} | {} | {} | | |",
+                "| event table + `tracks` after the loader's first commit (no start-up), rows/s | {} | {} | {} | | |",
                 thousands(steady),
                 thousands(t.copy_rows_per_sec()),
                 ratio(steady, t.copy_rows_per_sec()),
             );
         }
-        let _ = writeln!(
-            s,
-            "| the same (spawn → caught up), counting only the {}-column table's rows | {} | {} | | | |",
-            t.columns,
-            thousands(t.events as f64 / t.wall_secs.max(1e-9)),
-            thousands(t.events as f64 / t.copy_secs.max(1e-9))
-        );
     }
 
     let _ = writeln!(s, "\n### Freshness phases\n");
@@ -1251,6 +1266,8 @@ pub fn json(r: &Report) -> Value {
             "columns": t.columns,
             "wall_secs": t.wall_secs,
             "rows_per_sec": t.rows_per_sec(),
+            "event_table_rows_per_sec": t.event_rows_per_sec(),
+            "meets_target": t.event_rows_per_sec() >= TARGET_LOAD_ROWS,
             "steady_rows_per_sec": t.steady_rows_per_sec(),
             "commits": t.commits,
             "commit_secs": t.commit_secs,
@@ -1259,6 +1276,7 @@ pub fn json(r: &Report) -> Value {
                 "rows": t.copy_rows,
                 "secs": t.copy_secs,
                 "rows_per_sec": t.copy_rows_per_sec(),
+                "event_table_rows_per_sec": t.copy_event_rows_per_sec(),
                 "cpu_cores": t.copy_cpu.to_json(),
             },
             "ratio": t.rows_per_sec() / t.copy_rows_per_sec().max(1e-9),

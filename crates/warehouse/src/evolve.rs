@@ -16,6 +16,7 @@
 //! transaction, rows another loader already committed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -119,12 +120,12 @@ pub struct Discard {
 pub struct LoadRow {
     /// Log sequence number of its record.
     pub seq: u64,
-    /// The record's messageId.
-    pub message_id: String,
-    /// Primary key value (`id`).
-    pub key: String,
-    /// One cell per [`TableLoad::columns`] entry.
-    pub cells: Vec<Cell>,
+    /// The record's messageId (shared with the record's other rows).
+    pub message_id: Arc<str>,
+    /// Primary key value (`id`; the messageId itself except in `users`).
+    pub key: Arc<str>,
+    /// The row's place in its table: its cells are [`TableLoad::cells_of`].
+    pub at: usize,
     /// Values of this row that were discarded.
     pub discards: Vec<Discard>,
 }
@@ -148,6 +149,17 @@ pub struct TableLoad {
     pub columns: Vec<(String, ColumnType)>,
     /// The rows, in log order.
     pub rows: Vec<LoadRow>,
+    /// Every row's cells, one after the other: one per [`TableLoad::columns`] entry
+    /// each (one allocation per table, not one per row).
+    pub cells: Vec<Cell>,
+}
+
+impl TableLoad {
+    /// The cells of one of this table's rows, aligned with [`TableLoad::columns`].
+    pub fn cells_of(&self, row: &LoadRow) -> &[Cell] {
+        let n = self.columns.len();
+        &self.cells[row.at * n..(row.at + 1) * n]
+    }
 }
 
 /// Everything to do to one schema in one batch.
@@ -215,11 +227,11 @@ pub fn prepare<S: AsRef<str>>(
         };
         let tables = &mut schemas[si].1;
         let index = &mut table_index[si];
-        let ti = match index.get(&p.table) {
+        let ti = match index.get(&*p.table) {
             Some(&ti) => ti,
             None => {
-                index.insert(p.table.clone(), tables.len());
-                tables.push((p.table.clone(), p.kind, Vec::new()));
+                index.insert(p.table.to_string(), tables.len());
+                tables.push((p.table.to_string(), p.kind, Vec::new()));
                 tables.len() - 1
             }
         };
@@ -263,6 +275,9 @@ pub fn prepare<S: AsRef<str>>(
     }
 }
 
+/// The slot of a value whose column would exceed [`MAX_COLUMNS`].
+const OVER_CAP: usize = usize::MAX;
+
 /// Below this many rows a schema's tables are typed on the calling thread only.
 const PARALLEL_MIN_ROWS: usize = 2000;
 
@@ -271,7 +286,9 @@ type TableJob<'a> = (Option<&'a TableSchema>, String, TableKind, Vec<Planned>);
 
 /// Types the tables of one schema, in order. Tables are independent, so a large batch
 /// (`tracks` plus event tables) is typed on two threads: the biggest tables are
-/// spread over both, and the results are put back in the input order.
+/// spread over both, and the results are put back in the input order. Within a table
+/// of [`PARALLEL_MIN_ROWS`] rows or more, casting (once the columns are fixed) is
+/// split over two threads too.
 fn type_tables(jobs: Vec<TableJob<'_>>) -> Vec<TableLoad> {
     let total: usize = jobs.iter().map(|j| j.3.len()).sum();
     if jobs.len() < 2 || total < PARALLEL_MIN_ROWS {
@@ -320,7 +337,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         .values
         .into_iter()
         .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.into_owned(), v))
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
     Discard {
         seq: p.row.seq,
@@ -328,7 +345,7 @@ fn table_limit_discard(table: &str, p: Planned) -> Discard {
         column: String::new(),
         value: Value::Object(values).to_string(),
         reason: format!("schema has reached the limit of {MAX_TABLES} tables"),
-        row_id: p.row.key,
+        row_id: p.row.key.to_string(),
         received_at: p.row.received_at,
     }
 }
@@ -338,6 +355,17 @@ fn type_table(
     table: String,
     kind: TableKind,
     rows: Vec<Planned>,
+) -> TableLoad {
+    type_table_split(existing, table, kind, rows, PARALLEL_MIN_ROWS)
+}
+
+/// [`type_table`], casting on two threads from `split_at` rows.
+fn type_table_split(
+    existing: Option<&TableSchema>,
+    table: String,
+    kind: TableKind,
+    rows: Vec<Planned>,
+    split_at: usize,
 ) -> TableLoad {
     let fixed = kind.fixed_columns();
     let mut after = existing
@@ -350,7 +378,6 @@ fn type_table(
 
     // Pass 1, in row order: resolve every value's column (creating columns and
     // widening as values come), remembering the index so pass 2 needs no lookups.
-    const OVER_CAP: usize = usize::MAX;
     let mut used: Vec<bool> = vec![false; after.len()];
     // Every row's slots, one after the other (a row has one per value).
     let mut slots: Vec<usize> = Vec::with_capacity(rows.iter().map(|p| p.row.values.len()).sum());
@@ -362,7 +389,7 @@ fn type_table(
         for (k, (col, value)) in p.row.values.iter().enumerate() {
             let hint = (k < previous.len()).then(|| slots[previous.start + k]);
             let found = match hint {
-                Some(i) if i != OVER_CAP && after.columns[i].0 == *col => Some(i),
+                Some(i) if i != OVER_CAP && after.columns[i].0 == **col => Some(i),
                 _ => after.index_of(col),
             };
             let slot = match found {
@@ -407,56 +434,35 @@ fn type_table(
         }
     }
 
-    // Pass 2: cast every value to its column's final type.
-    let mut next_slot = 0;
-    let typed_rows = rows
-        .into_iter()
-        .map(|p| {
-            let row = p.row;
-            let row_slots = &slots[next_slot..next_slot + row.values.len()];
-            next_slot += row.values.len();
-            let mut cells = vec![Cell::Null; columns.len()];
-            let mut discards = Vec::new();
-            let mut discard = |column: String, value: String, reason: String| {
-                discards.push(Discard {
-                    seq: row.seq,
-                    table: table.clone(),
-                    column,
-                    value,
-                    reason,
-                    row_id: row.key.clone(),
-                    received_at: row.received_at,
-                })
-            };
-            for ((col, value), &slot) in row.values.into_iter().zip(row_slots) {
-                if slot == OVER_CAP {
-                    if !value.is_null() {
-                        discard(
-                            col.into_owned(),
-                            value_text(&value),
-                            format!("table has reached the limit of {MAX_COLUMNS} columns"),
-                        );
-                    }
-                    continue;
-                }
-                let pos = position[slot];
-                match cast_owned(value, columns[pos].1) {
-                    Ok(cell) => cells[pos] = cell,
-                    Err((reason, value)) => discard(col.into_owned(), value_text(&value), reason),
-                }
-            }
-            for (col, value, reason) in row.dropped {
-                discard(col, value, reason);
-            }
-            LoadRow {
-                seq: row.seq,
-                message_id: row.message_id,
-                key: row.key,
-                cells,
-                discards,
-            }
-        })
-        .collect();
+    // Pass 2: cast every value to its column's final type. Rows are independent now:
+    // a large table is cast in two halves on two threads (the other table typed at
+    // the same time may be narrower and finish first).
+    let width = columns.len();
+    let mut all_cells: Vec<Cell> = vec![Cell::Null; rows.len() * width];
+    let pass = Pass2 {
+        table: &table,
+        columns: &columns,
+        position: &position,
+    };
+    let typed_rows = if rows.len() >= split_at.max(2) {
+        let mut rows = rows;
+        let second = rows.split_off(rows.len() / 2);
+        let first_slots: usize = rows.iter().map(|p| p.row.values.len()).sum();
+        let (slots_a, slots_b) = slots.split_at(first_slots);
+        let (cells_a, cells_b) = all_cells.split_at_mut(rows.len() * width);
+        let first_len = rows.len();
+        let (mut typed, other) = std::thread::scope(|s| {
+            let other = s.spawn(|| pass.rows(second, slots_b, cells_b, first_len));
+            (pass.rows(rows, slots_a, cells_a, 0), other.join())
+        });
+        match other {
+            Ok(more) => typed.extend(more),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        typed
+    } else {
+        pass.rows(rows, &slots, &mut all_cells, 0)
+    };
 
     let (create, add, widen) = match existing {
         None => (true, Vec::new(), Vec::new()),
@@ -486,6 +492,81 @@ fn type_table(
         after,
         columns,
         rows: typed_rows,
+        cells: all_cells,
+    }
+}
+
+/// What casting a table's rows needs once its columns are final.
+struct Pass2<'a> {
+    table: &'a str,
+    columns: &'a [(String, ColumnType)],
+    /// Column slot (pass 1) → position in `columns`.
+    position: &'a [usize],
+}
+
+impl Pass2<'_> {
+    /// Casts `rows` (whose values' slots are `slots`, one after the other) into
+    /// `cells` (theirs, one after the other); the first row is the table's row
+    /// `first_at`.
+    fn rows(
+        &self,
+        rows: Vec<Planned>,
+        slots: &[usize],
+        cells: &mut [Cell],
+        first_at: usize,
+    ) -> Vec<LoadRow> {
+        let width = self.columns.len();
+        let mut next_slot = 0;
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let row = p.row;
+                let row_slots = &slots[next_slot..next_slot + row.values.len()];
+                next_slot += row.values.len();
+                let cells = &mut cells[i * width..(i + 1) * width];
+                let mut discards = Vec::new();
+                let mut discard = |column: String, value: String, reason: String| {
+                    discards.push(Discard {
+                        seq: row.seq,
+                        table: self.table.to_string(),
+                        column,
+                        value,
+                        reason,
+                        row_id: row.key.to_string(),
+                        received_at: row.received_at,
+                    })
+                };
+                for ((col, value), &slot) in row.values.into_iter().zip(row_slots) {
+                    if slot == OVER_CAP {
+                        if !value.is_null() {
+                            discard(
+                                col.to_string(),
+                                value_text(&value),
+                                format!("table has reached the limit of {MAX_COLUMNS} columns"),
+                            );
+                        }
+                        continue;
+                    }
+                    let pos = self.position[slot];
+                    match cast_owned(value, self.columns[pos].1) {
+                        Ok(cell) => cells[pos] = cell,
+                        Err((reason, value)) => {
+                            discard(col.to_string(), value_text(&value), reason)
+                        }
+                    }
+                }
+                for (col, value, reason) in row.dropped {
+                    discard(col, value, reason);
+                }
+                LoadRow {
+                    seq: row.seq,
+                    message_id: row.message_id,
+                    key: row.key,
+                    at: first_at + i,
+                    discards,
+                }
+            })
+            .collect()
     }
 }
 
@@ -501,14 +582,14 @@ pub fn merge_users(
     let mut merged: HashMap<String, Vec<Cell>> = HashMap::new();
     let mut discards = Vec::new();
     for row in &load.rows {
-        if !inserted.contains(&row.message_id) {
+        if !inserted.contains(&*row.message_id) {
             continue;
         }
-        let cells = merged.entry(row.key.clone()).or_insert_with(|| {
-            order.push(row.key.clone());
+        let cells = merged.entry(row.key.to_string()).or_insert_with(|| {
+            order.push(row.key.to_string());
             vec![Cell::Null; load.columns.len()]
         });
-        for (i, cell) in row.cells.iter().enumerate() {
+        for (i, cell) in load.cells_of(row).iter().enumerate() {
             if !cell.is_null() {
                 cells[i] = cell.clone();
             }
@@ -542,8 +623,8 @@ mod tests {
                 kind,
                 row: PlannedRow {
                     seq,
-                    message_id: format!("m{seq}"),
-                    key: format!("m{seq}"),
+                    message_id: format!("m{seq}").into(),
+                    key: format!("m{seq}").into(),
                     received_at: None,
                     values,
                     dropped: vec![],
@@ -608,9 +689,9 @@ mod tests {
             .iter()
             .position(|(n, _)| n == "plan")
             .expect("plan");
-        assert_eq!(t.rows[0].cells[i], Cell::Bigint(3));
-        assert_eq!(t.rows[1].cells[i], Cell::Null);
-        assert_eq!(t.rows[2].cells[i], Cell::Bigint(42));
+        assert_eq!(t.cells_of(&t.rows[0])[i], Cell::Bigint(3));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Null);
+        assert_eq!(t.cells_of(&t.rows[2])[i], Cell::Bigint(42));
         assert_eq!(
             t.rows[1].discards,
             vec![Discard {
@@ -644,8 +725,8 @@ mod tests {
             .iter()
             .position(|(n, _)| n == "amount")
             .expect("col");
-        assert_eq!(t.rows[0].cells[i], Cell::Double(3.0));
-        assert_eq!(t.rows[1].cells[i], Cell::Double(3.5));
+        assert_eq!(t.cells_of(&t.rows[0])[i], Cell::Double(3.0));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Double(3.5));
         assert!(t.widen.is_empty());
 
         // Across batches: an existing bigint column is widened by DDL.
@@ -690,7 +771,7 @@ mod tests {
         );
         let t = &b.schemas[0].tables[0];
         let i = t.columns.iter().position(|(n, _)| n == "x").expect("col");
-        assert_eq!(t.rows[1].cells[i], Cell::Double(2.0));
+        assert_eq!(t.cells_of(&t.rows[1])[i], Cell::Double(2.0));
     }
 
     #[test]
@@ -773,6 +854,28 @@ mod tests {
         assert_eq!(s.discards[0].table, "one_more");
         assert_eq!(s.discards[0].value, r#"{"id":"m1","x":1}"#);
         assert!(s.discards[0].reason.contains("5000 tables"));
+    }
+
+    #[test]
+    fn a_table_cast_in_two_halves_equals_one_cast_whole() {
+        let rows = || -> Vec<Planned> {
+            (0..41u64)
+                .map(|i| {
+                    let v = match i % 4 {
+                        0 => json!({"n": i, "s": format!("x{i}"), "t": "2026-11-27T05:10:53.123Z"}),
+                        1 => json!({"n": 1.5, "s": null, "t": "not a time"}),
+                        2 => json!({"n": "7", "b": true, "t": null}),
+                        _ => json!({"s": i, "b": "maybe"}),
+                    };
+                    row(i + 1, "e", TableKind::Event, v).1
+                })
+                .collect()
+        };
+        let whole = type_table_split(None, "e".into(), TableKind::Event, rows(), usize::MAX);
+        let halves = type_table_split(None, "e".into(), TableKind::Event, rows(), 1);
+        assert_eq!(whole, halves);
+        assert!(whole.rows.iter().any(|r| !r.discards.is_empty()));
+        assert_eq!(whole.rows.last().map(|r| r.at), Some(40));
     }
 
     #[test]

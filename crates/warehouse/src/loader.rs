@@ -37,7 +37,7 @@ use tributary_eventlog::{EventLog, Record};
 use crate::backend::{Backend, CONSUMER, LoadError};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
-use crate::plan::{Planned, Skip, plan_record_at};
+use crate::plan::{Names, Planned, Skip, plan_record_with};
 use crate::{Lag, SchemaCatalog, WarehouseConfig};
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
@@ -230,6 +230,9 @@ fn plan_slice(
     // Consecutive records mostly come from one source: its schema is looked up once
     // per run and shared by the rows.
     let mut last: Option<(&str, Arc<str>)> = None;
+    let mut names = Names::default();
+    // A record's rows, reused from record to record.
+    let mut rows = Vec::with_capacity(2);
     for record in records {
         let schema = match &last {
             Some((source, schema)) if *source == record.source_id => schema.clone(),
@@ -242,12 +245,13 @@ fn plan_slice(
                 schema
             }
         };
-        match plan_record_at(record, uuid_ts) {
-            Ok(rows) => {
+        rows.clear();
+        match plan_record_with(record, uuid_ts, &mut names, &mut rows) {
+            Ok(()) => {
                 if !schemas.contains(&*schema) {
                     schemas.insert(schema.to_string());
                 }
-                planned.extend(rows.into_iter().map(|p| (schema.clone(), p)));
+                planned.extend(rows.drain(..).map(|p| (schema.clone(), p)));
             }
             Err(skip) => {
                 metrics::counter!("tributary_warehouse_skipped_total").increment(1);
@@ -725,6 +729,95 @@ fn rejection_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plans, types and encodes batches of bench-like events and prints the CPU time
+    /// per 10,000 (`cargo test --release -p tributary-warehouse --lib -- --ignored
+    /// --nocapture cpu_per_batch`): a quick measure of the loader's own work, without
+    /// PostgreSQL.
+    #[test]
+    #[ignore]
+    fn cpu_per_batch() {
+        let records: Vec<Record> = (0..10_000u64)
+            .map(|seq| {
+                let payload = serde_json::json!({
+                    "type": "track", "event": "Bench Event", "messageId": format!("t-1-{seq:08}"),
+                    "userId": format!("user-{}", seq % 10_000),
+                    "context": {"library": {"name": "tributary-bench", "version": "1.0.0"}},
+                    "properties": {
+                        "sent_us": 1_800_000_000_000_000u64 + seq, "seq": seq,
+                        "price": 19.99 + (seq % 100) as f64, "currency": "USD",
+                        "sku": format!("SKU-{}", seq % 5000), "in_stock": seq % 3 != 0,
+                        "note": "a bench event with a few properties of each type",
+                    },
+                    "receivedAt": "2026-11-27T05:10:54.123Z",
+                    "sentAt": "2026-11-27T05:10:54.100Z",
+                    "originalTimestamp": "2026-11-27T05:10:54.000Z",
+                    "timestamp": "2026-11-27T05:10:54.023Z",
+                });
+                Record {
+                    seq: seq + 1,
+                    source_id: "src".into(),
+                    message_id: format!("t-1-{seq:08}"),
+                    call_type: "track".into(),
+                    event: Some("Bench Event".into()),
+                    received_at_ms: 1_800_000_000_000,
+                    payload: payload.to_string(),
+                }
+            })
+            .collect();
+        let catalog = |_: &str| Some("bench".to_string());
+        // The process's CPU time (all threads), ms; 0 where there is no /proc (Linux
+        // clock ticks of 10 ms assumed).
+        fn cpu_ms() -> f64 {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            let after = stat.rsplit(')').next().unwrap_or("");
+            let f: Vec<f64> = after
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            match (f.get(11), f.get(12)) {
+                (Some(user), Some(system)) => (user + system) * 10.0,
+                _ => 0.0,
+            }
+        }
+        let mut known: HashMap<String, SchemaState> = HashMap::new();
+        let rounds = 20;
+        let mut cpu = [0.0f64; 4];
+        for _ in 0..rounds {
+            let c0 = cpu_ms();
+            let (planned, _) = plan_records(&catalog, &records, Utc::now());
+            let c1 = cpu_ms();
+            let batch = prepare(&known, planned, 10_000, Utc::now());
+            let c2 = cpu_ms();
+            let mut bytes = 0usize;
+            for t in &batch.schemas[0].tables {
+                bytes += crate::postgres::encode_for_test(t);
+            }
+            assert!(bytes > 0);
+            let c3 = cpu_ms();
+            for t in &batch.schemas[0].tables {
+                known
+                    .entry("bench".into())
+                    .or_default()
+                    .tables
+                    .insert(t.table.clone(), t.after.clone());
+            }
+            drop(batch);
+            let c4 = cpu_ms();
+            for (i, d) in [c1 - c0, c2 - c1, c3 - c2, c4 - c3].into_iter().enumerate() {
+                cpu[i] += d;
+            }
+        }
+        let r = f64::from(rounds);
+        println!(
+            "CPU ms per 10,000 events: plan {:.0} type {:.0} encode {:.0} drop {:.0} total {:.0}",
+            cpu[0] / r,
+            cpu[1] / r,
+            cpu[2] / r,
+            cpu[3] / r,
+            cpu.iter().sum::<f64>() / r
+        );
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {

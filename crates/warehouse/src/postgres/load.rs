@@ -4,21 +4,23 @@
 //! is already at or past the batch; per schema, create the schema and its discards
 //! table when the loader does not know them, then per table run its DDL
 //! (`CREATE TABLE IF NOT EXISTS`, `ADD COLUMN IF NOT EXISTS`, `ALTER COLUMN … TYPE
-//! double precision`), binary-`COPY` the rows newer than the position into a
-//! temporary table (`ON COMMIT DROP`) and `INSERT … SELECT … ON CONFLICT ("id") DO
-//! NOTHING RETURNING "id"`; `users` gets one merged row per user, upserted with
+//! double precision`) and insert the rows newer than the position if their `id` is
+//! absent: first a binary `COPY` straight into the table inside a savepoint (the
+//! common case: no id is there yet, so every row goes in); if that meets a unique
+//! violation the savepoint is rolled back and the rows are copied into a temporary
+//! table (`ON COMMIT DROP`) and inserted with `INSERT … SELECT … ON CONFLICT ("id")
+//! DO NOTHING RETURNING "id"`. `users` gets one merged row per user, upserted with
 //! `COALESCE(EXCLUDED.c, u.c)` so later non-null traits win and nulls never erase;
 //! discards of inserted rows are copied into `tributary_discards`; finally the
 //! position moves and everything commits at once.
 
 use std::collections::HashSet;
 
-use futures::pin_mut;
 use sha2::{Digest, Sha256};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::error::SqlState;
 
-use super::{classify, sql_type, wire_type};
+use super::copy::{self, CopyError};
+use super::{classify, sql_type};
 use crate::backend::{ApplyStats, CONSUMER, LoadError};
 use crate::evolve::{Discard, LoadBatch, LoadRow, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, quote};
@@ -95,44 +97,38 @@ pub(super) async fn apply(
             if rows.is_empty() {
                 continue;
             }
-            create_temp(&tx, &temp, &table.columns).await?;
-            copy_rows(
-                &tx,
-                &temp,
-                &table.columns,
-                rows.iter().map(|r| r.cells.as_slice()),
-            )
-            .await?;
-            let cols = column_list(&table.columns);
-            let insert = format!(
-                "INSERT INTO {schema}.{t} ({cols}) SELECT {cols} FROM {temp}
-                 ON CONFLICT (\"id\") DO NOTHING",
-                t = quote(&table.table)
-            );
-            // Which ids were inserted matters only for `users` (fed by identifies) and
-            // for discards; otherwise the count is enough.
-            let need_ids =
-                table.kind == TableKind::Identifies || rows.iter().any(|r| !r.discards.is_empty());
-            if !need_ids {
-                stats.rows += tx.execute(&insert, &[]).await.map_err(classify)?;
-                continue;
-            }
-            let inserted: HashSet<String> = tx
-                .query(&format!("{insert} RETURNING \"id\""), &[])
-                .await
-                .map_err(classify)?
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect();
-            stats.rows += inserted.len() as u64;
+            let target = format!("{schema}.{}", quote(&table.table));
+            let inserted = match insert_direct(&tx, &target, table, &rows).await? {
+                Some(n) => {
+                    // Every row went in: every id was absent.
+                    stats.rows += n;
+                    Inserted::All
+                }
+                None => {
+                    let (n, ids) = insert_if_absent(&tx, &target, &temp, table, &rows).await?;
+                    stats.rows += n;
+                    ids
+                }
+            };
+            let is_inserted = |key: &str| match &inserted {
+                Inserted::All => true,
+                Inserted::Some(ids) => ids.contains(key),
+                Inserted::Count => false,
+            };
             if table.kind == TableKind::Identifies {
-                identifies_inserted.extend(inserted.iter().cloned());
+                identifies_inserted.extend(
+                    rows.iter()
+                        .filter(|r| is_inserted(&r.key))
+                        .map(|r| r.key.to_string()),
+                );
             }
-            // Discards of rows that were inserted, once per id.
-            let mut pending = inserted;
-            for row in rows {
-                if pending.remove(&row.key) {
-                    discards.extend(row.discards.iter().cloned());
+            // Discards of rows that were inserted, once per id (the first row of an id).
+            if rows.iter().any(|r| !r.discards.is_empty()) {
+                let mut seen: HashSet<&str> = HashSet::new();
+                for row in &rows {
+                    if is_inserted(&row.key) && seen.insert(&*row.key) {
+                        discards.extend(row.discards.iter().cloned());
+                    }
                 }
             }
         }
@@ -285,31 +281,106 @@ async fn copy_rows<'r>(
     columns: &[(String, ColumnType)],
     rows: impl Iterator<Item = &'r [Cell]>,
 ) -> Result<u64, LoadError> {
-    let sink = tx
-        .copy_in(&format!(
-            "COPY {target} ({}) FROM STDIN (FORMAT binary)",
-            column_list(columns)
-        ))
+    copy::copy_rows(tx, target, columns, rows)
+        .await
+        .map_err(copy_error)
+}
+
+fn copy_error(e: CopyError) -> LoadError {
+    match e {
+        CopyError::Db(e) => classify(e),
+        CopyError::Encode(e) => LoadError::Permanent(e),
+    }
+}
+
+/// Which rows of a table an insert put in.
+enum Inserted {
+    /// All of them (no id was present).
+    All,
+    /// Those with these ids.
+    Some(HashSet<String>),
+    /// Only counted (nothing needs to know which).
+    Count,
+}
+
+const DIRECT: &str = "tributary_direct";
+
+/// The common case first: when none of the ids is in the table yet, the rows are
+/// copied straight into it, inside a savepoint. `None` when an id was present (a
+/// unique violation; the savepoint is rolled back and nothing of this table is
+/// written), so the caller inserts only the absent rows.
+async fn insert_direct(
+    tx: &Tx<'_>,
+    target: &str,
+    table: &TableLoad,
+    rows: &[&LoadRow],
+) -> Result<Option<u64>, LoadError> {
+    tx.batch_execute(&format!("SAVEPOINT {DIRECT}"))
         .await
         .map_err(classify)?;
-    let types: Vec<Type> = columns.iter().map(|(_, t)| wire_type(*t)).collect();
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    pin_mut!(writer);
-    for cells in rows {
-        if cells.len() != types.len() {
-            return Err(LoadError::Permanent(format!(
-                "row has {} values for {} columns",
-                cells.len(),
-                types.len()
-            )));
+    let copied = copy::copy_rows(
+        tx,
+        target,
+        &table.columns,
+        rows.iter().map(|r| table.cells_of(r)),
+    )
+    .await;
+    match copied {
+        Ok(n) => {
+            tx.batch_execute(&format!("RELEASE SAVEPOINT {DIRECT}"))
+                .await
+                .map_err(classify)?;
+            Ok(Some(n))
         }
-        writer
-            .as_mut()
-            .write_raw(cells.iter())
-            .await
-            .map_err(classify)?;
+        Err(CopyError::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {DIRECT}"))
+                .await
+                .map_err(classify)?;
+            Ok(None)
+        }
+        Err(e) => Err(copy_error(e)),
     }
-    writer.finish().await.map_err(classify)
+}
+
+/// Inserts the rows whose id is absent: `COPY` into a temporary table, then `INSERT …
+/// SELECT … ON CONFLICT ("id") DO NOTHING`. Returns the count and, when `identifies`
+/// or discards need them, the ids inserted.
+async fn insert_if_absent(
+    tx: &Tx<'_>,
+    target: &str,
+    temp: &str,
+    table: &TableLoad,
+    rows: &[&LoadRow],
+) -> Result<(u64, Inserted), LoadError> {
+    create_temp(tx, temp, &table.columns).await?;
+    copy_rows(
+        tx,
+        temp,
+        &table.columns,
+        rows.iter().map(|r| table.cells_of(r)),
+    )
+    .await?;
+    let cols = column_list(&table.columns);
+    let insert = format!(
+        "INSERT INTO {target} ({cols}) SELECT {cols} FROM {temp}
+         ON CONFLICT (\"id\") DO NOTHING"
+    );
+    // Which ids were inserted matters only for `users` (fed by identifies) and for
+    // discards; otherwise the count is enough.
+    let need_ids =
+        table.kind == TableKind::Identifies || rows.iter().any(|r| !r.discards.is_empty());
+    if !need_ids {
+        let n = tx.execute(&insert, &[]).await.map_err(classify)?;
+        return Ok((n, Inserted::Count));
+    }
+    let inserted: HashSet<String> = tx
+        .query(&format!("{insert} RETURNING \"id\""), &[])
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    Ok((inserted.len() as u64, Inserted::Some(inserted)))
 }
 
 async fn upsert_users(

@@ -6,15 +6,21 @@
 //! Two connection pools: one for loading, one for reads whose sessions default to
 //! read-only transactions.
 //!
-//! Invariants: a batch is one transaction — schema DDL, rows (binary `COPY` into a
-//! temporary table, then `INSERT … SELECT … ON CONFLICT ("id") DO NOTHING`, `users`
-//! upserted), discards and the position (`SELECT … FOR UPDATE` at the start, so two
-//! loaders serialize and the second skips what the first committed). Nothing is
-//! written outside it. Connection failures, server restarts, full disks and lock
-//! timeouts are transient (retried); data and statement errors are permanent.
+//! Invariants: a batch is one transaction — schema DDL, rows (inserted only if their
+//! `id` is absent: a binary `COPY` straight into the table inside a savepoint when no
+//! id is there yet, else `COPY` into a temporary table and `INSERT … SELECT … ON
+//! CONFLICT ("id") DO NOTHING`; `users` upserted), discards and the position
+//! (`SELECT … FOR UPDATE` at the start, so two loaders serialize and the second skips
+//! what the first committed). Nothing is written outside it. Connection failures,
+//! server restarts, full disks and lock timeouts are transient (retried); data and
+//! statement errors are permanent.
 
+mod copy;
 mod load;
 mod read;
+
+#[cfg(test)]
+pub(crate) use copy::encode_for_test;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -48,17 +54,6 @@ pub(crate) fn sql_type(ty: ColumnType) -> &'static str {
         ColumnType::Double => "double precision",
         ColumnType::Boolean => "boolean",
         ColumnType::Text => "text",
-    }
-}
-
-/// Wire type of a column type (for binary COPY).
-pub(crate) fn wire_type(ty: ColumnType) -> Type {
-    match ty {
-        ColumnType::Timestamp => Type::TIMESTAMPTZ,
-        ColumnType::Bigint => Type::INT8,
-        ColumnType::Double => Type::FLOAT8,
-        ColumnType::Boolean => Type::BOOL,
-        ColumnType::Text => Type::TEXT,
     }
 }
 

@@ -84,11 +84,11 @@ fn apply_schema(
         let sql = insert_sql(table);
         let mut stmt = tx.prepare(&sql)?;
         for row in table.rows.iter().filter(|r| r.seq > position) {
-            if stmt.execute(params_from_iter(row.cells.iter()))? > 0 {
+            if stmt.execute(params_from_iter(table.cells_of(row).iter()))? > 0 {
                 stats.rows += 1;
                 discards.extend(row.discards.iter());
                 if table.kind == TableKind::Identifies {
-                    identifies_inserted.insert(row.message_id.clone());
+                    identifies_inserted.insert(row.message_id.to_string());
                 }
             }
         }
