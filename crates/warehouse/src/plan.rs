@@ -820,9 +820,8 @@ impl RowBuilder {
 
     /// [`RowBuilder::flatten`] reading the object's text directly: no map is built,
     /// keys without escapes are not copied, and only leaves are allocated. A key
-    /// repeated in an object gives two values of one column here (the general parse
-    /// keeps the last): [`RowBuilder::finish`] then sends the record to the general
-    /// parse, as it does when the text does not parse.
+    /// repeated in an object (the general parse keeps the last value) or text that
+    /// does not parse sends the record to the general parse.
     fn flatten_text(
         &mut self,
         object: &RawValue,
@@ -983,7 +982,23 @@ impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_, '_> {
             return Err(A::Error::custom("objects nested too deeply"));
         }
         let len = f.path.len();
+        // A key repeated in this object: the general parse keeps the last value,
+        // which this single pass cannot (the first may already be flattened, maybe
+        // into other columns); fail so the record takes the general parse.
+        let mut seen: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+        let mut seen_set: HashSet<std::borrow::Cow<'de, str>> = HashSet::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let repeated = if seen_set.is_empty() && seen.len() < 16 {
+                let repeated = seen.contains(&key);
+                seen.push(key.clone());
+                repeated
+            } else {
+                seen_set.extend(seen.drain(..));
+                !seen_set.insert(key.clone())
+            };
+            if repeated {
+                return Err(A::Error::custom("a repeated key"));
+            }
             f.path.truncate(len);
             if !f.path.is_empty() {
                 f.path.push('_');
@@ -1534,6 +1549,114 @@ mod tests {
         let out = plan_record(&dup, &now()).expect("planned");
         assert_eq!(get(&out[1].row, "a"), Some(&json!(2)));
         assert!(out[1].row.dropped.is_empty());
+    }
+
+    /// JSON text of a value whose objects may repeat keys (which `Value` cannot hold).
+    #[derive(Debug, Clone)]
+    enum Text {
+        Leaf(String),
+        Array(Vec<Text>),
+        Object(Vec<(String, Text)>),
+    }
+
+    impl Text {
+        fn render(&self) -> String {
+            match self {
+                Text::Leaf(s) => s.clone(),
+                Text::Array(items) => format!(
+                    "[{}]",
+                    items.iter().map(Text::render).collect::<Vec<_>>().join(",")
+                ),
+                Text::Object(entries) => format!(
+                    "{{{}}}",
+                    entries
+                        .iter()
+                        .map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), v.render()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            }
+        }
+    }
+
+    fn text() -> impl proptest::strategy::Strategy<Value = Text> {
+        use proptest::prelude::*;
+        // Few distinct keys, so repeats and snake-case clashes are common.
+        let key = prop_oneof![
+            Just("a".to_string()),
+            Just("planName".to_string()),
+            Just("plan_name".to_string()),
+            Just("kéy".to_string()),
+            Just("id".to_string()),
+            Just("event".to_string()),
+            "[a-zA-Z _.-]{0,6}",
+        ];
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| Value::from(f).to_string()),
+            Just("-0.0".to_string()),
+            Just("1e300".to_string()),
+            Just("\"2026-11-27T05:10:54.123+02:00\"".to_string()),
+            "\\PC{0,8}".prop_map(|s| Value::from(s).to_string()),
+        ]
+        .prop_map(Text::Leaf);
+        leaf.prop_recursive(4, 32, 5, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Text::Array),
+                proptest::collection::vec((key.clone(), inner), 0..5).prop_map(Text::Object),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The fast path (objects flattened straight from the text) plans every
+        /// message exactly as the general parse does, repeated keys included.
+        #[test]
+        fn the_text_path_plans_like_the_general_parse(
+            call in proptest::sample::select(vec!["track", "identify", "page", "screen", "group", "alias"]),
+            properties in text(),
+            context in text(),
+            traits in text(),
+            extra in text(),
+        ) {
+            let payload = format!(
+                r#"{{"type":"{call}","messageId":"m1","event":"Order Done","userId":"u1",
+                   "name":"n","groupId":"g","previousId":"p","properties":{},"context":{},
+                   "traits":{},"extra":{},"timestamp":"2026-11-27T05:10:54.000Z"}}"#,
+                properties.render(),
+                context.render(),
+                traits.render(),
+                extra.render()
+            );
+            let r = Record {
+                seq: 1,
+                source_id: "src".into(),
+                message_id: "m1".into(),
+                call_type: call.into(),
+                event: Some("Order Done".into()),
+                received_at_ms: 1_800_000_000_000,
+                payload: payload.clone(),
+            };
+            let uuid_ts = format_timestamp(&now());
+            let fast = plan_record_at(&r, &uuid_ts);
+            let mut general = Vec::new();
+            let slow = plan_msg(
+                &r,
+                Msg::parse_general(&payload).expect("valid JSON"),
+                &uuid_ts,
+                &mut Names::default(),
+                &mut general,
+            );
+            proptest::prop_assert!(slow.is_ok() == fast.is_ok(), "{payload}");
+            if let Ok(fast) = fast {
+                proptest::prop_assert_eq!(fast, general, "{}", payload);
+            }
+        }
     }
 
     #[test]
