@@ -55,6 +55,8 @@ use crate::loader::{Loader, Shared};
 
 pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
+#[doc(hidden)]
+pub use crate::plan::fuzz_plan_differential;
 pub use crate::types::ColumnType;
 
 /// Maps a source to the warehouse schema its events are loaded into.
