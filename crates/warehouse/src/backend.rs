@@ -135,10 +135,14 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        kind: crate::query::guard::StatementKind,
+    ) -> Result<QueryResult, WarehouseError> {
         match self {
             Backend::Sqlite(b) => b.query(sql).await,
-            Backend::Postgres(b) => b.query(sql).await,
+            Backend::Postgres(b) => b.query(sql, kind).await,
         }
     }
 

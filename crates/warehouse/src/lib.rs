@@ -40,6 +40,7 @@ mod loader;
 pub mod naming;
 mod plan;
 mod postgres;
+pub mod query;
 mod sqlite;
 pub mod types;
 
@@ -57,6 +58,7 @@ pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
 #[doc(hidden)]
 pub use crate::plan::fuzz_plan_differential;
+pub use crate::query::TruncatedReason;
 pub use crate::types::ColumnType;
 
 /// Maps a source to the warehouse schema its events are loaded into.
@@ -90,6 +92,13 @@ pub struct WarehouseConfig {
     pub query_timeout: Duration,
     /// Most rows a query returns; more set `truncated` (default 10,000).
     pub query_max_rows: usize,
+    /// Most bytes of rows (as rendered JSON) a query returns; more set `truncated`
+    /// and long cells are cut (default 16 MiB).
+    pub query_max_bytes: usize,
+    /// PostgreSQL only: the login queries run as, a role that is not a superuser and
+    /// may only read the warehouse schemas. `None`: Tributary creates and grants
+    /// such a role itself (see the `postgres` module).
+    pub query_url: Option<String>,
     /// PostgreSQL schema of the loader's own tables (default `tributary`).
     pub state_schema: String,
 }
@@ -103,6 +112,8 @@ impl WarehouseConfig {
             batch_max: 10_000,
             query_timeout: Duration::from_secs(30),
             query_max_rows: 10_000,
+            query_max_bytes: 16 * 1024 * 1024,
+            query_url: None,
             state_schema: "tributary".into(),
         }
     }
@@ -121,6 +132,16 @@ pub enum WarehouseError {
     /// about the caller's query and may be shown to them.
     #[error("bad query: {0}")]
     BadQuery(String),
+    /// Valid SQL, but not a statement the query endpoint runs: more than one
+    /// statement, not a query, or a denied function (→ 400 `query_not_allowed`).
+    #[error("query not allowed: {0}")]
+    NotAllowed(String),
+    /// The role queries would run as has privileges beyond reading the warehouse
+    /// (superuser, role or database creation, replication, `pg_*` roles), or is the
+    /// loader's own: queries are refused until it is fixed (→ 503
+    /// `query_role_unsafe`).
+    #[error("query role unsafe: {0}")]
+    QueryRoleUnsafe(String),
     /// The warehouse cannot be reached or is shut down (→ 503).
     #[error("warehouse unavailable: {0}")]
     Unavailable(String),
@@ -200,8 +221,11 @@ pub struct QueryResult {
     pub columns: Vec<Column>,
     /// Result rows (at most [`WarehouseConfig::query_max_rows`]).
     pub rows: Vec<Vec<serde_json::Value>>,
-    /// True when more rows existed than were returned.
+    /// True when more rows existed than were returned, or a cell was cut.
     pub truncated: bool,
+    /// Why `truncated` is set; absent when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_reason: Option<TruncatedReason>,
 }
 
 /// How far the warehouse is behind the log (for `/ready` and `/metrics`).
@@ -285,11 +309,22 @@ impl Warehouse {
         self.backend.table(schema, table, limit).await
     }
 
-    /// Runs one read-only SQL statement (SQLite: a read-only connection with every
-    /// schema attached under its name; PostgreSQL: a `READ ONLY` transaction with a
-    /// statement timeout, always rolled back).
+    /// Runs one read-only SQL statement that passes [`query::guard::check`]
+    /// (SQLite: a read-only connection with every schema attached under its name and
+    /// an authorizer; PostgreSQL: as the query role, in a `READ ONLY` transaction
+    /// with a statement timeout, always rolled back, then `DISCARD ALL`). The answer
+    /// is bounded by [`WarehouseConfig::query_max_rows`] and
+    /// [`WarehouseConfig::query_max_bytes`].
     pub async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
-        self.backend.query(sql).await
+        let dialect = match self.backend.kind() {
+            BackendKind::Sqlite => query::guard::Dialect::Sqlite,
+            BackendKind::Postgres => query::guard::Dialect::Postgres,
+        };
+        let kind = query::guard::check(sql, dialect).map_err(|e| match e {
+            query::guard::Refusal::Syntax(m) => WarehouseError::BadQuery(m),
+            query::guard::Refusal::NotAllowed(m) => WarehouseError::NotAllowed(m),
+        })?;
+        self.backend.query(sql, kind).await
     }
 
     /// The loader's lag behind the log.

@@ -17,6 +17,7 @@
 
 mod copy;
 mod load;
+mod query_role;
 mod read;
 
 #[cfg(test)]
@@ -44,6 +45,9 @@ pub(crate) struct PostgresBackend {
     state_schema: String,
     query_timeout: Duration,
     query_max_rows: usize,
+    query_max_bytes: usize,
+    /// Who `query` runs as (never the loader's role).
+    query_role: query_role::QueryRole,
 }
 
 /// PostgreSQL type of a column type.
@@ -192,12 +196,21 @@ impl PostgresBackend {
             crate::naming::validate_schema_name(&config.state_schema)
                 .map_err(|e| WarehouseError::InvalidConfig(format!("state_schema: {e}")))?;
         }
+        let read_pool = build_pool(read_cfg.clone(), 4)?;
+        let query_role = query_role::QueryRole::new(
+            read_pool.clone(),
+            read_cfg,
+            config.query_url.as_deref(),
+            &config.state_schema,
+        )?;
         Ok(PostgresBackend {
             load_pool: build_pool(cfg, 2)?,
-            read_pool: build_pool(read_cfg, 4)?,
+            read_pool,
             state_schema: config.state_schema.clone(),
             query_timeout: config.query_timeout,
             query_max_rows: config.query_max_rows,
+            query_max_bytes: config.query_max_bytes,
+            query_role,
         })
     }
 
@@ -326,18 +339,22 @@ impl PostgresBackend {
         read::table(&self.read_pool, schema, table, limit, self.query_timeout).await
     }
 
-    pub(crate) async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
-        read::query(
-            &self.read_pool,
-            sql,
-            self.query_timeout,
-            self.query_max_rows,
-        )
-        .await
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        kind: crate::query::guard::StatementKind,
+    ) -> Result<QueryResult, WarehouseError> {
+        let limits = crate::query::Limits {
+            timeout: self.query_timeout,
+            max_rows: self.query_max_rows,
+            max_bytes: self.query_max_bytes,
+        };
+        read::query(&self.query_role, sql, kind, limits).await
     }
 
     pub(crate) fn close(&self) {
         self.load_pool.close();
         self.read_pool.close();
+        self.query_role.close();
     }
 }

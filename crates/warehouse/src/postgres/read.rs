@@ -1,12 +1,21 @@
 //! The read side of the PostgreSQL warehouse: status, table browsing and read-only SQL.
 //!
-//! Reads use their own pool whose sessions default to read-only transactions. A query
-//! runs as `BEGIN READ ONLY; SET LOCAL statement_timeout …; <statement>; ROLLBACK` —
-//! always rolled back, so not even a `set_config` survives it. The statement is first
-//! prepared (which also refuses several statements in one string and yields the column
-//! types), then executed in the text protocol so every type, including ones this crate
-//! has no decoder for, comes back readable; values are turned into JSON by type.
-//! Results are cut at the row limit while streaming.
+//! Status and table browsing use the loader's credentials on their own pool whose
+//! sessions default to read-only transactions, and run only Tributary's SQL.
+//!
+//! A caller's query (already through [`guard`](crate::query::guard)) runs on a
+//! session of the query role ([`super::query_role`]), never the loader's: the
+//! session's role is checked first, then `BEGIN READ ONLY; SET LOCAL
+//! statement_timeout …; <statement>; ROLLBACK; DISCARD ALL` — so no setting, advisory
+//! lock, `LISTEN` or prepared statement outlives it; a session where any of that
+//! fails is closed, not reused. The statement is first prepared alone (PostgreSQL
+//! refuses several statements in a prepared one, and it yields the columns), then a
+//! query is run through a wrapper that cuts every cell in the server —
+//! `SELECT left(q.c1::text, cap + 1), … FROM (<statement>) AS q(c1, …) LIMIT
+//! max_rows + 1` — so no huge cell crosses the wire; `EXPLAIN` runs as it is. Rows
+//! are streamed (`query_raw`) into the answer's [`Budget`]; when it is full the
+//! statement is cancelled server-side and reading stops. Values are turned into
+//! JSON by the original column type.
 
 use std::time::Duration;
 
@@ -15,9 +24,12 @@ use deadpool_postgres::{Object, Pool};
 use futures::{StreamExt, pin_mut};
 use serde_json::Value;
 use tokio_postgres::SimpleQueryMessage;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{FromSql, Type};
 
 use super::column_type;
+use super::query_role::{QueryRole, check_session};
+use crate::query::guard::StatementKind;
+use crate::query::{Budget, Limits, cell_cap, cut_str};
 use crate::backend::CONSUMER;
 use crate::naming::{DISCARDS_TABLE, quote};
 use crate::types::format_timestamp;
@@ -231,22 +243,14 @@ pub(super) async fn table(
     .await
 }
 
-pub(super) async fn query(
-    pool: &Pool,
-    sql: &str,
-    timeout: Duration,
-    max_rows: usize,
-) -> Result<QueryResult, WarehouseError> {
-    with_client(pool, async |c| run_read(c, sql, timeout, max_rows).await).await
-}
-
-/// Runs one statement in a read-only transaction that is always rolled back.
+/// Runs Tributary's own read (table browsing) in a read-only transaction that is
+/// always rolled back.
 async fn run_read(
     c: &Object,
     sql: &str,
     timeout: Duration,
     max_rows: usize,
-) -> Result<QueryResult, WarehouseError> {
+) -> Result<TableRows, WarehouseError> {
     c.batch_execute(&format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL TimeZone = 'UTC'",
         timeout.as_millis().max(1)
@@ -260,29 +264,23 @@ async fn run_read(
     result
 }
 
+struct TableRows {
+    rows: Vec<Vec<Value>>,
+}
+
 async fn run_statement(
     c: &Object,
     sql: &str,
     max_rows: usize,
-) -> Result<QueryResult, WarehouseError> {
+) -> Result<TableRows, WarehouseError> {
     let stmt = c.prepare(sql).await.map_err(read_error)?;
     let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
-    let columns: Vec<Column> = stmt
-        .columns()
-        .iter()
-        .map(|c| Column {
-            name: c.name().to_string(),
-            ty: type_name(c.type_()),
-        })
-        .collect();
     let stream = c.simple_query_raw(sql).await.map_err(read_error)?;
     pin_mut!(stream);
     let mut rows = Vec::new();
-    let mut truncated = false;
     while let Some(message) = stream.next().await {
         if let SimpleQueryMessage::Row(row) = message.map_err(read_error)? {
             if rows.len() == max_rows {
-                truncated = true;
                 break;
             }
             let values = (0..row.len())
@@ -294,11 +292,154 @@ async fn run_statement(
             rows.push(values);
         }
     }
+    Ok(TableRows { rows })
+}
+
+pub(super) async fn query(
+    role: &QueryRole,
+    sql: &str,
+    kind: StatementKind,
+    limits: Limits,
+) -> Result<QueryResult, WarehouseError> {
+    let (pool, _, loader_role) = role.pool().await?;
+    let c = client(&pool).await?;
+    let result = async {
+        check_session(&c, &loader_role).await?;
+        c.batch_execute(&format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL TimeZone = 'UTC'",
+            limits.timeout.as_millis().max(1)
+        ))
+        .await
+        .map_err(unavailable)?;
+        let result = run_query(&c, sql, kind, &limits).await;
+        c.batch_execute("ROLLBACK; DISCARD ALL")
+            .await
+            .map_err(unavailable)?;
+        result
+    }
+    .await;
+    if matches!(
+        result,
+        Err(WarehouseError::Unavailable(_) | WarehouseError::QueryRoleUnsafe(_))
+    ) || c.is_closed()
+    {
+        // The session may be mid-transaction or hold session state: never reuse it.
+        let _ = Object::take(c);
+    }
+    result
+}
+
+/// Any value's wire bytes (text types, `json`, and everything the wrapper made text).
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+}
+
+async fn run_query(
+    c: &Object,
+    sql: &str,
+    kind: StatementKind,
+    limits: &Limits,
+) -> Result<QueryResult, WarehouseError> {
+    let user = c.prepare(sql).await.map_err(read_error)?;
+    let types: Vec<Type> = user.columns().iter().map(|c| c.type_().clone()).collect();
+    let columns: Vec<Column> = user
+        .columns()
+        .iter()
+        .map(|c| Column {
+            name: c.name().to_string(),
+            ty: type_name(c.type_()),
+        })
+        .collect();
+    drop(user);
+    let cap = cell_cap(limits.max_bytes, types.len());
+    let stmt = match kind {
+        StatementKind::Explain => c.prepare(sql).await.map_err(read_error)?,
+        StatementKind::Query => c
+            .prepare(&wrapped(sql, types.len(), cap, limits.max_rows))
+            .await
+            .map_err(read_error)?,
+    };
+    let stream = c
+        .query_raw(&stmt, std::iter::empty::<i32>())
+        .await
+        .map_err(read_error)?;
+    pin_mut!(stream);
+    let mut budget = Budget::new(limits.max_rows, limits.max_bytes);
+    let mut rows = Vec::new();
+    let mut complete = true;
+    while let Some(row) = stream.next().await {
+        let row = row.map_err(read_error)?;
+        let mut values = Vec::with_capacity(types.len());
+        for (i, ty) in types.iter().enumerate() {
+            let raw: Option<Raw<'_>> = row.try_get(i).map_err(unavailable)?;
+            let Some(Raw(bytes)) = raw else {
+                values.push(Value::Null);
+                continue;
+            };
+            // jsonb's binary form is a version byte and its text.
+            let bytes = match (kind, ty) {
+                (StatementKind::Explain, &Type::JSONB) => bytes.get(1..).unwrap_or_default(),
+                _ => bytes,
+            };
+            let text = String::from_utf8_lossy(bytes);
+            let text = match cut_str(&text, cap) {
+                Some(prefix) => {
+                    budget.cell_cut();
+                    prefix
+                }
+                None => &text,
+            };
+            values.push(text_value(Some(text), ty));
+        }
+        if !budget.admit(&values) {
+            complete = false;
+            break;
+        }
+        rows.push(values);
+    }
+    drop(stream);
+    if !complete {
+        // Unread rows would still be paged through the session: stop the server.
+        let _ = c.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+    }
     Ok(QueryResult {
         columns,
         rows,
-        truncated,
+        truncated: budget.truncated.is_some(),
+        truncated_reason: budget.truncated,
     })
+}
+
+/// The caller's query as a subquery whose cells are cut to `cap + 1` characters in
+/// the server (one more than kept, so a cut is seen) and whose rows stop one past
+/// `max_rows`. The query ends on its own line, so a trailing `--` comment cannot
+/// swallow the closing parenthesis.
+fn wrapped(sql: &str, columns: usize, cap: usize, max_rows: usize) -> String {
+    let body = sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';');
+    let limit = max_rows.saturating_add(1);
+    if columns == 0 {
+        return format!("SELECT FROM (\n{body}\n) AS q LIMIT {limit}");
+    }
+    let list = (1..=columns)
+        .map(|i| format!("left(q.c{i}::text, {})", cap.saturating_add(1)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names = (1..=columns)
+        .map(|i| format!("c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {list} FROM (\n{body}\n) AS q({names}) LIMIT {limit}")
 }
 
 /// The API type name of a PostgreSQL type.
@@ -320,8 +461,8 @@ fn text_value(text: Option<&str>, ty: &Type) -> Value {
     let string = || Value::String(s.to_string());
     match *ty {
         Type::BOOL => match s {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
+            "t" | "true" => Value::Bool(true),
+            "f" | "false" => Value::Bool(false),
             _ => string(),
         },
         Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => {

@@ -43,6 +43,7 @@ pub(crate) struct SqliteBackend {
     writer: Arc<Mutex<Writer>>,
     query_timeout: Duration,
     query_max_rows: usize,
+    query_max_bytes: usize,
 }
 
 /// The loader's connections: the state file and one per schema file.
@@ -249,6 +250,7 @@ impl SqliteBackend {
             writer: Arc::new(Mutex::new(Writer::default())),
             query_timeout: config.query_timeout,
             query_max_rows: config.query_max_rows,
+            query_max_bytes: config.query_max_bytes,
         })
     }
 
@@ -317,9 +319,13 @@ impl SqliteBackend {
 
     pub(crate) async fn query(&self, sql: &str) -> Result<QueryResult, WarehouseError> {
         let (dir, sql) = (self.dir.clone(), sql.to_string());
-        let (timeout, max_rows) = (self.query_timeout, self.query_max_rows);
+        let limits = crate::query::Limits {
+            timeout: self.query_timeout,
+            max_rows: self.query_max_rows,
+            max_bytes: self.query_max_bytes,
+        };
         let runtime = tokio::runtime::Handle::current();
-        read::run(move || read::query(&dir, &sql, timeout, max_rows, &runtime)).await
+        read::run(move || read::query(&dir, &sql, limits, &runtime)).await
     }
 
     pub(crate) async fn close(&self) {

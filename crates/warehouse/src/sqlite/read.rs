@@ -7,12 +7,24 @@
 //! ones the SQL mentions are attached). Attached files inherit the read-only flag, a
 //! statement SQLite does not report as read-only (`VACUUM INTO`, writes) is refused,
 //! only one statement is accepted, and a timer interrupts it at the time limit.
+//!
+//! Invariants of the query connection, set after Tributary's own attaches and before
+//! the caller's SQL is prepared: an authorizer ([`authorize`]) allows only reads,
+//! `SELECT`, recursive CTEs, functions of [`ALLOWED_FUNCTIONS`] and the introspection
+//! pragmas of [`ALLOWED_PRAGMAS`], and denies everything else — `ATTACH` and
+//! `DETACH` above all, so a query cannot probe the server's files; and
+//! `SQLITE_LIMIT_LENGTH` is the answer's byte cap, so no single value (a
+//! `zeroblob(1e9)`) can grow past it. Rows are read one at a time into the answer
+//! under its [`Budget`](crate::query::Budget); cells are cut to
+//! [`cell_cap`](crate::query::cell_cap).
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
@@ -20,6 +32,7 @@ use serde_json::Value;
 use super::{column_type, schema_path, stored_timestamp, table_columns};
 use crate::backend::CONSUMER;
 use crate::naming::{STATE_TABLE, quote, validate_schema_name};
+use crate::query::{Budget, Limits, cell_cap};
 use crate::types::ColumnType;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
 
@@ -198,8 +211,81 @@ fn words(sql: &str) -> HashSet<String> {
         .collect()
 }
 
-fn query_error(e: rusqlite::Error, timeout: Duration) -> WarehouseError {
+/// Functions a query may call: SQLite's core scalar, aggregate, window, date, math
+/// and JSON functions.
+pub(crate) const ALLOWED_FUNCTIONS: &[&str] = &[
+    "abs", "char", "coalesce", "concat", "concat_ws", "format", "glob", "hex", "ifnull",
+    "iif", "if", "instr", "length", "like", "likelihood", "likely", "lower", "ltrim", "max",
+    "min", "nullif", "octet_length", "printf", "quote", "random", "randomblob", "replace",
+    "round", "rtrim", "sign", "soundex", "substr", "substring", "trim", "typeof", "unhex",
+    "unicode", "unlikely", "upper", "zeroblob", "sqlite_version", "date", "time",
+    "datetime", "julianday", "unixepoch", "strftime", "timediff", "avg", "count",
+    "group_concat", "string_agg", "sum", "total", "median", "row_number", "rank",
+    "dense_rank", "percent_rank", "cume_dist", "ntile", "lag", "lead", "first_value",
+    "last_value", "nth_value", "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh",
+    "ceil", "ceiling", "cos", "cosh", "degrees", "exp", "floor", "ln", "log", "log10",
+    "log2", "mod", "pi", "pow", "power", "radians", "sin", "sinh", "sqrt", "tan", "tanh",
+    "trunc", "json", "jsonb", "json_array", "jsonb_array", "json_array_length",
+    "json_error_position", "json_extract", "jsonb_extract", "json_insert", "jsonb_insert",
+    "json_object", "jsonb_object", "json_patch", "jsonb_patch", "json_pretty",
+    "json_remove", "jsonb_remove", "json_replace", "jsonb_replace", "json_set",
+    "jsonb_set", "json_type", "json_valid", "json_quote", "json_group_array",
+    "jsonb_group_array", "json_group_object", "jsonb_group_object",
+];
+
+/// Pragmas a query may use (as table-valued functions): introspection only, none
+/// that changes a setting or a file.
+pub(crate) const ALLOWED_PRAGMAS: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "database_list",
+    "collation_list",
+    "function_list",
+    "pragma_list",
+];
+
+/// The query connection's authorizer: reads only (see the module docs).
+pub(crate) fn authorize(ctx: AuthContext<'_>) -> Authorization {
+    let allowed = match ctx.action {
+        AuthAction::Select | AuthAction::Read { .. } | AuthAction::Recursive => true,
+        AuthAction::Function { function_name } => ALLOWED_FUNCTIONS
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(function_name)),
+        AuthAction::Pragma { pragma_name, .. } => ALLOWED_PRAGMAS
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(pragma_name)),
+        _ => false,
+    };
+    if allowed {
+        Authorization::Allow
+    } else {
+        Authorization::Deny
+    }
+}
+
+/// Locks a query connection down: the authorizer and the value-length limit. Call
+/// after Tributary's own `ATTACH`es.
+pub(crate) fn lock_down(conn: &mut Connection, max_bytes: usize) -> rusqlite::Result<()> {
+    let length = i32::try_from(max_bytes.max(1024 * 1024)).unwrap_or(i32::MAX);
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, length)?;
+    conn.authorizer(Some(authorize))
+}
+
+fn query_error(e: rusqlite::Error, limits: &Limits) -> WarehouseError {
+    let timeout = limits.timeout;
     match e.sqlite_error_code() {
+        Some(ErrorCode::TooBig) => WarehouseError::BadQuery(format!(
+            "a value in this query is larger than the answer's limit of {} bytes",
+            limits.max_bytes.max(1024 * 1024)
+        )),
+        Some(ErrorCode::AuthorizationForStatementDenied) => WarehouseError::NotAllowed(
+            "the query uses a function, pragma or statement that is not allowed".into(),
+        ),
         Some(ErrorCode::OperationInterrupted) => WarehouseError::BadQuery(format!(
             "query exceeded the time limit of {} s",
             timeout.as_secs_f64()
@@ -224,8 +310,7 @@ fn query_error(e: rusqlite::Error, timeout: Duration) -> WarehouseError {
 pub(super) fn query(
     dir: &Path,
     sql: &str,
-    timeout: Duration,
-    max_rows: usize,
+    limits: Limits,
     runtime: &tokio::runtime::Handle,
 ) -> Result<QueryResult, WarehouseError> {
     let mut schemas = list_schemas(dir)?;
@@ -238,7 +323,7 @@ pub(super) fn query(
             )));
         }
     }
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         ":memory:",
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
@@ -251,13 +336,15 @@ pub(super) fn query(
         conn.execute(&format!("ATTACH DATABASE ?1 AS {}", quote(schema)), [path])
             .map_err(unavailable)?;
     }
+    lock_down(&mut conn, limits.max_bytes).map_err(unavailable)?;
 
     let interrupt = conn.get_interrupt_handle();
+    let timeout = limits.timeout;
     let timer = runtime.spawn(async move {
         tokio::time::sleep(timeout).await;
         interrupt.interrupt();
     });
-    let result = run_query(&conn, sql, timeout, max_rows);
+    let result = run_query(&conn, sql, &limits);
     timer.abort();
     result
 }
@@ -265,10 +352,9 @@ pub(super) fn query(
 fn run_query(
     conn: &Connection,
     sql: &str,
-    timeout: Duration,
-    max_rows: usize,
+    limits: &Limits,
 ) -> Result<QueryResult, WarehouseError> {
-    let mut stmt = conn.prepare(sql).map_err(|e| query_error(e, timeout))?;
+    let mut stmt = conn.prepare(sql).map_err(|e| query_error(e, limits))?;
     if !stmt.readonly() {
         return Err(WarehouseError::BadQuery(
             "only read-only statements are allowed".into(),
@@ -278,18 +364,15 @@ fn run_query(
         .columns()
         .map(|c| (c.name().to_string(), c.decl_type().map(column_type)))
         .collect();
+    let cap = cell_cap(limits.max_bytes, declared.len());
+    let mut budget = Budget::new(limits.max_rows, limits.max_bytes);
     let mut inferred: Vec<Option<&'static str>> = vec![None; declared.len()];
     let mut out = Vec::new();
-    let mut truncated = false;
-    let mut rows = stmt.query([]).map_err(|e| query_error(e, timeout))?;
-    while let Some(row) = rows.next().map_err(|e| query_error(e, timeout))? {
-        if out.len() == max_rows {
-            truncated = true;
-            break;
-        }
+    let mut rows = stmt.query([]).map_err(|e| query_error(e, limits))?;
+    while let Some(row) = rows.next().map_err(|e| query_error(e, limits))? {
         let mut values = Vec::with_capacity(declared.len());
         for (i, (_, ty)) in declared.iter().enumerate() {
-            let v = row.get_ref(i).map_err(|e| query_error(e, timeout))?;
+            let v = row.get_ref(i).map_err(|e| query_error(e, limits))?;
             if inferred[i].is_none() {
                 inferred[i] = match v {
                     ValueRef::Null => None,
@@ -299,7 +382,14 @@ fn run_query(
                     ValueRef::Blob(_) => Some("blob"),
                 };
             }
+            let (v, cut) = cut_value(v, cap);
+            if cut {
+                budget.cell_cut();
+            }
             values.push(json_value(v, *ty));
+        }
+        if !budget.admit(&values) {
+            break;
         }
         out.push(values);
     }
@@ -318,6 +408,24 @@ fn run_query(
     Ok(QueryResult {
         columns,
         rows: out,
-        truncated,
+        truncated: budget.truncated.is_some(),
+        truncated_reason: budget.truncated,
     })
+}
+
+/// `v` cut to at most `cap` bytes at a character boundary (text) or `cap / 2`
+/// bytes (blobs, which render as hex); true when it was cut.
+fn cut_value(v: ValueRef<'_>, cap: usize) -> (ValueRef<'_>, bool) {
+    match v {
+        ValueRef::Text(t) if t.len() > cap => {
+            let mut n = cap;
+            // Back up over UTF-8 continuation bytes (at most 3).
+            while n > 0 && n > cap.saturating_sub(3) && (t[n] & 0xC0) == 0x80 {
+                n -= 1;
+            }
+            (ValueRef::Text(&t[..n]), true)
+        }
+        ValueRef::Blob(b) if b.len() > cap / 2 => (ValueRef::Blob(&b[..cap / 2]), true),
+        other => (other, false),
+    }
 }
