@@ -80,6 +80,15 @@ pub struct WarehouseSection {
     pub batch_interval_ms: u64,
     /// Most events per micro-batch (default 10,000).
     pub batch_max: usize,
+    /// PostgreSQL: the login `POST /api/v1/query` runs as, not a superuser
+    /// (`TRIBUTARY_WAREHOUSE_QUERY_URL`); unset, Tributary creates a read-only role.
+    pub query_url: Option<String>,
+    /// Longest a query may run, in seconds (`TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS`,
+    /// default 30).
+    pub query_timeout_secs: u64,
+    /// Most bytes of rows in one query answer (`TRIBUTARY_WAREHOUSE_QUERY_MAX_BYTES`,
+    /// default 16 MiB).
+    pub query_max_bytes: usize,
 }
 
 /// Destination delivery settings.
@@ -139,6 +148,9 @@ impl Default for WarehouseSection {
             url: None,
             batch_interval_ms: 1000,
             batch_max: 10_000,
+            query_url: None,
+            query_timeout_secs: 30,
+            query_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -269,6 +281,22 @@ impl Config {
         }
         if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_INTERVAL_MS")? {
             config.warehouse.batch_interval_ms = v;
+        }
+        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_WAREHOUSE_QUERY_URL")? {
+            config.warehouse.query_url = Some(v);
+        }
+        if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS")? {
+            config.warehouse.query_timeout_secs = v;
+        }
+        if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_QUERY_MAX_BYTES")? {
+            config.warehouse.query_max_bytes = v;
+        }
+        if config.warehouse.query_max_bytes < 1024 || config.warehouse.query_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "warehouse.query_max_bytes must be at least 1024 and \
+                 warehouse.query_timeout_secs at least 1"
+                    .into(),
+            ));
         }
         if let Some(v) = env_parse::<String>(env, "TRIBUTARY_RETRY_MIN_BACKOFF")? {
             config.destinations.retry_min_backoff_ms =

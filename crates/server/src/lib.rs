@@ -193,6 +193,9 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             let mut wc = tributary_warehouse::WarehouseConfig::new(url);
             wc.batch_interval = Duration::from_millis(config.warehouse.batch_interval_ms);
             wc.batch_max = config.warehouse.batch_max;
+            wc.query_url = config.warehouse.query_url.clone();
+            wc.query_timeout = Duration::from_secs(config.warehouse.query_timeout_secs);
+            wc.query_max_bytes = config.warehouse.query_max_bytes;
             Some(Arc::new(
                 tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
                     .await

@@ -58,6 +58,9 @@ pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
 #[doc(hidden)]
 pub use crate::plan::fuzz_plan_differential;
+/// The name of the PostgreSQL query role Tributary manages for a database and state
+/// schema (for tests and operators who drop a warehouse).
+pub use crate::postgres::query_role_name;
 pub use crate::query::TruncatedReason;
 pub use crate::types::ColumnType;
 

@@ -22,6 +22,7 @@ mod read;
 
 #[cfg(test)]
 pub(crate) use copy::encode_for_test;
+pub use query_role::role_name as query_role_name;
 
 use std::str::FromStr;
 use std::time::Duration;

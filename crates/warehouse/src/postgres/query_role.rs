@@ -35,6 +35,11 @@ fn unavailable(e: impl std::fmt::Display) -> WarehouseError {
     WarehouseError::Unavailable(e.to_string())
 }
 
+/// A failed statement of Tributary's own, with the server's message.
+fn pg(e: tokio_postgres::Error) -> WarehouseError {
+    WarehouseError::Unavailable(db_message(&e))
+}
+
 fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -133,7 +138,7 @@ impl QueryRole {
         let loader_role: String = client
             .query_one("SELECT current_user::text", &[])
             .await
-            .map_err(unavailable)?
+            .map_err(pg)?
             .get(0);
         let mut config = self.config.clone();
         let role = if self.managed {
@@ -162,17 +167,17 @@ impl QueryRole {
             .read_only(false)
             .start()
             .await
-            .map_err(unavailable)?;
+            .map_err(pg)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('tributary-warehouse-migrations'))",
             &[],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(pg)?;
         let database: String = tx
             .query_one("SELECT current_database()::text", &[])
             .await
-            .map_err(unavailable)?
+            .map_err(pg)?
             .get(0);
         let role = role_name(&database, &self.state_schema);
         tx.batch_execute(&format!(
@@ -191,7 +196,7 @@ impl QueryRole {
                 &[&role],
             )
             .await
-            .map_err(unavailable)?
+            .map_err(pg)?
             .map(|r| r.get(0));
         let password = match stored {
             Some(p) if p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()) => p,
@@ -205,14 +210,14 @@ impl QueryRole {
                     &[&role, &p],
                 )
                 .await
-                .map_err(unavailable)?;
+                .map_err(pg)?;
                 p
             }
         };
         let exists = tx
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
             .await
-            .map_err(unavailable)?
+            .map_err(pg)?
             .is_some();
         let verb = if exists { "ALTER" } else { "CREATE" };
         // The password is 64 hex digits: safe inside a literal.
@@ -236,7 +241,7 @@ impl QueryRole {
                     &[&role],
                 )
                 .await
-                .map_err(unavailable)?
+                .map_err(pg)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -246,7 +251,7 @@ impl QueryRole {
                     .map_err(|e| setup_error(&e))?;
             }
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(pg)?;
         tracing::info!(role = %role, "warehouse query role ready");
         Ok((role, password))
     }
@@ -267,7 +272,7 @@ impl QueryRole {
                 &[&role],
             )
             .await
-            .map_err(unavailable)?
+            .map_err(pg)?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -290,9 +295,9 @@ impl QueryRole {
             .read_only(false)
             .start()
             .await
-            .map_err(unavailable)?;
+            .map_err(pg)?;
         tx.batch_execute(&sql).await.map_err(|e| setup_error(&e))?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(pg)?;
         Ok(())
     }
 }
@@ -309,8 +314,8 @@ fn setup_error(e: &tokio_postgres::Error) -> WarehouseError {
     }
 }
 
-/// The managed role's name for a database and state schema.
-pub(crate) fn role_name(database: &str, state_schema: &str) -> String {
+/// The managed query role's name for a database and state schema.
+pub fn role_name(database: &str, state_schema: &str) -> String {
     let digest = Sha256::digest(format!("{database}\0{state_schema}").as_bytes());
     format!("tributary_query_{}", &hex::encode(digest)[..16])
 }
@@ -338,7 +343,7 @@ pub(crate) async fn check_session(
             &[],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(pg)?;
     let user: String = row.get(0);
     let mut bad = Vec::new();
     for (i, what) in [

@@ -42,6 +42,14 @@ fn unavailable(e: impl std::fmt::Display) -> WarehouseError {
     WarehouseError::Unavailable(e.to_string())
 }
 
+/// A failed statement of Tributary's own, with the server's message.
+fn pg(e: tokio_postgres::Error) -> WarehouseError {
+    match e.as_db_error() {
+        Some(db) => WarehouseError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
+        None => unavailable(e),
+    }
+}
+
 /// Maps an error of the caller's statement: their SQL (400) or the server (503).
 fn read_error(e: tokio_postgres::Error) -> WarehouseError {
     let Some(db) = e.as_db_error() else {
@@ -310,11 +318,11 @@ pub(super) async fn query(
             limits.timeout.as_millis().max(1)
         ))
         .await
-        .map_err(unavailable)?;
+        .map_err(pg)?;
         let result = run_query(&c, sql, kind, &limits).await;
-        c.batch_execute("ROLLBACK; DISCARD ALL")
-            .await
-            .map_err(unavailable)?;
+        c.batch_execute("ROLLBACK").await.map_err(pg)?;
+        // Alone: DISCARD ALL cannot run in the implicit transaction of a batch.
+        c.batch_execute("DISCARD ALL").await.map_err(pg)?;
         result
     }
     .await;

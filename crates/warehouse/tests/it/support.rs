@@ -203,6 +203,14 @@ impl Harness {
                 .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE"))
                 .await;
         }
+        // The query role the warehouse created for this run's state schema.
+        let role = tributary_warehouse::query_role_name("test", &self.state_schema);
+        let _ = client
+            .batch_execute(&format!(
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                     DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"; END IF; END $$"
+            ))
+            .await;
     }
 }
 
