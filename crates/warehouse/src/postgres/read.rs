@@ -12,7 +12,8 @@
 //! refuses several statements in a prepared one, and it yields the columns), then a
 //! query is run through a wrapper that cuts every cell in the server —
 //! `SELECT left(q.c1::text, cap + 1), … FROM (<statement>) AS q(c1, …) LIMIT
-//! max_rows + 1` — so no huge cell crosses the wire; `EXPLAIN` runs as it is. Rows
+//! max_rows + 1` — so no huge cell crosses the wire (a cell is then cut to `cap`
+//! bytes on a character boundary); `EXPLAIN` runs as it is. Rows
 //! are streamed (`query_raw`) into the answer's [`Budget`]; when it is full the
 //! statement is cancelled server-side and reading stops. Values are turned into
 //! JSON by the original column type.

@@ -5,7 +5,7 @@
 //! of rows as JSON renders them (cells, commas and brackets; the column list is not
 //! counted); the first row that would cross either limit is not added, reading stops
 //! there and the answer says `truncated` with the [`TruncatedReason`]. One cell is
-//! never longer than [`cell_cap`] characters (backends cut it where the value is
+//! never longer than [`cell_cap`] bytes (backends cut it where the value is
 //! read, on PostgreSQL in the server), so a row of cut cells always fits.
 
 pub mod guard;
@@ -37,7 +37,7 @@ pub enum TruncatedReason {
     MaxBytes,
 }
 
-/// The longest a cell may be, in characters, in a result of `columns` columns:
+/// The longest a cell may be, in bytes, in a result of `columns` columns:
 /// half the byte budget shared by the columns (at least 64), so one row of cut
 /// ASCII cells always fits in the answer.
 pub(crate) fn cell_cap(max_bytes: usize, columns: usize) -> usize {
@@ -115,9 +115,17 @@ pub(crate) fn rendered_len(v: &Value) -> usize {
     c.0
 }
 
-/// `s` cut to at most `cap` characters; `None` when it is not longer.
+/// `s` cut to at most `cap` bytes on a character boundary; `None` when it is not
+/// longer.
 pub(crate) fn cut_str(s: &str, cap: usize) -> Option<&str> {
-    s.char_indices().nth(cap).map(|(i, _)| &s[..i])
+    if s.len() <= cap {
+        return None;
+    }
+    let mut end = cap;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(&s[..end])
 }
 
 #[cfg(test)]
@@ -168,8 +176,9 @@ mod tests {
 
     #[test]
     fn cuts_on_character_boundaries() {
-        assert_eq!(cut_str("héllo", 2), Some("hé"));
-        assert_eq!(cut_str("hé", 2), None);
+        assert_eq!(cut_str("héllo", 3), Some("hé"));
+        assert_eq!(cut_str("héllo", 2), Some("h"));
+        assert_eq!(cut_str("hé", 3), None);
         assert_eq!(cell_cap(16 << 20, 1), 8 << 20);
         assert_eq!(cell_cap(1000, 100), 64);
     }

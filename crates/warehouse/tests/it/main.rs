@@ -3,6 +3,7 @@
 //! reachable, unless `TRIBUTARY_TEST_REQUIRE=all`).
 
 mod postgres;
+mod query_safety;
 mod scenarios;
 mod sqlite;
 mod support;
