@@ -429,3 +429,72 @@ fn cut_value(v: ValueRef<'_>, cap: usize) -> (ValueRef<'_>, bool) {
         other => (other, false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The authorizer on its own (the parser's allowlist refuses these first).
+    #[test]
+    fn the_authorizer_denies_attach_write_pragmas_and_unknown_functions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("s.sqlite");
+        let w = Connection::open(&file).expect("create");
+        w.execute_batch("create table t (a text); insert into t values ('x')")
+            .expect("write");
+        drop(w);
+        let mut conn = Connection::open_with_flags(
+            ":memory:",
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .expect("open");
+        // Tributary's own attach, before the lock-down.
+        conn.execute("ATTACH DATABASE ?1 AS s", [file.to_str().expect("path")])
+            .expect("attach");
+        lock_down(&mut conn, 1024 * 1024).expect("lock down");
+
+        let other = dir.path().join("other.sqlite");
+        for sql in [
+            format!("ATTACH DATABASE '{}' AS x", file.display()),
+            format!("ATTACH DATABASE '{}' AS x", other.display()),
+            "ATTACH DATABASE ':memory:' AS x".to_string(),
+            "DETACH DATABASE s".to_string(),
+            "PRAGMA s.user_version = 5".to_string(),
+            "PRAGMA s.journal_mode = delete".to_string(),
+            "PRAGMA writable_schema = 1".to_string(),
+            "PRAGMA s.user_version".to_string(),
+            "SELECT load_extension('x')".to_string(),
+            "SELECT fts3_tokenizer('simple')".to_string(),
+            "SELECT sqlite_compileoption_get(0)".to_string(),
+            "CREATE TEMP TABLE tt (a)".to_string(),
+        ] {
+            let r = conn.prepare(&sql).map(|_| ());
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.to_string().contains("not authorized")),
+                "{sql}: {r:?}"
+            );
+        }
+        assert!(!other.exists());
+        let (n, h, j): (i64, String, String) = conn
+            .query_row(
+                "SELECT count(*), hex(randomblob(2)), json_array(upper(a)) FROM s.t",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("reads and allowed functions work");
+        assert_eq!((n, h.len(), j.as_str()), (1, 4, "[\"X\"]"));
+        let cols: i64 = conn
+            .query_row("SELECT count(*) FROM s.pragma_table_info('t')", [], |r| {
+                r.get(0)
+            })
+            .expect("introspection pragmas work");
+        assert_eq!(cols, 1);
+        // The length limit bounds any one value.
+        let big = conn.query_row("SELECT zeroblob(2000000)", [], |r| r.get::<_, Vec<u8>>(0));
+        assert_eq!(
+            big.map_err(|e| e.sqlite_error_code()).err(),
+            Some(Some(ErrorCode::TooBig))
+        );
+    }
+}
