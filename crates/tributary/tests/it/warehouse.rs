@@ -100,6 +100,9 @@ async fn seed_query_scenario(s: &Server) {
     assert_eq!(v["rows"][0][0], 6, "{v}");
     // Read-only: writes through the query endpoint are refused.
     let (st, v) = query(s, "delete from activecampaign.tracks").await;
+    assert_eq!(st, 400);
+    assert_eq!(v["code"], "query_not_allowed");
+    let (st, v) = query(s, "select nonsense from activecampaign.tracks").await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["code"], "bad_query");
     let (_, v) = query(s, "select count(*) from activecampaign.tracks").await;
@@ -185,7 +188,7 @@ async fn seed_query_on_the_embedded_sqlite_warehouse() {
 
 /// Creates a fresh PostgreSQL database for one test (so parallel runs do not share
 /// the `activecampaign` schema or the loader's state), via `psql`.
-fn fresh_postgres_db(test: &str) -> Option<String> {
+pub(crate) fn fresh_postgres_db(test: &str) -> Option<String> {
     let name = format!(
         "tributary_it_{}_{}",
         std::process::id(),

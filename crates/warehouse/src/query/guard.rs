@@ -143,6 +143,51 @@ pub fn check(sql: &str, dialect: Dialect) -> Result<StatementKind, Refusal> {
     Ok(kind)
 }
 
+/// The fuzz and property check of [`check`] (not an API): for both dialects it must
+/// not panic, and a text it accepts must, printed back by the parser and checked
+/// again, be accepted as the same kind (a canonical form the parser cannot read back
+/// is the parser's printing gap, not a difference), and stay refused with a second
+/// statement appended.
+#[doc(hidden)]
+pub fn fuzz_check(sql: &str) -> Result<(), String> {
+    for dialect in [Dialect::Postgres, Dialect::Sqlite] {
+        let Ok(kind) = check(sql, dialect) else {
+            continue;
+        };
+        let first = first_word(sql);
+        let text = if first == "table" {
+            format!("SELECT * FROM {}", &sql.trim_start()[5..])
+        } else {
+            sql.to_string()
+        };
+        let reparsed = match dialect {
+            Dialect::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, &text),
+            Dialect::Sqlite => Parser::parse_sql(&SQLiteDialect {}, &text),
+        }
+        .map_err(|e| format!("{dialect:?}: accepted but does not parse again: {e}"))?;
+        let canonical = reparsed
+            .first()
+            .ok_or_else(|| format!("{dialect:?}: accepted an empty text"))?
+            .to_string();
+        match check(&canonical, dialect) {
+            Ok(k) if k == kind => {}
+            Ok(k) => return Err(format!("{dialect:?}: {kind:?} printed as {k:?}: {canonical}")),
+            Err(Refusal::NotAllowed(why)) => {
+                return Err(format!(
+                    "{dialect:?}: accepted, but its printed form {canonical:?} is refused: {why}"
+                ));
+            }
+            Err(Refusal::Syntax(_)) => {}
+        }
+        // A trailing `--` comment would swallow the appended statement.
+        let appended = format!("{sql}\n; DELETE FROM t");
+        if check(&appended, dialect).is_ok() {
+            return Err(format!("{dialect:?}: accepted with a DELETE appended"));
+        }
+    }
+    Ok(())
+}
+
 /// The lowercased first word of `sql` (or `(`), skipping leading whitespace.
 fn first_word(sql: &str) -> String {
     let t = sql.trim_start();
@@ -487,5 +532,69 @@ mod tests {
         assert!(pg("").is_err());
         let deep = format!("select {}1{}", "(".repeat(500), ")".repeat(500));
         assert!(pg(&deep).is_err());
+    }
+
+    /// Texts made of SQL's sharp edges: keywords, denied functions, quotes,
+    /// comments, dollar quotes and semicolons.
+    fn sqlish() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let token = proptest::sample::select(vec![
+            "select", "SELECT", "from", "where", "with", "as", "values", "table", "explain",
+            "analyze", "(", ")", ",", ";", "*", "1", "'x'", "'a;b'", "\"q\"", "t", "s.t",
+            "union", "all", "order by 1", "limit 1", "into", "for update", "delete", "insert",
+            "update", "copy", "to", "program", "'/tmp/x'", "pg_read_file(", "set_config(",
+            "pg_advisory_lock(", "lo_import(", "dblink(", "pg_authid", "upper(", "count(",
+            "--", "/*", "*/", "$$", "$a$", "\n", " ", "::text", "attach", "pragma", "vacuum",
+            "listen", "notify", "checkpoint", "lock", "begin", "commit",
+        ]);
+        let start = proptest::sample::select(vec![
+            "", "select", "select 1 from", "with x as (select 1) select", "values (", "explain select",
+            "table", "(select",
+        ]);
+        (start, proptest::collection::vec(token, 0..24))
+            .prop_map(|(start, t)| format!("{start} {}", t.join(" ")))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn accepted_texts_stay_accepted_printed_back_and_never_with_a_second_statement(sql in sqlish()) {
+            let r = fuzz_check(&sql);
+            proptest::prop_assert!(r.is_ok(), "{:?} for {:?}", r, sql);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(sql in "\\PC{0,200}") {
+            let _ = fuzz_check(&sql);
+        }
+    }
+
+    #[test]
+    fn every_denied_function_is_refused_wherever_it_is_called() {
+        for f in [
+            "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_ls_logdir", "pg_stat_file",
+            "lo_import", "lo_export", "lo_unlink", "pg_advisory_lock", "pg_advisory_xact_lock",
+            "pg_advisory_unlock_all", "pg_try_advisory_lock_shared", "set_config",
+            "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
+            "pg_switch_wal", "pg_create_restore_point", "pg_promote", "dblink", "dblink_exec",
+            "query_to_xml", "ts_stat", "nextval", "setval", "load_extension",
+        ] {
+            for sql in [
+                format!("select {f}(1)"),
+                format!("select * from {f}(1)"),
+                format!("select 1 where 1 = (select {f}(1))"),
+                format!("with x as (select {f}(1)) select * from x"),
+                format!("select pg_catalog.{f}(1)"),
+                format!("select \"{f}\"(1)"),
+                format!("explain select {f}(1)"),
+            ] {
+                assert!(
+                    matches!(pg(&sql), Err(Refusal::NotAllowed(_))),
+                    "{sql}: {:?}",
+                    pg(&sql)
+                );
+            }
+        }
     }
 }
