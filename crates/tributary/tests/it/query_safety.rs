@@ -141,7 +141,17 @@ fn drop_postgres_db(url: &str) {
     };
     let psql = |database: &str, sql: &str| -> String {
         std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-At", "-d", database, "-c", sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-At",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
@@ -152,7 +162,10 @@ fn drop_postgres_db(url: &str) {
     }
     // Sessions of the stopped server may take a moment to go.
     std::thread::sleep(Duration::from_millis(200));
-    psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
     for role in roles.lines().filter(|r| !r.is_empty()) {
         psql("postgres", &format!("DROP ROLE IF EXISTS \"{role}\""));
     }

@@ -48,7 +48,7 @@ pub(crate) struct PostgresBackend {
     query_max_rows: usize,
     query_max_bytes: usize,
     /// Who `query` runs as (never the loader's role).
-    query_role: query_role::QueryRole,
+    query_role: Box<query_role::QueryRole>,
 }
 
 /// PostgreSQL type of a column type.
@@ -198,12 +198,12 @@ impl PostgresBackend {
                 .map_err(|e| WarehouseError::InvalidConfig(format!("state_schema: {e}")))?;
         }
         let read_pool = build_pool(read_cfg.clone(), 4)?;
-        let query_role = query_role::QueryRole::new(
+        let query_role = Box::new(query_role::QueryRole::new(
             read_pool.clone(),
             read_cfg,
             config.query_url.as_deref(),
             &config.state_schema,
-        )?;
+        )?);
         Ok(PostgresBackend {
             load_pool: build_pool(cfg, 2)?,
             read_pool,

@@ -28,8 +28,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::build_pool;
-use crate::naming::quote;
 use crate::WarehouseError;
+use crate::naming::quote;
 
 fn unavailable(e: impl std::fmt::Display) -> WarehouseError {
     WarehouseError::Unavailable(e.to_string())
@@ -78,9 +78,9 @@ impl QueryRole {
     ) -> Result<QueryRole, WarehouseError> {
         let (config, managed) = match query_url {
             Some(url) => {
-                let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-                    WarehouseError::InvalidConfig(format!("query_url: {e}"))
-                })?;
+                let mut cfg: tokio_postgres::Config = url
+                    .parse()
+                    .map_err(|e| WarehouseError::InvalidConfig(format!("query_url: {e}")))?;
                 if cfg.get_user().is_none() {
                     return Err(WarehouseError::InvalidConfig(
                         "query_url must name its user".into(),

@@ -29,10 +29,10 @@ use tokio_postgres::types::{FromSql, Type};
 
 use super::column_type;
 use super::query_role::{QueryRole, check_session};
-use crate::query::guard::StatementKind;
-use crate::query::{Budget, Limits, cell_cap, cut_str};
 use crate::backend::CONSUMER;
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::query::guard::StatementKind;
+use crate::query::{Budget, Limits, cell_cap, cut_str};
 use crate::types::format_timestamp;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
 
@@ -379,11 +379,12 @@ async fn run_query(
             .await
             .map_err(read_error)?,
     };
-    let stream = c
-        .query_raw(&stmt, std::iter::empty::<i32>())
-        .await
-        .map_err(read_error)?;
-    pin_mut!(stream);
+    // Boxed, not pinned on the stack: it is dropped before the cancel below.
+    let mut stream = Box::pin(
+        c.query_raw(&stmt, std::iter::empty::<i32>())
+            .await
+            .map_err(read_error)?,
+    );
     let mut budget = Budget::new(limits.max_rows, limits.max_bytes);
     let mut rows = Vec::new();
     let mut complete = true;

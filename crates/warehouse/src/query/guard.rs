@@ -171,7 +171,11 @@ pub fn fuzz_check(sql: &str) -> Result<(), String> {
             .to_string();
         match check(&canonical, dialect) {
             Ok(k) if k == kind => {}
-            Ok(k) => return Err(format!("{dialect:?}: {kind:?} printed as {k:?}: {canonical}")),
+            Ok(k) => {
+                return Err(format!(
+                    "{dialect:?}: {kind:?} printed as {k:?}: {canonical}"
+                ));
+            }
             Err(Refusal::NotAllowed(why)) => {
                 return Err(format!(
                     "{dialect:?}: accepted, but its printed form {canonical:?} is refused: {why}"
@@ -256,12 +260,14 @@ impl Visitor for Walker {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<String> {
         self.depth += 1;
         // The top statement, and the query under EXPLAIN, were checked already.
-        let nested_ok = self.depth == 1
-            || (self.depth == 2 && matches!(s, Statement::Query(_)));
+        let nested_ok = self.depth == 1 || (self.depth == 2 && matches!(s, Statement::Query(_)));
         if nested_ok {
             ControlFlow::Continue(())
         } else {
-            ControlFlow::Break(format!("{ALLOWED}; this one contains a nested {}", statement_word(s)))
+            ControlFlow::Break(format!(
+                "{ALLOWED}; this one contains a nested {}",
+                statement_word(s)
+            ))
         }
     }
 
@@ -286,9 +292,7 @@ impl Visitor for Walker {
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<String> {
         match t {
-            TableFactor::Table { name, .. } | TableFactor::Function { name, .. } => {
-                deny_name(name)
-            }
+            TableFactor::Table { name, .. } | TableFactor::Function { name, .. } => deny_name(name),
             _ => ControlFlow::Continue(()),
         }
     }
@@ -539,17 +543,75 @@ mod tests {
     fn sqlish() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let token = proptest::sample::select(vec![
-            "select", "SELECT", "from", "where", "with", "as", "values", "table", "explain",
-            "analyze", "(", ")", ",", ";", "*", "1", "'x'", "'a;b'", "\"q\"", "t", "s.t",
-            "union", "all", "order by 1", "limit 1", "into", "for update", "delete", "insert",
-            "update", "copy", "to", "program", "'/tmp/x'", "pg_read_file(", "set_config(",
-            "pg_advisory_lock(", "lo_import(", "dblink(", "pg_authid", "upper(", "count(",
-            "--", "/*", "*/", "$$", "$a$", "\n", " ", "::text", "attach", "pragma", "vacuum",
-            "listen", "notify", "checkpoint", "lock", "begin", "commit",
+            "select",
+            "SELECT",
+            "from",
+            "where",
+            "with",
+            "as",
+            "values",
+            "table",
+            "explain",
+            "analyze",
+            "(",
+            ")",
+            ",",
+            ";",
+            "*",
+            "1",
+            "'x'",
+            "'a;b'",
+            "\"q\"",
+            "t",
+            "s.t",
+            "union",
+            "all",
+            "order by 1",
+            "limit 1",
+            "into",
+            "for update",
+            "delete",
+            "insert",
+            "update",
+            "copy",
+            "to",
+            "program",
+            "'/tmp/x'",
+            "pg_read_file(",
+            "set_config(",
+            "pg_advisory_lock(",
+            "lo_import(",
+            "dblink(",
+            "pg_authid",
+            "upper(",
+            "count(",
+            "--",
+            "/*",
+            "*/",
+            "$$",
+            "$a$",
+            "\n",
+            " ",
+            "::text",
+            "attach",
+            "pragma",
+            "vacuum",
+            "listen",
+            "notify",
+            "checkpoint",
+            "lock",
+            "begin",
+            "commit",
         ]);
         let start = proptest::sample::select(vec![
-            "", "select", "select 1 from", "with x as (select 1) select", "values (", "explain select",
-            "table", "(select",
+            "",
+            "select",
+            "select 1 from",
+            "with x as (select 1) select",
+            "values (",
+            "explain select",
+            "table",
+            "(select",
         ]);
         (start, proptest::collection::vec(token, 0..24))
             .prop_map(|(start, t)| format!("{start} {}", t.join(" ")))
@@ -573,12 +635,33 @@ mod tests {
     #[test]
     fn every_denied_function_is_refused_wherever_it_is_called() {
         for f in [
-            "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_ls_logdir", "pg_stat_file",
-            "lo_import", "lo_export", "lo_unlink", "pg_advisory_lock", "pg_advisory_xact_lock",
-            "pg_advisory_unlock_all", "pg_try_advisory_lock_shared", "set_config",
-            "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
-            "pg_switch_wal", "pg_create_restore_point", "pg_promote", "dblink", "dblink_exec",
-            "query_to_xml", "ts_stat", "nextval", "setval", "load_extension",
+            "pg_read_file",
+            "pg_read_binary_file",
+            "pg_ls_dir",
+            "pg_ls_logdir",
+            "pg_stat_file",
+            "lo_import",
+            "lo_export",
+            "lo_unlink",
+            "pg_advisory_lock",
+            "pg_advisory_xact_lock",
+            "pg_advisory_unlock_all",
+            "pg_try_advisory_lock_shared",
+            "set_config",
+            "pg_terminate_backend",
+            "pg_cancel_backend",
+            "pg_reload_conf",
+            "pg_rotate_logfile",
+            "pg_switch_wal",
+            "pg_create_restore_point",
+            "pg_promote",
+            "dblink",
+            "dblink_exec",
+            "query_to_xml",
+            "ts_stat",
+            "nextval",
+            "setval",
+            "load_extension",
         ] {
             for sql in [
                 format!("select {f}(1)"),

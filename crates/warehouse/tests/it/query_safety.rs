@@ -34,7 +34,13 @@ async fn loaded(h: &Harness, base: &str) -> (Warehouse, String) {
         .append(
             "qs-source",
             (0..3)
-                .map(|i| track(&format!("qs-{i}"), "Viewed", json!({"flag": i % 2 == 0, "n": i})))
+                .map(|i| {
+                    track(
+                        &format!("qs-{i}"),
+                        "Viewed",
+                        json!({"flag": i % 2 == 0, "n": i}),
+                    )
+                })
                 .collect(),
         )
         .await;
@@ -157,7 +163,10 @@ async fn postgres_the_query_role_itself_can_only_read_the_warehouse() {
             let outside = pg_connect().await.expect("outside");
             let row = outside
                 .query_one(
-                    &format!("select role, password from \"{}\".query_role", h.state_schema),
+                    &format!(
+                        "select role, password from \"{}\".query_role",
+                        h.state_schema
+                    ),
                     &[],
                 )
                 .await
@@ -303,7 +312,9 @@ async fn postgres_huge_answers_are_cut_to_the_byte_cap() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Sessions stay usable, and small answers are whole.
-        let r = h.query(&wh, &format!("select id from {s}.tracks order by id")).await;
+        let r = h
+            .query(&wh, &format!("select id from {s}.tracks order by id"))
+            .await;
         assert_eq!(r.rows.len(), 3);
         assert!(!r.truncated);
         assert_eq!(r.truncated_reason, None);
@@ -452,17 +463,24 @@ async fn sqlite_huge_answers_are_cut_to_the_byte_cap() {
         assert!(rows_bytes(&r) <= cap);
     }
     // One value over the cap is refused by SQLite's length limit before it exists.
-    for sql in ["select zeroblob(300000000)", "select length(randomblob(100000000))"] {
+    for sql in [
+        "select zeroblob(300000000)",
+        "select length(randomblob(100000000))",
+    ] {
         match wh.query(sql).await {
             Err(WarehouseError::BadQuery(m)) => assert!(m.contains("limit"), "{m}"),
             other => panic!("{sql}: expected BadQuery, got {other:?}"),
         }
     }
     // A cell between the cell cap and the byte cap is cut.
-    let r = h.query(&wh, "select printf('%.*c', 9000000, 'x') as x").await;
+    let r = h
+        .query(&wh, "select printf('%.*c', 9000000, 'x') as x")
+        .await;
     assert_eq!(r.rows[0][0].as_str().map(str::len), Some(cap / 2));
     assert!(r.truncated);
-    let r = h.query(&wh, &format!("select id from {s}.tracks order by id")).await;
+    let r = h
+        .query(&wh, &format!("select id from {s}.tracks order by id"))
+        .await;
     assert_eq!(r.rows.len(), 3);
     assert_eq!(r.truncated_reason, None);
     wh.shutdown().await;
