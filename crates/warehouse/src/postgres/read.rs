@@ -210,8 +210,14 @@ pub(super) async fn table(
     with_client(pool, async |c| {
         let cols: Vec<(String, String)> = c
             .query(
+                // Warehouse schemas only (they hold the discards table): never the
+                // state schema, whose `query_role` holds a password.
                 "SELECT column_name::text, data_type::text FROM information_schema.columns
-                 WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+                 WHERE table_schema = $1 AND table_name = $2
+                   AND EXISTS (SELECT 1 FROM pg_class d JOIN pg_namespace n
+                               ON n.oid = d.relnamespace
+                               WHERE n.nspname = $1 AND d.relname = 'tributary_discards')
+                 ORDER BY ordinal_position",
                 &[&schema, &table],
             )
             .await
@@ -324,6 +330,8 @@ pub(super) async fn query(
         c.batch_execute("ROLLBACK").await.map_err(pg)?;
         // Alone: DISCARD ALL cannot run in the implicit transaction of a batch.
         c.batch_execute("DISCARD ALL").await.map_err(pg)?;
+        // DISCARD ALL also dropped the client's cached type-lookup statements.
+        c.clear_type_cache();
         result
     }
     .await;

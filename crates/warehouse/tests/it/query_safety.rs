@@ -204,6 +204,14 @@ async fn postgres_the_query_role_itself_can_only_read_the_warehouse() {
                 assert!(r.is_err(), "{sql:?} should fail for the query role");
             }
             assert!(!Path::new(&file).exists());
+            // Table browsing (the loader's credentials) shows warehouse schemas only.
+            for table in ["query_role", "loader_state"] {
+                match wh.table(&h.state_schema, table, 10).await {
+                    Err(WarehouseError::NotFound(_)) => {}
+                    other => panic!("{table}: expected NotFound, got {other:?}"),
+                }
+            }
+            assert_eq!(wh.table(&s, "tracks", 10).await.expect("tracks").rows.len(), 3);
             wh.shutdown().await;
         },
     )
