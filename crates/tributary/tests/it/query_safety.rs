@@ -135,7 +135,7 @@ async fn query_failures_answer_their_own_codes() {
 
 /// Drops a database made by `fresh_postgres_db` and the query role the server
 /// created for it.
-fn drop_postgres_db(url: &str) {
+pub(crate) fn drop_postgres_db(url: &str) {
     let Some(db) = url.rsplit('/').next() else {
         return;
     };

@@ -224,13 +224,15 @@ async fn seed_query_on_postgresql() {
     let Some(url) = fresh_postgres_db("seed_query_on_postgresql") else {
         return;
     };
-    let s = Server::start_with(vec![
-        ("TRIBUTARY_WAREHOUSE".into(), url),
+    let mut s = Server::start_with(vec![
+        ("TRIBUTARY_WAREHOUSE".into(), url.clone()),
         ("TRIBUTARY_WAREHOUSE_INTERVAL_MS".into(), "200".into()),
     ]);
     seed_query_scenario(&s).await;
     let (_, w) = s.admin(Method::GET, "/warehouse", None).await;
     assert_eq!(w["kind"], "postgres");
+    s.stop();
+    crate::query_safety::drop_postgres_db(&url);
 }
 
 /// Sends batches of unique messages from several tasks until `stop`, recording the
@@ -394,5 +396,10 @@ async fn postgresql_connections_dropped_and_sigkill_mid_load_still_load_exactly_
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    kill_during_load(vec![("TRIBUTARY_WAREHOUSE".into(), url)], drop_connections).await;
+    kill_during_load(
+        vec![("TRIBUTARY_WAREHOUSE".into(), url.clone())],
+        drop_connections,
+    )
+    .await;
+    crate::query_safety::drop_postgres_db(&url);
 }

@@ -211,7 +211,10 @@ async fn postgres_the_query_role_itself_can_only_read_the_warehouse() {
                     other => panic!("{table}: expected NotFound, got {other:?}"),
                 }
             }
-            assert_eq!(wh.table(&s, "tracks", 10).await.expect("tracks").rows.len(), 3);
+            assert_eq!(
+                wh.table(&s, "tracks", 10).await.expect("tracks").rows.len(),
+                3
+            );
             wh.shutdown().await;
         },
     )
