@@ -4,7 +4,10 @@
 //! Invariants: an answer holds at most `max_rows` rows and at most `max_bytes` bytes
 //! of rows as JSON renders them (cells, commas and brackets; the column list is not
 //! counted); the first row that would cross either limit is not added, reading stops
-//! there and the answer says `truncated` with the [`TruncatedReason`]. One cell is
+//! there and the answer says `truncated` with the [`TruncatedReason`]. Memory held
+//! is bounded too: each cell also costs the size of a `serde_json::Value`, and the
+//! answer stops (`max_bytes`) when that reaches twice `max_bytes` (plus 1 MiB) — an answer of
+//! many tiny cells (`select 1, 1, …` × 10,000 rows) holds far more than it renders. One cell is
 //! never longer than [`cell_cap`] bytes (backends cut it where the value is
 //! read, on PostgreSQL in the server), so a row of cut cells always fits.
 
@@ -51,6 +54,8 @@ pub(crate) struct Budget {
     max_bytes: usize,
     rows: usize,
     bytes: usize,
+    /// Rendered bytes plus one `Value` per cell: what the answer holds in memory.
+    held: usize,
     stopped: bool,
     /// Set when a row was refused or a cell cut.
     pub(crate) truncated: Option<TruncatedReason>,
@@ -63,6 +68,7 @@ impl Budget {
             max_bytes,
             rows: 0,
             bytes: 2,
+            held: 0,
             stopped: false,
             truncated: None,
         }
@@ -87,12 +93,16 @@ impl Budget {
         for v in row {
             n += rendered_len(v);
         }
-        if self.bytes + n > self.max_bytes {
+        let held = n + row.len() * std::mem::size_of::<Value>();
+        if self.bytes + n > self.max_bytes
+            || self.held + held > self.max_bytes.saturating_mul(2).saturating_add(1 << 20)
+        {
             self.stopped = true;
             self.truncated = Some(TruncatedReason::MaxBytes);
             return false;
         }
         self.bytes += n;
+        self.held += held;
         self.rows += 1;
         true
     }
@@ -165,6 +175,20 @@ mod tests {
         let mut b = Budget::new(10, 1 << 20);
         b.cell_cut();
         assert!(b.admit(&[json!("x")]));
+        assert_eq!(b.truncated, Some(TruncatedReason::MaxBytes));
+    }
+
+    #[test]
+    fn many_tiny_cells_stop_at_twice_the_cap_in_memory() {
+        let mut b = Budget::new(usize::MAX, 1 << 20);
+        let row = vec![json!(1); 100];
+        let mut rows = 0;
+        while b.admit(&row) {
+            rows += 1;
+        }
+        // 100 cells render as ~200 bytes but hold 100 Values.
+        let held = rows * 100 * std::mem::size_of::<Value>();
+        assert!(held <= 3 << 20 && held > 2 << 20, "{rows} rows");
         assert_eq!(b.truncated, Some(TruncatedReason::MaxBytes));
     }
 
