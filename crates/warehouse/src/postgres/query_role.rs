@@ -14,7 +14,8 @@
 //!   `tributary_discards`) where the query role lacks `USAGE` or `SELECT` on a table
 //!   is granted `USAGE`, `SELECT ON ALL TABLES` and `ALTER DEFAULT PRIVILEGES … GRANT
 //!   SELECT ON TABLES` (so tables the loader creates later are readable). Nothing
-//!   else is granted; the state schema is not.
+//!   else is granted; the state schema is not. A schema the loader's role may not
+//!   grant is logged and skipped.
 //! - Before every query, the session's role is checked: a superuser, a role with
 //!   `CREATEROLE`/`CREATEDB`/`REPLICATION`/`BYPASSRLS`, a member of any `pg_*` role
 //!   (`pg_read_server_files`, `pg_execute_server_program`, `pg_database_owner`, …)
@@ -296,8 +297,15 @@ impl QueryRole {
             .start()
             .await
             .map_err(pg)?;
-        tx.batch_execute(&sql).await.map_err(|e| setup_error(&e))?;
-        tx.commit().await.map_err(pg)?;
+        match tx.batch_execute(&sql).await {
+            Ok(()) => tx.commit().await.map_err(pg)?,
+            // A schema the loader's role does not own cannot be granted by it: the
+            // query role cannot read it, which is no reason to refuse every query.
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => {
+                tracing::warn!(error = %db_message(&e), ?schemas, "cannot grant the query role");
+            }
+            Err(e) => return Err(pg(e)),
+        }
         Ok(())
     }
 }

@@ -16,7 +16,8 @@
 //! bytes on a character boundary); `EXPLAIN` runs as it is. Rows
 //! are streamed (`query_raw`) into the answer's [`Budget`]; when it is full the
 //! statement is cancelled server-side and reading stops. Values are turned into
-//! JSON by the original column type.
+//! JSON by the original column type. A session whose statement was cancelled is
+//! closed, not reused.
 
 use std::time::Duration;
 
@@ -318,6 +319,7 @@ pub(super) async fn query(
 ) -> Result<QueryResult, WarehouseError> {
     let (pool, _, loader_role) = role.pool().await?;
     let c = client(&pool).await?;
+    let mut reuse = true;
     let result = async {
         check_session(&c, &loader_role).await?;
         c.batch_execute(&format!(
@@ -326,7 +328,17 @@ pub(super) async fn query(
         ))
         .await
         .map_err(pg)?;
-        let result = run_query(&c, sql, kind, &limits).await;
+        let (result, complete) = match run_query(&c, sql, kind, &limits).await {
+            Ok((r, complete)) => (Ok(r), complete),
+            Err(e) => (Err(e), true),
+        };
+        if !complete {
+            // The statement was cancelled mid-answer; the cancel could still land on
+            // a later statement of this session, so the session is closed (which
+            // also ends its transaction) instead of cleaned.
+            reuse = false;
+            return result;
+        }
         c.batch_execute("ROLLBACK").await.map_err(pg)?;
         // Alone: DISCARD ALL cannot run in the implicit transaction of a batch.
         c.batch_execute("DISCARD ALL").await.map_err(pg)?;
@@ -335,10 +347,12 @@ pub(super) async fn query(
         result
     }
     .await;
-    if matches!(
-        result,
-        Err(WarehouseError::Unavailable(_) | WarehouseError::QueryRoleUnsafe(_))
-    ) || c.is_closed()
+    if !reuse
+        || matches!(
+            result,
+            Err(WarehouseError::Unavailable(_) | WarehouseError::QueryRoleUnsafe(_))
+        )
+        || c.is_closed()
     {
         // The session may be mid-transaction or hold session state: never reuse it.
         let _ = Object::take(c);
@@ -362,12 +376,14 @@ impl<'a> FromSql<'a> for Raw<'a> {
     }
 }
 
+/// Runs the caller's statement; the flag is false when reading stopped early and the
+/// statement was cancelled.
 async fn run_query(
     c: &Object,
     sql: &str,
     kind: StatementKind,
     limits: &Limits,
-) -> Result<QueryResult, WarehouseError> {
+) -> Result<(QueryResult, bool), WarehouseError> {
     let user = c.prepare(sql).await.map_err(read_error)?;
     let types: Vec<Type> = user.columns().iter().map(|c| c.type_().clone()).collect();
     let columns: Vec<Column> = user
@@ -431,12 +447,15 @@ async fn run_query(
         // Unread rows would still be paged through the session: stop the server.
         let _ = c.cancel_token().cancel_query(tokio_postgres::NoTls).await;
     }
-    Ok(QueryResult {
-        columns,
-        rows,
-        truncated: budget.truncated.is_some(),
-        truncated_reason: budget.truncated,
-    })
+    Ok((
+        QueryResult {
+            columns,
+            rows,
+            truncated: budget.truncated.is_some(),
+            truncated_reason: budget.truncated,
+        },
+        complete,
+    ))
 }
 
 /// The caller's query as a subquery whose cells are cut to `cap + 1` characters in

@@ -93,7 +93,7 @@ impl Budget {
         for v in row {
             n += rendered_len(v);
         }
-        let held = n + row.len() * std::mem::size_of::<Value>();
+        let held = n + std::mem::size_of_val(row);
         if self.bytes + n > self.max_bytes
             || self.held + held > self.max_bytes.saturating_mul(2).saturating_add(1 << 20)
         {
