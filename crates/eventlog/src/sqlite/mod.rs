@@ -33,7 +33,7 @@ mod tests;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicUsize};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,10 +41,12 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{AppendStatus, EventLog, LogError, LogStats, NewRecord, Record};
+use crate::{
+    AppendStatus, ConsumerState, EventLog, LogError, LogStats, NewRecord, Position, Record,
+};
 use checkpoint::Checkpointer;
 use open::{open_reader, open_writer};
-use writer::{Request, writer_loop};
+use writer::{ConsumerChange, Request, Retention, writer_loop};
 
 /// Settings of the embedded log.
 #[derive(Debug, Clone)]
@@ -63,8 +65,13 @@ pub struct SqliteLogConfig {
     pub max_group_records: usize,
     /// Read connections in the pool. Default 4.
     pub readers: usize,
-    /// How often the writer deletes records older than `retention`. Default 60 s.
+    /// How often the writer deletes records older than `retention` (also while no
+    /// appends arrive). Default 60 s.
     pub prune_interval: Duration,
+    /// Hard cap on the database's used size in bytes; past it the oldest records
+    /// are deleted even if a consumer has not read them (each such loss is
+    /// reported). `None` (the default): no cap, age and consumers decide.
+    pub max_bytes: Option<u64>,
     /// How often the checkpointer copies the WAL into the database. Default 100 ms.
     pub checkpoint_interval: Duration,
 }
@@ -79,6 +86,7 @@ impl Default for SqliteLogConfig {
             max_group_records: 50_000,
             readers: 4,
             prune_interval: Duration::from_secs(60),
+            max_bytes: None,
             checkpoint_interval: Duration::from_millis(100),
         }
     }
@@ -93,6 +101,8 @@ pub struct SqliteLog {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
     config: SqliteLogConfig,
+    log_id: String,
+    dropped: Arc<AtomicU64>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LogError {
@@ -127,7 +137,28 @@ impl SqliteLog {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let (head_tx, head_rx) = watch::channel(state.last_seq);
         let max_group = config.max_group_records.max(1);
-        let retention = (config.retention, config.prune_interval);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let retention = Retention {
+            age: config.retention,
+            interval: config.prune_interval,
+            max_bytes: config.max_bytes,
+            dropped: dropped.clone(),
+        };
+        let log_id = state.log_id.clone();
+        // Wakes the writer for retention while no appends arrive; holds only a weak
+        // sender, so it never keeps the log open.
+        let ticker = tx.downgrade();
+        let every = config.prune_interval.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = ticker.upgrade() else { break };
+                let _ = tx.try_send(Request::Tick);
+            }
+        });
         let writer = std::thread::Builder::new()
             .name("eventlog-writer".into())
             .spawn(move || {
@@ -149,6 +180,8 @@ impl SqliteLog {
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some(checkpointer)),
             config,
+            log_id,
+            dropped,
         })
     }
 
@@ -174,6 +207,21 @@ impl SqliteLog {
             }
         }
     }
+
+    async fn change(&self, change: ConsumerChange) -> Result<(), LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Consumer { change, reply }).await?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Refuses a position of another log or partition.
+    fn check(&self, position: &Position) -> Result<(), LogError> {
+        if position.log_id == self.log_id && position.partition == 0 {
+            Ok(())
+        } else {
+            Err(LogError::ForeignPosition(position.to_string()))
+        }
+    }
 }
 
 #[async_trait]
@@ -187,8 +235,22 @@ impl EventLog for SqliteLog {
         rx.await.map_err(|_| LogError::Closed)?
     }
 
-    async fn read(&self, after: u64, limit: usize) -> Result<Vec<Record>, LogError> {
-        self.read_after(after, limit).await
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    async fn read(&self, after: &Position, limit: usize) -> Result<Vec<Record>, LogError> {
+        self.check(after)?;
+        self.read_after(after.seq, limit).await
+    }
+
+    async fn first_retained(&self, partition: u32) -> Result<u64, LogError> {
+        if partition != 0 {
+            return Err(LogError::ForeignPosition(format!("partition {partition}")));
+        }
+        let head = *self.head.borrow();
+        let min = self.read_first_seq().await?;
+        Ok(min.unwrap_or(head + 1))
     }
 
     async fn latest(&self, source_id: &str, limit: usize) -> Result<Vec<Record>, LogError> {
@@ -209,19 +271,34 @@ impl EventLog for SqliteLog {
         self.read_seqs(seqs).await
     }
 
-    async fn cursor(&self, consumer: &str) -> Result<u64, LogError> {
-        self.read_cursor(consumer).await
+    async fn cursor(&self, consumer: &str, partition: u32) -> Result<Position, LogError> {
+        let start = self.start(partition);
+        self.check(&start)?;
+        let seq = self.read_cursor(consumer).await?;
+        Ok(start.at(seq))
     }
 
-    async fn commit(&self, consumer: &str, seq: u64) -> Result<(), LogError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Request::Commit {
+    async fn commit(&self, consumer: &str, position: &Position) -> Result<(), LogError> {
+        self.check(position)?;
+        self.change(ConsumerChange::Commit {
             consumer: consumer.to_string(),
-            seq,
-            reply,
+            seq: position.seq,
         })
-        .await?;
-        rx.await.map_err(|_| LogError::Closed)?
+        .await
+    }
+
+    async fn unpin(&self, consumer: &str) -> Result<(), LogError> {
+        self.change(ConsumerChange::Unpin(consumer.to_string()))
+            .await
+    }
+
+    async fn remove_consumer(&self, consumer: &str) -> Result<(), LogError> {
+        self.change(ConsumerChange::Remove(consumer.to_string()))
+            .await
+    }
+
+    async fn consumers(&self) -> Result<Vec<ConsumerState>, LogError> {
+        self.read_consumers().await
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -255,6 +332,7 @@ impl EventLog for SqliteLog {
             head,
             records,
             bytes,
+            unconsumed_dropped: self.dropped.load(Ordering::Relaxed),
         })
     }
 

@@ -9,8 +9,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::dedupe::DedupeIndex;
 
 /// Layout version in `PRAGMA user_version`. Version 0 had `AUTOINCREMENT` and a
-/// unique `(source_id, message_id)` index; [`migrate_v0`] rebuilds it.
-pub(super) const LAYOUT_VERSION: i64 = 1;
+/// unique `(source_id, message_id)` index; [`migrate_v0`] rebuilds it. Version 1
+/// had no `user_id`/`anonymous_id` columns and no consumer registry columns;
+/// [`migrate_v1`] adds them (records of version 1 read their ids from the payload).
+/// Every version gets a log id the first time it is opened by this code.
+pub(super) const LAYOUT_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -21,15 +24,24 @@ CREATE TABLE IF NOT EXISTS events (
     event TEXT,
     received_at INTEGER NOT NULL,
     payload TEXT NOT NULL,
-    dkey INTEGER NOT NULL
+    dkey INTEGER NOT NULL,
+    user_id TEXT,
+    anonymous_id TEXT
 );
 -- Retention and time ranges; with dkey it also covers the dedupe rebuild at start.
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at, dkey);
 -- The debugger's newest-first view of one source.
 CREATE INDEX IF NOT EXISTS events_source ON events (source_id, seq);
+-- The consumer registry: positions, whether they bound retention, and what the
+-- size cap deleted before they read it.
 CREATE TABLE IF NOT EXISTS consumers (
     name TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 1,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    gap_from INTEGER,
+    gap_to INTEGER,
+    gap_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -38,6 +50,8 @@ CREATE TABLE IF NOT EXISTS meta (
 ";
 /// The writer's state as read at open.
 pub(super) struct WriterState {
+    /// The log's id.
+    pub(super) log_id: String,
     pub(super) dedupe: DedupeIndex,
     /// The highest seq ever assigned.
     pub(super) last_seq: u64,
@@ -76,11 +90,23 @@ pub(super) fn open_writer(path: &Path) -> rusqlite::Result<(Connection, WriterSt
         )?;
     }
     tx.execute_batch(SCHEMA)?;
+    if version < 2 {
+        migrate_v1(&tx)?;
+    }
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('dedupe_key', randomblob(16))
          ON CONFLICT (key) DO NOTHING",
         [],
     )?;
+    // The log's identity, fixed once: positions kept by consumers name it.
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('log_id', lower(hex(randomblob(16))))
+         ON CONFLICT (key) DO NOTHING",
+        [],
+    )?;
+    let log_id: String = tx.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+        r.get(0)
+    })?;
     let secret: Vec<u8> =
         tx.query_row("SELECT value FROM meta WHERE key = 'dedupe_key'", [], |r| {
             r.get(0)
@@ -116,7 +142,40 @@ pub(super) fn open_writer(path: &Path) -> rusqlite::Result<(Connection, WriterSt
             dedupe.insert(row.get::<_, i64>(1)? as u64, row.get::<_, i64>(0)? as u64);
         }
     }
-    Ok((conn, WriterState { dedupe, last_seq }))
+    Ok((
+        conn,
+        WriterState {
+            log_id,
+            dedupe,
+            last_seq,
+        },
+    ))
+}
+
+/// Adds what version 2 has to an older log: the routing ids of a record and the
+/// registry columns of a consumer (existing consumers are pinned). Idempotent: a
+/// column already there is left alone.
+fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    for (table, column, decl) in [
+        ("events", "user_id", "TEXT"),
+        ("events", "anonymous_id", "TEXT"),
+        ("consumers", "pinned", "INTEGER NOT NULL DEFAULT 1"),
+        ("consumers", "dropped", "INTEGER NOT NULL DEFAULT 0"),
+        ("consumers", "gap_from", "INTEGER"),
+        ("consumers", "gap_to", "INTEGER"),
+        ("consumers", "gap_at", "INTEGER"),
+    ] {
+        let present = tx
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !present {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl};"))?;
+        }
+    }
+    tracing::info!("event log migrated to layout version {LAYOUT_VERSION}");
+    Ok(())
 }
 
 /// Moves a version-0 log (renamed to `events_v0`) into the current layout, keeping

@@ -6,21 +6,40 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteLog, unavailable};
-use crate::{LogError, Record};
+use crate::{CallType, ConsumerState, Gap, LogError, Position, Record};
 
+/// Reads a row of [`COLUMNS`]. A call type the log does not know (only a database
+/// edited by hand could hold one) is a read error, never a guess.
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let call_type: String = row.get(3)?;
+    let call_type = CallType::parse(&call_type).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            3,
+            rusqlite::types::Type::Text,
+            format!("unknown call type {call_type:?}").into(),
+        )
+    })?;
     Ok(Record {
         seq: row.get::<_, i64>(0)? as u64,
         source_id: row.get(1)?,
         message_id: row.get(2)?,
-        call_type: row.get(3)?,
+        call_type,
         event: row.get(4)?,
         received_at_ms: row.get(5)?,
         payload: row.get(6)?,
+        user_id: row.get(7)?,
+        anonymous_id: row.get(8)?,
     })
 }
 
-const COLUMNS: &str = "seq, source_id, message_id, call_type, event, received_at, payload";
+/// The record columns. Records written before layout version 2 have neither id
+/// column set (every message ingest stores has at least one of them), and read them
+/// from the payload instead.
+const COLUMNS: &str = "seq, source_id, message_id, call_type, event, received_at, payload,
+    CASE WHEN user_id IS NULL AND anonymous_id IS NULL
+         THEN CAST(json_extract(payload, '$.userId') AS TEXT) ELSE user_id END,
+    CASE WHEN user_id IS NULL AND anonymous_id IS NULL
+         THEN CAST(json_extract(payload, '$.anonymousId') AS TEXT) ELSE anonymous_id END";
 
 impl SqliteLog {
     pub(super) async fn with_reader<T, F>(&self, f: F) -> Result<T, LogError>
@@ -118,6 +137,48 @@ impl SqliteLog {
                 )
                 .optional()?;
             Ok(v.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    /// The lowest retained seq, if any record is retained.
+    pub(super) async fn read_first_seq(&self) -> Result<Option<u64>, LogError> {
+        self.with_reader(|c| {
+            c.query_row("SELECT MIN(seq) FROM events", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|v| v.map(|s| s as u64))
+        })
+        .await
+    }
+
+    /// The consumer registry.
+    pub(super) async fn read_consumers(&self) -> Result<Vec<ConsumerState>, LogError> {
+        let log_id = self.log_id.clone();
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT name, seq, pinned, dropped, gap_from, gap_to, gap_at
+                 FROM consumers ORDER BY name",
+            )?;
+            st.query_map([], |r| {
+                let gap = match (r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?) {
+                    (Some(from), Some(to)) => Some(Gap {
+                        partition: 0,
+                        from: from as u64,
+                        to: to as u64,
+                    }),
+                    _ => None,
+                };
+                Ok(ConsumerState {
+                    name: r.get(0)?,
+                    position: Position::new(log_id.clone(), 0, r.get::<_, i64>(1)? as u64),
+                    pinned: r.get::<_, i64>(2)? != 0,
+                    dropped: r.get::<_, i64>(3)? as u64,
+                    gap,
+                    gap_at_ms: r.get(6)?,
+                })
+            })?
+            .collect()
         })
         .await
     }

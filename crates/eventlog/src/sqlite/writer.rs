@@ -1,7 +1,14 @@
-//! The writer thread: group commit of appends (and consumer commits), retention.
+//! The writer thread: group commit of appends and of consumer registry changes,
+//! and retention.
+//!
+//! Retention deletes only a prefix of the log (oldest seq first), so "everything
+//! below the first retained seq is gone" holds and consumers can detect gaps. By age
+//! it never passes the lowest position of a pinned consumer; the size cap
+//! (`max_bytes`) may, and then every pinned consumer it passes gets the deleted range
+//! recorded as its gap, an error line and `tributary_log_unconsumed_dropped_total`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -18,11 +25,35 @@ pub(super) enum Request {
         batch: Vec<NewRecord>,
         reply: oneshot::Sender<Result<Vec<AppendStatus>, LogError>>,
     },
-    Commit {
-        consumer: String,
-        seq: u64,
+    /// A change of the consumer registry, applied in the group's transaction.
+    Consumer {
+        change: ConsumerChange,
         reply: oneshot::Sender<Result<(), LogError>>,
     },
+    /// Wakes the writer so retention runs while no appends arrive.
+    Tick,
+}
+
+/// A change of the consumer registry.
+pub(super) enum ConsumerChange {
+    /// The consumer processed everything up to `seq`; it is pinned.
+    Commit { consumer: String, seq: u64 },
+    /// The consumer keeps its position but no longer bounds retention.
+    Unpin(String),
+    /// The consumer is forgotten.
+    Remove(String),
+}
+
+/// What retention keeps.
+pub(super) struct Retention {
+    /// Records older than this may go (once every pinned consumer is past them).
+    pub(super) age: Duration,
+    /// How often retention runs.
+    pub(super) interval: Duration,
+    /// The size cap of the database's used pages, if any.
+    pub(super) max_bytes: Option<u64>,
+    /// Records the size cap deleted before a pinned consumer read them (for stats).
+    pub(super) dropped: Arc<AtomicU64>,
 }
 pub(super) fn writer_loop(
     mut conn: Connection,
@@ -30,7 +61,7 @@ pub(super) fn writer_loop(
     mut rx: mpsc::Receiver<Request>,
     head: watch::Sender<u64>,
     (max_group, wal_frames): (usize, Arc<AtomicI64>),
-    (retention, prune_interval): (Duration, Duration),
+    retention: Retention,
 ) {
     let mut last_prune = Instant::now();
     let mut pending: Vec<Request> = Vec::new();
@@ -67,9 +98,10 @@ pub(super) fn writer_loop(
                         Request::Append { reply, .. } => {
                             let _ = reply.send(Ok(status));
                         }
-                        Request::Commit { reply, .. } => {
+                        Request::Consumer { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
+                        Request::Tick => {}
                     }
                 }
             }
@@ -80,9 +112,10 @@ pub(super) fn writer_loop(
                         Request::Append { reply, .. } => {
                             let _ = reply.send(Err(unavailable(&e)));
                         }
-                        Request::Commit { reply, .. } => {
+                        Request::Consumer { reply, .. } => {
                             let _ = reply.send(Err(unavailable(&e)));
                         }
+                        Request::Tick => {}
                     }
                 }
             }
@@ -93,9 +126,9 @@ pub(super) fn writer_loop(
                 tracing::warn!(error = %e, "event log checkpoint failed");
             }
         }
-        if last_prune.elapsed() >= prune_interval {
+        if last_prune.elapsed() >= retention.interval {
             last_prune = Instant::now();
-            prune(&conn, &mut state.dedupe, retention);
+            prune(&mut conn, &mut state.dedupe, &retention);
         }
         metrics::gauge!("tributary_log_dedupe_keys").set(state.dedupe.len() as f64);
     }
@@ -103,36 +136,147 @@ pub(super) fn writer_loop(
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
-fn prune(conn: &Connection, dedupe: &mut DedupeIndex, retention: Duration) {
-    let cutoff = chrono_now_ms() - retention.as_millis() as i64;
-    // Delete in slices so the writer is never blocked for long.
+/// Deletes what retention allows: by age up to the lowest pinned position, then
+/// (with a size cap) the oldest records until the used size is under the cap.
+fn prune(conn: &mut Connection, dedupe: &mut DedupeIndex, retention: &Retention) {
+    let cutoff = chrono_now_ms() - retention.age.as_millis() as i64;
+    if let Err(e) = prune_by_age(conn, dedupe, cutoff) {
+        tracing::warn!(error = %e, "event log retention failed");
+    }
+    if let Some(max) = retention.max_bytes
+        && let Err(e) = prune_to_size(conn, dedupe, max, &retention.dropped)
+    {
+        tracing::warn!(error = %e, "event log size cap failed");
+    }
+}
+
+/// The lowest committed position of a pinned consumer, if any.
+fn lowest_pinned(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT MIN(seq) FROM consumers WHERE pinned = 1", [], |r| {
+        r.get(0)
+    })
+}
+
+/// Deletes the prefix of records at or below `end`; returns their `(seq, dedupe
+/// key)`, to be forgotten by the dedupe index once the transaction committed.
+fn delete_through(tx: &rusqlite::Transaction<'_>, end: i64) -> rusqlite::Result<Vec<(u64, u64)>> {
+    let rows = tx
+        .prepare_cached("DELETE FROM events WHERE seq <= ?1 RETURNING seq, dkey")?
+        .query_map(params![end], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+fn forget(dedupe: &mut DedupeIndex, rows: &[(u64, u64)]) {
+    for (seq, key) in rows {
+        dedupe.remove(*key, *seq);
+    }
+}
+
+/// Deletes, in slices so the writer is never blocked for long, the oldest records
+/// received before `cutoff`, never past the lowest pinned consumer. Stops at the
+/// first record that is young enough, so what is deleted is always a prefix.
+fn prune_by_age(
+    conn: &mut Connection,
+    dedupe: &mut DedupeIndex,
+    cutoff: i64,
+) -> rusqlite::Result<()> {
+    const SLICE: usize = 10_000;
     loop {
-        let deleted = conn
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let bound = lowest_pinned(&tx)?.unwrap_or(i64::MAX);
+        let slice: Vec<(i64, i64)> = tx
             .prepare_cached(
-                "DELETE FROM events WHERE seq IN
-                   (SELECT seq FROM events WHERE received_at < ?1 ORDER BY received_at LIMIT 10000)
-                 RETURNING seq, dkey",
-            )
-            .and_then(|mut st| {
-                st.query_map(params![cutoff], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            });
-        match deleted {
-            // The statement committed: forget the keys only now.
-            Ok(rows) if !rows.is_empty() => {
-                for (seq, key) in rows {
-                    dedupe.remove(key, seq);
-                }
-            }
-            Ok(_) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "event log retention failed");
-                break;
-            }
+                "SELECT seq, received_at FROM events WHERE seq <= ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![bound, SLICE as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let old = slice.iter().take_while(|(_, at)| *at < cutoff).count();
+        let Some(&(end, _)) = old.checked_sub(1).and_then(|i| slice.get(i)) else {
+            return Ok(());
+        };
+        let rows = delete_through(&tx, end)?;
+        tx.commit()?;
+        forget(dedupe, &rows);
+        if old < slice.len() || slice.len() < SLICE {
+            return Ok(());
         }
     }
+}
+
+/// Bytes of the database in use (pages not on the free list).
+fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(((pages - free).max(0) * size) as u64)
+}
+
+/// Deletes the oldest records, whoever still needs them, until the database's used
+/// size is at most `max`. Every pinned consumer passed gets the loss recorded.
+fn prune_to_size(
+    conn: &mut Connection,
+    dedupe: &mut DedupeIndex,
+    max: u64,
+    dropped: &AtomicU64,
+) -> rusqlite::Result<()> {
+    const SLICE: i64 = 1_000;
+    let mut stalled = 0;
+    let mut used = used_bytes(conn)?;
+    while used > max {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let end: Option<i64> = tx.query_row(
+            "SELECT MAX(seq) FROM (SELECT seq FROM events ORDER BY seq LIMIT ?1)",
+            params![SLICE],
+            |r| r.get(0),
+        )?;
+        let Some(end) = end else {
+            return Ok(());
+        };
+        let passed: Vec<(String, i64)> = tx
+            .prepare_cached("SELECT name, seq FROM consumers WHERE pinned = 1 AND seq < ?1")?
+            .query_map(params![end], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let rows = delete_through(&tx, end)?;
+        let now = chrono_now_ms();
+        let mut losses = Vec::new();
+        for (name, seq) in passed {
+            let lost = rows.iter().filter(|(s, _)| *s as i64 > seq).count() as u64;
+            if lost == 0 {
+                continue;
+            }
+            tx.execute(
+                "UPDATE consumers SET dropped = dropped + ?2, gap_from = ?3, gap_to = ?4, gap_at = ?5
+                 WHERE name = ?1",
+                params![name, lost as i64, seq + 1, end, now],
+            )?;
+            losses.push((name, lost, seq + 1));
+        }
+        tx.commit()?;
+        forget(dedupe, &rows);
+        for (consumer, lost, from) in losses {
+            dropped.fetch_add(lost, Ordering::Relaxed);
+            metrics::counter!("tributary_log_unconsumed_dropped_total", "consumer" => consumer.clone())
+                .increment(lost);
+            tracing::error!(%consumer, from, to = end, records = lost, max_bytes = max,
+                "event log size cap deleted records a consumer had not read");
+        }
+        let now_used = used_bytes(conn)?;
+        // Deleting must free pages; if it stops doing so, stop rather than empty the log.
+        stalled = if now_used < used { 0 } else { stalled + 1 };
+        if stalled >= 5 {
+            tracing::warn!(
+                used = now_used,
+                max_bytes = max,
+                "event log size cap cannot free more pages"
+            );
+            return Ok(());
+        }
+        used = now_used;
+    }
+    Ok(())
 }
 
 pub(super) fn chrono_now_ms() -> i64 {
@@ -171,15 +315,16 @@ fn write_group_tx(
     let mut out = Vec::with_capacity(pending.len());
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO events (seq, source_id, message_id, call_type, event, received_at, payload, dkey)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO events (seq, source_id, message_id, call_type, event, received_at, payload, dkey,
+                                 user_id, anonymous_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         let mut same = tx.prepare_cached(
             "SELECT source_id = ?2 AND message_id = ?3 FROM events WHERE seq = ?1",
         )?;
         let mut commit = tx.prepare_cached(
-            "INSERT INTO consumers (name, seq) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+            "INSERT INTO consumers (name, seq, pinned) VALUES (?1, ?2, 1)
+             ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, pinned = 1",
         )?;
         for req in pending {
             match req {
@@ -208,11 +353,13 @@ fn write_group_tx(
                             seq as i64,
                             r.source_id,
                             r.message_id,
-                            r.call_type,
+                            r.call_type.as_str(),
                             r.event,
                             r.received_at_ms,
                             r.payload,
-                            key as i64
+                            key as i64,
+                            r.user_id,
+                            r.anonymous_id
                         ])?;
                         state.last_seq = seq;
                         state.dedupe.insert(key, seq);
@@ -221,10 +368,24 @@ fn write_group_tx(
                     }
                     out.push(statuses);
                 }
-                Request::Commit { consumer, seq, .. } => {
-                    commit.execute(params![consumer, *seq as i64])?;
+                Request::Consumer { change, .. } => {
+                    match change {
+                        ConsumerChange::Commit { consumer, seq } => {
+                            commit.execute(params![consumer, *seq as i64])?;
+                        }
+                        ConsumerChange::Unpin(consumer) => {
+                            tx.execute(
+                                "UPDATE consumers SET pinned = 0 WHERE name = ?1",
+                                params![consumer],
+                            )?;
+                        }
+                        ConsumerChange::Remove(consumer) => {
+                            tx.execute("DELETE FROM consumers WHERE name = ?1", params![consumer])?;
+                        }
+                    }
                     out.push(Vec::new());
                 }
+                Request::Tick => out.push(Vec::new()),
             }
         }
         if !added.is_empty() {
