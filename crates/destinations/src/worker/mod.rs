@@ -29,6 +29,14 @@
 //! passed since its first attempt; then its events become dead letters. A permanent
 //! failure of a multi-event batch is bisected to find the poison events, which
 //! become dead letters while the rest are delivered.
+//!
+//! **Positions and gaps.** The cursor is a [`Position`] of the log (its id and
+//! partition with the seq), committed to the log's consumer registry, which also
+//! makes it bound retention while the destination is enabled (the engine unpins a
+//! disabled one; the worker pins it again when it starts). Records found missing
+//! after the cursor (retention or the size cap deleted them first) are a gap:
+//! an error line, `tributary_log_gap_records_total{consumer}` and the
+//! destination's stats — never skipped silently.
 mod delivery;
 mod schedule;
 
@@ -40,7 +48,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tributary_eventlog::{EventLog, Record};
+use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
 
 use crate::filter::Selector;
 use crate::options::EngineOptions;
@@ -81,6 +89,8 @@ pub(crate) struct LiveStats {
     pub in_flight: AtomicU64,
     /// The committed cursor.
     pub cursor: AtomicU64,
+    /// The newest gap found after the cursor, and when (ms).
+    pub gap: Mutex<Option<(Gap, i64)>>,
     /// The last failure seen (message, ms), before it is persisted.
     pub last_error: Mutex<Option<(String, i64)>>,
 }
@@ -139,6 +149,7 @@ impl WorkerHandle {
         let (stop, stop_rx) = watch::channel(RUNNING);
         let (commands, cmd_rx) = mpsc::unbounded_channel();
         let head_rx = log.subscribe();
+        let log_start = log.start(0);
         let shared = Arc::new(Shared {
             consumer: format!("destination:{id}"),
             id,
@@ -155,7 +166,7 @@ impl WorkerHandle {
             sched: Scheduler::default(),
             outstanding: BTreeSet::new(),
             read_pos: 0,
-            committed: 0,
+            committed: log_start,
             recovery: Recovery::default(),
             jobs: VecDeque::new(),
             tasks: JoinSet::new(),
@@ -205,7 +216,8 @@ struct Worker {
     outstanding: BTreeSet<u64>,
     /// Highest sequence number read from the log.
     read_pos: u64,
-    committed: u64,
+    /// The committed cursor.
+    committed: Position,
     recovery: Recovery,
     jobs: VecDeque<ReplayJob>,
     tasks: JoinSet<bool>,
@@ -224,7 +236,7 @@ impl Worker {
         if !self.start(&mut stop).await {
             return;
         }
-        tracing::info!(destination = %id, cursor = self.committed, "destination worker started");
+        tracing::info!(destination = %id, cursor = %self.committed, "destination worker started");
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -268,18 +280,22 @@ impl Worker {
             }
         }
         self.commit().await;
-        tracing::info!(destination = %id, cursor = self.committed, "destination worker stopped");
+        tracing::info!(destination = %id, cursor = %self.committed, "destination worker stopped");
     }
 
     /// Reads the cursor and the recovery markers; false if stopped meanwhile.
     async fn start(&mut self, stop: &mut watch::Receiver<u8>) -> bool {
         loop {
-            let res = self.shared.log.cursor(&self.shared.consumer).await;
+            let res = self.shared.log.cursor(&self.shared.consumer, 0).await;
             match res {
                 Ok(c) => {
-                    self.read_pos = c;
+                    // Enabled again: hold records back from retention from here on.
+                    if let Err(e) = self.shared.log.commit(&self.shared.consumer, &c).await {
+                        tracing::warn!(destination = %self.shared.id, error = %e, "cannot pin destination cursor");
+                    }
+                    self.read_pos = c.seq;
+                    self.shared.live.cursor.store(c.seq, Ordering::Relaxed);
                     self.committed = c;
-                    self.shared.live.cursor.store(c, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
@@ -297,7 +313,7 @@ impl Worker {
         match self
             .shared
             .store
-            .recovery(&self.shared.id, self.committed)
+            .recovery(&self.shared.id, self.committed.seq)
             .await
         {
             Ok(r) => {
@@ -330,12 +346,6 @@ impl Worker {
     /// filters refuse, queues the rest.
     fn accept_live(&mut self, r: Record) {
         let seq = r.seq;
-        if seq > self.read_pos + 1 {
-            // Sequence numbers are dense; a hole means retention removed events this
-            // destination had not read yet.
-            tracing::warn!(destination = %self.shared.id, from = self.read_pos + 1, to = seq - 1,
-                "events left the log before this destination read them");
-        }
         self.read_pos = self.read_pos.max(seq);
         if self.recovery.done.remove(&seq) {
             return;
@@ -344,7 +354,7 @@ impl Worker {
         if !self
             .shared
             .selector
-            .accepts_record(&r.source_id, &r.call_type, r.event.as_deref())
+            .accepts_record(&r.source_id, r.call_type.as_str(), r.event.as_deref())
         {
             return;
         }
@@ -371,10 +381,19 @@ impl Worker {
                 break;
             }
             let room = (MAX_PENDING - self.sched.loaded).clamp(1, READ_PAGE);
-            match self.shared.log.read(self.read_pos, room).await {
-                Ok(records) if records.is_empty() => break,
-                Ok(records) => {
-                    for r in records {
+            let after = self.committed.at(self.read_pos);
+            match read_checked(self.shared.log.as_ref(), &after, room).await {
+                Ok(read) => {
+                    if let Some(gap) = read.gap {
+                        self.report_gap(gap);
+                    }
+                    if read.records.is_empty() {
+                        if let Some(gap) = read.gap {
+                            self.read_pos = self.read_pos.max(gap.to);
+                        }
+                        break;
+                    }
+                    for r in read.records {
                         self.accept_live(r);
                     }
                 }
@@ -575,17 +594,33 @@ impl Worker {
         }
     }
 
+    /// Reports records missing from the log after the cursor: an error line, a
+    /// counter, the destination's stats. They are past: reading goes on after them.
+    fn report_gap(&self, gap: Gap) {
+        metrics::counter!("tributary_log_gap_records_total", "consumer" => self.shared.consumer.clone())
+            .increment(gap.len());
+        tracing::error!(destination = %self.shared.id, partition = gap.partition, from = gap.from,
+            to = gap.to, records = gap.len(), "events left the log before this destination read them");
+        *self
+            .shared
+            .live
+            .gap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((gap, Utc::now().timestamp_millis()));
+    }
+
     async fn commit(&mut self) {
         let wm = self.watermark();
         let head = *self.head_rx.borrow();
         metrics::gauge!("tributary_destination_backlog", "destination" => self.shared.id.clone())
             .set(head.saturating_sub(wm) as f64);
-        if wm <= self.committed {
+        if wm <= self.committed.seq {
             return;
         }
-        match self.shared.log.commit(&self.shared.consumer, wm).await {
+        let position = self.committed.at(wm);
+        match self.shared.log.commit(&self.shared.consumer, &position).await {
             Ok(()) => {
-                self.committed = wm;
+                self.committed = position;
                 self.shared.live.cursor.store(wm, Ordering::Relaxed);
                 if let Err(e) = self.shared.store.prune_batches(&self.shared.id, wm).await {
                     tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot prune delivery markers");
