@@ -505,7 +505,8 @@ impl Engine {
             after = last.seq;
             for r in page {
                 let seq = r.seq;
-                if !selector.accepts_record(&r.source_id, r.call_type.as_str(), r.event.as_deref()) {
+                if !selector.accepts_record(&r.source_id, r.call_type.as_str(), r.event.as_deref())
+                {
                     continue;
                 }
                 if let Some(item) = Item::from_record(r, false)

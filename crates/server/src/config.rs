@@ -274,12 +274,13 @@ impl Config {
             config.log.retention_hours = v;
         }
         if let Some(v) = env_parse::<String>(env, "TRIBUTARY_LOG_RETENTION")? {
-            let d = tributary_destinations::EngineOptions::parse_duration(&v).map_err(|message| {
-                ConfigError::Env {
-                    name: "TRIBUTARY_LOG_RETENTION".into(),
-                    message,
-                }
-            })?;
+            let d =
+                tributary_destinations::EngineOptions::parse_duration(&v).map_err(|message| {
+                    ConfigError::Env {
+                        name: "TRIBUTARY_LOG_RETENTION".into(),
+                        message,
+                    }
+                })?;
             config.log.retention = Some(d);
         }
         if let Some(v) = env_parse(env, "TRIBUTARY_LOG_MAX_BYTES")? {

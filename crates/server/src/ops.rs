@@ -76,11 +76,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
     match state.log.stats().await {
         Ok(s) => {
-            let reasons = log_degraded(
-                state.log.as_ref(),
-                chrono::Utc::now().timestamp_millis(),
-            )
-            .await;
+            let reasons =
+                log_degraded(state.log.as_ref(), chrono::Utc::now().timestamp_millis()).await;
             axum::Json(json!({
                 "status": if reasons.is_empty() { "ready" } else { "degraded" },
                 "reasons": reasons,

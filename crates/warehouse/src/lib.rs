@@ -282,7 +282,13 @@ impl Warehouse {
         let backend = Arc::new(Backend::open(&config).await?);
         let shared = Arc::new(Shared::new(log.subscribe()));
         let (stop, stop_rx) = watch::channel(false);
-        let loader = Loader::new(log.clone(), catalog, backend.clone(), config, shared.clone());
+        let loader = Loader::new(
+            log.clone(),
+            catalog,
+            backend.clone(),
+            config,
+            shared.clone(),
+        );
         let task = tokio::spawn(loader.run(stop_rx));
         Ok(Warehouse {
             backend,

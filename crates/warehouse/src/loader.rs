@@ -78,12 +78,22 @@ impl Shared {
         *self.gap.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reports records missing from the log: an error line, a counter, the status.
+    /// Reports records missing from the log: an error line, a counter, the status
+    /// (once per gap: a retried read finds the same one again).
     fn report_gap(&self, gap: Gap) {
+        if self.gap().is_some_and(|(last, _)| last == gap) {
+            return;
+        }
         metrics::counter!("tributary_log_gap_records_total", "consumer" => CONSUMER)
             .increment(gap.len());
-        tracing::error!(consumer = CONSUMER, partition = gap.partition, from = gap.from, to = gap.to,
-            records = gap.len(), "records left the event log before the warehouse loaded them");
+        tracing::error!(
+            consumer = CONSUMER,
+            partition = gap.partition,
+            from = gap.from,
+            to = gap.to,
+            records = gap.len(),
+            "records left the event log before the warehouse loaded them"
+        );
         *self.gap.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((gap, Utc::now().timestamp_millis()));
     }
@@ -404,14 +414,16 @@ impl Loader {
                 Some(a) if a.after == cursor => Some(a),
                 _ => None,
             };
+            let mut gap = None;
             let (records, prebuilt) = match ahead {
                 Some(a) => (Ok(a.records), a.batch),
                 None => (
                     read_log(self.log.as_ref(), &cursor, self.config.batch_max)
                         .await
-                        .map(|(records, gap)| {
-                            if let Some(gap) = gap {
-                                self.shared.report_gap(gap);
+                        .map(|(records, found)| {
+                            if let Some(found) = found {
+                                self.shared.report_gap(found);
+                                gap = Some(found);
                             }
                             Arc::new(records)
                         }),
@@ -429,6 +441,20 @@ impl Loader {
                 }
             };
             let Some(last) = records.last().map(|r| r.seq) else {
+                if let Some(gap) = gap {
+                    // Everything after the position is gone (reported above): the
+                    // position moves past the gap, in the warehouse's transaction.
+                    let past = LoadBatch {
+                        schemas: Vec::new(),
+                        last_seq: gap.to,
+                        loaded_at: Utc::now(),
+                    };
+                    if self.commit(past).await.is_ok() {
+                        cursor = cursor.at(gap.to);
+                        self.shared.pending_since_ms.store(0, Ordering::Release);
+                        continue;
+                    }
+                }
                 // The head moved but nothing is readable yet; look again shortly.
                 if sleep_or_stop(interval.max(Duration::from_millis(50)), &mut stop).await {
                     break;

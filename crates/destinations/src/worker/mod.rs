@@ -351,11 +351,11 @@ impl Worker {
             return;
         }
         let maybe_dup = self.recovery.maybe.remove(&seq);
-        if !self
-            .shared
-            .selector
-            .accepts_record(&r.source_id, r.call_type.as_str(), r.event.as_deref())
-        {
+        if !self.shared.selector.accepts_record(
+            &r.source_id,
+            r.call_type.as_str(),
+            r.event.as_deref(),
+        ) {
             return;
         }
         let Some(mut item) = Item::from_record(r, true) else {
@@ -618,7 +618,12 @@ impl Worker {
             return;
         }
         let position = self.committed.at(wm);
-        match self.shared.log.commit(&self.shared.consumer, &position).await {
+        match self
+            .shared
+            .log
+            .commit(&self.shared.consumer, &position)
+            .await
+        {
             Ok(()) => {
                 self.committed = position;
                 self.shared.live.cursor.store(wm, Ordering::Relaxed);

@@ -222,7 +222,8 @@ fn prune_to_size(
     max: u64,
     dropped: &AtomicU64,
 ) -> rusqlite::Result<()> {
-    const SLICE: i64 = 1_000;
+    // Small slices: the cap is met closely, not overshot by a large slice.
+    const SLICE: i64 = 100;
     let mut stalled = 0;
     let mut used = used_bytes(conn)?;
     while used > max {

@@ -30,8 +30,15 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
     let consumer = w.consumer.clone();
     for schema in &batch.schemas {
         let conn = w.schema(dir, &schema.schema).map_err(classify)?;
-        let fresh = apply_schema(conn, &consumer, schema, batch.last_seq, &loaded_at, &mut stats)
-            .map_err(classify)?;
+        let fresh = apply_schema(
+            conn,
+            &consumer,
+            schema,
+            batch.last_seq,
+            &loaded_at,
+            &mut stats,
+        )
+        .map_err(classify)?;
         all_loaded_before &= !fresh;
     }
     let state = w.state(dir).map_err(classify)?;

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tributary_eventlog::{
-    AppendStatus, CallType, EventLog, NewRecord, SqliteLog, SqliteLogConfig,
-};
+use tributary_eventlog::{AppendStatus, CallType, EventLog, NewRecord, SqliteLog, SqliteLogConfig};
 use tributary_warehouse::{QueryResult, SchemaCatalog, Warehouse, WarehouseConfig};
 
 pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -150,10 +148,7 @@ impl Harness {
             .map(|m| NewRecord {
                 source_id: source.to_string(),
                 message_id: m["messageId"].as_str().expect("messageId").to_string(),
-                call_type: m["type"]
-                    .as_str()
-                    .and_then(CallType::parse)
-                    .expect("type"),
+                call_type: m["type"].as_str().and_then(CallType::parse).expect("type"),
                 user_id: m["userId"].as_str().map(str::to_string),
                 anonymous_id: m["anonymousId"].as_str().map(str::to_string),
                 event: m
