@@ -118,16 +118,25 @@ async fn postgres_a_position_from_before_log_ids_is_adopted_only_by_its_log() {
             let wh = a.open().await;
             a.wait_loaded(&wh, last).await;
             assert_eq!(wh.lag().loaded_seq, 4);
-            let rows = pg
-                .query(
-                    &format!(
-                        "SELECT seq FROM \"{}\".loader_state WHERE consumer = 'warehouse' AND log_id = $1",
-                        a.state_schema
-                    ),
-                    &[&tributary_eventlog::EventLog::log_id(a.log.as_ref())],
-                )
-                .await
-                .expect("read state");
+            // The loader reports the log's copy at once; its own row appears once the
+            // warehouse answered.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let rows = loop {
+                let rows = pg
+                    .query(
+                        &format!(
+                            "SELECT seq FROM \"{}\".loader_state WHERE consumer = 'warehouse' AND log_id = $1",
+                            a.state_schema
+                        ),
+                        &[&tributary_eventlog::EventLog::log_id(a.log.as_ref())],
+                    )
+                    .await
+                    .expect("read state");
+                if !rows.is_empty() || std::time::Instant::now() > deadline {
+                    break rows;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            };
             assert_eq!(rows.len(), 1);
             assert_eq!(rows[0].get::<_, i64>(0), 4);
             let legacy = pg
