@@ -122,7 +122,7 @@ async fn a_new_data_dir_loads_into_a_postgres_warehouse_another_data_dir_filled(
         return;
     };
     let env = vec![
-        ("TRIBUTARY_WAREHOUSE".to_string(), url),
+        ("TRIBUTARY_WAREHOUSE".to_string(), url.clone()),
         (
             "TRIBUTARY_WAREHOUSE_INTERVAL_MS".to_string(),
             "200".to_string(),
@@ -147,6 +147,8 @@ async fn a_new_data_dir_loads_into_a_postgres_warehouse_another_data_dir_filled(
     caught_up(&s).await;
     let all: Vec<String> = first.iter().chain(&second[..25]).cloned().collect();
     assert_loaded_once(&s, &all).await;
+    drop(s);
+    crate::query_safety::drop_postgres_db(&url);
 }
 
 #[tokio::test]
@@ -206,6 +208,8 @@ async fn a_warehouse_down_longer_than_retention_loses_nothing_and_its_lag_grows(
     let r = ready(&s).await;
     assert_eq!(r["status"], "ready", "{r}");
     assert_eq!(r["warehouse"]["lag_seconds"].as_f64(), Some(0.0), "{r}");
+    drop(s);
+    crate::query_safety::drop_postgres_db(&url);
 }
 
 #[tokio::test]
@@ -303,4 +307,6 @@ async fn the_size_cap_drop_is_counted_shown_and_reported_as_a_gap() {
         ids.len() as u64,
         "every event is loaded or in the reported gap: {w} {v}"
     );
+    drop(s);
+    crate::query_safety::drop_postgres_db(&url);
 }
