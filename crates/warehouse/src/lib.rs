@@ -55,6 +55,7 @@ use crate::loader::{Loader, Shared};
 
 pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
+#[cfg(feature = "fuzz")]
 #[doc(hidden)]
 pub use crate::plan::fuzz_plan_differential;
 pub use crate::types::ColumnType;
