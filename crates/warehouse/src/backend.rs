@@ -7,40 +7,19 @@
 //! position it reads inside its transaction; failures are classified as
 //! [`LoadError::Transient`] (retry the same batch later) or [`LoadError::Permanent`]
 //! (the data is refused; the loader isolates the record).
+//!
+//! Imports go one way: this module uses `sqlite` and `postgres`, which use only
+//! `outcome` (the load contract's result types), never this module.
 
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 
 use crate::evolve::{LoadBatch, SchemaState};
+use crate::outcome::{ApplyStats, LoadError};
 use crate::postgres::PostgresBackend;
 use crate::sqlite::SqliteBackend;
 use crate::{BackendKind, QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
-
-/// Name of the loader's position in the warehouse state tables and in the log.
-pub(crate) const CONSUMER: &str = "warehouse";
-
-/// Why a load failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum LoadError {
-    /// The warehouse is unreachable, busy, full or restarting: retry later.
-    #[error("transient: {0}")]
-    Transient(String),
-    /// The warehouse refused the data or the statement: retrying will not help.
-    #[error("permanent: {0}")]
-    Permanent(String),
-}
-
-/// What a committed batch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ApplyStats {
-    /// Rows inserted (or upserted into `users`).
-    pub rows: u64,
-    /// Discards recorded.
-    pub discards: u64,
-    /// The batch had been committed before (position already past it).
-    pub already_loaded: bool,
-}
 
 /// A configured backend.
 pub(crate) enum Backend {

@@ -38,6 +38,7 @@ mod backend;
 mod evolve;
 mod loader;
 pub mod naming;
+mod outcome;
 mod plan;
 mod postgres;
 mod sqlite;

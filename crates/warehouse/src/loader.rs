@@ -34,9 +34,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tributary_eventlog::{EventLog, Record};
 
-use crate::backend::{Backend, CONSUMER, LoadError};
+use crate::backend::Backend;
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
+use crate::outcome::{CONSUMER, LoadError};
 use crate::plan::{Names, Planned, Skip, plan_record_with};
 use crate::{Lag, SchemaCatalog, WarehouseConfig};
 

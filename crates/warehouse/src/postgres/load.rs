@@ -21,9 +21,9 @@ use tokio_postgres::error::SqlState;
 
 use super::copy::{self, CopyError};
 use super::{classify, sql_type};
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
 use crate::evolve::{Discard, LoadBatch, LoadRow, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, LoadError};
 use crate::plan::TableKind;
 use crate::types::{Cell, ColumnType};
 

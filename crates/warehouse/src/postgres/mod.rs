@@ -31,9 +31,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, LoadError};
 use crate::types::{Cell, ColumnType};
 use crate::{QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
 

@@ -26,9 +26,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql};
 
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, LoadError};
 use crate::types::{Cell, ColumnType, format_timestamp, parse_timestamp};
 use crate::{QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
 

@@ -18,8 +18,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::{column_type, schema_path, stored_timestamp, table_columns};
-use crate::backend::CONSUMER;
 use crate::naming::{STATE_TABLE, quote, validate_schema_name};
+use crate::outcome::CONSUMER;
 use crate::types::ColumnType;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
 
