@@ -41,6 +41,9 @@ pub async fn health() -> impl IntoResponse {
 
 /// `GET /ready`: the log can be read; reports its head and size.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(degraded) = warehouse_degraded(&state) {
+        return degraded;
+    }
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
     match state.log.stats().await {
         Ok(s) => axum::Json(json!({
@@ -58,6 +61,33 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `/ready` while the warehouse loader is failing: 503 `degraded`, naming the
+/// warehouse's own error (events are still accepted; the log keeps them).
+fn warehouse_degraded(state: &AppState) -> Option<Response> {
+    let warehouse = state.warehouse.as_ref()?;
+    let health = warehouse.health();
+    if !health.is_failing() {
+        return None;
+    }
+    let lag = warehouse.lag();
+    let error = health.last_error.clone().unwrap_or_default();
+    Some(
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "status": "degraded",
+                "reason": format!("warehouse: {error}"),
+                "warehouse": {
+                    "lag_events": lag.events, "lag_seconds": lag.seconds,
+                    "loaded_seq": lag.loaded_seq, "retrying": lag.retrying,
+                    "health": health,
+                },
+            })),
+        )
+            .into_response(),
+    )
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -16,18 +16,33 @@
 //! rows and its position are committed together in its own transaction, after the
 //! previous one. Planning and typing of a large batch use two threads.
 //!
+//! Bounded transactions: the records read are first cut into consecutive parts that
+//! touch at most [`MAX_TABLES_PER_LOAD`] tables each (counted from the log's columns:
+//! source, call type, event name — an over-estimate, never an under-estimate), so a
+//! batch of thousands of distinct event names cannot exhaust PostgreSQL's lock table
+//! (`53200 out of shared memory`). Each part is one backend transaction that commits
+//! its rows *and the position of its last record*; the last part commits the
+//! position of the whole read. Exactly once still holds: parts are consecutive and in
+//! log order, so after a crash between two parts the stored position is the end of
+//! the last committed part and loading resumes right after it; rows at or below the
+//! position are skipped inside each transaction as before.
+//!
 //! Invariants: the position only moves after the backend committed (exactly once is
 //! the backend's transaction; see the crate docs); records are loaded in log order;
 //! a transient failure retries the same records with exponential backoff and jitter
-//! forever (until shutdown) — nothing is skipped; a permanent failure is retried once
-//! with a fresh schema, then the batch is split in halves until the refused record is
-//! alone, and that record is committed as a discard so one bad record cannot stop the
-//! pipeline. Shutdown never interrupts a commit; it only cuts a backoff short.
+//! (until shutdown) — nothing is skipped; a batch too large for the warehouse is
+//! split in halves (a single record still too large is retried as transient); a
+//! permanent failure is retried once with a fresh schema, then the batch is split in
+//! halves until the refused record is alone, and that record is committed as a
+//! discard so one bad record cannot stop the pipeline; a configuration failure
+//! (unknown database, authentication) is reported ([`crate::Warehouse::health`],
+//! `/ready`) and retried every [`CONFIG_RETRY`] instead of in a hot loop. Shutdown
+//! never interrupts a commit; it only cuts a backoff short.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -39,7 +54,16 @@ use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, pr
 use crate::naming::validate_schema_name;
 use crate::outcome::{CONSUMER, LoadError};
 use crate::plan::{Names, Planned, Skip, plan_record_with};
-use crate::{Lag, SchemaCatalog, WarehouseConfig};
+use crate::{HealthState, Lag, SchemaCatalog, WarehouseConfig, WarehouseHealth};
+
+/// Most tables one load transaction writes. PostgreSQL's shared lock table holds
+/// `max_locks_per_transaction` (default 64) × connections entries for the whole
+/// server, and creating or copying into a table takes several (table, index, TOAST):
+/// 100 tables stay far below it even beside other sessions.
+pub(crate) const MAX_TABLES_PER_LOAD: usize = 100;
+
+/// How often a configuration failure (unknown database, authentication) is retried.
+pub(crate) const CONFIG_RETRY: Duration = Duration::from_secs(60);
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
 pub(crate) struct Shared {
@@ -48,6 +72,18 @@ pub(crate) struct Shared {
     /// `received_at` (ms) of the oldest record read but not committed; 0 when none.
     pending_since_ms: AtomicI64,
     retrying: AtomicBool,
+    /// The current run of failed attempts, if the last attempt failed.
+    failure: Mutex<Option<Failure>>,
+}
+
+/// A run of failed attempts to reach or load the warehouse.
+#[derive(Debug, Clone)]
+struct Failure {
+    since: DateTime<Utc>,
+    error: String,
+    config: bool,
+    attempts: u64,
+    next_attempt: DateTime<Utc>,
 }
 
 impl Shared {
@@ -57,6 +93,60 @@ impl Shared {
             loaded_seq: AtomicU64::new(0),
             pending_since_ms: AtomicI64::new(0),
             retrying: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Records a failed attempt; the next one comes after `delay`.
+    fn failed(&self, error: &LoadError, delay: Duration) {
+        self.retrying.store(true, Ordering::Release);
+        let now = Utc::now();
+        let next_attempt = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        let f = failure.get_or_insert(Failure {
+            since: now,
+            error: String::new(),
+            config: false,
+            attempts: 0,
+            next_attempt,
+        });
+        f.error = error.to_string();
+        f.config = matches!(error, LoadError::Config(_));
+        f.attempts += 1;
+        f.next_attempt = next_attempt;
+    }
+
+    /// Records a successful attempt: the failure run is over.
+    fn succeeded(&self) {
+        self.retrying.store(false, Ordering::Release);
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub(crate) fn health(&self) -> WarehouseHealth {
+        let failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match failure {
+            None => WarehouseHealth {
+                state: HealthState::Ok,
+                failing_since: None,
+                last_error: None,
+                failed_attempts: 0,
+                next_attempt_at: None,
+            },
+            Some(f) => WarehouseHealth {
+                state: if f.config {
+                    HealthState::Failed
+                } else {
+                    HealthState::Retrying
+                },
+                failing_since: Some(crate::types::format_timestamp(&f.since)),
+                last_error: Some(f.error),
+                failed_attempts: f.attempts,
+                next_attempt_at: Some(crate::types::format_timestamp(&f.next_attempt)),
+            },
         }
     }
 
@@ -271,6 +361,8 @@ fn plan_slice(
 enum ChunkError {
     /// The warehouse refuses these records.
     Permanent(String),
+    /// These records (more than one) are too many for one transaction.
+    TooLarge(String),
     /// Shutdown was requested during a backoff.
     Stopped,
 }
@@ -424,14 +516,13 @@ impl Loader {
         loop {
             match self.backend.init().await {
                 Ok(seq) => {
-                    self.shared.retrying.store(false, Ordering::Release);
+                    self.shared.succeeded();
                     return Some(seq);
                 }
                 Err(e) => {
-                    self.shared.retrying.store(true, Ordering::Release);
-                    tracing::warn!(error = %e, attempt, "warehouse not ready; retrying");
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
-                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                    let delay = self.retry_after(&e, attempt, "warehouse not ready");
+                    if sleep_or_stop(delay, stop).await {
                         return None;
                     }
                     attempt = attempt.saturating_add(1);
@@ -450,8 +541,15 @@ impl Loader {
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut prebuilt = prebuilt;
-        let mut chunks: VecDeque<Range<usize>> = VecDeque::new();
-        chunks.push_back(0..records.len());
+        let mut chunks = split_by_tables(&records, MAX_TABLES_PER_LOAD);
+        if chunks.len() > 1 {
+            tracing::info!(
+                records = records.len(),
+                parts = chunks.len(),
+                max_tables = MAX_TABLES_PER_LOAD,
+                "batch touches many tables; loading it in parts"
+            );
+        }
         while let Some(chunk) = chunks.pop_front() {
             match self
                 .load_chunk(&records, chunk.clone(), prebuilt.take(), stop)
@@ -459,6 +557,12 @@ impl Loader {
             {
                 Ok(()) => {}
                 Err(ChunkError::Stopped) => return false,
+                Err(ChunkError::TooLarge(e)) => {
+                    tracing::warn!(error = %e, records = chunk.len(), "batch too large for the warehouse; splitting it");
+                    let mid = chunk.start + chunk.len() / 2;
+                    chunks.push_front(mid..chunk.end);
+                    chunks.push_front(chunk.start..mid);
+                }
                 Err(ChunkError::Permanent(e)) if chunk.len() > 1 => {
                     tracing::warn!(error = %e, records = chunk.len(), "warehouse refused a batch; isolating the record");
                     let mid = chunk.start + chunk.len() / 2;
@@ -503,12 +607,17 @@ impl Loader {
             };
             match result {
                 Ok(()) => return Ok(()),
-                Err(LoadError::Transient(e)) => {
+                Err(LoadError::TooLarge(e)) if chunk.len() > 1 => {
                     self.known.clear();
-                    self.shared.retrying.store(true, Ordering::Release);
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
-                    let delay = backoff(attempt, jitter());
-                    tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "warehouse load failed; retrying");
+                    return Err(ChunkError::TooLarge(e));
+                }
+                Err(
+                    e @ (LoadError::Transient(_) | LoadError::TooLarge(_) | LoadError::Config(_)),
+                ) => {
+                    self.known.clear();
+                    metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    let delay = self.retry_after(&e, attempt, "warehouse load failed");
                     if sleep_or_stop(delay, stop).await {
                         return Err(ChunkError::Stopped);
                     }
@@ -598,7 +707,7 @@ impl Loader {
             adopt(&mut self.known, &changes);
         }
         self.shared.loaded_seq.store(last_seq, Ordering::Release);
-        self.shared.retrying.store(false, Ordering::Release);
+        self.shared.succeeded();
         metrics::counter!("tributary_warehouse_rows_loaded_total").increment(stats.rows);
         metrics::counter!("tributary_warehouse_discards_total").increment(stats.discards);
         metrics::histogram!("tributary_warehouse_batch_seconds")
@@ -609,6 +718,25 @@ impl Loader {
             tracing::debug!(error = %e, "could not record the warehouse position in the log");
         }
         Ok(())
+    }
+
+    /// Records a failed attempt (health, log) and returns how long to wait before the
+    /// next: backoff with jitter, or [`CONFIG_RETRY`] for a configuration failure,
+    /// which is logged as an error naming the cause.
+    fn retry_after(&self, e: &LoadError, attempt: u32, what: &str) -> Duration {
+        let delay = match e {
+            LoadError::Config(_) => CONFIG_RETRY,
+            _ => backoff(attempt, jitter()),
+        };
+        self.shared.failed(e, delay);
+        let delay_ms = delay.as_millis() as u64;
+        match e {
+            LoadError::Config(_) => {
+                tracing::error!(error = %e, attempt, delay_ms, "{what}: the warehouse configuration must be fixed; retrying slowly")
+            }
+            _ => tracing::warn!(error = %e, attempt, delay_ms, "{what}; retrying"),
+        }
+        delay
     }
 
     /// Commits a record the warehouse refuses as a discard (so the loader moves on).
@@ -630,8 +758,8 @@ impl Loader {
                 Ok(()) => return true,
                 Err(e) => {
                     self.known.clear();
-                    tracing::warn!(error = %e, "could not record a refused record; retrying");
-                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                    let delay = self.retry_after(&e, attempt, "could not record a refused record");
+                    if sleep_or_stop(delay, stop).await {
                         return false;
                     }
                     attempt = attempt.saturating_add(1);
@@ -639,6 +767,43 @@ impl Loader {
             }
         }
     }
+}
+
+/// Cuts `records` into consecutive ranges that each write at most `max` tables
+/// (a range of one record is never cut further). A record's tables are counted from
+/// its log columns by (source, call type, event name): sources sharing a schema and
+/// event names that name one table are counted apart, so the count is never below
+/// the real one.
+fn split_by_tables(records: &[Record], max: usize) -> VecDeque<Range<usize>> {
+    let mut out = VecDeque::new();
+    let mut tables: HashSet<(&str, &str, &str)> = HashSet::new();
+    let mut start = 0;
+    for (i, r) in records.iter().enumerate() {
+        let source = r.source_id.as_str();
+        let keys: [(&str, &str, &str); 2] = match r.call_type.as_str() {
+            "track" => [
+                (source, "tracks", ""),
+                (source, "event", r.event.as_deref().unwrap_or("")),
+            ],
+            "identify" => [(source, "identifies", ""), (source, "users", "")],
+            other => [(source, other, ""), (source, other, "")],
+        };
+        // Every schema also gets its discards table.
+        let mut keys = vec![keys[0], keys[1], (source, "tributary_discards", "")];
+        keys.sort_unstable();
+        keys.dedup();
+        let new = keys.iter().filter(|k| !tables.contains(*k)).count();
+        if i > start && tables.len() + new > max {
+            out.push_back(start..i);
+            start = i;
+            tables.clear();
+        }
+        tables.extend(keys);
+    }
+    if start < records.len() {
+        out.push_back(start..records.len());
+    }
+    out
 }
 
 /// Reads up to `max` records after `cursor`.
