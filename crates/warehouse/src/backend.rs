@@ -89,7 +89,20 @@ impl Backend {
     pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
         match self {
             Backend::Sqlite(b) => b.apply(batch).await,
-            Backend::Postgres(b) => b.apply(batch).await,
+            Backend::Postgres(b) => b.apply(batch, false).await,
+        }
+    }
+
+    /// Commits the rows of a batch ahead of the position, without moving it (the
+    /// loader's express lane). `None` when the backend has no such lane (SQLite: a
+    /// new table costs no fsync there, so a large batch does not hold others up).
+    pub(crate) async fn apply_ahead(
+        &self,
+        batch: LoadBatch,
+    ) -> Option<Result<ApplyStats, LoadError>> {
+        match self {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.apply(batch, true).await),
         }
     }
 

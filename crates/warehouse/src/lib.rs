@@ -22,7 +22,11 @@
 //! it, so a crash, a retry or a second loader never loads a record twice; `id`
 //! (messageId) is the primary key and rows are inserted only if absent, a second guard
 //! that also collapses messages repeated beyond the log's dedupe window. `users` is
-//! upserted only from `identifies` rows that were actually inserted.
+//! upserted only from `identifies` rows that were actually inserted. A read that
+//! touches more than 100 tables is committed in consecutive parts, each with its own
+//! position; on PostgreSQL the other schemas' records may meanwhile be committed
+//! ahead of the position (module `loader`, express lane), relying on that second
+//! guard, and are committed again as no-ops when the position reaches them.
 //!
 //! Limits: identifiers are at most 63 bytes ([`naming`]), a table gets at most
 //! [`MAX_COLUMNS`] columns and a schema at most [`MAX_TABLES`] tables; what does not

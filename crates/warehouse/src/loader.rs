@@ -27,6 +27,14 @@
 //! the last committed part and loading resumes right after it; rows at or below the
 //! position are skipped inside each transaction as before.
 //!
+//! Express lane (PostgreSQL): while such a large read is loaded part by part, after
+//! each part the records of the *other* schemas (those not making the read large),
+//! later in the read or newly appended, are committed ahead of the position without
+//! moving it (see [`Loader::express`]), so other sources keep loading within seconds
+//! while one source's thousands of new tables are created. Exactly once for them
+//! rests on the second guard (`id` inserted only if absent): the regular pass commits
+//! them again as no-ops when the position reaches them.
+//!
 //! Invariants: the position only moves after the backend committed (exactly once is
 //! the backend's transaction; see the crate docs); records are loaded in log order;
 //! a transient failure retries the same records with exponential backoff and jitter
@@ -176,12 +184,16 @@ impl Shared {
     }
 }
 
-/// Delay before retry number `attempt` (0-based): 250 ms doubling to 30 s, "equal
-/// jitter" (half fixed, half scaled by `jitter` ∈ [0, 1)).
+/// Delay before retry number `attempt` (0-based): model's backoff rule
+/// ([`tributary_model::backoff::delay`]), from 250 ms doubling to a 30 s ceiling, full
+/// jitter by `jitter` ∈ [0, 1).
 pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let base_ms = 250u64.saturating_mul(1u64 << attempt.min(20)).min(30_000);
-    let half = base_ms / 2;
-    Duration::from_millis(half + (half as f64 * jitter.clamp(0.0, 1.0)) as u64)
+    tributary_model::backoff::delay(
+        attempt.saturating_add(1),
+        Duration::from_millis(250),
+        Duration::from_secs(30),
+        jitter,
+    )
 }
 
 fn jitter() -> f64 {
@@ -550,12 +562,24 @@ impl Loader {
                 "batch touches many tables; loading it in parts"
             );
         }
+        // Schemas that make this read large; the others may take the express lane.
+        let express = chunks.len() > 1 && self.backend.kind() == crate::BackendKind::Postgres;
+        let heavy = express.then(|| heavy_schemas(self.catalog.as_ref(), &records));
+        let mut expressed = 0u64;
         while let Some(chunk) = chunks.pop_front() {
             match self
                 .load_chunk(&records, chunk.clone(), prebuilt.take(), stop)
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(heavy) = &heavy
+                        && !chunks.is_empty()
+                        && !stopped(stop)
+                    {
+                        let after = records[chunk.end - 1].seq.max(expressed);
+                        expressed = self.express(&records, after, heavy).await;
+                    }
+                }
                 Err(ChunkError::Stopped) => return false,
                 Err(ChunkError::TooLarge(e)) => {
                     tracing::warn!(error = %e, records = chunk.len(), "batch too large for the warehouse; splitting it");
@@ -577,6 +601,76 @@ impl Loader {
             }
         }
         true
+    }
+
+    /// The express lane: while a large read is loaded part by part, the records of
+    /// the other schemas after `after` — in the rest of the read and newly appended to
+    /// the log — are committed ahead of the position ([`Backend::apply_ahead`]), at most
+    /// one bounded part at a time, so one source's flood of event names does not hold
+    /// up every other source for the minutes its table creations take. The position
+    /// does not move: the regular pass commits those records again, in order, as
+    /// no-ops (rows go in only if their `id` is absent; discards follow inserted rows),
+    /// so exactly once holds. Records of a schema are expressed only after every
+    /// earlier record of it was committed (the part before), so `users` still sees
+    /// each schema's identifies in log order. A failure here is only logged: the
+    /// regular pass loads the records anyway. Returns the highest seq considered.
+    async fn express(&mut self, records: &[Record], after: u64, heavy: &HashSet<String>) -> u64 {
+        let read_end = records.last().map_or(after, |r| r.seq);
+        let mut candidates: Vec<Record> =
+            records.iter().filter(|r| r.seq > after).cloned().collect();
+        let from = after.max(read_end);
+        if let Ok(more) = self.log.read(from, self.config.batch_max).await {
+            candidates.extend(more);
+        }
+        let Some(last) = candidates.last().map(|r| r.seq) else {
+            return after;
+        };
+        let mut schemas: HashMap<String, Option<String>> = HashMap::new();
+        let mut light: Vec<Record> = Vec::new();
+        for r in candidates {
+            let schema = schemas
+                .entry(r.source_id.clone())
+                .or_insert_with(|| schema_of(self.catalog.as_ref(), &r));
+            if schema.as_ref().is_some_and(|s| !heavy.contains(s)) {
+                light.push(r);
+            }
+        }
+        let considered = match split_by_tables(&light, MAX_TABLES_PER_LOAD).pop_front() {
+            None => return last,
+            Some(first) if first.end < light.len() => {
+                light.truncate(first.end);
+                light[first.end - 1].seq
+            }
+            Some(_) => last,
+        };
+        let n = light.len();
+        let batch = match self.build(Arc::new(light), 0..n).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.known.clear();
+                tracing::debug!(error = %e, "express lane: cannot build; the regular pass will load these records");
+                return after;
+            }
+        };
+        let changes = schema_changes(&batch);
+        match self.backend.apply_ahead(batch).await {
+            None => u64::MAX,
+            Some(Ok(stats)) => {
+                adopt(&mut self.known, &changes);
+                metrics::counter!("tributary_warehouse_rows_loaded_total").increment(stats.rows);
+                tracing::debug!(
+                    records = n,
+                    rows = stats.rows,
+                    "express lane: committed ahead of a large batch"
+                );
+                considered
+            }
+            Some(Err(e)) => {
+                self.known.clear();
+                tracing::debug!(error = %e, "express lane failed; the regular pass will load these records");
+                after
+            }
+        }
     }
 
     /// Loads one chunk, retrying transient failures. A `prebuilt` batch is used for the
@@ -806,6 +900,30 @@ fn split_by_tables(records: &[Record], max: usize) -> VecDeque<Range<usize>> {
     out
 }
 
+/// The schemas that write more than a quarter of [`MAX_TABLES_PER_LOAD`] tables in
+/// `records` (counted as [`split_by_tables`] counts): the ones that make a read large.
+fn heavy_schemas(catalog: &dyn SchemaCatalog, records: &[Record]) -> HashSet<String> {
+    let mut by_source: HashMap<&str, HashSet<(&str, &str)>> = HashMap::new();
+    for r in records {
+        let tables = by_source.entry(r.source_id.as_str()).or_default();
+        match r.call_type.as_str() {
+            "track" => tables.insert(("event", r.event.as_deref().unwrap_or(""))),
+            other => tables.insert((other, "")),
+        };
+    }
+    let mut tables_per_schema: HashMap<String, usize> = HashMap::new();
+    for (source, tables) in by_source {
+        if let Some(schema) = catalog.schema_for(source) {
+            *tables_per_schema.entry(schema).or_default() += tables.len();
+        }
+    }
+    tables_per_schema
+        .into_iter()
+        .filter(|(_, n)| *n > MAX_TABLES_PER_LOAD / 4)
+        .map(|(schema, _)| schema)
+        .collect()
+}
+
 /// Reads up to `max` records after `cursor`.
 async fn read_log(
     log: &dyn EventLog,
@@ -987,13 +1105,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
-        assert_eq!(backoff(0, 0.0), Duration::from_millis(125));
+        assert_eq!(backoff(0, 0.0), Duration::from_millis(250));
         assert_eq!(backoff(0, 1.0), Duration::from_millis(250));
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(250));
-        assert_eq!(backoff(2, 0.5), Duration::from_millis(750));
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(500));
+        assert_eq!(backoff(2, 0.5), Duration::from_millis(625));
         for attempt in [7, 8, 20, 63, u32::MAX] {
-            assert!(backoff(attempt, 1.0) <= Duration::from_secs(30));
-            assert!(backoff(attempt, 0.0) >= Duration::from_secs(15));
+            assert_eq!(backoff(attempt, 1.0), Duration::from_secs(30));
+            assert_eq!(backoff(attempt, 0.0), Duration::from_millis(250));
         }
     }
 

@@ -9,6 +9,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod poison;
 mod sdk;
 mod tracking;
 mod warehouse;

@@ -13,6 +13,12 @@
 //! `COALESCE(EXCLUDED.c, u.c)` so later non-null traits win and nulls never erase;
 //! discards of inserted rows are copied into `tributary_discards`; finally the
 //! position moves and everything commits at once.
+//!
+//! Ahead (the loader's express lane for schemas stuck behind another schema's large
+//! batch): the position is read without locking and not moved, nothing is skipped
+//! as already loaded, and schema-level discards (table cap) are left to the regular
+//! pass; rows go in only if their `id` is absent, as always, so when the regular pass
+//! reaches these records it inserts nothing and records no discard twice.
 
 use std::collections::HashSet;
 
@@ -33,11 +39,13 @@ pub(super) async fn apply(
     client: &mut deadpool_postgres::Object,
     state: &str,
     batch: &LoadBatch,
+    ahead: bool,
 ) -> Result<ApplyStats, LoadError> {
     let tx = client.transaction().await.map_err(classify)?;
+    let lock = if ahead { "" } else { " FOR UPDATE" };
     let position: i64 = tx
         .query_one(
-            &format!("SELECT seq FROM {state}.loader_state WHERE consumer = $1 FOR UPDATE"),
+            &format!("SELECT seq FROM {state}.loader_state WHERE consumer = $1{lock}"),
             &[&CONSUMER],
         )
         .await
@@ -45,7 +53,7 @@ pub(super) async fn apply(
         .get(0);
     let position = position.max(0) as u64;
     let mut stats = ApplyStats::default();
-    if position >= batch.last_seq {
+    if !ahead && position >= batch.last_seq {
         tx.rollback().await.map_err(classify)?;
         stats.already_loaded = !batch.schemas.is_empty();
         return Ok(stats);
@@ -132,7 +140,9 @@ pub(super) async fn apply(
                 }
             }
         }
-        discards.extend(load.discards.iter().filter(|d| d.seq > position).cloned());
+        if !ahead {
+            discards.extend(load.discards.iter().filter(|d| d.seq > position).cloned());
+        }
         if !discards.is_empty() {
             stats.discards += discards.len() as u64;
             let columns = discard_columns();
@@ -162,14 +172,16 @@ pub(super) async fn apply(
             .await?;
         }
     }
-    tx.execute(
-        &format!(
-            "UPDATE {state}.loader_state SET seq = $2, updated_at = now() WHERE consumer = $1"
-        ),
-        &[&CONSUMER, &(batch.last_seq as i64)],
-    )
-    .await
-    .map_err(classify)?;
+    if !ahead {
+        tx.execute(
+            &format!(
+                "UPDATE {state}.loader_state SET seq = $2, updated_at = now() WHERE consumer = $1"
+            ),
+            &[&CONSUMER, &(batch.last_seq as i64)],
+        )
+        .await
+        .map_err(classify)?;
+    }
     tx.commit().await.map_err(classify)?;
     Ok(stats)
 }

@@ -354,9 +354,16 @@ impl PostgresBackend {
         Ok(state)
     }
 
-    pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
+    /// Commits a batch and the position `batch.last_seq`; with `ahead`, commits only
+    /// rows whose `id` is absent and leaves the position alone (module `loader`'s
+    /// express lane: the same records are committed again, as no-ops, in order).
+    pub(crate) async fn apply(
+        &self,
+        batch: LoadBatch,
+        ahead: bool,
+    ) -> Result<ApplyStats, LoadError> {
         let mut client = self.load_pool.get().await.map_err(pool_error)?;
-        let result = load::apply(&mut client, &self.state(), &batch).await;
+        let result = load::apply(&mut client, &self.state(), &batch, ahead).await;
         if matches!(result, Err(LoadError::Transient(_))) {
             // The session may be broken; do not return it to the pool.
             let _ = deadpool_postgres::Object::take(client);
