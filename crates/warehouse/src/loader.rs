@@ -1116,6 +1116,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_many_event_names_is_cut_into_parts_of_bounded_tables() {
+        let record = |seq: u64, source: &str, event: &str| Record {
+            seq,
+            source_id: source.into(),
+            message_id: format!("m-{seq}"),
+            call_type: "track".into(),
+            event: Some(event.into()),
+            received_at_ms: 1_800_000_000_000,
+            payload: String::new(),
+        };
+        // One event name, many records: one part.
+        let same: Vec<Record> = (1..=5000).map(|i| record(i, "a", "Order")).collect();
+        assert_eq!(split_by_tables(&same, 100), VecDeque::from([0..5000]));
+        // 2,500 names: consecutive parts, each within 100 tables, covering everything.
+        let many: Vec<Record> = (1..=2500)
+            .map(|i| record(i, "a", &format!("E{i}")))
+            .collect();
+        let parts = split_by_tables(&many, 100);
+        assert!(parts.len() >= 25, "{parts:?}");
+        let mut next = 0;
+        for p in &parts {
+            assert_eq!(p.start, next);
+            next = p.end;
+            // tracks + tributary_discards + one table per name.
+            assert!(p.len() + 2 <= 100, "{p:?}");
+        }
+        assert_eq!(next, many.len());
+        assert!(split_by_tables(&[], 100).is_empty());
+    }
+
+    #[test]
     fn a_refused_record_becomes_a_discard_that_moves_the_position() {
         let record = Record {
             seq: 42,

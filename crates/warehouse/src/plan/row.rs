@@ -9,8 +9,6 @@ use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use tributary_model::flatten::array_text;
-
 use super::parse::Object;
 use super::text::FlattenText;
 use super::{Name, Names, PlannedRow, TableKind, Unplanned};
@@ -167,11 +165,12 @@ impl RowBuilder {
         names.path = path;
     }
 
-    /// Adds one column per leaf of `object`, as
-    /// [`tributary_model::flatten::flatten_owned`] joins and orders them (depth first,
-    /// keys joined with `_`, arrays as JSON text, empty objects nothing), with each
-    /// joined path named once per batch through `names`.
-    pub(super) fn flatten(
+    /// Adds one column per leaf of `object` by model's one flattening rule
+    /// ([`tributary_model::flatten::flatten_owned`]: depth first, keys joined with `_`,
+    /// arrays as JSON text, empty objects nothing), each joined path named once per
+    /// batch through `names`. The text path (module `text`) is held equal to this
+    /// rule by the planner's proptests.
+    fn flatten(
         &mut self,
         object: Map<String, Value>,
         prefix: &str,
@@ -179,35 +178,10 @@ impl RowBuilder {
         names: &mut Names,
     ) {
         let fixed = self.fixed;
-        let mut path = std::mem::take(&mut names.path);
-        path.clear();
-        path.push_str(prefix);
-        let mut stack: Vec<(usize, serde_json::map::IntoIter)> =
-            vec![(path.len(), object.into_iter())];
-        while let Some((len, iter)) = stack.last_mut() {
-            let Some((key, value)) = iter.next() else {
-                stack.pop();
-                continue;
-            };
-            path.truncate(*len);
-            if !path.is_empty() {
-                path.push('_');
-            }
-            path.push_str(&key);
-            let leaf = match value {
-                Value::Object(child) => {
-                    if !child.is_empty() {
-                        stack.push((path.len(), child.into_iter()));
-                    }
-                    continue;
-                }
-                Value::Array(_) => Value::String(array_text(&value)),
-                scalar => scalar,
-            };
+        for (path, leaf) in tributary_model::flatten::flatten_owned(object, prefix) {
             let col = names.column(fixed, is_context, &path);
             self.row.values.push((Name::Shared(col), leaf));
         }
-        names.path = path;
     }
 
     /// Resolves keys that snake-cased to the same column: the first non-null value is

@@ -420,6 +420,31 @@ fn text() -> impl proptest::strategy::Strategy<Value = Text> {
     })
 }
 
+/// A JSON object whose keys are distinct lowercase words (no `_`, so no two paths
+/// join or snake-case to one column): what model's rule and the text path must
+/// flatten to the same leaves.
+fn plain_object() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        "\\PC{0,8}".prop_map(Value::from),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    proptest::collection::btree_map("[a-z]{1,4}", value, 0..6)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
 proptest::proptest! {
     /// The fast path (objects flattened straight from the text) plans every
     /// message exactly as the general parse does, repeated keys included.
@@ -444,6 +469,38 @@ proptest::proptest! {
         proptest::prop_assert!(Msg::parse_general(&payload).is_ok(), "{}", payload);
         let compared = fuzz_plan_differential(&payload);
         proptest::prop_assert!(compared.is_ok(), "{:?}", compared);
+    }
+
+    /// The fast path flattens `properties` straight from its text to exactly the
+    /// leaves of model's one rule (`tributary_model::flatten::flatten_owned`), each
+    /// under the column naming gives its joined path.
+    #[test]
+    fn the_text_path_flattens_by_models_rule(properties in plain_object()) {
+        let payload = format!(
+            r#"{{"type":"track","messageId":"m1","event":"E","properties":{properties}}}"#
+        );
+        let mut r = record(1, json!({}));
+        r.payload = payload.clone();
+        let mut rows = Vec::new();
+        plan_record_with(&r, "2026-11-27T05:10:54.000Z", &mut Names::default(), &mut rows)
+            .expect("planned");
+        let event = &rows[1].row;
+        let fixed = TableKind::Event.fixed_columns();
+        let got: Vec<(String, Value)> = event.values[fixed.len()..]
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        // The object as serde_json reads its text (floats may not round-trip exactly).
+        let map: serde_json::Map<String, Value> =
+            serde_json::from_str(&properties.to_string()).expect("an object");
+        let want: Vec<(String, Value)> = tributary_model::flatten::flatten_owned(map, "")
+            .into_iter()
+            .map(|(path, v)| {
+                let col = crate::naming::column_name_by(&path, |n| fixed.iter().any(|(f, _)| *f == n), false);
+                (col, v)
+            })
+            .collect();
+        proptest::prop_assert_eq!(got, want, "{}", payload);
     }
 }
 
