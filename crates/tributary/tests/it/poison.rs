@@ -98,10 +98,11 @@ async fn postgres_batches_of_thousands_of_event_names_do_not_wedge_the_warehouse
     poison_batch(&s, &poison, "Poison A", 2500).await;
     let after_one = other_source_latency(&s, &healthy, "ok-1").await;
     println!("healthy source latency: {warm:?} before, {after_one:?} behind 2,500 event names");
-    // Bounded by the table creations ahead of it (PostgreSQL fsyncs each new primary
-    // key index: ~10 ms a table on an idle disk, more on a busy one), not wedged.
+    // The healthy schema takes the express lane: it waits for at most one part of
+    // the poison batch (100 tables), not for all 2,500 table creations (PostgreSQL
+    // fsyncs each new primary key index: 10–50 ms a table on this machine).
     assert!(
-        after_one < Duration::from_secs(100),
+        after_one < Duration::from_secs(30),
         "the healthy source waited {after_one:?} behind one poison batch\n{}",
         s.log()
     );
@@ -123,7 +124,7 @@ async fn postgres_batches_of_thousands_of_event_names_do_not_wedge_the_warehouse
     let after_three = other_source_latency(&s, &healthy, "ok-2").await;
     println!("healthy source latency behind 7,500 event names: {after_three:?}");
     assert!(
-        after_three < Duration::from_secs(150),
+        after_three < Duration::from_secs(30),
         "the healthy source waited {after_three:?} behind three poison batches"
     );
     let ready = position_passes_everything(&s).await;
@@ -153,9 +154,6 @@ async fn postgres_batches_of_thousands_of_event_names_do_not_wedge_the_warehouse
     // Every event name has its table or its row in discards: nothing lost.
     let event_tables = tables - 2; // tracks, tributary_discards
     assert_eq!(event_tables + discarded, 7500);
-    let (st, w) = s.admin(Method::GET, "/warehouse", None).await;
-    assert_eq!(st, 200, "{w}");
-    assert_eq!(w["health"]["state"], "ok", "{w}");
 }
 
 #[tokio::test]
