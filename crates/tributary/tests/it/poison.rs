@@ -59,20 +59,24 @@ async fn other_source_latency(s: &Server, key: &str, id: &str) -> Duration {
 /// Waits until the loader's position is the log's head (nothing left behind, nothing
 /// retried for ever) and returns `/ready`'s body.
 async fn position_passes_everything(s: &Server) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = Value::Null;
     loop {
         let r = client().get(format!("{}/ready", s.url)).send().await;
         if let Ok(r) = r
-            && r.status() == 200
             && let Ok(v) = r.json::<Value>().await
-            && v["warehouse"]["lag_events"] == 0
-            && v["warehouse"]["loaded_seq"] == v["log"]["head"]
         {
-            return v;
+            if v["status"] == "ready"
+                && v["warehouse"]["lag_events"] == 0
+                && v["warehouse"]["loaded_seq"] == v["log"]["head"]
+            {
+                return v;
+            }
+            last = v;
         }
         assert!(
             Instant::now() < deadline,
-            "the loader never passed the poison batches\n{}",
+            "the loader never passed the poison batches; /ready: {last}\n{}",
             s.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
