@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 
 use crate::evolve::{LoadBatch, SchemaState};
-use crate::outcome::{ApplyStats, LoadError};
+use crate::outcome::{ApplyStats, Claim, LoadError};
 use crate::postgres::PostgresBackend;
 use crate::sqlite::SqliteBackend;
 use crate::{BackendKind, QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
@@ -69,11 +69,13 @@ impl Backend {
         }
     }
 
-    /// Prepares the state tables and returns the loader's committed position.
-    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
+    /// Prepares the state tables and returns the loader's committed position in the
+    /// claimed log (adopting a pre-migration row if [`Claim::adopts_legacy`]); later
+    /// [`Backend::apply`] calls commit positions of that log.
+    pub(crate) async fn init(&self, claim: &Claim) -> Result<u64, LoadError> {
         match self {
-            Backend::Sqlite(b) => b.init().await,
-            Backend::Postgres(b) => b.init().await,
+            Backend::Sqlite(b) => b.init(claim).await,
+            Backend::Postgres(b) => b.init(claim).await,
         }
     }
 
@@ -85,7 +87,8 @@ impl Backend {
         }
     }
 
-    /// Commits a batch and the loader position `batch.last_seq`.
+    /// Commits a batch and the loader position `batch.last_seq` (of the log claimed
+    /// by [`Backend::init`]).
     pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
         match self {
             Backend::Sqlite(b) => b.apply(batch).await,
@@ -145,6 +148,7 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::StateKey;
 
     #[test]
     fn parses_warehouse_urls() {
@@ -166,5 +170,27 @@ mod tests {
         assert!(parse_url("sqlite://").is_err());
         assert!(parse_url("mysql://db").is_err());
         assert!(parse_url("").is_err());
+    }
+
+    #[test]
+    fn a_pre_migration_position_is_adopted_only_by_the_log_that_wrote_it() {
+        let claim = |head, hint| Claim {
+            key: StateKey {
+                log_id: "l".into(),
+                partition: 0,
+            },
+            head,
+            hint,
+        };
+        // The log that loaded up to 500 (its copy may lag one batch).
+        assert!(claim(800, 500).adopts_legacy(500));
+        assert!(claim(800, 400).adopts_legacy(500));
+        // A new log: no copy of the position, or a head below the row.
+        assert!(!claim(0, 0).adopts_legacy(500));
+        assert!(!claim(800, 0).adopts_legacy(500));
+        assert!(!claim(300, 300).adopts_legacy(500));
+        // A log whose copy is past the row loaded elsewhere since.
+        assert!(!claim(800, 600).adopts_legacy(500));
+        assert_eq!(claim(1, 1).key.sqlite_consumer(), "warehouse@l/0");
     }
 }

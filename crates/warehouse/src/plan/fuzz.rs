@@ -15,8 +15,10 @@ pub fn fuzz_plan_differential(payload: &str) -> Result<(), String> {
         seq: 1,
         source_id: "src".into(),
         message_id: "m".into(),
-        call_type: "track".into(),
+        call_type: tributary_eventlog::CallType::Track,
         event: None,
+        user_id: None,
+        anonymous_id: None,
         received_at_ms: 1_800_000_000_000,
         payload: payload.into(),
     };
