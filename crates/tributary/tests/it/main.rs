@@ -9,6 +9,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod poison;
 mod query_safety;
 mod retention;
 mod sdk;

@@ -30,8 +30,8 @@ use tokio_postgres::types::{FromSql, Type};
 
 use super::column_type;
 use super::query_role::{QueryRole, check_session};
-use crate::backend::CONSUMER;
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::CONSUMER;
 use crate::query::guard::StatementKind;
 use crate::query::{Budget, Limits, cell_cap, cut_str};
 use crate::types::format_timestamp;
