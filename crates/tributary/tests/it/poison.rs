@@ -90,7 +90,7 @@ async fn postgres_batches_of_thousands_of_event_names_do_not_wedge_the_warehouse
         return;
     };
     let s = Server::start_with(vec![
-        ("TRIBUTARY_WAREHOUSE".into(), url),
+        ("TRIBUTARY_WAREHOUSE".into(), url.clone()),
         ("TRIBUTARY_WAREHOUSE_INTERVAL_MS".into(), "200".into()),
     ]);
     let (poison, _) = key_id(&s.create_source("http", "Poison", "poison").await);
@@ -168,6 +168,8 @@ async fn postgres_batches_of_thousands_of_event_names_do_not_wedge_the_warehouse
         count(&s, "select count(*) from healthy.tributary_discards").await,
         Some(0)
     );
+    drop(s);
+    crate::query_safety::drop_postgres_db(&url);
 }
 
 #[tokio::test]
