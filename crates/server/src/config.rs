@@ -38,6 +38,8 @@ pub struct Config {
     pub warehouse: WarehouseSection,
     /// Destinations.
     pub destinations: DestinationsSection,
+    /// Connection timeouts and limits (`[http]`, `TRIBUTARY_HTTP_<FIELD>`).
+    pub http: crate::conn::HttpConfig,
 }
 
 /// Size limits of the Tracking API (segment-spec §1.3).
@@ -108,6 +110,7 @@ impl Default for Config {
             log: LogConfig::default(),
             warehouse: WarehouseSection::default(),
             destinations: DestinationsSection::default(),
+            http: crate::conn::HttpConfig::default(),
         }
     }
 }
@@ -277,6 +280,7 @@ impl Config {
                     message: format!("{v:?} is not a duration (e.g. 500ms, 1s)"),
                 })?;
         }
+        config.http.apply_env(env)?;
         if config.limits.max_inflight_bytes < config.limits.max_batch_bytes {
             return Err(ConfigError::Invalid(
                 "limits.max_inflight_bytes must be at least limits.max_batch_bytes".into(),

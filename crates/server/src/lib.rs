@@ -8,9 +8,11 @@
 //! complete), flushes control state and closes the log — so every request that got
 //! a 200 is durable, and no request is cut off between append and answer.
 
+pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
@@ -20,7 +22,6 @@ pub mod warehouse_api;
 pub mod webhook;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,8 +51,12 @@ pub struct AppState {
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
     /// Bytes of request bodies that ingest may hold at once (see
     /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
-    /// gets 429.
+    /// gets 429. Requests whose write key was checked before their body draw on it.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    /// The body budget of requests whose key can only be in the body: another
+    /// quarter of `max_inflight_bytes`, kept apart so that unauthenticated bodies
+    /// never take the room of authenticated ones.
+    pub keyless_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -66,6 +71,7 @@ impl AppState {
             .limits
             .max_inflight_bytes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let keyless = budget / 4;
         AppState {
             config,
             control,
@@ -74,6 +80,7 @@ impl AppState {
             destinations: None,
             warehouse: None,
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+            keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         }
     }
 }
@@ -229,13 +236,9 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
     let app = router(state.clone());
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving")?;
+    conn::serve_http(listener, app, state.config.http.clone(), shutdown)
+        .await
+        .context("serving")?;
     tracing::info!("shutting down: flushing state and closing the event log");
     flusher.abort();
     if let Some(d) = &state.destinations {
