@@ -355,3 +355,60 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn answer(e: ApiError) -> (StatusCode, serde_json::Value) {
+        let resp = e.into_response();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_warehouse_outage_names_the_warehouse_not_the_event_log() {
+        let e = ApiError::from(tributary_warehouse::WarehouseError::Unavailable(
+            "connection refused".into(),
+        ));
+        let (status, body) = answer(e).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["code"], "warehouse_unavailable");
+        let m = body["message"].as_str().unwrap();
+        assert!(m.contains("warehouse"), "{m}");
+        assert!(!m.contains("event log"), "{m}");
+        assert!(!m.contains("refused"), "internal detail leaked: {m}");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_under_the_control_store_is_507_storage_full() {
+        let e = ApiError::from(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        ));
+        let (status, body) = answer(e).await;
+        assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(body["code"], "storage_full");
+        assert!(body["message"].as_str().unwrap().contains("control store"));
+    }
+
+    #[tokio::test]
+    async fn each_store_outage_has_its_own_code() {
+        let mut codes = Vec::new();
+        for store in [
+            Store::EventLog,
+            Store::Control,
+            Store::Warehouse,
+            Store::Destinations,
+        ] {
+            let (status, body) = answer(ApiError::unavailable(store, "x")).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            codes.push(body["code"].as_str().unwrap().to_string());
+        }
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), 4, "{codes:?}");
+    }
+}

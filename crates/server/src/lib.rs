@@ -16,6 +16,7 @@ pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod files;
 pub mod ingest;
 pub mod ops;
 pub mod warehouse_api;
@@ -54,8 +55,8 @@ pub struct AppState {
     /// gets 429. Requests whose write key was checked before their body draw on it.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
     /// The body budget of requests whose key can only be in the body: another
-    /// quarter of `max_inflight_bytes`, kept apart so that unauthenticated bodies
-    /// never take the room of authenticated ones.
+    /// quarter of `max_inflight_bytes` (at least one batch), kept apart so that
+    /// unauthenticated bodies never take the room of authenticated ones.
     pub keyless_budget: Arc<tokio::sync::Semaphore>,
 }
 
@@ -71,7 +72,7 @@ impl AppState {
             .limits
             .max_inflight_bytes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
-        let keyless = budget / 4;
+        let keyless = (budget / 4).max(config.limits.max_batch_bytes.min(budget));
         AppState {
             config,
             control,
@@ -147,7 +148,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Opens every store under the configured data dir and returns the shared state.
 pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
-    std::fs::create_dir_all(&config.data_dir)
+    // Files 0600, dirs 0700 from here on, and what exists already narrowed.
+    let warehouse_dir = config
+        .warehouse_url()
+        .and_then(|u| u.strip_prefix("sqlite://").map(std::path::PathBuf::from));
+    let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
+    files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (token, generated) = admin_token(&config)?;
     if generated {

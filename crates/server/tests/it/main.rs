@@ -127,3 +127,4 @@ async fn answers_429_when_request_bodies_would_exceed_the_memory_budget() {
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(body["code"], "rate_limited");
 }
+mod refusals;

@@ -1,0 +1,272 @@
+//! Refusals seen through the router: a bad key costs no body memory and no body
+//! read, unauthenticated bodies cannot take the budget of authenticated ones, a
+//! stalled body gets 408, and every admin-API extractor error is `{code,message}`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tributary_eventlog::{AppendStatus, EventLog, LogError, LogStats, NewRecord, Record};
+use tributary_server::control::{Control, SourceType};
+use tributary_server::{AppState, Config, router};
+
+/// A log that stores nothing but acknowledges every append.
+#[derive(Default)]
+struct AckLog {
+    next: AtomicU64,
+    head: Option<watch::Sender<u64>>,
+}
+
+#[async_trait]
+impl EventLog for AckLog {
+    async fn append(&self, b: Vec<NewRecord>) -> Result<Vec<AppendStatus>, LogError> {
+        Ok(b.iter()
+            .map(|_| AppendStatus::Stored(self.next.fetch_add(1, Ordering::Relaxed) + 1))
+            .collect())
+    }
+    async fn read(&self, _a: u64, _l: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn latest(&self, _s: &str, _l: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn read_range(&self, _: i64, _: i64, _: u64, _: usize) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn get(&self, _s: &[u64]) -> Result<Vec<Record>, LogError> {
+        Ok(vec![])
+    }
+    async fn cursor(&self, _c: &str) -> Result<u64, LogError> {
+        Ok(0)
+    }
+    async fn commit(&self, _c: &str, _s: u64) -> Result<(), LogError> {
+        Ok(())
+    }
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        match &self.head {
+            Some(h) => h.subscribe(),
+            None => watch::channel(0).1,
+        }
+    }
+    async fn stats(&self) -> Result<LogStats, LogError> {
+        Ok(LogStats::default())
+    }
+    async fn close(&self) {}
+}
+
+struct App {
+    router: axum::Router,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+fn app_with(config: Config) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(Control::open(dir.path()).unwrap());
+    let src = control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let log = Arc::new(AckLog {
+        head: Some(watch::channel(0).0),
+        ..Default::default()
+    });
+    let state = Arc::new(AppState::new(config, control, log, "admin".into()));
+    App {
+        router: router(state),
+        key: src.write_key.clone(),
+        _dir: dir,
+    }
+}
+
+/// A body that sends `head` and then never another byte.
+fn stalled_body(head: &'static str) -> Body {
+    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(head.as_bytes()) });
+    Body::from_stream(futures::StreamExt::chain(first, futures::stream::pending()))
+}
+
+fn basic(key: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
+}
+
+/// Sends a request and reads the answer, failing (not hanging) after 5 s.
+async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = tokio::time::timeout(Duration::from_secs(5), app.clone().oneshot(req))
+        .await
+        .expect("the server did not answer within 5 s")
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    (status, headers, v)
+}
+
+#[tokio::test]
+async fn a_bad_header_key_is_refused_without_reading_the_body() {
+    let app = app_with(Config::default());
+    let req = Request::post("/v1/batch")
+        .header("authorization", basic("wk_not_a_key"))
+        .header("content-length", "400000")
+        .body(stalled_body("{\"batch\":["))
+        .unwrap();
+    let (status, _, body) = send(&app.router, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn bodies_without_a_key_cannot_take_the_room_of_authenticated_requests() {
+    let mut config = Config::default();
+    // Room for four batch bodies in all; unauthenticated ones get at most one.
+    config.limits.max_inflight_bytes = 2_000_000;
+    let app = app_with(config);
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let req = Request::post("/v1/batch")
+            .header("content-type", "application/json")
+            .body(stalled_body("{\"batch\":["))
+            .unwrap();
+        stalled.push(tokio::spawn(app.router.clone().oneshot(req)));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..3 {
+        let req = Request::post("/v1/batch")
+            .header("authorization", basic(&app.key))
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"batch": [{"type":"track","userId":"u","event":"E","messageId":format!("ok-{i}")}]})
+                    .to_string(),
+            ))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let (status, _, body) = send(&app.router, req).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(started.elapsed() < Duration::from_millis(900));
+    }
+    // The keyless pool itself is bounded: the stalled requests beyond it were
+    // refused with 429 rather than queued for ever.
+    let mut refused = 0;
+    for h in stalled {
+        if let Ok(Ok(Ok(r))) = tokio::time::timeout(Duration::from_millis(1500), h).await
+            && r.status() == StatusCode::TOO_MANY_REQUESTS
+        {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3, "three of four unauthenticated bodies had no room");
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_answered_408_and_closes_the_connection() {
+    let mut config = Config::default();
+    config.http.body_timeout = Duration::from_millis(300);
+    let app = app_with(config);
+    let req = Request::post("/v1/track")
+        .header("authorization", basic(&app.key))
+        .header("content-length", "2000")
+        .body(stalled_body("{\"userId\":"))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, headers, body) = send(&app.router, req).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+    assert_eq!(body["code"], "request_timeout");
+    assert!(body["message"].as_str().unwrap().contains("did not arrive"));
+    assert_eq!(headers["connection"], "close");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_nul_in_message_id_is_refused_with_a_reason() {
+    let app = app_with(Config::default());
+    let req = Request::post("/v1/track")
+        .header("authorization", basic(&app.key))
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"userId":"u","event":"E","messageId":"m-\u0000-1"}"#,
+        ))
+        .unwrap();
+    let (status, _, body) = send(&app.router, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "message_id_invalid");
+    assert!(body["message"].as_str().unwrap().contains("NUL"), "{body}");
+}
+
+#[tokio::test]
+async fn the_webhook_without_a_key_says_to_add_the_write_key_query() {
+    let app = app_with(Config::default());
+    let req = Request::post("/v1/webhooks/activecampaign")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("type=open&contact[email]=a@example.com"))
+        .unwrap();
+    let (status, _, body) = send(&app.router, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("?writeKey="), "{message}");
+    assert!(!message.contains("Basic"), "{message}");
+}
+
+fn admin(method: &str, path: &str, body: &'static str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", "Bearer admin")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_admin_api_extractor_error_is_a_json_code_and_message() {
+    let app = app_with(Config::default());
+    let cases = [
+        (admin("POST", "/api/v1/sources", "{not json"), 400, "invalid_json"),
+        (
+            admin("POST", "/api/v1/sources", r#"{"type":"http"}"#),
+            400,
+            "invalid_request",
+        ),
+        (
+            admin("GET", "/api/v1/sources/src_x/events?limit=abc", ""),
+            400,
+            "invalid_query",
+        ),
+        (
+            admin("GET", "/api/v1/destinations/d1/dead-letters?limit=-1", ""),
+            400,
+            "invalid_query",
+        ),
+        (admin("GET", "/api/v1/nothing-here", ""), 404, "not_found"),
+        (admin("PUT", "/api/v1/sources", ""), 405, "method_not_allowed"),
+        (
+            admin("GET", "/api/v1/warehouse/a/b?limit=x", ""),
+            400,
+            "invalid_query",
+        ),
+    ];
+    for (req, want_status, want_code) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, headers, body) = send(&app.router, req).await;
+        assert_eq!(status.as_u16(), want_status, "{what}: {body}");
+        assert_eq!(
+            headers["content-type"], "application/json",
+            "{what}: {body}"
+        );
+        assert_eq!(body["code"], want_code, "{what}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {body}"
+        );
+    }
+}
