@@ -9,6 +9,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod hostile;
 mod sdk;
 mod tracking;
 mod warehouse;
