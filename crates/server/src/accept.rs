@@ -196,7 +196,6 @@ pub async fn append(
     Ok(Appended { stored, duplicates })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,7 +202,10 @@ pub fn raise_nofile_limit() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    // rlim_t is u64 on Linux but not on every Unix.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    soft
 }
 
 fn clock_base() -> Instant {
@@ -433,17 +436,21 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.conns.lock() {
             m.insert(id, state);
+            metrics::gauge!("tributary_http_connections_open").set(m.len() as f64);
         }
         id
     }
 
     fn remove(&self, id: u64) {
-        if let Ok(mut m) = self.conns.lock()
-            && let Some(st) = m.remove(&id)
+        let Ok(mut m) = self.conns.lock() else {
+            return;
+        };
+        if let Some(st) = m.remove(&id)
             && st.evict.load(Ordering::Acquire)
         {
             self.evicting.fetch_sub(1, Ordering::AcqRel);
         }
+        metrics::gauge!("tributary_http_connections_open").set(m.len() as f64);
     }
 
     /// Open connections not already being closed to make room.
@@ -475,7 +482,6 @@ impl Registry {
         }
     }
 }
-
 
 /// A complete `Connection: close` JSON answer written straight to a socket.
 fn raw_answer(status: &str, extra_headers: &str, code: &str, message: &str) -> Vec<u8> {
@@ -693,7 +699,10 @@ mod tests {
     fn env_overrides_http_settings() {
         let mut c = HttpConfig::default();
         let env = std::collections::HashMap::from([
-            ("TRIBUTARY_HTTP_HEADER_TIMEOUT".to_string(), "3s".to_string()),
+            (
+                "TRIBUTARY_HTTP_HEADER_TIMEOUT".to_string(),
+                "3s".to_string(),
+            ),
             ("TRIBUTARY_HTTP_MAX_CONNECTIONS".to_string(), "500".into()),
         ]);
         c.apply_env(&env).unwrap();

@@ -13,19 +13,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::Value;
-use tributary_destinations::{
-    CreateDestination, Engine, PatchDestination, ReplayRequest,
-};
+use tributary_destinations::{CreateDestination, Engine, PatchDestination, ReplayRequest};
 
 use crate::AppState;
 use crate::admin::json_body;
 use crate::error::{ApiError, Checked};
 
 fn engine(state: &AppState) -> Result<&Arc<Engine>, ApiError> {
-    state
-        .destinations
-        .as_ref()
-        .ok_or_else(|| ApiError::unavailable(crate::error::Store::Destinations, "destinations are not running"))
+    state.destinations.as_ref().ok_or_else(|| {
+        ApiError::unavailable(
+            crate::error::Store::Destinations,
+            "destinations are not running",
+        )
+    })
 }
 
 fn check_sources(state: &AppState, ids: &[String]) -> Result<(), ApiError> {
@@ -40,7 +40,10 @@ fn check_sources(state: &AppState, ids: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn create(State(state): State<Arc<AppState>>, Checked(body): Checked<Bytes>) -> Result<Response, ApiError> {
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Checked(body): Checked<Bytes>,
+) -> Result<Response, ApiError> {
     let req: CreateDestination = json_body(&body)?;
     check_sources(&state, &req.source_ids)?;
     let view = engine(&state)?.create(req).await?;

@@ -77,8 +77,11 @@ mod tests {
         for p in [&dir, &dir.join("warehouse")] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        std::fs::set_permissions(dir.join("control.db"), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.join("control.db"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         make_private(&dir, &[]).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("warehouse")), 0o700);

@@ -47,7 +47,10 @@ struct QueryBody {
     sql: String,
 }
 
-async fn query(State(state): State<Arc<AppState>>, Checked(body): Checked<Bytes>) -> Result<Response, ApiError> {
+async fn query(
+    State(state): State<Arc<AppState>>,
+    Checked(body): Checked<Bytes>,
+) -> Result<Response, ApiError> {
     let q: QueryBody = json_body(&body)?;
     if q.sql.trim().is_empty() {
         return Err(ApiError::bad("bad_query", "`sql` is empty"));

@@ -20,9 +20,9 @@ use tributary_activecampaign::{Mapped, Settings, WebhookError, parse_webhook};
 use tributary_model::{NormalizeContext, normalize};
 
 use crate::AppState;
+use crate::accept::{Caller, KeyPlace, append, authenticate, basic_auth_key, reserve};
 use crate::control::LastEvent;
 use crate::error::{ApiError, Checked};
-use crate::accept::{Caller, KeyPlace, append, authenticate, basic_auth_key, reserve};
 
 /// Largest webhook body accepted (ActiveCampaign's are a few KiB).
 const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
@@ -58,9 +58,7 @@ pub async fn activecampaign(
     Checked(Query(q)): Checked<Query<KeyQuery>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let key = q
-        .write_key
-        .or_else(|| basic_auth_key(request.headers()));
+    let key = q.write_key.or_else(|| basic_auth_key(request.headers()));
     handle(state, key, request).await
 }
 
@@ -92,13 +90,8 @@ async fn handle(
     let source = authenticate(&state, key.as_deref(), KeyPlace::Webhook)?;
     let (parts, body) = request.into_parts();
     let _reserved = reserve(&state, MAX_WEBHOOK_BYTES, Caller::Authenticated).await?;
-    let bytes = crate::body::read_body(
-        &parts.headers,
-        body,
-        MAX_WEBHOOK_BYTES,
-        &state.config.http,
-    )
-    .await?;
+    let bytes =
+        crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES, &state.config.http).await?;
     let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
     let webhook = parse_webhook(&bytes, &settings).map_err(|e| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);

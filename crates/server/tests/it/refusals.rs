@@ -100,7 +100,10 @@ fn basic(key: &str) -> String {
 }
 
 /// Sends a request and reads the answer, failing (not hanging) after 5 s.
-async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+async fn send(
+    app: &axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
     let resp = tokio::time::timeout(Duration::from_secs(5), app.clone().oneshot(req))
         .await
         .expect("the server did not answer within 5 s")
@@ -165,7 +168,10 @@ async fn bodies_without_a_key_cannot_take_the_room_of_authenticated_requests() {
             refused += 1;
         }
     }
-    assert_eq!(refused, 3, "three of four unauthenticated bodies had no room");
+    assert_eq!(
+        refused, 3,
+        "three of four unauthenticated bodies had no room"
+    );
 }
 
 #[tokio::test]
@@ -231,7 +237,11 @@ fn admin(method: &str, path: &str, body: &'static str) -> Request<Body> {
 async fn every_admin_api_extractor_error_is_a_json_code_and_message() {
     let app = app_with(Config::default());
     let cases = [
-        (admin("POST", "/api/v1/sources", "{not json"), 400, "invalid_json"),
+        (
+            admin("POST", "/api/v1/sources", "{not json"),
+            400,
+            "invalid_json",
+        ),
         (
             admin("POST", "/api/v1/sources", r#"{"type":"http"}"#),
             400,
@@ -248,7 +258,11 @@ async fn every_admin_api_extractor_error_is_a_json_code_and_message() {
             "invalid_query",
         ),
         (admin("GET", "/api/v1/nothing-here", ""), 404, "not_found"),
-        (admin("PUT", "/api/v1/sources", ""), 405, "method_not_allowed"),
+        (
+            admin("PUT", "/api/v1/sources", ""),
+            405,
+            "method_not_allowed",
+        ),
         (
             admin("GET", "/api/v1/warehouse/a/b?limit=x", ""),
             400,

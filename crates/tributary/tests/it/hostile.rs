@@ -31,7 +31,10 @@ fn raise_nofile() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
-    lim.rlim_cur as u64
+    // rlim_t is u64 on Linux but not on every Unix.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    soft
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -153,7 +156,10 @@ async fn a_slowloris_is_answered_408_and_cut_at_the_header_timeout() {
             let (mut r, mut w) = c.into_split();
             let trickle = tokio::spawn(async move {
                 // One header byte every 200 ms, for up to 20 s.
-                for b in b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().chain([b'a'; 60].iter()) {
+                for b in b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                    .iter()
+                    .chain([b'a'; 60].iter())
+                {
                     if w.write_all(&[*b]).await.is_err() {
                         break;
                     }
@@ -383,4 +389,42 @@ async fn data_files_are_private_and_older_ones_are_narrowed_at_start() {
     s.restart();
     assert_private(&dir);
     s.stop();
+}
+
+#[tokio::test]
+async fn creating_a_source_on_a_full_disk_is_507_storage_full() {
+    let test = "creating_a_source_on_a_full_disk_is_507_storage_full";
+    let holder = tempfile::tempdir().unwrap();
+    let Some(mount) = crate::diskfull::mount_tmpfs(test, holder.path(), "4m") else {
+        return;
+    };
+    let s = Server::start_in(mount.0.clone(), env(&[("TRIBUTARY_WAREHOUSE", "off")]));
+    s.create_source("http", "First", "first").await;
+    // Fill the disk to the last block.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mount.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let (st, v) = s
+        .admin(
+            reqwest::Method::POST,
+            "/sources",
+            Some(json!({"type": "http", "name": "Second", "schema": "second"})),
+        )
+        .await;
+    assert_eq!(st, 507, "{v}");
+    assert_eq!(v["code"], "storage_full", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("full"), "{v}");
+    std::fs::remove_file(mount.0.join("filler")).unwrap();
+    let (st, v) = s
+        .admin(
+            reqwest::Method::POST,
+            "/sources",
+            Some(json!({"type": "http", "name": "Second", "schema": "second"})),
+        )
+        .await;
+    assert_eq!(st, 201, "once there is room again: {v}");
 }
