@@ -720,6 +720,20 @@ mod tests {
     }
 
     #[test]
+    fn the_http_section_reads_from_toml() {
+        let c: crate::Config = toml::from_str(
+            "[http]\nheader_timeout = \"3s\"\nbody_min_rate = 1000\nmax_connections = 9\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.http.body_min_rate, 1000);
+        assert_eq!(c.http.max_connections, 9);
+        assert_eq!(c.http.linger_timeout, Duration::from_secs(2));
+        assert!(toml::from_str::<crate::Config>("[http]\nheader_timeout = 3\n").is_err());
+        assert!(toml::from_str::<crate::Config>("[http]\nheader_timout = \"3s\"\n").is_err());
+    }
+
+    #[test]
     fn the_cap_leaves_room_under_the_file_limit() {
         let c = HttpConfig::default();
         assert_eq!(c.effective_max_connections(20_000), 19_488);

