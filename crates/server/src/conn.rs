@@ -283,6 +283,13 @@ impl ConnState {
         RequestGuard(self.clone())
     }
 
+    /// No request was ever started on this connection (not a byte of one read).
+    fn is_fresh(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.served.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+    }
+
     fn idle_ms(&self) -> u64 {
         self.last_activity_ms.load(Ordering::Relaxed)
     }
@@ -627,6 +634,10 @@ async fn serve_one(
             r = stop.changed(), if !stopping => {
                 stopping = true;
                 let _ = r;
+                // A connection that never sent a byte has nothing to finish.
+                if state.is_fresh() {
+                    break Outcome::Expired(Expiry::FirstRequest);
+                }
                 Pin::new(&mut conn).graceful_shutdown();
             }
         }

@@ -465,3 +465,53 @@ async fn creating_a_source_on_a_full_disk_is_507_storage_full() {
         .await;
     assert_eq!(st, 201, "once there is room again: {v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_request_in_flight_and_does_not_wait_on_idle_sockets() {
+    raise_nofile();
+    let mut s = Server::start_with(env(&[("TRIBUTARY_WAREHOUSE", "off")]));
+    let (key, id) = key_id(&s.create_source("http", "Web", "web").await);
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(("127.0.0.1", s.port)).await.unwrap());
+    }
+    let body =
+        json!({"batch": [{"type":"track","userId":"u","event":"E","messageId":"in-flight-1"}]})
+            .to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = s.stop();
+        (s, status, asked.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.write_all(rest.as_bytes()).await.unwrap();
+    let (answer, _) = read_until_closed(&mut c, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the request in flight at SIGTERM got {answer:?}"
+    );
+    let (mut s, status, took) = stopping.await.unwrap();
+    assert!(status.is_some_and(|st| st.success()), "exit {status:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} with 200 idle sockets open"
+    );
+    drop(idle);
+    s.restart();
+    let events = s.events(&id, 10).await;
+    assert!(
+        events.iter().any(|e| e["messageId"] == "in-flight-1"),
+        "{events:?}"
+    );
+}
