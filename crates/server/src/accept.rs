@@ -7,10 +7,13 @@
 //! Invariants:
 //! - A key given outside the body (Basic auth, `?writeKey=`, a path segment) is
 //!   checked before any body memory is reserved or any body byte is read.
-//! - Body memory is reserved before reading, from one of two budgets: callers whose
-//!   key was checked draw on [`crate::AppState::ingest_budget`]; callers whose key
-//!   is in the body draw on [`crate::AppState::keyless_budget`] (another quarter
-//!   of `limits.max_inflight_bytes`), so unauthenticated bodies cannot starve authenticated ones.
+//! - Body memory comes from one of two budgets: callers whose key was checked
+//!   reserve their body's worst case on [`crate::AppState::ingest_budget`] before
+//!   reading; callers whose key is in the body reserve on
+//!   [`crate::AppState::keyless_budget`] (another quarter of
+//!   `limits.max_inflight_bytes`) chunk by chunk as bytes arrive ([`reserve_more`]),
+//!   so a stalled body holds only what it really sent, and unauthenticated bodies
+//!   can never take the room of authenticated ones.
 //! - [`append`] returns only once the log says the records are durable; the
 //!   identity map and the source's last event are updated after that.
 
@@ -78,37 +81,50 @@ pub fn authenticate(
     Ok(source)
 }
 
-/// Whose body a reservation is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Caller {
-    /// The write key was checked before the body is read.
-    Authenticated,
-    /// The key can only be in the body (analytics.js sends `writeKey` there).
-    KeyInBody,
-}
-
-/// Reserves `bytes` of the ingest memory budget, waiting up to a second. Callers
-/// whose key is not yet known draw on their own, smaller budget
-/// ([`crate::AppState::keyless_budget`]), so they can never take the room of
-/// authenticated clients.
+/// Reserves `bytes` of the ingest memory budget for a caller whose key was
+/// checked, waiting up to a second (then 429).
 pub async fn reserve(
     state: &AppState,
     bytes: usize,
-    caller: Caller,
 ) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-    let budget = match caller {
-        Caller::Authenticated => &state.ingest_budget,
-        Caller::KeyInBody => &state.keyless_budget,
-    };
     let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-    match tokio::time::timeout(std::time::Duration::from_secs(1), budget.acquire_many(n)).await {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        state.ingest_budget.acquire_many(n),
+    )
+    .await
+    {
         Ok(Ok(permit)) => Ok(permit),
         _ => {
-            let who = match caller {
-                Caller::Authenticated => "authenticated",
-                Caller::KeyInBody => "key_in_body",
-            };
-            metrics::counter!("tributary_ingest_saturated_total", "caller" => who).increment(1);
+            metrics::counter!("tributary_ingest_saturated_total", "caller" => "authenticated")
+                .increment(1);
+            Err(ApiError::Saturated)
+        }
+    }
+}
+
+/// Adds `bytes` to a growing reservation on `budget` (see
+/// [`crate::body::read_body_growing`]), waiting up to a second for room.
+pub async fn reserve_more<'a>(
+    budget: &'a tokio::sync::Semaphore,
+    held: &mut Option<tokio::sync::SemaphorePermit<'a>>,
+    bytes: usize,
+) -> Result<(), ApiError> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    match tokio::time::timeout(std::time::Duration::from_secs(1), budget.acquire_many(n)).await {
+        Ok(Ok(p)) => {
+            match held {
+                Some(h) => h.merge(p),
+                None => *held = Some(p),
+            }
+            Ok(())
+        }
+        _ => {
+            metrics::counter!("tributary_ingest_saturated_total", "caller" => "key_in_body")
+                .increment(1);
             Err(ApiError::Saturated)
         }
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::HeaderMap;
 use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::conn::HttpConfig;
 use crate::error::ApiError;
@@ -48,15 +49,32 @@ pub fn allowed_time(http: &HttpConfig, received: usize) -> Duration {
 
 /// Reads the body, inflating `Content-Encoding: gzip`, refusing anything whose raw or
 /// inflated size passes `limit` bytes, or that arrives slower than `http` allows.
+/// The caller has reserved the body's memory beforehand.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     http: &HttpConfig,
 ) -> Result<Vec<u8>, ApiError> {
+    read_body_growing(headers, body, limit, http, None)
+        .await
+        .map(|(bytes, _)| bytes)
+}
+
+/// Like [`read_body`], but reserves memory from `budget` as the bytes arrive (each
+/// chunk waits up to a second for room, then 429), so a client holds only what it
+/// has really sent. Returns the reservation, to be held while the bytes are used.
+pub async fn read_body_growing<'a>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    http: &HttpConfig,
+    budget: Option<&'a Semaphore>,
+) -> Result<(Vec<u8>, Option<SemaphorePermit<'a>>), ApiError> {
     if declared_length(headers).is_some_and(|len| len > limit) {
         return Err(too_large(limit));
     }
+    let mut held: Option<SemaphorePermit<'a>> = None;
     let started = tokio::time::Instant::now();
     let mut raw = Vec::new();
     let mut body = body;
@@ -79,6 +97,9 @@ pub async fn read_body(
             if raw.len() + data.len() > limit {
                 return Err(too_large(limit));
             }
+            if let Some(budget) = budget {
+                crate::accept::reserve_more(budget, &mut held, data.len()).await?;
+            }
             raw.extend_from_slice(&data);
         }
     }
@@ -87,8 +108,8 @@ pub async fn read_body(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
-        None | Some("") | Some("identity") => Ok(raw),
-        Some("gzip") | Some("x-gzip") => inflate(&raw, limit),
+        None | Some("") | Some("identity") => Ok((raw, held)),
+        Some("gzip") | Some("x-gzip") => inflate(&raw, limit).map(|b| (b, held)),
         Some(other) => Err(ApiError::bad(
             "unsupported_encoding",
             format!("Content-Encoding {other:?} is not supported; use gzip or none"),

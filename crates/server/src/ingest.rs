@@ -22,7 +22,7 @@ use tributary_model::body::{BodyError, BodyLimits, parse_body};
 use tributary_model::{CallType, Rejection};
 
 use crate::AppState;
-use crate::accept::{Caller, KeyPlace, append, authenticate, basic_auth_key, reserve};
+use crate::accept::{KeyPlace, append, authenticate, basic_auth_key, reserve};
 use crate::control::{Source, SourceType};
 use crate::error::{ApiError, Checked};
 
@@ -97,19 +97,29 @@ pub async fn tracking(
     if declared.is_some_and(|len| len > cap) {
         return Err(too_large(cap, cap_code));
     }
-    // Memory bound: reserve the body's worst case before reading it (its declared
-    // length when it is not compressed).
-    let worst = match declared {
-        Some(len) if !crate::body::is_compressed(&headers) => len.min(cap),
-        _ => cap,
-    };
-    let caller = if checked.is_some() {
-        Caller::Authenticated
+    // Memory bound. A checked key reserves the body's worst case before reading it
+    // (its declared length when it is not compressed); a key in the body reserves
+    // on the keyless budget as the bytes arrive.
+    let (bytes, _reserved) = if checked.is_some() {
+        let worst = match declared {
+            Some(len) if !crate::body::is_compressed(&headers) => len.min(cap),
+            _ => cap,
+        };
+        let reserved = reserve(&state, worst.max(1)).await?;
+        let (bytes, _) = read_capped(&state, &headers, body, cap, cap_code, None).await?;
+        (bytes, Some(reserved))
     } else {
-        Caller::KeyInBody
+        let (bytes, reserved) = read_capped(
+            &state,
+            &headers,
+            body,
+            cap,
+            cap_code,
+            Some(&state.keyless_budget),
+        )
+        .await?;
+        (bytes, reserved)
     };
-    let _reserved = reserve(&state, worst.max(1), caller).await?;
-    let bytes = read_capped(&state, &headers, body, cap, cap_code).await?;
     let body_limits = BodyLimits {
         max_message_bytes: limits.max_message_bytes,
         max_batch_messages: limits.max_batch_messages,
@@ -170,14 +180,15 @@ fn too_large(limit: usize, code: &'static str) -> ApiError {
     }
 }
 
-async fn read_capped(
+async fn read_capped<'a>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     code: &'static str,
-) -> Result<Vec<u8>, ApiError> {
-    crate::body::read_body(headers, body, limit, &state.config.http)
+    grow: Option<&'a tokio::sync::Semaphore>,
+) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'a>>), ApiError> {
+    crate::body::read_body_growing(headers, body, limit, &state.config.http, grow)
         .await
         .map_err(|e| match e {
             ApiError::TooLarge { .. } => too_large(limit, code),

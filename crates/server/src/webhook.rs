@@ -20,7 +20,7 @@ use tributary_activecampaign::{Mapped, Settings, WebhookError, parse_webhook};
 use tributary_model::{NormalizeContext, normalize};
 
 use crate::AppState;
-use crate::accept::{Caller, KeyPlace, append, authenticate, basic_auth_key, reserve};
+use crate::accept::{KeyPlace, append, authenticate, basic_auth_key, reserve};
 use crate::control::LastEvent;
 use crate::error::{ApiError, Checked};
 
@@ -89,7 +89,7 @@ async fn handle(
     // The key is in the URL: check it before reserving memory or reading the body.
     let source = authenticate(&state, key.as_deref(), KeyPlace::Webhook)?;
     let (parts, body) = request.into_parts();
-    let _reserved = reserve(&state, MAX_WEBHOOK_BYTES, Caller::Authenticated).await?;
+    let _reserved = reserve(&state, MAX_WEBHOOK_BYTES).await?;
     let bytes =
         crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES, &state.config.http).await?;
     let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
