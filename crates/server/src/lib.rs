@@ -142,16 +142,6 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let (token, generated) = admin_token(&config)?;
-    if generated {
-        let path = config.data_dir.join("admin-token");
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
-            path.display()
-        );
-    }
     let control = Arc::new(
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
@@ -200,6 +190,18 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             ))
         }
     };
+    // Last, so a configuration that fails to open (e.g. a bad TRIBUTARY_WAREHOUSE)
+    // never leaves a token behind or prints one.
+    let (token, generated) = admin_token(&config)?;
+    if generated {
+        let path = config.data_dir.join("admin-token");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
+            path.display()
+        );
+    }
     let mut state = AppState::new(config, control, log, token);
     state.destinations = Some(Arc::new(destinations));
     state.warehouse = warehouse;
