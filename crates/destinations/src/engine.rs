@@ -24,7 +24,7 @@ use crate::api::{
     CreateDestination, DeadLetter, DestinationStats, DestinationView, PatchDestination,
     ReplayOutcome, ReplayRequest,
 };
-use crate::config::DestinationConfig;
+use crate::config::{DestinationConfig, Start};
 use crate::error::DestinationError;
 use crate::filter::Selector;
 use crate::sink::Item;
@@ -278,9 +278,9 @@ impl Engine {
     }
 
     /// Creates a destination (settings validated per type → `Invalid`) and, when
-    /// enabled, starts delivering to it from the current head of the log: a new
-    /// destination receives events appended after its creation (use replay for
-    /// history).
+    /// enabled, starts delivering to it from where `req.start` says: by default the
+    /// current head of the log, so it receives events appended after its creation;
+    /// `beginning` or a time sends the retained history first.
     pub async fn create(
         &self,
         req: CreateDestination,
@@ -302,12 +302,11 @@ impl Engine {
             created_at_ms: now,
             updated_at_ms: now,
         };
-        // Start at the head: history is the business of replay, not of creation.
-        let head = *self.inner.log.subscribe().borrow();
-        if head > 0 {
+        let initial = self.initial_cursor(req.start).await?;
+        if initial > 0 {
             self.inner
                 .log
-                .commit(&format!("destination:{}", row.id), head)
+                .commit(&format!("destination:{}", row.id), initial)
                 .await?;
         }
         // Build first so a sink that cannot be built is never stored.
@@ -323,6 +322,26 @@ impl Engine {
         }
         tracing::info!(destination = %row.id, kind = config.kind(), "destination created");
         self.view(row).await
+    }
+
+    /// The cursor a new destination starts from (it delivers every event after it):
+    /// the head for [`Start::Now`], 0 for [`Start::Beginning`], and for a time the
+    /// event just before the first one received at or after it (the head when none
+    /// is).
+    async fn initial_cursor(&self, start: Start) -> Result<u64, DestinationError> {
+        let head = *self.inner.log.subscribe().borrow();
+        Ok(match start {
+            Start::Now => head,
+            Start::Beginning => 0,
+            Start::At(t) => {
+                let first = self
+                    .inner
+                    .log
+                    .read_range(t.timestamp_millis(), i64::MAX, 0, 1)
+                    .await?;
+                first.first().map_or(head, |r| r.seq.saturating_sub(1))
+            }
+        })
     }
 
     /// Every destination, oldest first, with statistics.
