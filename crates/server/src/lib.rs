@@ -16,6 +16,7 @@ pub mod destinations_api;
 pub mod error;
 pub mod ingest;
 pub mod ops;
+pub mod settings;
 pub mod warehouse_api;
 pub mod webhook;
 
@@ -126,6 +127,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/webhooks/activecampaign/{key}",
             post(webhook::activecampaign_keyed),
         )
+        .route("/v1/projects/{key}/settings", get(settings::project_settings))
         .route(
             "/v1/{method}",
             post(ingest::tracking).options(ops::preflight),

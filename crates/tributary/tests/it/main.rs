@@ -5,10 +5,12 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod browser;
 mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
 mod sdk;
+mod startup;
 mod tracking;
 mod warehouse;
