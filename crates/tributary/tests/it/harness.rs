@@ -21,10 +21,18 @@ pub fn service_available(test: &str, check: Result<(), String>) -> bool {
         Ok(()) => true,
         Err(why) if require_all() => panic!("{test}: required service missing: {why}"),
         Err(why) => {
-            eprintln!("SKIP {test}: {why}");
+            report_skip(test, &why);
             false
         }
     }
+}
+
+/// Prints `SKIP <test>: <reason>` so that it shows in plain `cargo test` output:
+/// libtest captures only what goes through `print!`/`eprint!`, so the line is
+/// written to the process's stderr handle directly.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIP {test}: {why}");
 }
 
 /// A free port on 127.0.0.1.
