@@ -245,7 +245,10 @@ mod tests {
         let at: Start = "2026-01-31T01:00:00+01:00".parse().unwrap();
         assert_eq!(at.to_string(), "2026-01-31T00:00:00+00:00");
         let e = "yesterday".parse::<Start>().unwrap_err();
-        assert!(e.contains("\"beginning\"") && e.contains("yesterday"), "{e}");
+        assert!(
+            e.contains("\"beginning\"") && e.contains("yesterday"),
+            "{e}"
+        );
         assert_eq!(Start::default(), Start::Now);
     }
 

@@ -211,7 +211,9 @@ pub fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
         return Ok(a);
     }
     if !s.contains(':') {
-        return Err(format!("{s:?} needs a port, e.g. 127.0.0.1:8088 or localhost:8088"));
+        return Err(format!(
+            "{s:?} needs a port, e.g. 127.0.0.1:8088 or localhost:8088"
+        ));
     }
     use std::net::ToSocketAddrs;
     let addrs: Vec<SocketAddr> = s
@@ -381,10 +383,7 @@ mod tests {
 
     #[test]
     fn listen_accepts_a_host_name() {
-        let env = HashMap::from([(
-            "TRIBUTARY_LISTEN".to_string(),
-            "localhost:9002".to_string(),
-        )]);
+        let env = HashMap::from([("TRIBUTARY_LISTEN".to_string(), "localhost:9002".to_string())]);
         let c = Config::load(None, &env).unwrap();
         assert!(c.listen.ip().is_loopback(), "{}", c.listen);
         assert_eq!(c.listen.port(), 9002);
@@ -398,8 +397,7 @@ mod tests {
 
     #[test]
     fn a_missing_config_file_names_the_os_error_once() {
-        let e = Config::load(Some(Path::new("/nonexistent/t.toml")), &HashMap::new())
-            .unwrap_err();
+        let e = Config::load(Some(Path::new("/nonexistent/t.toml")), &HashMap::new()).unwrap_err();
         let chain = format!("{:#}", anyhow::Error::from(e));
         assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
     }

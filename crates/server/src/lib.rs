@@ -127,7 +127,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/webhooks/activecampaign/{key}",
             post(webhook::activecampaign_keyed),
         )
-        .route("/v1/projects/{key}/settings", get(settings::project_settings))
+        .route(
+            "/v1/projects/{key}/settings",
+            get(settings::project_settings),
+        )
         .route(
             "/v1/{method}",
             post(ingest::tracking).options(ops::preflight),

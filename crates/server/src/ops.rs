@@ -43,7 +43,10 @@ pub fn install_metrics() {
 
 /// Counters (and their fixed label values) that exist from the start, at zero.
 const ZERO_COUNTERS: [(&str, &str); 10] = [
-    ("tributary_events_accepted_total", "events stored in the log"),
+    (
+        "tributary_events_accepted_total",
+        "events stored in the log",
+    ),
     (
         "tributary_events_duplicate_total",
         "events acknowledged as duplicates of a stored messageId",

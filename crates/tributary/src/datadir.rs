@@ -18,7 +18,9 @@ pub enum DataDirError {
     #[error("data dir {0} is not a directory (choose another --data-dir)")]
     NotADirectory(PathBuf),
     /// Another process holds the lock.
-    #[error("data dir {dir} is in use by another tributary (pid {pid}); stop it or choose another --data-dir")]
+    #[error(
+        "data dir {dir} is in use by another tributary (pid {pid}); stop it or choose another --data-dir"
+    )]
     InUse {
         /// The directory.
         dir: PathBuf,

@@ -21,7 +21,17 @@ where
         .finish();
     let _ = tracing::subscriber::set_global_default(subscriber);
     if log::set_boxed_logger(Box::new(Demote(tracing_log::LogTracer::new()))).is_ok() {
-        log::set_max_level(log::LevelFilter::Trace);
+        // As `tracing_subscriber`'s own `init` does: `log` macros above the most
+        // verbose enabled level cost nothing.
+        use tracing::level_filters::LevelFilter;
+        log::set_max_level(match LevelFilter::current() {
+            LevelFilter::OFF => log::LevelFilter::Off,
+            LevelFilter::ERROR => log::LevelFilter::Error,
+            LevelFilter::WARN => log::LevelFilter::Warn,
+            LevelFilter::INFO => log::LevelFilter::Info,
+            LevelFilter::DEBUG => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        });
     }
 }
 

@@ -9,7 +9,10 @@ use crate::harness::{Server, client, key_id};
 
 fn fixture(name: &str) -> Vec<u8> {
     // The ActiveCampaign crate's fixtures, in the repository.
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../activecampaign/tests/fixtures");
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../activecampaign/tests/fixtures"
+    );
     std::fs::read(format!("{dir}/{name}.form")).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 

@@ -310,7 +310,10 @@ pub fn run_to_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status, std::fs::read_to_string(&err_path).unwrap_or_default())
+    (
+        status,
+        std::fs::read_to_string(&err_path).unwrap_or_default(),
+    )
 }
 
 /// A plain HTTP client.

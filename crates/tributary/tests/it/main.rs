@@ -6,6 +6,7 @@
 
 mod activecampaign;
 mod browser;
+mod cli;
 mod crash;
 mod destinations;
 mod diskfull;

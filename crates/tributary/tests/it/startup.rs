@@ -75,7 +75,12 @@ async fn listen_accepts_localhost() {
     let port = free_port();
     let log = std::fs::File::create(tmp.path().join("log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["serve", "--listen", &format!("localhost:{port}"), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("localhost:{port}"),
+            "--data-dir",
+        ])
         .arg(tmp.path().join("data"))
         .env("TRIBUTARY_ADMIN_TOKEN", "t")
         .env("RUST_LOG", "warn")
@@ -98,7 +103,13 @@ fn a_data_dir_that_is_a_file_is_refused_with_a_clear_error() {
     std::fs::write(&file, "x").unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let (status, err) = run_to_exit(
-        &["serve", "--data-dir", file.to_str().unwrap(), "--listen", &listen],
+        &[
+            "serve",
+            "--data-dir",
+            file.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
         &[("TRIBUTARY_ADMIN_TOKEN", "t")],
         Duration::from_secs(20),
     );
@@ -134,7 +145,13 @@ fn no_admin_token_is_made_when_the_warehouse_url_is_invalid() {
     let data = tmp.path().join("data");
     let listen = format!("127.0.0.1:{}", free_port());
     let (status, err) = run_to_exit(
-        &["serve", "--data-dir", data.to_str().unwrap(), "--listen", &listen],
+        &[
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
         &[("TRIBUTARY_WAREHOUSE", "mysql://db/x")],
         Duration::from_secs(20),
     );
@@ -156,13 +173,21 @@ async fn logs_written_to_a_file_have_no_colour_codes() {
     s.create_source("http", "Web", "web").await;
     let log = s.log();
     assert!(log.contains("tributary listening"), "{log}");
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log file: {log:?}"
+    );
 }
 
 /// The value of an unlabelled (or fully labelled) series in Prometheus text.
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[tokio::test]
