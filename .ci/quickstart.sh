@@ -30,8 +30,8 @@ fi
 
 # The block, without its ``` fences.
 awk '/<!-- quickstart:begin -->/{f=1; next} /<!-- quickstart:end -->/{f=0} f && !/^```/' \
-    README.md >"$TMP/block.sh"
-[ -s "$TMP/block.sh" ] || { log "no quickstart block in README.md"; exit 1; }
+    "$WORK/README.md" >"$TMP/block.sh"
+[ -s "$TMP/block.sh" ] || { log "no quickstart block in $WORK/README.md"; exit 1; }
 log "running $(wc -l <"$TMP/block.sh") lines from README.md in $WORK"
 
 if [ -n "${CARGO_TARGET_DIR:-}" ] && [ ! -e "$WORK/target" ]; then
@@ -59,6 +59,18 @@ else
     exit 1
 fi
 set -e
+# A block that failed before its `kill` leaves its server running: stop it (its pid is
+# in the data dir's lock file) and wait for it to go.
+if [ -f "$WORK/tributary-data/lock" ]; then
+    pid=$(cat "$WORK/tributary-data/lock" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null &&
+        grep -q tributary "/proc/$pid/cmdline" 2>/dev/null; then
+        log "stopping the server the block left running (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+fi
 cat "$TMP/out"
 [ "$rc" -eq 0 ] || { log "the block failed (exit $rc); server log:"; cat "$WORK/tributary.log" >&2 || true; exit 1; }
 
