@@ -66,6 +66,16 @@ pub struct LogConfig {
     pub retention_hours: u64,
     /// Append requests that may wait for the disk before 429 (default 4096).
     pub queue_capacity: usize,
+    /// Hard cap on the log's size in bytes (`TRIBUTARY_LOG_MAX_BYTES`; default none).
+    /// Past it the oldest records are deleted even if a consumer has not read them,
+    /// and each such loss is reported (error line,
+    /// `tributary_log_unconsumed_dropped_total{consumer}`, `/ready` degraded, the
+    /// consumer's status).
+    pub max_bytes: Option<u64>,
+    /// Retention as a duration, overriding `retention_hours`
+    /// (`TRIBUTARY_LOG_RETENTION`: `90s`, `15m`, `36h`).
+    #[serde(skip)]
+    pub retention: Option<Duration>,
     /// Bench only: a log that keeps nothing, to measure the cost of durability.
     /// Never use in production (`TRIBUTARY_BENCH_NULL_LOG=1`).
     pub bench_null: bool,
@@ -130,6 +140,8 @@ impl Default for LogConfig {
         Self {
             retention_hours: 168,
             queue_capacity: 4096,
+            max_bytes: None,
+            retention: None,
             bench_null: false,
         }
     }
@@ -296,6 +308,19 @@ impl Config {
         if let Some(v) = env_parse(env, "TRIBUTARY_LOG_RETENTION_HOURS")? {
             config.log.retention_hours = v;
         }
+        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_LOG_RETENTION")? {
+            let d =
+                tributary_destinations::EngineOptions::parse_duration(&v).map_err(|message| {
+                    ConfigError::Env {
+                        name: "TRIBUTARY_LOG_RETENTION".into(),
+                        message,
+                    }
+                })?;
+            config.log.retention = Some(d);
+        }
+        if let Some(v) = env_parse(env, "TRIBUTARY_LOG_MAX_BYTES")? {
+            config.log.max_bytes = Some(v);
+        }
         if let Some(v) = env_parse::<String>(env, "TRIBUTARY_BENCH_NULL_LOG")? {
             config.log.bench_null = v == "1" || v == "true";
         }
@@ -343,7 +368,9 @@ impl Config {
 
     /// Event log retention as a duration.
     pub fn log_retention(&self) -> Duration {
-        Duration::from_secs(self.log.retention_hours * 3600)
+        self.log
+            .retention
+            .unwrap_or(Duration::from_secs(self.log.retention_hours * 3600))
     }
 }
 

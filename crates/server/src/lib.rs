@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tributary_eventlog::{EventLog, NullLog, SqliteLog, SqliteLogConfig};
+use tributary_eventlog::{EventLog, SqliteLog, SqliteLogConfig};
 
 pub use config::Config;
 use control::Control;
@@ -153,12 +153,18 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
     );
     let log: Arc<dyn EventLog> = if config.log.bench_null {
         tracing::warn!("bench mode: the no-op event log keeps nothing");
-        Arc::new(NullLog::default())
+        tributary_eventlog::bench_log().context(
+            "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
+        )?
     } else {
         Arc::new(
             SqliteLog::open(SqliteLogConfig {
                 path: config.data_dir.join("events.db"),
                 retention: config.log_retention(),
+                // Retention runs often enough for short windows (tests, small disks).
+                prune_interval: (config.log_retention() / 10)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                max_bytes: config.log.max_bytes,
                 queue_capacity: config.log.queue_capacity,
                 ..Default::default()
             })
@@ -179,7 +185,13 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
     let warehouse = match config.warehouse_url() {
-        None => None,
+        None => {
+            // Loading is off: the warehouse's old position must not hold the log.
+            if let Err(e) = log.unpin("warehouse").await {
+                tracing::warn!(error = %e, "cannot release the warehouse's log position");
+            }
+            None
+        }
         Some(url) => {
             let catalog = {
                 let control = control.clone();
