@@ -11,6 +11,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod poison;
 mod retention;
 mod sdk;
 mod startup;
