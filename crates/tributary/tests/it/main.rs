@@ -5,6 +5,8 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod browser;
+mod cli;
 mod crash;
 mod destinations;
 mod diskfull;
@@ -13,5 +15,6 @@ mod hostile;
 mod poison;
 mod retention;
 mod sdk;
+mod startup;
 mod tracking;
 mod warehouse;
