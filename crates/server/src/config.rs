@@ -17,7 +17,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on (`TRIBUTARY_LISTEN`).
+    /// Address to listen on (`TRIBUTARY_LISTEN`): `IP:PORT` or `HOST:PORT`, e.g.
+    /// `localhost:8088` (resolved once, at load; an IPv4 address is preferred).
+    #[serde(deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     /// Where the log, control state and embedded warehouse live (`TRIBUTARY_DATA_DIR`).
     pub data_dir: PathBuf,
@@ -38,6 +40,8 @@ pub struct Config {
     pub warehouse: WarehouseSection,
     /// Destinations.
     pub destinations: DestinationsSection,
+    /// Connection timeouts and limits (`[http]`, `TRIBUTARY_HTTP_<FIELD>`).
+    pub http: crate::conn::HttpConfig,
 }
 
 /// Size limits of the Tracking API (segment-spec §1.3).
@@ -127,6 +131,7 @@ impl Default for Config {
             log: LogConfig::default(),
             warehouse: WarehouseSection::default(),
             destinations: DestinationsSection::default(),
+            http: crate::conn::HttpConfig::default(),
         }
     }
 }
@@ -181,7 +186,7 @@ impl Default for DestinationsSection {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -225,6 +230,36 @@ where
     }
 }
 
+/// Resolves a listen address: `IP:PORT` as is, `HOST:PORT` (e.g. `localhost:8088`)
+/// through the system resolver, preferring an IPv4 address.
+pub fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!(
+            "{s:?} needs a port, e.g. 127.0.0.1:8088 or localhost:8088"
+        ));
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    resolve_listen(&s).map_err(serde::de::Error::custom)
+}
+
 /// Parses a duration given in milliseconds (`250`) or with a unit (`50ms`, `2s`, `1m`).
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -256,8 +291,11 @@ impl Config {
             }
             None => Config::default(),
         };
-        if let Some(v) = env_parse(env, "TRIBUTARY_LISTEN")? {
-            config.listen = v;
+        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_LISTEN")? {
+            config.listen = resolve_listen(&v).map_err(|message| ConfigError::Env {
+                name: "TRIBUTARY_LISTEN".into(),
+                message,
+            })?;
         }
         if let Some(v) = env_parse::<String>(env, "TRIBUTARY_DATA_DIR")? {
             config.data_dir = PathBuf::from(v);
@@ -330,6 +368,7 @@ impl Config {
                     message: format!("{v:?} is not a duration (e.g. 500ms, 1s)"),
                 })?;
         }
+        config.http.apply_env(env)?;
         if config.limits.max_inflight_bytes < config.limits.max_batch_bytes {
             return Err(ConfigError::Invalid(
                 "limits.max_inflight_bytes must be at least limits.max_batch_bytes".into(),
@@ -402,6 +441,27 @@ mod tests {
     }
 
     #[test]
+    fn listen_accepts_a_host_name() {
+        let env = HashMap::from([("TRIBUTARY_LISTEN".to_string(), "localhost:9002".to_string())]);
+        let c = Config::load(None, &env).unwrap();
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 9002);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, "listen = \"localhost:9003\"\n").unwrap();
+        let c = Config::load(Some(&p), &HashMap::new()).unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.port(), 9003);
+    }
+
+    #[test]
+    fn a_missing_config_file_names_the_os_error_once() {
+        let e = Config::load(Some(Path::new("/nonexistent/t.toml")), &HashMap::new()).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.toml");
@@ -411,6 +471,7 @@ mod tests {
             Err(ConfigError::Parse { .. })
         ));
         let env = HashMap::from([("TRIBUTARY_LISTEN".to_string(), "nope".to_string())]);
+
         assert!(matches!(
             Config::load(None, &env),
             Err(ConfigError::Env { .. })

@@ -8,19 +8,22 @@
 //! complete), flushes control state and closes the log — so every request that got
 //! a 200 is durable, and no request is cut off between append and answer.
 
+pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod files;
 pub mod ingest;
 pub mod ops;
+pub mod settings;
 pub mod warehouse_api;
 pub mod webhook;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,8 +53,12 @@ pub struct AppState {
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
     /// Bytes of request bodies that ingest may hold at once (see
     /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
-    /// gets 429.
+    /// gets 429. Requests whose write key was checked before their body draw on it.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    /// The body budget of requests whose key can only be in the body: another
+    /// quarter of `max_inflight_bytes` (at least one batch), kept apart so that
+    /// unauthenticated bodies never take the room of authenticated ones.
+    pub keyless_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -66,6 +73,7 @@ impl AppState {
             .limits
             .max_inflight_bytes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let keyless = (budget / 4).max(config.limits.max_batch_bytes.min(budget));
         AppState {
             config,
             control,
@@ -74,6 +82,7 @@ impl AppState {
             destinations: None,
             warehouse: None,
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+            keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         }
     }
 }
@@ -127,6 +136,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(webhook::activecampaign_keyed),
         )
         .route(
+            "/v1/projects/{key}/settings",
+            get(settings::project_settings),
+        )
+        .route(
             "/v1/{method}",
             post(ingest::tracking).options(ops::preflight),
         )
@@ -140,18 +153,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Opens every store under the configured data dir and returns the shared state.
 pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
-    std::fs::create_dir_all(&config.data_dir)
+    // Files 0600, dirs 0700 from here on, and what exists already narrowed.
+    let warehouse_dir = config
+        .warehouse_url()
+        .and_then(|u| u.strip_prefix("sqlite://").map(std::path::PathBuf::from));
+    let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
+    files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let (token, generated) = admin_token(&config)?;
-    if generated {
-        let path = config.data_dir.join("admin-token");
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
-            path.display()
-        );
-    }
     let control = Arc::new(
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
@@ -215,6 +223,18 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             ))
         }
     };
+    // Last, so a configuration that fails to open (e.g. a bad TRIBUTARY_WAREHOUSE)
+    // never leaves a token behind or prints one.
+    let (token, generated) = admin_token(&config)?;
+    if generated {
+        let path = config.data_dir.join("admin-token");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
+            path.display()
+        );
+    }
     let mut state = AppState::new(config, control, log, token);
     state.destinations = Some(Arc::new(destinations));
     state.warehouse = warehouse;
@@ -244,13 +264,9 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
     let app = router(state.clone());
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving")?;
+    conn::serve_http(listener, app, state.config.http.clone(), shutdown)
+        .await
+        .context("serving")?;
     tracing::info!("shutting down: flushing state and closing the event log");
     flusher.abort();
     if let Some(d) = &state.destinations {

@@ -5,13 +5,17 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod browser;
+mod cli;
 mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod hostile;
 mod poison;
 mod query_safety;
 mod retention;
 mod sdk;
+mod startup;
 mod tracking;
 mod warehouse;
