@@ -3,6 +3,7 @@
 //! flattening for the warehouse. No I/O lives here.
 
 pub mod body;
+pub mod duration;
 pub mod flatten;
 pub mod normalize;
 pub mod snake;
