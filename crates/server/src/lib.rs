@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tributary_eventlog::{EventLog, NullLog, SqliteLog, SqliteLogConfig};
+use tributary_eventlog::{EventLog, NullLog, SqliteLog};
 
 pub use config::Config;
 use control::Control;
@@ -156,43 +156,31 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
     );
-    let log: Arc<dyn EventLog> = if config.log.bench_null {
+    let log: Arc<dyn EventLog> = if config.bench_null_log {
         tracing::warn!("bench mode: the no-op event log keeps nothing");
         Arc::new(NullLog::default())
     } else {
         Arc::new(
-            SqliteLog::open(SqliteLogConfig {
-                path: config.data_dir.join("events.db"),
-                retention: config.log_retention(),
-                queue_capacity: config.log.queue_capacity,
-                ..Default::default()
-            })
-            .await
-            .context("opening the event log")?,
+            SqliteLog::open(config.log_config())
+                .await
+                .context("opening the event log")?,
         )
     };
     ops::install_metrics();
     let destinations = tributary_destinations::Engine::open(
         config.data_dir.join("destinations.db"),
         log.clone(),
-        tributary_destinations::EngineOptions {
-            retry_min_backoff: Duration::from_millis(config.destinations.retry_min_backoff_ms),
-            retry_max_backoff: Duration::from_secs(config.destinations.retry_max_backoff_secs),
-            retry_window: Duration::from_secs(config.destinations.retry_window_secs),
-        },
+        config.destinations.clone(),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
-    let warehouse = match config.warehouse_url() {
+    let warehouse = match config.warehouse_config() {
         None => None,
-        Some(url) => {
+        Some(wc) => {
             let catalog = {
                 let control = control.clone();
                 move |id: &str| control.schema_of(id)
             };
-            let mut wc = tributary_warehouse::WarehouseConfig::new(url);
-            wc.batch_interval = Duration::from_millis(config.warehouse.batch_interval_ms);
-            wc.batch_max = config.warehouse.batch_max;
             Some(Arc::new(
                 tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
                     .await
