@@ -20,7 +20,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
     /// No unit after the number.
-    #[error("{0:?} has no unit: write it with one of ms, s, m, h, d (e.g. 500ms, 90s, 15m, 36h, 7d)")]
+    #[error(
+        "{0:?} has no unit: write it with one of ms, s, m, h, d (e.g. 500ms, 90s, 15m, 36h, 7d)"
+    )]
     NoUnit(String),
     /// An unknown unit.
     #[error("{0:?} has an unknown unit: use ms, s, m, h or d (e.g. 500ms, 90s, 15m, 36h, 7d)")]
@@ -53,9 +55,7 @@ pub fn parse(value: &str) -> Result<Duration, DurationError> {
     if let Ok(n) = num.parse::<u64>() {
         let d = match unit {
             "ms" => Some(Duration::from_millis(n)),
-            _ => n
-                .checked_mul(secs_per_unit as u64)
-                .map(Duration::from_secs),
+            _ => n.checked_mul(secs_per_unit as u64).map(Duration::from_secs),
         };
         return d.ok_or_else(|| DurationError::Invalid(value.to_string()));
     }
@@ -73,8 +73,13 @@ pub fn format(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    for (unit, per) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms % per == 0 {
+    for (unit, per) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms.is_multiple_of(per) {
             return format!("{}{unit}", ms / per);
         }
     }

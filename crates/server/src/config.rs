@@ -226,8 +226,7 @@ fn with_unit(value: &str, unit: Option<&str>) -> String {
 fn apply_file_aliases(root: &mut toml::Table) {
     for alias in ALIASES {
         let (old_parent, old_key) = split_path(alias.old);
-        let Some(value) = table_at(root, old_parent, false).and_then(|t| t.remove(old_key))
-        else {
+        let Some(value) = table_at(root, old_parent, false).and_then(|t| t.remove(old_key)) else {
             continue;
         };
         let value = match (&value, alias.unit) {
@@ -247,7 +246,11 @@ fn split_path(path: &str) -> (&str, &str) {
     path.rsplit_once('.').unwrap_or(("", path))
 }
 
-fn table_at<'t>(root: &'t mut toml::Table, path: &str, create: bool) -> Option<&'t mut toml::Table> {
+fn table_at<'t>(
+    root: &'t mut toml::Table,
+    path: &str,
+    create: bool,
+) -> Option<&'t mut toml::Table> {
     let mut t = root;
     for part in path.split('.').filter(|p| !p.is_empty()) {
         if create && !t.contains_key(part) {
@@ -269,8 +272,8 @@ fn canonical_env(env: &HashMap<String, String>) -> BTreeMap<String, String> {
         .collect();
     let mut renames: Vec<(String, String, Option<&str>)> = Vec::new();
     for alias in ALIASES {
-        for old in std::iter::once(env_name(alias.old))
-            .chain(alias.old_env.iter().map(|s| s.to_string()))
+        for old in
+            std::iter::once(env_name(alias.old)).chain(alias.old_env.iter().map(|s| s.to_string()))
         {
             renames.push((old, env_name(alias.new), alias.unit));
         }
@@ -280,10 +283,13 @@ fn canonical_env(env: &HashMap<String, String>) -> BTreeMap<String, String> {
     }
     for (old, new, unit) in renames {
         if let Some(v) = vars.remove(&old) {
-            if vars.contains_key(&new) {
-                tracing::warn!(alias = %old, setting = %new, "both set: the alias is ignored");
-            } else {
-                vars.insert(new, with_unit(&v, unit));
+            match vars.entry(new) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    tracing::warn!(alias = %old, setting = %e.key(), "both set: the alias is ignored");
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(with_unit(&v, unit));
+                }
             }
         }
     }

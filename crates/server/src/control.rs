@@ -816,8 +816,14 @@ mod tests {
         .unwrap();
         // No flush, no drop: a second handle reads the file as a restart would.
         let reopened = Control::open(dir.path()).unwrap();
-        assert_eq!(reopened.user_id_for_email("ANN@example.com").as_deref(), Some("u3"));
-        assert_eq!(reopened.user_id_for_email("bob@example.com").as_deref(), Some("u2"));
+        assert_eq!(
+            reopened.user_id_for_email("ANN@example.com").as_deref(),
+            Some("u3")
+        );
+        assert_eq!(
+            reopened.user_id_for_email("bob@example.com").as_deref(),
+            Some("u2")
+        );
         drop(c);
     }
 
@@ -831,7 +837,10 @@ mod tests {
             .execute_batch("ALTER TABLE identities RENAME TO identities_away")
             .unwrap();
         assert!(c.remember_identity("ann@example.com", "u1").is_err());
-        assert_eq!(c.user_id_for_email("ann@example.com").as_deref(), Some("u1"));
+        assert_eq!(
+            c.user_id_for_email("ann@example.com").as_deref(),
+            Some("u1")
+        );
         assert!(c.flush().is_err(), "table still missing");
         c.conn
             .lock()
@@ -840,7 +849,10 @@ mod tests {
             .unwrap();
         c.flush().unwrap();
         let reopened = Control::open(dir.path()).unwrap();
-        assert_eq!(reopened.user_id_for_email("ann@example.com").as_deref(), Some("u1"));
+        assert_eq!(
+            reopened.user_id_for_email("ann@example.com").as_deref(),
+            Some("u1")
+        );
     }
 
     #[test]
@@ -849,9 +861,11 @@ mod tests {
         {
             let c = Control::open(dir.path()).unwrap();
             for i in 0..(UNMAPPED_KEPT + 5) {
-                c.record_unmapped("src_a", &serde_json::json!({"n": i})).unwrap();
+                c.record_unmapped("src_a", &serde_json::json!({"n": i}))
+                    .unwrap();
             }
-            c.record_unmapped("src_b", &serde_json::json!({"n": 0})).unwrap();
+            c.record_unmapped("src_b", &serde_json::json!({"n": 0}))
+                .unwrap();
         }
         let c = Control::open(dir.path()).unwrap();
         let a = c.unmapped("src_a").unwrap();

@@ -10,12 +10,14 @@
 
 pub mod admin;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
 pub mod ingest;
 pub mod ops;
+pub mod shutdown;
 pub mod warehouse_api;
 pub mod webhook;
 
@@ -31,10 +33,14 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tributary_eventlog::{EventLog, NullLog, SqliteLog};
 
+use clock::{Clock, SystemClock};
 pub use config::Config;
 use control::Control;
+use shutdown::Shutdown;
 
-/// Everything a request handler can reach.
+/// Everything a request handler can reach. Built only by [`open_state`] /
+/// [`open_state_with`], so router tests run against the same full state as the
+/// server.
 pub struct AppState {
     /// The configuration the server runs with.
     pub config: Config,
@@ -44,38 +50,29 @@ pub struct AppState {
     pub log: Arc<dyn EventLog>,
     /// The admin API token.
     pub admin_token: String,
-    /// The destination delivery engine (`None` in router tests that do not need it).
-    pub destinations: Option<Arc<tributary_destinations::Engine>>,
-    /// The warehouse loader and query side (`None` when `TRIBUTARY_WAREHOUSE=off`).
+    /// The destination delivery engine.
+    pub destinations: Arc<tributary_destinations::Engine>,
+    /// The warehouse loader and query side (`None` when the configuration turns
+    /// loading off: `TRIBUTARY_WAREHOUSE=off`).
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
     /// Bytes of request bodies that ingest may hold at once (see
     /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
     /// gets 429.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    /// Where handlers read the time.
+    pub clock: Arc<dyn Clock>,
+    /// The one shutdown token of the server and its stages.
+    pub shutdown: Shutdown,
 }
 
-impl AppState {
-    /// A state with no destinations or warehouse, for router tests.
-    pub fn new(
-        config: Config,
-        control: Arc<Control>,
-        log: Arc<dyn EventLog>,
-        admin_token: String,
-    ) -> Self {
-        let budget = config
-            .limits
-            .max_inflight_bytes
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
-        AppState {
-            config,
-            control,
-            log,
-            admin_token,
-            destinations: None,
-            warehouse: None,
-            ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
-        }
-    }
+/// What [`open_state_with`] takes instead of opening it from the configuration.
+#[derive(Default)]
+pub struct Parts {
+    /// An event log to use instead of `<data_dir>/events.db` (router tests inject
+    /// failing logs).
+    pub log: Option<Arc<dyn EventLog>>,
+    /// A clock instead of the system clock.
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -140,6 +137,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Opens every store under the configured data dir and returns the shared state.
 pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
+    open_state_with(config, Parts::default()).await
+}
+
+/// [`open_state`], with some parts given instead of opened.
+pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (token, generated) = admin_token(&config)?;
@@ -156,7 +158,9 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
     );
-    let log: Arc<dyn EventLog> = if config.bench_null_log {
+    let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
+        log
+    } else if config.bench_null_log {
         tracing::warn!("bench mode: the no-op event log keeps nothing");
         Arc::new(NullLog::default())
     } else {
@@ -188,53 +192,98 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             ))
         }
     };
-    let mut state = AppState::new(config, control, log, token);
-    state.destinations = Some(Arc::new(destinations));
-    state.warehouse = warehouse;
-    Ok(Arc::new(state))
+    let budget = config
+        .limits
+        .max_inflight_bytes
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
+    Ok(Arc::new(AppState {
+        config,
+        control,
+        log,
+        admin_token: token,
+        destinations: Arc::new(destinations),
+        warehouse,
+        ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+        clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+        shutdown: Shutdown::new(),
+    }))
+}
+
+/// The control flusher: writes display state once a second until the token
+/// triggers, then once more.
+fn spawn_control_flusher(state: &AppState) -> tokio::task::JoinHandle<()> {
+    let control = state.control.clone();
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => break,
+            }
+            let c = control.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
+                tracing::warn!(error = ?e, "flushing control state failed (kept for the next flush)");
+            }
+        }
+        let c = control.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
+            tracing::warn!(error = ?e, "final flush of control state failed");
+        }
+    })
+}
+
+/// Starts the background stages on the state's shutdown token; the returned task
+/// finishes once every stage has stopped after the token triggered.
+pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let flusher = spawn_control_flusher(state);
+    let state = state.clone();
+    tokio::spawn(async move {
+        state.shutdown.wait().await;
+        let destinations = state.destinations.shutdown();
+        let warehouse = async {
+            if let Some(w) = &state.warehouse {
+                w.shutdown().await;
+            }
+        };
+        tokio::join!(destinations, warehouse);
+        let _ = flusher.await;
+    })
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains and flushes.
+///
+/// Order on shutdown: the token triggers; the accept loop stops and in-flight
+/// requests finish (their appends complete); the destination engine and the
+/// warehouse loader stop and commit their positions; control state is flushed; only
+/// then is the log closed.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = open_state(config).await?;
-    let flusher = {
-        let control = state.control.clone();
+    let stages = start_stages(&state);
+    {
+        let token = state.shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let c = control.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
-                    tracing::warn!(error = ?e, "flushing control state failed");
-                }
-            }
-        })
-    };
+            shutdown.await;
+            token.trigger();
+        });
+    }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
     let app = router(state.clone());
-    axum::serve(
+    let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
+    .with_graceful_shutdown(state.shutdown.clone().wait_owned())
     .await
-    .context("serving")?;
-    tracing::info!("shutting down: flushing state and closing the event log");
-    flusher.abort();
-    if let Some(d) = &state.destinations {
-        d.shutdown().await;
-    }
-    if let Some(w) = &state.warehouse {
-        w.shutdown().await;
-    }
-    if let Err(e) = state.control.flush() {
-        tracing::warn!(error = ?e, "final flush of control state failed");
-    }
+    .context("serving");
+    tracing::info!("shutting down: stopping stages, flushing state, closing the event log");
+    state.shutdown.trigger();
+    let _ = stages.await;
     state.log.close().await;
-    Ok(())
+    served
 }

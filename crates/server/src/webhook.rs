@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_activecampaign::{Mapped, Settings, WebhookError, parse_webhook};
@@ -90,7 +89,7 @@ async fn handle(
         };
         ApiError::bad(code, e.to_string())
     })?;
-    let received_at = Utc::now();
+    let received_at = state.clock.now();
     let received = tributary_model::normalize::format_ts(received_at);
     let (mut message, email) = match webhook.mapped {
         Mapped::Track { message, email } | Mapped::Identify { message, email } => (message, email),

@@ -311,10 +311,7 @@ pub fn map_webhook(pairs: &FormPairs, settings: &Settings) -> Result<Webhook, Ma
     if kind == Kind::Automation
         && let Some(series) = pairs.get_trimmed("seriesid")
     {
-        context.insert(
-            "activecampaign".into(),
-            json!({ "automation_id": series }),
-        );
+        context.insert("activecampaign".into(), json!({ "automation_id": series }));
     }
     context.insert("integration".into(), json!({ "name": INTEGRATION_NAME }));
     context.insert(
@@ -382,9 +379,7 @@ fn event_name(kind: Kind, pairs: &FormPairs) -> &'static str {
         Kind::Share => EMAIL_SHARED,
         Kind::Sent => EMAIL_CAMPAIGN_SENT,
         // Identify kinds have no event; callers never ask.
-        Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved | Kind::Automation => {
-            ""
-        }
+        Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved | Kind::Automation => "",
     }
 }
 

@@ -441,9 +441,16 @@ fn automation_webhook_action_becomes_an_identify_with_the_contacts_traits() {
     // A repeated delivery is the same message; a changed contact is a new one.
     let again = parse_webhook(AUTOMATION_ACTION, &Settings::default()).unwrap();
     assert_eq!(again.message().unwrap()["messageId"], message["messageId"]);
-    let changed = [AUTOMATION_ACTION, b"&contact%5Bphone%5D=%2B15550199".as_slice()].concat();
+    let changed = [
+        AUTOMATION_ACTION,
+        b"&contact%5Bphone%5D=%2B15550199".as_slice(),
+    ]
+    .concat();
     let changed = parse_webhook(&changed, &Settings::default()).unwrap();
-    assert_ne!(changed.message().unwrap()["messageId"], message["messageId"]);
+    assert_ne!(
+        changed.message().unwrap()["messageId"],
+        message["messageId"]
+    );
 }
 
 #[test]

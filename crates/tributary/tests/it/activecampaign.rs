@@ -300,7 +300,10 @@ async fn an_identity_acknowledged_just_before_a_sigkill_resolves_webhooks_after_
         .find(|e| e["event"] == "Email Opened")
         .unwrap_or_else(|| panic!("no Email Opened in {events:?}"));
     assert_eq!(opened["userId"], "user-kill-9", "{opened}");
-    assert!(opened.get("anonymousId").is_none_or(Value::is_null), "{opened}");
+    assert!(
+        opened.get("anonymousId").is_none_or(Value::is_null),
+        "{opened}"
+    );
 }
 
 #[tokio::test]
@@ -326,9 +329,7 @@ async fn an_automation_webhook_step_becomes_an_identify_and_teaches_the_email() 
     assert_eq!(e["traits"]["tags"], json!(["Externos"]));
     assert_eq!(e["context"]["activecampaign"]["automation_id"], "9");
     // The source overview shows it as ActiveCampaign's panel would.
-    let (_, src) = s
-        .admin(Method::GET, &format!("/sources/{id}"), None)
-        .await;
+    let (_, src) = s.admin(Method::GET, &format!("/sources/{id}"), None).await;
     assert_eq!(src["last_event"]["type"], "identify", "{src}");
 }
 
