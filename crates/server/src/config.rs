@@ -201,9 +201,14 @@ pub const ALIASES: &[Alias] = &[
 /// Documented short variable names: (variable, dotted setting).
 pub const SHORT_NAMES: &[(&str, &str)] = &[("TRIBUTARY_WAREHOUSE", "warehouse.url")];
 
-/// `TRIBUTARY_*` variables read by other parts (the CLI, the test harnesses): never
-/// warned about.
-const NOT_SERVER_SETTINGS: &[&str] = &["TRIBUTARY_SERVER", "TRIBUTARY_TEST_"];
+/// `TRIBUTARY_*` variables (or prefixes) read by other parts (the CLI, CI, the test
+/// harnesses): never warned about.
+const NOT_SERVER_SETTINGS: &[&str] = &[
+    "TRIBUTARY_SERVER",
+    "TRIBUTARY_TEST_",
+    "TRIBUTARY_VENV",
+    "TRIBUTARY_NODE_PREFIX",
+];
 
 /// The one rule: the variable of a dotted setting (`log.retention` →
 /// `TRIBUTARY_LOG_RETENTION`).

@@ -3,10 +3,15 @@
 //! it.
 //!
 //! The library owns the server: [`serve`] takes a configuration, a bound listener and
-//! a shutdown future; `main` only parses arguments and binds. On shutdown the server
+//! a shutdown future; `main` only parses arguments and binds. On shutdown (one
+//! [`shutdown::Shutdown`] token for the accept loop and every stage) the server
 //! stops accepting connections, lets in-flight requests finish (their appends
-//! complete), flushes control state and closes the log — so every request that got
-//! a 200 is durable, and no request is cut off between append and answer.
+//! complete), stops the destination engine and the warehouse loader, flushes control
+//! state and only then closes the log — so every request that got a 200 is durable,
+//! and no request is cut off between append and answer.
+//!
+//! [`AppState`] is always complete: router tests build it with [`open_state_with`]
+//! (injecting a log or a [`clock::Clock`]) instead of a partial test-only state.
 
 pub mod admin;
 pub mod body;
