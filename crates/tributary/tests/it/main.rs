@@ -5,6 +5,7 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod config;
 mod crash;
 mod destinations;
 mod diskfull;
