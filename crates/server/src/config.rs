@@ -179,6 +179,12 @@ pub const ALIASES: &[Alias] = &[
         unit: Some("ms"),
     },
     Alias {
+        old: "warehouse.query_timeout_secs",
+        old_env: &[],
+        new: "warehouse.query_timeout",
+        unit: Some("s"),
+    },
+    Alias {
         old: "destinations.retry_min_backoff_ms",
         old_env: &["TRIBUTARY_RETRY_MIN_BACKOFF"],
         new: "destinations.retry_min_backoff",
@@ -584,9 +590,11 @@ mod tests {
                 ("TRIBUTARY_WAREHOUSE_INTERVAL_MS", "250"),
                 ("TRIBUTARY_RETRY_MIN_BACKOFF", "75"),
                 ("TRIBUTARY_WAREHOUSE", "off"),
+                ("TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS", "7"),
             ]),
         )
         .unwrap();
+        assert_eq!(c.warehouse.query_timeout, Duration::from_secs(7));
         assert_eq!(c.log.retention, Duration::from_secs(36 * 3600));
         assert_eq!(c.warehouse.batch_interval, Duration::from_millis(250));
         assert_eq!(c.destinations.retry_min_backoff, Duration::from_millis(75));
