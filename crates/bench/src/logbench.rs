@@ -98,8 +98,10 @@ pub async fn run(opts: Options) -> anyhow::Result<serde_json::Value> {
                         NewRecord {
                             source_id: "src_bench0000000000000000".into(),
                             message_id,
-                            call_type: "track".into(),
+                            call_type: tributary_eventlog::CallType::Track,
                             event: Some("Order Completed".into()),
+                            user_id: Some(format!("user-{}", n % 10_000)),
+                            anonymous_id: None,
                             received_at_ms: 1_700_000_000_000,
                             payload: payload.as_str().to_owned(),
                         }

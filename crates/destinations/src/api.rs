@@ -118,6 +118,28 @@ pub struct DestinationStats {
     pub last_error: Option<String>,
     /// When `last_error` happened.
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The newest range of log records this destination never got because they
+    /// left the log first (the size cap, or retention while it was disabled);
+    /// `null` when none is known.
+    #[serde(default)]
+    pub gap: Option<GapView>,
+    /// Records the log's size cap (`log.max_bytes`) deleted before this destination
+    /// read them, in total.
+    #[serde(default)]
+    pub unconsumed_dropped: u64,
+}
+
+/// Log positions a consumer never got: `from..=to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapView {
+    /// First missing sequence number.
+    pub from: u64,
+    /// Last missing sequence number (inclusive).
+    pub to: u64,
+    /// How many records.
+    pub records: u64,
+    /// When it was found.
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// An event that could not be delivered.

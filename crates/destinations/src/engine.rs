@@ -6,57 +6,35 @@
 //! configuration is always valid (validated before it is written). Changing a
 //! destination stops its worker gracefully (requests on the wire finish, the cursor
 //! is committed) before the new one starts from the same cursor, so a change never
-//! loses or skips events. Deleting a destination stops its worker and drops its
-//! dead letters and markers; its log cursor is simply never read again (ids are
-//! never reused).
+//! loses or skips events. Deleting a destination stops its worker, drops its
+//! dead letters and markers and removes its cursor from the log's consumer registry.
+//!
+//! Retention: an enabled destination's cursor holds records back from the log's
+//! retention (the log's consumer registry pins it). A disabled destination must not
+//! hold the log forever, so disabling it unpins its cursor: records it has not read
+//! may then age out, and when it is enabled again it resumes from its cursor and
+//! reports what is gone as a gap (stats `gap`, an error line, a counter).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::Mutex;
 use tributary_eventlog::EventLog;
 
 use crate::api::{
-    CreateDestination, DeadLetter, DestinationStats, DestinationView, PatchDestination,
+    CreateDestination, DeadLetter, DestinationStats, DestinationView, GapView, PatchDestination,
     ReplayOutcome, ReplayRequest,
 };
 use crate::config::DestinationConfig;
 use crate::error::DestinationError;
 use crate::filter::Selector;
+use crate::options::EngineOptions;
 use crate::sink::Item;
 use crate::store::{DestinationRow, Store, ms_to_time};
 use crate::worker::{ReplayJob, WorkerHandle};
-
-/// Retry timing of every destination. Deserializes as the `[destinations]` section of
-/// the server's configuration (durations in `tributary_model::duration` syntax).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineOptions {
-    /// Smallest delay before a retry (default 1 s).
-    #[serde(with = "tributary_model::duration")]
-    pub retry_min_backoff: Duration,
-    /// Largest delay before a retry (default 5 min).
-    #[serde(with = "tributary_model::duration")]
-    pub retry_max_backoff: Duration,
-    /// How long a batch is retried after its first attempt before its events become
-    /// dead letters (default 4 h, as Segment).
-    #[serde(with = "tributary_model::duration")]
-    pub retry_window: Duration,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            retry_min_backoff: Duration::from_secs(1),
-            retry_max_backoff: Duration::from_secs(300),
-            retry_window: Duration::from_secs(4 * 3600),
-        }
-    }
-}
 
 /// Most dead letters one listing returns.
 pub const MAX_DEAD_LETTER_LIMIT: usize = 1000;
@@ -87,6 +65,11 @@ impl Drop for Inner {
             w.abort();
         }
     }
+}
+
+/// The destination's name in the log's consumer registry.
+fn consumer_name(id: &str) -> String {
+    format!("destination:{id}")
 }
 
 fn new_id() -> String {
@@ -155,6 +138,7 @@ impl Engine {
             }),
         };
         let rows = engine.inner.store.destinations().await?;
+        engine.reconcile_consumers(&rows).await;
         let mut workers = engine.inner.workers.lock().await;
         for row in rows.iter().filter(|r| r.enabled) {
             match engine.spawn_worker(row) {
@@ -168,6 +152,27 @@ impl Engine {
         }
         drop(workers);
         Ok(engine)
+    }
+
+    /// Makes the log's consumer registry match the destinations: disabled ones do
+    /// not pin, deleted ones (before the registry knew about deletes) are removed.
+    async fn reconcile_consumers(&self, rows: &[DestinationRow]) {
+        let Ok(consumers) = self.inner.log.consumers().await else {
+            return;
+        };
+        for c in consumers {
+            let Some(id) = c.name.strip_prefix("destination:") else {
+                continue;
+            };
+            let result = match rows.iter().find(|r| r.id == id) {
+                None => self.inner.log.remove_consumer(&c.name).await,
+                Some(r) if !r.enabled && c.pinned => self.inner.log.unpin(&c.name).await,
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(consumer = %c.name, error = %e, "cannot update the log's consumer registry");
+            }
+        }
     }
 
     fn spawn_worker(&self, row: &DestinationRow) -> Result<WorkerHandle, DestinationError> {
@@ -213,6 +218,8 @@ impl Engine {
             ..DestinationStats::default()
         };
         let head = *self.inner.log.subscribe().borrow();
+        let consumer = consumer_name(&row.id);
+        let mut found_gap = None;
         let workers = self.inner.workers.lock().await;
         let cursor = match workers.get(&row.id) {
             Some(w) => {
@@ -230,16 +237,37 @@ impl Engine {
                     stats.last_error = Some(msg);
                     stats.last_error_at = Some(ms_to_time(at));
                 }
+                found_gap = *live.gap.lock().unwrap_or_else(|p| p.into_inner());
                 live.cursor.load(Ordering::Relaxed)
             }
             None => {
                 drop(workers);
-                self.inner
-                    .log
-                    .cursor(&format!("destination:{}", row.id))
-                    .await?
+                self.inner.log.cursor(&consumer, 0).await?.seq
             }
         };
+        // The size cap's record of this consumer (persistent), and what the worker
+        // found itself; the newer gap is shown.
+        let registry = self
+            .inner
+            .log
+            .consumers()
+            .await
+            .ok()
+            .and_then(|c| c.into_iter().find(|c| c.name == consumer));
+        let logged = registry
+            .as_ref()
+            .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
+        let gap = match (logged, found_gap) {
+            (Some(a), Some(b)) => Some(if a.1 > b.1 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        stats.gap = gap.map(|(g, at)| GapView {
+            from: g.from,
+            to: g.to,
+            records: g.len(),
+            at: Some(ms_to_time(at)),
+        });
+        stats.unconsumed_dropped = registry.map_or(0, |c| c.dropped);
         stats.cursor = cursor;
         stats.backlog = head.saturating_sub(cursor);
         Ok(DestinationView {
@@ -283,11 +311,13 @@ impl Engine {
         };
         // Start at the head: history is the business of replay, not of creation.
         let head = *self.inner.log.subscribe().borrow();
-        if head > 0 {
-            self.inner
-                .log
-                .commit(&format!("destination:{}", row.id), head)
-                .await?;
+        let start = self.inner.log.start(0).at(head);
+        self.inner
+            .log
+            .commit(&consumer_name(&row.id), &start)
+            .await?;
+        if !row.enabled {
+            self.inner.log.unpin(&consumer_name(&row.id)).await?;
         }
         // Build first so a sink that cannot be built is never stored.
         config.build()?;
@@ -358,6 +388,10 @@ impl Engine {
             old.stop().await;
         }
         self.inner.store.update_destination(row.clone()).await?;
+        if !row.enabled {
+            // A disabled destination does not hold the log back (see module docs).
+            self.inner.log.unpin(&consumer_name(&row.id)).await?;
+        }
         if row.enabled {
             let worker = self.spawn_worker(&row)?;
             self.inner
@@ -380,6 +414,9 @@ impl Engine {
         }
         if !self.inner.store.delete_destination(id).await? {
             return Err(DestinationError::NotFound);
+        }
+        if let Err(e) = self.inner.log.remove_consumer(&consumer_name(id)).await {
+            tracing::warn!(destination = %id, error = %e, "cannot remove the destination's cursor from the log");
         }
         tracing::info!(destination = %id, "destination deleted");
         Ok(())
@@ -468,7 +505,8 @@ impl Engine {
             after = last.seq;
             for r in page {
                 let seq = r.seq;
-                if !selector.accepts_record(&r.source_id, &r.call_type, r.event.as_deref()) {
+                if !selector.accepts_record(&r.source_id, r.call_type.as_str(), r.event.as_deref())
+                {
                     continue;
                 }
                 if let Some(item) = Item::from_record(r, false)
@@ -497,18 +535,5 @@ impl Engine {
         for s in stops {
             let _ = s.await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_match_segment() {
-        let o = EngineOptions::default();
-        assert_eq!(o.retry_min_backoff, Duration::from_secs(1));
-        assert_eq!(o.retry_max_backoff, Duration::from_secs(300));
-        assert_eq!(o.retry_window, Duration::from_secs(4 * 3600));
     }
 }

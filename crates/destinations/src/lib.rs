@@ -24,6 +24,7 @@ mod config;
 mod engine;
 mod error;
 mod filter;
+mod options;
 mod ratelimit;
 pub mod retry;
 pub mod segment;
@@ -38,9 +39,10 @@ pub use api::{
     ReplayOutcome, ReplayRequest,
 };
 pub use config::{DestinationConfig, REDACTED, TYPES};
-pub use engine::{Engine, EngineOptions, MAX_DEAD_LETTER_LIMIT};
+pub use engine::{Engine, MAX_DEAD_LETTER_LIMIT};
 pub use error::DestinationError;
 pub use filter::{CALL_TYPES, Filters};
+pub use options::EngineOptions;
 pub use retry::{DeliveryError, FailureKind};
 pub use segment::SegmentSettings;
 pub use webhook::WebhookSettings;

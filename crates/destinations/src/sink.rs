@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Number, Value};
 
 use tributary_eventlog::Record;
 
@@ -20,11 +20,11 @@ use crate::retry::DeliveryError;
 
 /// One event on its way to a destination.
 ///
-/// Only the fields the engine routes on are read from the payload (`userId`,
-/// `anonymousId`, `integrations`; call type and event name are log columns): the
-/// payload itself stays the stored string, which JSON sinks splice into request
-/// bodies verbatim. Sinks that transform events parse it themselves
-/// ([`Item::value`]).
+/// The engine routes on log columns (call type, event name, `userId`,
+/// `anonymousId`); only `integrations` comes from the payload, which is parsed for it
+/// only when it has that key. The payload itself stays the stored string, which JSON
+/// sinks splice into request bodies verbatim. Sinks that transform events parse it
+/// themselves ([`Item::value`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Item {
     /// The log record (its `payload` is sent verbatim by JSON sinks).
@@ -47,37 +47,25 @@ pub(crate) struct Item {
 /// Payloads in the log are written by serde_json, so never differ on that.)
 #[derive(Deserialize)]
 struct Routing<'a> {
-    #[serde(rename = "userId", borrow, default)]
-    user_id: Option<&'a RawValue>,
-    #[serde(rename = "anonymousId", borrow, default)]
-    anonymous_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     integrations: Option<&'a RawValue>,
 }
 
 impl Item {
-    /// Builds an item from a log record; `None` when the payload is not JSON.
+    /// Builds an item from a log record: its ordering key from the record's ids,
+    /// its `integrations` from the payload when the payload names them. `None` when
+    /// such a payload is not JSON (ingest writes every payload with serde_json, so
+    /// one without `integrations` is not parsed at all).
     pub(crate) fn from_record(r: Record, live: bool) -> Option<Item> {
-        let (user, integrations) = match serde_json::from_str::<Routing<'_>>(&r.payload) {
-            Ok(route) if r.payload.trim_start().starts_with('{') => {
-                let user = key_from_ids(
-                    raw_id(route.user_id),
-                    raw_id(route.anonymous_id),
-                    &r.message_id,
-                );
-                let integrations = route
-                    .integrations
-                    .filter(|raw| raw.get().starts_with('{'))
-                    .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
-                (user, integrations)
-            }
-            // Not an object, a repeated key, or not JSON: the general (slow) path
-            // decides, exactly as for any other payload.
-            _ => {
-                let value: Value = serde_json::from_str(&r.payload).ok()?;
-                let integrations = value.get("integrations").filter(|v| v.is_object()).cloned();
-                (user_key(&value, &r.message_id), integrations)
-            }
+        let user = key_from_ids(
+            r.user_id.clone().filter(|u| !u.is_empty()),
+            r.anonymous_id.clone().filter(|a| !a.is_empty()),
+            &r.message_id,
+        );
+        let integrations = if r.payload.contains("\"integrations\"") {
+            integrations_of(&r.payload)?
+        } else {
+            None
         };
         Some(Item {
             user: user.into(),
@@ -112,6 +100,7 @@ impl Item {
 
 /// The ordering key of an event: its userId, else its anonymousId, else its own
 /// messageId (an event with no identity is ordered with nothing).
+#[cfg(test)]
 pub(crate) fn user_key(v: &Value, message_id: &str) -> String {
     fn id(v: Option<&Value>) -> Option<String> {
         match v? {
@@ -133,18 +122,22 @@ fn key_from_ids(user: Option<String>, anonymous: Option<String>, message_id: &st
     }
 }
 
-/// An identity as [`user_key`] reads it, from unparsed JSON: a non-empty string or
-/// a number (in serde_json's canonical form); anything else is no identity.
-fn raw_id(raw: Option<&RawValue>) -> Option<String> {
-    let text = raw?.get();
-    match text.as_bytes().first()? {
-        b'"' => serde_json::from_str::<String>(text)
-            .ok()
-            .filter(|s| !s.is_empty()),
-        b'-' | b'0'..=b'9' => serde_json::from_str::<Number>(text)
-            .ok()
-            .map(|n| n.to_string()),
-        _ => None,
+/// The payload's `integrations` object (`Some(None)` when it has none or it is not an
+/// object); `None` when the payload is not JSON.
+fn integrations_of(payload: &str) -> Option<Option<Value>> {
+    match serde_json::from_str::<Routing<'_>>(payload) {
+        Ok(route) if payload.trim_start().starts_with('{') => Some(
+            route
+                .integrations
+                .filter(|raw| raw.get().starts_with('{'))
+                .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok()),
+        ),
+        // Not an object, a repeated key, or not JSON: the general (slow) path
+        // decides, exactly as for any other payload.
+        _ => {
+            let value: Value = serde_json::from_str(payload).ok()?;
+            Some(value.get("integrations").filter(|v| v.is_object()).cloned())
+        }
     }
 }
 
@@ -240,19 +233,30 @@ mod tests {
         assert_eq!(user_key(&json!({}), "m1"), "m:m1");
     }
 
+    /// A record as ingest writes it: the ids are the payload's (as `user_key` reads
+    /// them), in their own columns.
     fn record(payload: &str) -> Record {
+        let v: Option<Value> = serde_json::from_str(payload).ok();
+        let id = |k: &str| match v.as_ref().and_then(|v| v.get(k)) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
         Record {
             seq: 1,
             source_id: "s".into(),
             message_id: "m1".into(),
-            call_type: "track".into(),
+            call_type: tributary_eventlog::CallType::Track,
             event: None,
+            user_id: id("userId"),
+            anonymous_id: id("anonymousId"),
             received_at_ms: 0,
             payload: payload.into(),
         }
     }
 
-    /// The routing fields read without parsing the payload match a full parse.
+    /// Routing from the record's columns and the payload's `integrations` matches
+    /// a full parse of the payload.
     #[test]
     fn routing_fields_match_a_full_parse() {
         for payload in [
@@ -283,7 +287,11 @@ mod tests {
             assert_eq!(item.raw(), payload);
             assert_eq!(item.value().unwrap(), v);
         }
-        for bad in ["", "{", r#"{"userId":"u1"} x"#, r#"{"a":tru}"#, "not json"] {
+        for bad in [
+            r#"{"integrations":{"#,
+            r#"{"integrations":{}} x"#,
+            r#"{"integrations":tru}"#,
+        ] {
             assert!(Item::from_record(record(bad), true).is_none(), "{bad}");
         }
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
-use tributary_eventlog::Record;
+use tributary_eventlog::{CallType, Record};
 
 use crate::api::DeadLetter;
 use crate::error::DestinationError;
@@ -413,7 +413,7 @@ impl Store {
                         r.seq as i64,
                         r.source_id,
                         r.message_id,
-                        r.call_type,
+                        r.call_type.as_str(),
                         r.event,
                         r.received_at_ms,
                         r.payload,
@@ -581,7 +581,11 @@ impl Store {
     ) -> Result<Vec<(i64, Record)>, DestinationError> {
         self.call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, seq, source_id, message_id, call_type, event, received_at, payload
+                // The routing ids are the payload's (dead letters keep the record's
+                // columns that predate them).
+                "SELECT id, seq, source_id, message_id, call_type, event, received_at, payload,
+                        CAST(json_extract(payload, '$.userId') AS TEXT),
+                        CAST(json_extract(payload, '$.anonymousId') AS TEXT)
                  FROM dead_letters WHERE id = ?1",
             )?;
             let mut out = Vec::with_capacity(ids.len());
@@ -594,8 +598,19 @@ impl Store {
                                 seq: r.get::<_, i64>(1)? as u64,
                                 source_id: r.get(2)?,
                                 message_id: r.get(3)?,
-                                call_type: r.get(4)?,
+                                call_type: {
+                                    let t: String = r.get(4)?;
+                                    CallType::parse(&t).ok_or_else(|| {
+                                        rusqlite::Error::FromSqlConversionFailure(
+                                            4,
+                                            rusqlite::types::Type::Text,
+                                            format!("unknown call type {t:?}").into(),
+                                        )
+                                    })?
+                                },
                                 event: r.get(5)?,
+                                user_id: r.get(8)?,
+                                anonymous_id: r.get(9)?,
                                 received_at_ms: r.get(6)?,
                                 payload: r.get(7)?,
                             },
@@ -653,7 +668,9 @@ mod tests {
             seq,
             source_id: "s".into(),
             message_id: format!("m{seq}"),
-            call_type: "track".into(),
+            call_type: tributary_eventlog::CallType::Track,
+            user_id: None,
+            anonymous_id: None,
             event: Some("E".into()),
             received_at_ms: 1,
             payload: "{\"type\":\"track\"}".into(),

@@ -409,10 +409,15 @@ impl Config {
         })
     }
 
-    /// The event log settings, with its file under the data dir.
+    /// The event log settings, with its file under the data dir. Pruning runs at
+    /// least every tenth of the retention (but not more often than every second), so
+    /// short windows (tests, small disks) are honoured without tuning
+    /// `log.prune_interval`.
     pub fn log_config(&self) -> SqliteLogConfig {
+        let tenth = (self.log.retention / 10).max(Duration::from_secs(1));
         SqliteLogConfig {
             path: self.data_dir.join("events.db"),
+            prune_interval: self.log.prune_interval.min(tenth),
             ..self.log.clone()
         }
     }
@@ -513,6 +518,17 @@ mod tests {
         assert!(c.bench_null_log);
         assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
         assert_eq!(c.log_config().path, c.data_dir.join("events.db"));
+        assert_eq!(c.log_config().prune_interval, Duration::from_secs(60));
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_LOG_RETENTION", "5s"),
+                ("TRIBUTARY_LOG_MAX_BYTES", "1000000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.log_config().prune_interval, Duration::from_secs(1));
+        assert_eq!(c.log.max_bytes, Some(1_000_000));
     }
 
     #[test]

@@ -285,8 +285,10 @@ pub async fn append(
             NewRecord {
                 source_id: source.id.clone(),
                 message_id: n.message_id,
-                call_type: n.call_type.as_str().to_string(),
+                call_type: n.call_type,
                 event: n.event,
+                user_id: n.user_id,
+                anonymous_id: n.anonymous_id,
                 received_at_ms: n.received_at_ms,
                 payload: Value::Object(n.body).to_string(),
             }

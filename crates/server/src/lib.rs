@@ -36,7 +36,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tributary_eventlog::{EventLog, NullLog, SqliteLog};
+use tributary_eventlog::{EventLog, SqliteLog};
 
 use clock::{Clock, SystemClock};
 pub use config::Config;
@@ -167,7 +167,9 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         log
     } else if config.bench_null_log {
         tracing::warn!("bench mode: the no-op event log keeps nothing");
-        Arc::new(NullLog::default())
+        tributary_eventlog::bench_log().context(
+            "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
+        )?
     } else {
         Arc::new(
             SqliteLog::open(config.log_config())
@@ -184,7 +186,13 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
     let warehouse = match config.warehouse_config() {
-        None => None,
+        None => {
+            // Loading is off: the warehouse's old position must not hold the log.
+            if let Err(e) = log.unpin("warehouse").await {
+                tracing::warn!(error = %e, "cannot release the warehouse's log position");
+            }
+            None
+        }
         Some(wc) => {
             let catalog = {
                 let control = control.clone();

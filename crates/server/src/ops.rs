@@ -39,19 +39,57 @@ pub async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: the log can be read; reports its head and size.
+/// How long a loss by the log's size cap keeps `/ready` degraded.
+const LOSS_DEGRADES_FOR_MS: i64 = 24 * 3600 * 1000;
+
+/// Reasons the log degrades readiness: a consumer lost records it had not read to
+/// the size cap (`log.max_bytes`) within the last day. The log's consumer registry
+/// keeps when, so a restart does not hide it.
+pub(crate) async fn log_degraded(
+    log: &dyn tributary_eventlog::EventLog,
+    now_ms: i64,
+) -> Vec<String> {
+    let Ok(consumers) = log.consumers().await else {
+        return Vec::new();
+    };
+    consumers
+        .into_iter()
+        .filter_map(|c| {
+            let gap = c.gap?;
+            let at = c.gap_at_ms?;
+            (now_ms - at < LOSS_DEGRADES_FOR_MS).then(|| {
+                format!(
+                    "the event log's size cap deleted {} records {} had not read (seq {} to {})",
+                    gap.len(),
+                    c.name,
+                    gap.from,
+                    gap.to
+                )
+            })
+        })
+        .collect()
+}
+
+/// `GET /ready`: the log can be read; reports its head and size, and `degraded`
+/// with reasons when data was lost (see [`log_degraded`]).
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
     match state.log.stats().await {
-        Ok(s) => axum::Json(json!({
-            "status": "ready",
-            "log": {"head": s.head, "records": s.records, "bytes": s.bytes},
-            "warehouse": warehouse.map(|l| json!({
-                "lag_events": l.events, "lag_seconds": l.seconds,
-                "loaded_seq": l.loaded_seq, "retrying": l.retrying,
-            })),
-        }))
-        .into_response(),
+        Ok(s) => {
+            let reasons =
+                log_degraded(state.log.as_ref(), chrono::Utc::now().timestamp_millis()).await;
+            axum::Json(json!({
+                "status": if reasons.is_empty() { "ready" } else { "degraded" },
+                "reasons": reasons,
+                "log": {"head": s.head, "records": s.records, "bytes": s.bytes,
+                        "unconsumed_dropped": s.unconsumed_dropped},
+                "warehouse": warehouse.map(|l| json!({
+                    "lag_events": l.events, "lag_seconds": l.seconds,
+                    "loaded_seq": l.loaded_seq, "retrying": l.retrying,
+                })),
+            }))
+            .into_response()
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "unavailable", "reason": e.to_string()})),

@@ -20,6 +20,50 @@ use crate::{BackendKind, QueryResult, SchemaStatus, TableData, WarehouseConfig, 
 /// Name of the loader's position in the warehouse state tables and in the log.
 pub(crate) const CONSUMER: &str = "warehouse";
 
+/// Which log (and partition) a loader position belongs to. The warehouse keeps one
+/// position per `(consumer, log id, partition)`, so a second log loading into the same
+/// warehouse (a new data dir beside an old PostgreSQL) starts from its own beginning.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct StateKey {
+    /// The log's id (empty only for a row written before positions named their log).
+    pub log_id: String,
+    /// The log partition.
+    pub partition: u32,
+}
+
+impl StateKey {
+    /// The `consumer` value of this key in the SQLite state tables (which key by one
+    /// text column): `warehouse@<log id>/<partition>`. A row written before
+    /// positions named their log is plain `warehouse`.
+    pub(crate) fn sqlite_consumer(&self) -> String {
+        format!("{CONSUMER}@{}/{}", self.log_id, self.partition)
+    }
+}
+
+/// What a backend needs at start to find (or adopt) the loader's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claim {
+    /// The log this loader reads.
+    pub key: StateKey,
+    /// The log's head sequence number.
+    pub head: u64,
+    /// The log's own copy of the warehouse position (written after every commit).
+    pub hint: u64,
+}
+
+impl Claim {
+    /// Whether a position row written before positions named their log (seq
+    /// `legacy`) was written by this log. The log keeps its own copy of the position,
+    /// written after each warehouse commit, so the log that wrote the row has a copy
+    /// at most one batch behind it: it is adopted when `0 < hint ≤ legacy ≤ head`. A
+    /// new log (no copy, or a head below the row) never adopts it and loads from its
+    /// beginning instead — duplicates of records the old log had loaded are then
+    /// stopped by the `id` key.
+    pub(crate) fn adopts_legacy(&self, legacy: u64) -> bool {
+        self.hint > 0 && self.hint <= legacy && legacy <= self.head
+    }
+}
+
 /// Why a load failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum LoadError {
@@ -90,11 +134,13 @@ impl Backend {
         }
     }
 
-    /// Prepares the state tables and returns the loader's committed position.
-    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
+    /// Prepares the state tables and returns the loader's committed position in the
+    /// claimed log (adopting a pre-migration row if [`Claim::adopts_legacy`]); later
+    /// [`Backend::apply`] calls commit positions of that log.
+    pub(crate) async fn init(&self, claim: &Claim) -> Result<u64, LoadError> {
         match self {
-            Backend::Sqlite(b) => b.init().await,
-            Backend::Postgres(b) => b.init().await,
+            Backend::Sqlite(b) => b.init(claim).await,
+            Backend::Postgres(b) => b.init(claim).await,
         }
     }
 
@@ -106,7 +152,8 @@ impl Backend {
         }
     }
 
-    /// Commits a batch and the loader position `batch.last_seq`.
+    /// Commits a batch and the loader position `batch.last_seq` (of the log claimed
+    /// by [`Backend::init`]).
     pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
         match self {
             Backend::Sqlite(b) => b.apply(batch).await,
@@ -174,5 +221,27 @@ mod tests {
         assert!(parse_url("sqlite://").is_err());
         assert!(parse_url("mysql://db").is_err());
         assert!(parse_url("").is_err());
+    }
+
+    #[test]
+    fn a_pre_migration_position_is_adopted_only_by_the_log_that_wrote_it() {
+        let claim = |head, hint| Claim {
+            key: StateKey {
+                log_id: "l".into(),
+                partition: 0,
+            },
+            head,
+            hint,
+        };
+        // The log that loaded up to 500 (its copy may lag one batch).
+        assert!(claim(800, 500).adopts_legacy(500));
+        assert!(claim(800, 400).adopts_legacy(500));
+        // A new log: no copy of the position, or a head below the row.
+        assert!(!claim(0, 0).adopts_legacy(500));
+        assert!(!claim(800, 0).adopts_legacy(500));
+        assert!(!claim(300, 300).adopts_legacy(500));
+        // A log whose copy is past the row loaded elsewhere since.
+        assert!(!claim(800, 600).adopts_legacy(500));
+        assert_eq!(claim(1, 1).key.sqlite_consumer(), "warehouse@l/0");
     }
 }

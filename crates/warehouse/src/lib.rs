@@ -161,6 +161,43 @@ pub struct WarehouseStatus {
     pub lag_events: u64,
     /// Age of the oldest record not loaded yet, in seconds (0 when caught up).
     pub lag_seconds: f64,
+    /// The newest range of log records the warehouse never loaded because they left
+    /// the log first (pruned by the size cap or before this warehouse first read the
+    /// log); `null` when none is known.
+    pub gap: Option<GapStatus>,
+    /// Records the log's size cap (`log.max_bytes`) deleted before the warehouse
+    /// loaded them, in total.
+    pub unconsumed_dropped: u64,
+}
+
+/// A range of log positions a consumer never got, in [`WarehouseStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GapStatus {
+    /// The log partition.
+    pub partition: u32,
+    /// First missing sequence number.
+    pub from: u64,
+    /// Last missing sequence number (inclusive).
+    pub to: u64,
+    /// How many records.
+    pub records: u64,
+    /// When it was found (ISO-8601 UTC).
+    pub at: Option<String>,
+}
+
+impl GapStatus {
+    /// A gap found at `at_ms` (ms since the epoch).
+    pub fn new(gap: tributary_eventlog::Gap, at_ms: Option<i64>) -> GapStatus {
+        GapStatus {
+            partition: gap.partition,
+            from: gap.from,
+            to: gap.to,
+            records: gap.len(),
+            at: at_ms
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .map(|t| types::format_timestamp(&t)),
+        }
+    }
 }
 
 /// One schema in [`WarehouseStatus`].
@@ -234,6 +271,7 @@ pub struct Lag {
 /// The warehouse: its loader task and the read side (status, tables, queries).
 pub struct Warehouse {
     backend: Arc<Backend>,
+    log: Arc<dyn EventLog>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -256,10 +294,17 @@ impl Warehouse {
         let backend = Arc::new(Backend::open(&config).await?);
         let shared = Arc::new(Shared::new(log.subscribe()));
         let (stop, stop_rx) = watch::channel(false);
-        let loader = Loader::new(log, catalog, backend.clone(), config, shared.clone());
+        let loader = Loader::new(
+            log.clone(),
+            catalog,
+            backend.clone(),
+            config,
+            shared.clone(),
+        );
         let task = tokio::spawn(loader.run(stop_rx));
         Ok(Warehouse {
             backend,
+            log,
             shared,
             stop,
             task: tokio::sync::Mutex::new(Some(task)),
@@ -275,12 +320,30 @@ impl Warehouse {
     pub async fn status(&self) -> Result<WarehouseStatus, WarehouseError> {
         let (schemas, last_load_at) = self.backend.status().await?;
         let lag = self.lag();
+        // What the log recorded for this consumer (the size cap), and what the loader
+        // found itself; the newer gap is shown.
+        let registry = self
+            .log
+            .consumers()
+            .await
+            .ok()
+            .and_then(|c| c.into_iter().find(|c| c.name == backend::CONSUMER));
+        let logged = registry
+            .as_ref()
+            .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
+        let found = self.shared.gap();
+        let gap = match (logged, found) {
+            (Some(a), Some(b)) => Some(if a.1 > b.1 { a } else { b }),
+            (a, b) => a.or(b),
+        };
         Ok(WarehouseStatus {
             kind: self.backend.kind(),
             schemas,
             last_load_at: last_load_at.map(|t| types::format_timestamp(&t)),
             lag_events: lag.events,
             lag_seconds: lag.seconds,
+            gap: gap.map(|(g, at)| GapStatus::new(g, Some(at))),
+            unconsumed_dropped: registry.map_or(0, |c| c.dropped),
         })
     }
 

@@ -16,6 +16,16 @@
 //! rows and its position are committed together in its own transaction, after the
 //! previous one. Planning and typing of a large batch use two threads.
 //!
+//! Positions: the loader reads from a [`Position`] of its log and the backend keeps
+//! one position per log ([`crate::backend::Claim`]), so a log the warehouse has not
+//! seen loads from its beginning (the `id` key stops rows another log loaded). At
+//! start, before the warehouse answers, the loader pins its position in the log's
+//! consumer registry so retention keeps what it has not loaded; after each commit the
+//! log's copy moves. Records found missing ([`read_checked`]: the log's first retained
+//! record is past the next one expected) are a gap: reported (error line,
+//! `tributary_log_gap_records_total{consumer="warehouse"}`, the warehouse status),
+//! never skipped silently.
+//!
 //! Invariants: the position only moves after the backend committed (exactly once is
 //! the backend's transaction; see the crate docs); records are loaded in log order;
 //! a transient failure retries the same records with exponential backoff and jitter
@@ -32,9 +42,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
-use tributary_eventlog::{EventLog, Record};
+use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
 
-use crate::backend::{Backend, CONSUMER, LoadError};
+use crate::backend::{Backend, CONSUMER, Claim, LoadError, StateKey};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
 use crate::plan::{Names, Planned, Skip, plan_record_with};
@@ -44,9 +54,12 @@ use crate::{Lag, SchemaCatalog, WarehouseConfig};
 pub(crate) struct Shared {
     head: watch::Receiver<u64>,
     loaded_seq: AtomicU64,
-    /// `received_at` (ms) of the oldest record read but not committed; 0 when none.
+    /// `received_at` (ms) of the oldest record not committed yet, as last seen; 0
+    /// when none is known.
     pending_since_ms: AtomicI64,
     retrying: AtomicBool,
+    /// The newest gap found in the log, and when (ms).
+    gap: std::sync::Mutex<Option<(Gap, i64)>>,
 }
 
 impl Shared {
@@ -56,7 +69,33 @@ impl Shared {
             loaded_seq: AtomicU64::new(0),
             pending_since_ms: AtomicI64::new(0),
             retrying: AtomicBool::new(false),
+            gap: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The newest gap the loader found in the log and when (ms since the epoch).
+    pub(crate) fn gap(&self) -> Option<(Gap, i64)> {
+        *self.gap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reports records missing from the log: an error line, a counter, the status
+    /// (once per gap: a retried read finds the same one again).
+    fn report_gap(&self, gap: Gap) {
+        if self.gap().is_some_and(|(last, _)| last == gap) {
+            return;
+        }
+        metrics::counter!("tributary_log_gap_records_total", "consumer" => CONSUMER)
+            .increment(gap.len());
+        tracing::error!(
+            consumer = CONSUMER,
+            partition = gap.partition,
+            from = gap.from,
+            to = gap.to,
+            records = gap.len(),
+            "records left the event log before the warehouse loaded them"
+        );
+        *self.gap.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((gap, Utc::now().timestamp_millis()));
     }
 
     pub(crate) fn lag(&self) -> Lag {
@@ -116,7 +155,7 @@ pub(crate) struct Loader {
 /// The records after position `after`, read (and if possible built) while the batch
 /// ending at `after` committed. Used only if the loader's position is then `after`.
 struct Ahead {
-    after: u64,
+    after: Position,
     records: Arc<Vec<Record>>,
     batch: Option<Prebuilt>,
 }
@@ -163,11 +202,16 @@ fn adopt(known: &mut HashMap<String, SchemaState>, changes: &SchemaChanges) {
 async fn build_ahead(
     log: Arc<dyn EventLog>,
     catalog: Arc<dyn SchemaCatalog>,
-    after: u64,
+    after: Position,
     max: usize,
     known: HashMap<String, SchemaState>,
 ) -> Option<Ahead> {
-    let records = Arc::new(read_log(log.as_ref(), after, max).await.ok()?);
+    let (records, gap) = read_log(log.as_ref(), &after, max).await.ok()?;
+    if gap.is_some() {
+        // Read again (and reported) on the loader's own path.
+        return None;
+    }
+    let records = Arc::new(records);
     let last_seq = records.last()?.seq;
     let now = Utc::now();
     let input = records.clone();
@@ -309,14 +353,22 @@ impl Loader {
     }
 
     pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        self.estimate_position().await;
-        let Some(mut cursor) = self.init(&mut stop).await else {
+        let hint = self.estimate_position().await;
+        let Some(seq) = self.init(&hint, &mut stop).await else {
             return;
         };
-        self.shared.loaded_seq.store(cursor, Ordering::Release);
+        let mut cursor = hint.at(seq);
+        self.shared.loaded_seq.store(cursor.seq, Ordering::Release);
         self.shared.pending_since_ms.store(0, Ordering::Release);
+        // The log's copy follows the warehouse's (lower for a warehouse that has not
+        // loaded this log yet), so retention keeps what is still to load.
+        if cursor != hint
+            && let Err(e) = self.log.commit(CONSUMER, &cursor).await
+        {
+            tracing::warn!(error = %e, "could not record the warehouse position in the log");
+        }
         self.shared.publish();
-        tracing::info!(position = cursor, kind = ?self.backend.kind(), "warehouse loader started");
+        tracing::info!(position = %cursor, kind = ?self.backend.kind(), "warehouse loader started");
 
         let mut head_rx = self.log.subscribe();
         let mut last_load: Option<Instant> = None;
@@ -326,8 +378,12 @@ impl Loader {
                 break;
             }
             let head = *head_rx.borrow_and_update();
+            if head > cursor.seq && self.shared.pending_since_ms.load(Ordering::Acquire) == 0 {
+                // Records wait: lag in seconds counts from the oldest of them.
+                self.note_oldest(&cursor).await;
+            }
             self.shared.publish();
-            if head <= cursor {
+            if head <= cursor.seq {
                 tokio::select! {
                     r = head_rx.changed() => {
                         if r.is_err() && sleep_or_stop(interval, &mut stop).await {
@@ -338,7 +394,7 @@ impl Loader {
                 }
                 continue;
             }
-            let waiting = head - cursor;
+            let waiting = head - cursor.seq;
             if let Some(t) = last_load {
                 let elapsed = t.elapsed();
                 if elapsed < interval && waiting < self.config.batch_max as u64 {
@@ -358,12 +414,19 @@ impl Loader {
                 Some(a) if a.after == cursor => Some(a),
                 _ => None,
             };
+            let mut gap = None;
             let (records, prebuilt) = match ahead {
                 Some(a) => (Ok(a.records), a.batch),
                 None => (
-                    read_log(self.log.as_ref(), cursor, self.config.batch_max)
+                    read_log(self.log.as_ref(), &cursor, self.config.batch_max)
                         .await
-                        .map(Arc::new),
+                        .map(|(records, found)| {
+                            if let Some(found) = found {
+                                self.shared.report_gap(found);
+                                gap = Some(found);
+                            }
+                            Arc::new(records)
+                        }),
                     None,
                 ),
             };
@@ -378,6 +441,20 @@ impl Loader {
                 }
             };
             let Some(last) = records.last().map(|r| r.seq) else {
+                if let Some(gap) = gap {
+                    // Everything after the position is gone (reported above): the
+                    // position moves past the gap, in the warehouse's transaction.
+                    let past = LoadBatch {
+                        schemas: Vec::new(),
+                        last_seq: gap.to,
+                        loaded_at: Utc::now(),
+                    };
+                    if self.commit(past).await.is_ok() {
+                        cursor = cursor.at(gap.to);
+                        self.shared.pending_since_ms.store(0, Ordering::Release);
+                        continue;
+                    }
+                }
                 // The head moved but nothing is readable yet; look again shortly.
                 if sleep_or_stop(interval.max(Duration::from_millis(50)), &mut stop).await {
                     break;
@@ -390,25 +467,39 @@ impl Loader {
                 .store(records[0].received_at_ms.max(1), Ordering::Release);
             match self.load(records, prebuilt, &mut stop).await {
                 true => {
-                    cursor = last;
+                    cursor = cursor.at(last);
                     self.shared.pending_since_ms.store(0, Ordering::Release);
                 }
                 false => break,
             }
         }
         self.shared.publish();
-        tracing::info!(position = cursor, "warehouse loader stopped");
+        tracing::info!(position = %cursor, "warehouse loader stopped");
     }
 
     /// Until the warehouse answers, reports lag from the log's copy of the position (a
     /// hint written after each commit) so `/ready` and `/metrics` are meaningful even
-    /// when the warehouse is down at startup.
-    async fn estimate_position(&self) {
-        let Ok(seq) = self.log.cursor(CONSUMER).await else {
-            return;
+    /// when the warehouse is down at startup. Pins that copy in the log's consumer
+    /// registry (registering the loader at the log's beginning if it never
+    /// committed), so retention keeps every record the warehouse may still need.
+    /// Returns the log's copy.
+    async fn estimate_position(&self) -> Position {
+        let hint = match self.log.cursor(CONSUMER, 0).await {
+            Ok(p) => p,
+            Err(_) => self.log.start(0),
         };
-        self.shared.loaded_seq.store(seq, Ordering::Release);
-        if let Ok(next) = self.log.read(seq, 1).await
+        if let Err(e) = self.log.commit(CONSUMER, &hint).await {
+            tracing::warn!(error = %e, "could not register the warehouse with the event log");
+        }
+        self.shared.loaded_seq.store(hint.seq, Ordering::Release);
+        self.note_oldest(&hint).await;
+        hint
+    }
+
+    /// Remembers `received_at` of the first record after `after` as the oldest one
+    /// waiting (lag in seconds counts from it).
+    async fn note_oldest(&self, after: &Position) {
+        if let Ok(next) = self.log.read(after, 1).await
             && let Some(r) = next.first()
         {
             self.shared
@@ -417,11 +508,20 @@ impl Loader {
         }
     }
 
-    /// Prepares the backend; retries until it works or shutdown.
-    async fn init(&self, stop: &mut watch::Receiver<bool>) -> Option<u64> {
+    /// Prepares the backend and finds the position of this log in it; retries until
+    /// it works or shutdown. `hint` is the log's copy of the position.
+    async fn init(&self, hint: &Position, stop: &mut watch::Receiver<bool>) -> Option<u64> {
         let mut attempt = 0;
         loop {
-            match self.backend.init().await {
+            let claim = Claim {
+                key: StateKey {
+                    log_id: hint.log_id.clone(),
+                    partition: hint.partition,
+                },
+                head: *self.shared.head.borrow(),
+                hint: hint.seq,
+            };
+            match self.backend.init(&claim).await {
                 Ok(seq) => {
                     self.shared.retrying.store(false, Ordering::Release);
                     return Some(seq);
@@ -430,6 +530,12 @@ impl Loader {
                     self.shared.retrying.store(true, Ordering::Release);
                     tracing::warn!(error = %e, attempt, "warehouse not ready; retrying");
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    // Events keep arriving while the warehouse is down: their age is
+                    // the lag.
+                    if self.shared.pending_since_ms.load(Ordering::Acquire) == 0 {
+                        self.note_oldest(hint).await;
+                    }
+                    self.shared.publish();
                     if sleep_or_stop(backoff(attempt, jitter()), stop).await {
                         return None;
                     }
@@ -534,10 +640,10 @@ impl Loader {
     /// cache is then exactly that (no `already_loaded`, no failure in between).
     async fn commit_and_build_ahead(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
         self.ahead = None;
-        let after = batch.last_seq;
+        let after = self.log.start(0).at(batch.last_seq);
         let head = *self.shared.head.borrow();
         let max = self.config.batch_max;
-        if head.saturating_sub(after) < max as u64 {
+        if head.saturating_sub(after.seq) < max as u64 {
             return self.commit(batch).await;
         }
         let mut known = self.known.clone();
@@ -604,7 +710,11 @@ impl Loader {
             .record(started.elapsed().as_secs_f64());
         // The log's copy of the position is informational (retention, tooling); the
         // warehouse's own copy is authoritative, so a failure here is harmless.
-        if let Err(e) = self.log.commit(CONSUMER, last_seq).await {
+        if let Err(e) = self
+            .log
+            .commit(CONSUMER, &self.log.start(0).at(last_seq))
+            .await
+        {
             tracing::debug!(error = %e, "could not record the warehouse position in the log");
         }
         Ok(())
@@ -640,22 +750,25 @@ impl Loader {
     }
 }
 
-/// Reads up to `max` records after `cursor`.
+/// Reads up to `max` records after `cursor`, and the gap before them if records the
+/// loader expected next are gone.
 async fn read_log(
     log: &dyn EventLog,
-    cursor: u64,
+    cursor: &Position,
     max: usize,
-) -> Result<Vec<Record>, tributary_eventlog::LogError> {
-    let mut out = log.read(cursor, max).await?;
+) -> Result<(Vec<Record>, Option<Gap>), tributary_eventlog::LogError> {
+    let first = read_checked(log, cursor, max).await?;
+    let mut out = first.records;
     while !out.is_empty() && out.len() < max {
-        let after = out.last().map_or(cursor, |r| r.seq);
-        let more = log.read(after, max - out.len()).await?;
-        if more.is_empty() {
+        let after = cursor.at(out.last().map_or(cursor.seq, |r| r.seq));
+        let more = log.read(&after, max - out.len()).await?;
+        // Records missing in between are found (and reported) by the next read.
+        if more.first().is_none_or(|r| r.seq != after.seq + 1) {
             break;
         }
         out.extend(more);
     }
-    Ok(out)
+    Ok((out, first.gap))
 }
 
 /// The schema a record loads into, if its source has a usable one.
@@ -758,8 +871,10 @@ mod tests {
                     seq: seq + 1,
                     source_id: "src".into(),
                     message_id: format!("t-1-{seq:08}"),
-                    call_type: "track".into(),
+                    call_type: tributary_eventlog::CallType::Track,
                     event: Some("Bench Event".into()),
+                    user_id: Some(format!("user-{}", seq % 10_000)),
+                    anonymous_id: None,
                     received_at_ms: 1_800_000_000_000,
                     payload: payload.to_string(),
                 }
@@ -837,8 +952,10 @@ mod tests {
             seq: 42,
             source_id: "src".into(),
             message_id: "m-42".into(),
-            call_type: "track".into(),
+            call_type: tributary_eventlog::CallType::Track,
             event: Some("Email Delivered".into()),
+            user_id: None,
+            anonymous_id: Some("a-42".into()),
             received_at_ms: 1_800_000_000_000,
             payload: r#"{"type":"track","event":"Email Delivered","messageId":"m-42"}"#.into(),
         };

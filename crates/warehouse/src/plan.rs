@@ -528,8 +528,10 @@ pub fn fuzz_plan_differential(payload: &str) -> Result<(), String> {
         seq: 1,
         source_id: "src".into(),
         message_id: "m".into(),
-        call_type: "track".into(),
+        call_type: tributary_eventlog::CallType::Track,
         event: None,
+        user_id: None,
+        anonymous_id: None,
         received_at_ms: 1_800_000_000_000,
         payload: payload.into(),
     };
@@ -1226,8 +1228,13 @@ mod tests {
             seq,
             source_id: "src".into(),
             message_id: payload["messageId"].as_str().unwrap_or("m").to_string(),
-            call_type: payload["type"].as_str().unwrap_or("track").to_string(),
+            call_type: payload["type"]
+                .as_str()
+                .and_then(tributary_eventlog::CallType::parse)
+                .unwrap_or(tributary_eventlog::CallType::Track),
             event: payload["event"].as_str().map(str::to_string),
+            user_id: None,
+            anonymous_id: None,
             received_at_ms: 1_800_000_000_000,
             payload: payload.to_string(),
         }

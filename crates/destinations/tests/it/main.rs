@@ -4,5 +4,6 @@
 mod activecampaign;
 mod delivery;
 mod restart;
+mod retention;
 mod segment;
 mod support;

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tributary_destinations::{CreateDestination, DestinationView, Engine, EngineOptions};
-use tributary_eventlog::{EventLog, NewRecord, SqliteLog, SqliteLogConfig};
+use tributary_eventlog::{CallType, EventLog, NewRecord, SqliteLog, SqliteLogConfig};
 
 /// The source every test event comes from.
 pub const SOURCE: &str = "src_test";
@@ -110,7 +110,9 @@ pub async fn append(log: &dyn EventLog, events: Vec<Value>) {
                 .unwrap_or(SOURCE)
                 .to_string(),
             message_id: e["messageId"].as_str().unwrap().to_string(),
-            call_type: e["type"].as_str().unwrap().to_string(),
+            call_type: CallType::parse(e["type"].as_str().unwrap()).unwrap(),
+            user_id: id(&e["userId"]),
+            anonymous_id: id(&e["anonymousId"]),
             event: e
                 .get("event")
                 .or(e.get("name"))
@@ -341,4 +343,13 @@ pub fn assert_exactly_once(got: &[String], expected: &[String]) {
         assert_eq!(counts.get(e.as_str()), Some(&1), "{e} delivered once");
     }
     assert_eq!(got.len(), expected.len(), "no unexpected deliveries");
+}
+
+/// An id as ingest keeps it in the log's column: a string, or a number as text.
+fn id(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }

@@ -12,7 +12,9 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower::ServiceExt;
-use tributary_eventlog::{AppendStatus, EventLog, LogError, LogStats, NewRecord, Record};
+use tributary_eventlog::{
+    AppendStatus, ConsumerState, EventLog, LogError, LogStats, NewRecord, Position, Record,
+};
 use tributary_server::clock::FixedClock;
 use tributary_server::control::SourceType;
 use tributary_server::{AppState, Config, Parts, open_state_with, router};
@@ -28,8 +30,14 @@ impl EventLog for FailingLog {
     async fn append(&self, _b: Vec<NewRecord>) -> Result<Vec<AppendStatus>, LogError> {
         Err((self.error)())
     }
-    async fn read(&self, _a: u64, _l: usize) -> Result<Vec<Record>, LogError> {
+    fn log_id(&self) -> &str {
+        "failing"
+    }
+    async fn read(&self, _a: &Position, _l: usize) -> Result<Vec<Record>, LogError> {
         Ok(vec![])
+    }
+    async fn first_retained(&self, _p: u32) -> Result<u64, LogError> {
+        Ok(1)
     }
     async fn latest(&self, _s: &str, _l: usize) -> Result<Vec<Record>, LogError> {
         Ok(vec![])
@@ -40,11 +48,20 @@ impl EventLog for FailingLog {
     async fn get(&self, _s: &[u64]) -> Result<Vec<Record>, LogError> {
         Ok(vec![])
     }
-    async fn cursor(&self, _c: &str) -> Result<u64, LogError> {
-        Ok(0)
+    async fn cursor(&self, _c: &str, partition: u32) -> Result<Position, LogError> {
+        Ok(self.start(partition))
     }
-    async fn commit(&self, _c: &str, _s: u64) -> Result<(), LogError> {
+    async fn commit(&self, _c: &str, _p: &Position) -> Result<(), LogError> {
         Ok(())
+    }
+    async fn unpin(&self, _c: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+    async fn remove_consumer(&self, _c: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+    async fn consumers(&self) -> Result<Vec<ConsumerState>, LogError> {
+        Ok(vec![])
     }
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()

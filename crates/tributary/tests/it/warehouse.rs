@@ -185,7 +185,7 @@ async fn seed_query_on_the_embedded_sqlite_warehouse() {
 
 /// Creates a fresh PostgreSQL database for one test (so parallel runs do not share
 /// the `activecampaign` schema or the loader's state), via `psql`.
-fn fresh_postgres_db(test: &str) -> Option<String> {
+pub(crate) fn fresh_postgres_db(test: &str) -> Option<String> {
     let name = format!(
         "tributary_it_{}_{}",
         std::process::id(),

@@ -21,7 +21,7 @@ use tokio_postgres::error::SqlState;
 
 use super::copy::{self, CopyError};
 use super::{classify, sql_type};
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::backend::{ApplyStats, CONSUMER, LoadError, StateKey};
 use crate::evolve::{Discard, LoadBatch, LoadRow, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, quote};
 use crate::plan::TableKind;
@@ -32,13 +32,18 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 pub(super) async fn apply(
     client: &mut deadpool_postgres::Object,
     state: &str,
+    key: &StateKey,
     batch: &LoadBatch,
 ) -> Result<ApplyStats, LoadError> {
     let tx = client.transaction().await.map_err(classify)?;
+    let partition = key.partition as i32;
     let position: i64 = tx
         .query_one(
-            &format!("SELECT seq FROM {state}.loader_state WHERE consumer = $1 FOR UPDATE"),
-            &[&CONSUMER],
+            &format!(
+                "SELECT seq FROM {state}.loader_state
+                 WHERE consumer = $1 AND log_id = $2 AND log_partition = $3 FOR UPDATE"
+            ),
+            &[&CONSUMER, &key.log_id, &partition],
         )
         .await
         .map_err(classify)?
@@ -164,9 +169,10 @@ pub(super) async fn apply(
     }
     tx.execute(
         &format!(
-            "UPDATE {state}.loader_state SET seq = $2, updated_at = now() WHERE consumer = $1"
+            "UPDATE {state}.loader_state SET seq = $2, updated_at = now()
+             WHERE consumer = $1 AND log_id = $3 AND log_partition = $4"
         ),
-        &[&CONSUMER, &(batch.last_seq as i64)],
+        &[&CONSUMER, &(batch.last_seq as i64), &key.log_id, &partition],
     )
     .await
     .map_err(classify)?;

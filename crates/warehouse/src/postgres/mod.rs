@@ -2,7 +2,10 @@
 //!
 //! One PostgreSQL schema per source schema; the loader's own tables live in the state
 //! schema (default `tributary`): `migrations` (versions applied, under an advisory
-//! lock so several nodes can start at once) and `loader_state` (the position).
+//! lock so several nodes can start at once) and `loader_state` (the position, one row
+//! per `(consumer, log_id, log_partition)`; a row from before positions named their
+//! log has `log_id = ''` until the log that wrote it adopts it, see
+//! [`crate::backend::Claim::adopts_legacy`]).
 //! Two connection pools: one for loading, one for reads whose sessions default to
 //! read-only transactions.
 //!
@@ -31,7 +34,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::backend::{ApplyStats, CONSUMER, Claim, LoadError, StateKey};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, quote};
 use crate::types::{Cell, ColumnType};
@@ -44,6 +47,8 @@ pub(crate) struct PostgresBackend {
     state_schema: String,
     query_timeout: Duration,
     query_max_rows: usize,
+    /// The log whose position `apply` commits, set by `init`.
+    key: std::sync::RwLock<StateKey>,
 }
 
 /// PostgreSQL type of a column type.
@@ -128,14 +133,24 @@ fn pool_error(e: deadpool_postgres::PoolError) -> LoadError {
     LoadError::Transient(format!("cannot get a connection: {e}"))
 }
 
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE {state}.loader_state (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE {state}.loader_state (
         consumer text PRIMARY KEY,
         seq bigint NOT NULL,
         updated_at timestamptz NOT NULL DEFAULT now()
     )",
-)];
+    ),
+    // Positions name their log: existing rows keep `log_id = ''` until adopted.
+    (
+        2,
+        "ALTER TABLE {state}.loader_state ADD COLUMN log_id text NOT NULL DEFAULT '';
+         ALTER TABLE {state}.loader_state ADD COLUMN log_partition integer NOT NULL DEFAULT 0;
+         ALTER TABLE {state}.loader_state DROP CONSTRAINT loader_state_pkey;
+         ALTER TABLE {state}.loader_state ADD PRIMARY KEY (consumer, log_id, log_partition)",
+    ),
+];
 
 fn build_pool(cfg: tokio_postgres::Config, size: usize) -> Result<Pool, WarehouseError> {
     let manager = Manager::from_config(
@@ -198,6 +213,7 @@ impl PostgresBackend {
             state_schema: config.state_schema.clone(),
             query_timeout: config.query_timeout,
             query_max_rows: config.query_max_rows,
+            key: std::sync::RwLock::new(StateKey::default()),
         })
     }
 
@@ -205,8 +221,10 @@ impl PostgresBackend {
         quote(&self.state_schema)
     }
 
-    /// Applies the state-schema migrations and returns the loader position.
-    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
+    /// Applies the state-schema migrations and returns the loader position in the
+    /// claimed log (adopting the pre-migration row when it is this log's). Runs under
+    /// the migrations lock, so two nodes never both adopt or insert.
+    pub(crate) async fn init(&self, claim: &Claim) -> Result<u64, LoadError> {
         let mut client = self.load_pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(classify)?;
         tx.execute(
@@ -247,24 +265,65 @@ impl PostgresBackend {
             .map_err(classify)?;
             tracing::info!(version, "warehouse state schema migrated");
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO {state}.loader_state (consumer, seq) VALUES ($1, 0)
-                 ON CONFLICT (consumer) DO NOTHING"
-            ),
-            &[&CONSUMER],
-        )
-        .await
-        .map_err(classify)?;
-        let seq: i64 = tx
-            .query_one(
-                &format!("SELECT seq FROM {state}.loader_state WHERE consumer = $1"),
-                &[&CONSUMER],
+        let key = &claim.key;
+        let partition = key.partition as i32;
+        let own = tx
+            .query_opt(
+                &format!(
+                    "SELECT seq FROM {state}.loader_state
+                     WHERE consumer = $1 AND log_id = $2 AND log_partition = $3"
+                ),
+                &[&CONSUMER, &key.log_id, &partition],
             )
             .await
             .map_err(classify)?
-            .get(0);
+            .map(|r| r.get::<_, i64>(0));
+        let seq = match own {
+            Some(seq) => seq,
+            None => {
+                let legacy = tx
+                    .query_opt(
+                        &format!(
+                            "SELECT seq FROM {state}.loader_state
+                             WHERE consumer = $1 AND log_id = '' AND log_partition = $2"
+                        ),
+                        &[&CONSUMER, &partition],
+                    )
+                    .await
+                    .map_err(classify)?
+                    .map(|r| r.get::<_, i64>(0));
+                match legacy {
+                    Some(seq) if claim.adopts_legacy(seq.max(0) as u64) => {
+                        tx.execute(
+                            &format!(
+                                "UPDATE {state}.loader_state SET log_id = $2
+                                 WHERE consumer = $1 AND log_id = '' AND log_partition = $3"
+                            ),
+                            &[&CONSUMER, &key.log_id, &partition],
+                        )
+                        .await
+                        .map_err(classify)?;
+                        tracing::info!(position = seq, log_id = %key.log_id,
+                            "warehouse position from before log ids adopted by this log");
+                        seq
+                    }
+                    _ => {
+                        tx.execute(
+                            &format!(
+                                "INSERT INTO {state}.loader_state (consumer, log_id, log_partition, seq)
+                                 VALUES ($1, $2, $3, 0)"
+                            ),
+                            &[&CONSUMER, &key.log_id, &partition],
+                        )
+                        .await
+                        .map_err(classify)?;
+                        0
+                    }
+                }
+            }
+        };
         tx.commit().await.map_err(classify)?;
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = key.clone();
         Ok(seq.max(0) as u64)
     }
 
@@ -300,7 +359,8 @@ impl PostgresBackend {
 
     pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
         let mut client = self.load_pool.get().await.map_err(pool_error)?;
-        let result = load::apply(&mut client, &self.state(), &batch).await;
+        let key = self.key.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = load::apply(&mut client, &self.state(), &key, &batch).await;
         if matches!(result, Err(LoadError::Transient(_))) {
             // The session may be broken; do not return it to the pool.
             let _ = deadpool_postgres::Object::take(client);

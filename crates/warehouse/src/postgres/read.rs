@@ -166,7 +166,8 @@ pub(super) async fn status(
         let last: Option<DateTime<Utc>> = c
             .query_opt(
                 &format!(
-                    "SELECT updated_at FROM {state}.loader_state WHERE consumer = $1 AND seq > 0"
+                    "SELECT max(updated_at) FROM {state}.loader_state WHERE consumer = $1 AND seq > 0
+                     HAVING max(updated_at) IS NOT NULL"
                 ),
                 &[&CONSUMER],
             )

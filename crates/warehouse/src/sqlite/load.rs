@@ -17,7 +17,7 @@ use std::path::Path;
 use rusqlite::{Transaction, TransactionBehavior, params_from_iter};
 
 use super::{Writer, classify, sql_type, table_columns};
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::backend::{ApplyStats, LoadError};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
 use crate::plan::TableKind;
@@ -27,10 +27,18 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
     let mut stats = ApplyStats::default();
     let loaded_at = format_timestamp(&batch.loaded_at);
     let mut all_loaded_before = true;
+    let consumer = w.consumer.clone();
     for schema in &batch.schemas {
         let conn = w.schema(dir, &schema.schema).map_err(classify)?;
-        let fresh =
-            apply_schema(conn, schema, batch.last_seq, &loaded_at, &mut stats).map_err(classify)?;
+        let fresh = apply_schema(
+            conn,
+            &consumer,
+            schema,
+            batch.last_seq,
+            &loaded_at,
+            &mut stats,
+        )
+        .map_err(classify)?;
         all_loaded_before &= !fresh;
     }
     let state = w.state(dir).map_err(classify)?;
@@ -39,7 +47,7 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
             "INSERT INTO loader_state (consumer, seq, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at
              WHERE excluded.seq > loader_state.seq",
-            rusqlite::params![CONSUMER, batch.last_seq as i64, loaded_at],
+            rusqlite::params![consumer, batch.last_seq as i64, loaded_at],
         )
         .map_err(classify)?;
     stats.already_loaded = !batch.schemas.is_empty() && all_loaded_before;
@@ -49,6 +57,7 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
 /// Loads one schema's part of the batch; false when the file was already past it.
 fn apply_schema(
     conn: &mut rusqlite::Connection,
+    consumer: &str,
     load: &SchemaLoad,
     last_seq: u64,
     loaded_at: &str,
@@ -58,7 +67,7 @@ fn apply_schema(
     let position: u64 = tx
         .query_row(
             &format!("SELECT seq FROM {} WHERE consumer = ?1", quote(STATE_TABLE)),
-            [CONSUMER],
+            [consumer],
             |r| r.get::<_, i64>(0),
         )
         .map(|s| s.max(0) as u64)
@@ -120,7 +129,7 @@ fn apply_schema(
              ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
             quote(STATE_TABLE)
         ),
-        rusqlite::params![CONSUMER, last_seq as i64, loaded_at],
+        rusqlite::params![consumer, last_seq as i64, loaded_at],
     )?;
     tx.commit()?;
     Ok(true)

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql};
 
-use crate::backend::{ApplyStats, CONSUMER, LoadError};
+use crate::backend::{ApplyStats, CONSUMER, Claim, LoadError};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
 use crate::types::{Cell, ColumnType, format_timestamp, parse_timestamp};
@@ -50,6 +50,9 @@ pub(crate) struct SqliteBackend {
 struct Writer {
     state: Option<Connection>,
     schemas: HashMap<String, Connection>,
+    /// The `consumer` key of the loader's position ([`crate::backend::StateKey::sqlite_consumer`]),
+    /// set by `init`.
+    consumer: String,
 }
 
 impl Writer {
@@ -103,6 +106,37 @@ fn system_tables_sql() -> String {
         d = quote(DISCARDS_TABLE),
         s = quote(STATE_TABLE),
     )
+}
+
+/// Renames the pre-migration `warehouse` position rows to `key`: every schema
+/// file's, then the state file's.
+fn adopt_legacy(w: &mut Writer, dir: &Path, key: &str) -> rusqlite::Result<()> {
+    let mut schemas = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) == Some(SCHEMA_EXT)
+                && path.file_name().and_then(|n| n.to_str()) != Some(STATE_FILE)
+                && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+            {
+                schemas.push(stem.to_string());
+            }
+        }
+    }
+    for schema in schemas {
+        w.schema(dir, &schema)?.execute(
+            &format!(
+                "UPDATE {} SET consumer = ?1 WHERE consumer = ?2",
+                quote(STATE_TABLE)
+            ),
+            [key, CONSUMER],
+        )?;
+    }
+    w.state(dir)?.execute(
+        "UPDATE loader_state SET consumer = ?1 WHERE consumer = ?2",
+        [key, CONSUMER],
+    )?;
+    Ok(())
 }
 
 pub(crate) fn schema_path(dir: &Path, schema: &str) -> PathBuf {
@@ -258,20 +292,37 @@ impl SqliteBackend {
         writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) async fn init(&self) -> Result<u64, LoadError> {
-        let (dir, writer) = (self.dir.clone(), self.writer.clone());
+    /// Finds the position of the claimed log: its own row, else the pre-migration
+    /// `warehouse` row if [`Claim::adopts_legacy`] (renamed in every schema file
+    /// first and in the state file last, so a crash in between repeats the same
+    /// adoption), else 0.
+    pub(crate) async fn init(&self, claim: &Claim) -> Result<u64, LoadError> {
+        let (dir, writer, claim) = (self.dir.clone(), self.writer.clone(), claim.clone());
         blocking(move || {
             let mut w = Self::lock(&writer);
-            let conn = w.state(&dir).map_err(classify)?;
-            let seq: Option<i64> = conn
-                .query_row(
+            let key = claim.key.sqlite_consumer();
+            let read = |conn: &Connection, consumer: &str| {
+                conn.query_row(
                     "SELECT seq FROM loader_state WHERE consumer = ?1",
-                    [CONSUMER],
-                    |r| r.get(0),
+                    [consumer],
+                    |r| r.get::<_, i64>(0),
                 )
                 .optional()
-                .map_err(classify)?;
-            Ok(seq.unwrap_or(0).max(0) as u64)
+                .map(|s| s.map(|s| s.max(0) as u64))
+            };
+            let conn = w.state(&dir).map_err(classify)?;
+            let mut seq = read(conn, &key).map_err(classify)?;
+            if seq.is_none()
+                && let Some(legacy) = read(conn, CONSUMER).map_err(classify)?
+                && claim.adopts_legacy(legacy)
+            {
+                adopt_legacy(&mut w, &dir, &key).map_err(classify)?;
+                tracing::info!(position = legacy, log_id = %claim.key.log_id,
+                    "warehouse position from before log ids adopted by this log");
+                seq = Some(legacy);
+            }
+            w.consumer = key;
+            Ok(seq.unwrap_or(0))
         })
         .await
     }

@@ -18,7 +18,6 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::{column_type, schema_path, stored_timestamp, table_columns};
-use crate::backend::CONSUMER;
 use crate::naming::{STATE_TABLE, quote, validate_schema_name};
 use crate::types::ColumnType;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
@@ -109,13 +108,13 @@ pub(super) fn status(
     let state = dir.join(super::STATE_FILE);
     let last_load_at = if state.exists() {
         let conn = open_ro(&state).map_err(unavailable)?;
-        conn.query_row(
-            "SELECT updated_at FROM loader_state WHERE consumer = ?1",
-            [CONSUMER],
-            |r| r.get::<_, String>(0),
-        )
+        // The newest load of any log this warehouse has loaded.
+        conn.query_row("SELECT MAX(updated_at) FROM loader_state", [], |r| {
+            r.get::<_, Option<String>>(0)
+        })
         .optional()
         .map_err(unavailable)?
+        .flatten()
         .and_then(|s| stored_timestamp(&s))
     } else {
         None

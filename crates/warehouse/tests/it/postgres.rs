@@ -199,7 +199,10 @@ async fn postgres_unreachable_at_start_is_retried_not_fatal() {
         )
         .await;
     // An earlier run loaded up to seq 1 and left that hint in the log.
-    h.log.commit("warehouse", 1).await.expect("commit hint");
+    h.log
+        .commit("warehouse", &h.log.start(0).at(1))
+        .await
+        .expect("commit hint");
     let wh = h.open_with(config).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !wh.lag().retrying {

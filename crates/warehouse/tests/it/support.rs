@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tributary_eventlog::{AppendStatus, EventLog, NewRecord, SqliteLog, SqliteLogConfig};
+use tributary_eventlog::{AppendStatus, CallType, EventLog, NewRecord, SqliteLog, SqliteLogConfig};
 use tributary_warehouse::{QueryResult, SchemaCatalog, Warehouse, WarehouseConfig};
 
 pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -87,6 +87,27 @@ impl Harness {
         }
     }
 
+    /// Another data dir's log (a new, empty `SqliteLog` with its own id) loading into
+    /// the same warehouse, with the same catalog.
+    pub async fn with_new_log(&self) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(SqliteLogConfig {
+            path: dir.path().join("events.db"),
+            ..Default::default()
+        })
+        .await
+        .expect("open log");
+        Harness {
+            dir,
+            log: Arc::new(log),
+            catalog: self.catalog.clone(),
+            url: self.url.clone(),
+            prefix: self.prefix.clone(),
+            state_schema: self.state_schema.clone(),
+            postgres: self.postgres,
+        }
+    }
+
     pub fn config(&self) -> WarehouseConfig {
         let mut c = WarehouseConfig::new(self.url.clone());
         c.batch_interval = Duration::from_millis(50);
@@ -127,7 +148,9 @@ impl Harness {
             .map(|m| NewRecord {
                 source_id: source.to_string(),
                 message_id: m["messageId"].as_str().expect("messageId").to_string(),
-                call_type: m["type"].as_str().expect("type").to_string(),
+                call_type: m["type"].as_str().and_then(CallType::parse).expect("type"),
+                user_id: m["userId"].as_str().map(str::to_string),
+                anonymous_id: m["anonymousId"].as_str().map(str::to_string),
                 event: m
                     .get("event")
                     .or_else(|| m.get("name"))

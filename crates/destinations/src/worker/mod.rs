@@ -29,10 +29,18 @@
 //! passed since its first attempt; then its events become dead letters. A permanent
 //! failure of a multi-event batch is bisected to find the poison events, which
 //! become dead letters while the rest are delivered.
+//!
+//! **Positions and gaps.** The cursor is a [`Position`] of the log (its id and
+//! partition with the seq), committed to the log's consumer registry, which also
+//! makes it bound retention while the destination is enabled (the engine unpins a
+//! disabled one; the worker pins it again when it starts). Records found missing
+//! after the cursor (retention or the size cap deleted them first) are a gap:
+//! an error line, `tributary_log_gap_records_total{consumer}` and the
+//! destination's stats — never skipped silently.
+mod delivery;
+mod schedule;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,14 +48,15 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Instant;
-use tributary_eventlog::{EventLog, Record};
+use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
 
-use crate::engine::EngineOptions;
 use crate::filter::Selector;
-use crate::retry::{DeliveryError, random_unit, retry_delay};
+use crate::options::EngineOptions;
+use crate::retry::DeliveryError;
 use crate::sink::{Item, Sink};
-use crate::store::{BatchEnd, NewDeadLetter, Recovery, Store};
+use crate::store::{Recovery, Store};
+use delivery::run_batch;
+use schedule::{Scheduler, Slot};
 
 /// Most events held in memory per destination (queued plus in flight).
 pub(crate) const MAX_PENDING: usize = 10_000;
@@ -80,6 +89,8 @@ pub(crate) struct LiveStats {
     pub in_flight: AtomicU64,
     /// The committed cursor.
     pub cursor: AtomicU64,
+    /// The newest gap found after the cursor, and when (ms).
+    pub gap: Mutex<Option<(Gap, i64)>>,
     /// The last failure seen (message, ms), before it is persisted.
     pub last_error: Mutex<Option<(String, i64)>>,
 }
@@ -138,6 +149,7 @@ impl WorkerHandle {
         let (stop, stop_rx) = watch::channel(RUNNING);
         let (commands, cmd_rx) = mpsc::unbounded_channel();
         let head_rx = log.subscribe();
+        let log_start = log.start(0);
         let shared = Arc::new(Shared {
             consumer: format!("destination:{id}"),
             id,
@@ -154,7 +166,7 @@ impl WorkerHandle {
             sched: Scheduler::default(),
             outstanding: BTreeSet::new(),
             read_pos: 0,
-            committed: 0,
+            committed: log_start,
             recovery: Recovery::default(),
             jobs: VecDeque::new(),
             tasks: JoinSet::new(),
@@ -197,141 +209,6 @@ impl WorkerHandle {
     }
 }
 
-enum Slot {
-    Ready(Item),
-    /// An accepted live event not held in memory.
-    Deferred {
-        seq: u64,
-        maybe_dup: bool,
-    },
-}
-
-#[derive(Default)]
-struct UserQueue {
-    slots: VecDeque<Slot>,
-    /// `Ready` slots in `slots`.
-    loaded: usize,
-    busy: bool,
-}
-
-/// Per-user queues. Invariant: a user is in `ready` iff it is not busy and its
-/// queue starts with a `Ready` slot; in `needs_load` iff not busy and its queue
-/// starts with a `Deferred` slot.
-#[derive(Default)]
-struct Scheduler {
-    users: HashMap<Arc<str>, UserQueue>,
-    ready: VecDeque<Arc<str>>,
-    needs_load: Vec<Arc<str>>,
-    /// Events in memory: queued `Ready` slots plus events in flight.
-    loaded: usize,
-    /// `Deferred` slots.
-    deferred: usize,
-}
-
-impl Scheduler {
-    fn push(&mut self, item: Item, defer_over: usize) {
-        let user = item.user.clone();
-        let q = self.users.entry(user.clone()).or_default();
-        let was_empty = q.slots.is_empty();
-        if item.live && q.loaded >= defer_over {
-            q.slots.push_back(Slot::Deferred {
-                seq: item.seq(),
-                maybe_dup: item.maybe_dup,
-            });
-            self.deferred += 1;
-        } else {
-            q.slots.push_back(Slot::Ready(item));
-            q.loaded += 1;
-            self.loaded += 1;
-        }
-        if was_empty && !q.busy {
-            match q.slots.front() {
-                Some(Slot::Ready(_)) => self.ready.push_back(user),
-                _ => self.needs_load.push(user),
-            }
-        }
-    }
-
-    /// The next batch: head events of ready users, in their order, up to the limits.
-    fn next_batch(&mut self, max_events: usize, max_bytes: usize) -> Option<Vec<Item>> {
-        let mut items: Vec<Item> = Vec::new();
-        let mut bytes = 0usize;
-        while items.len() < max_events {
-            let Some(user) = self.ready.pop_front() else {
-                break;
-            };
-            let Some(q) = self.users.get_mut(&user) else {
-                continue;
-            };
-            if q.busy {
-                continue;
-            }
-            let mut took = 0;
-            while items.len() < max_events {
-                match q.slots.front() {
-                    Some(Slot::Ready(it)) => {
-                        if !items.is_empty() && bytes + it.size() > max_bytes {
-                            break;
-                        }
-                        bytes += it.size();
-                        if let Some(Slot::Ready(it)) = q.slots.pop_front() {
-                            items.push(it);
-                        }
-                        q.loaded -= 1;
-                        took += 1;
-                    }
-                    _ => break,
-                }
-            }
-            if took == 0 {
-                match q.slots.front() {
-                    Some(Slot::Deferred { .. }) => self.needs_load.push(user),
-                    Some(Slot::Ready(_)) => {
-                        self.ready.push_front(user);
-                        break;
-                    }
-                    None => {
-                        self.users.remove(&user);
-                    }
-                }
-                continue;
-            }
-            q.busy = true;
-        }
-        (!items.is_empty()).then_some(items)
-    }
-
-    /// A batch of these users ended: they may go again.
-    fn release(&mut self, items: &[Item]) {
-        self.loaded = self.loaded.saturating_sub(items.len());
-        for item in items {
-            let Some(q) = self.users.get_mut(&item.user) else {
-                continue;
-            };
-            if !q.busy {
-                continue;
-            }
-            q.busy = false;
-            match q.slots.front() {
-                Some(Slot::Ready(_)) => self.ready.push_back(item.user.clone()),
-                Some(Slot::Deferred { .. }) => self.needs_load.push(item.user.clone()),
-                None => {
-                    self.users.remove(&item.user);
-                }
-            }
-        }
-    }
-
-    /// Puts a batch back at the front of its users' queues (after a task died).
-    fn requeue(&mut self, items: Vec<Item>) {
-        for item in items.into_iter().rev() {
-            let q = self.users.entry(item.user.clone()).or_default();
-            q.loaded += 1;
-            q.slots.push_front(Slot::Ready(item));
-        }
-    }
-}
-
 struct Worker {
     shared: Arc<Shared>,
     sched: Scheduler,
@@ -339,7 +216,8 @@ struct Worker {
     outstanding: BTreeSet<u64>,
     /// Highest sequence number read from the log.
     read_pos: u64,
-    committed: u64,
+    /// The committed cursor.
+    committed: Position,
     recovery: Recovery,
     jobs: VecDeque<ReplayJob>,
     tasks: JoinSet<bool>,
@@ -358,7 +236,7 @@ impl Worker {
         if !self.start(&mut stop).await {
             return;
         }
-        tracing::info!(destination = %id, cursor = self.committed, "destination worker started");
+        tracing::info!(destination = %id, cursor = %self.committed, "destination worker started");
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -402,18 +280,22 @@ impl Worker {
             }
         }
         self.commit().await;
-        tracing::info!(destination = %id, cursor = self.committed, "destination worker stopped");
+        tracing::info!(destination = %id, cursor = %self.committed, "destination worker stopped");
     }
 
     /// Reads the cursor and the recovery markers; false if stopped meanwhile.
     async fn start(&mut self, stop: &mut watch::Receiver<u8>) -> bool {
         loop {
-            let res = self.shared.log.cursor(&self.shared.consumer).await;
+            let res = self.shared.log.cursor(&self.shared.consumer, 0).await;
             match res {
                 Ok(c) => {
-                    self.read_pos = c;
+                    // Enabled again: hold records back from retention from here on.
+                    if let Err(e) = self.shared.log.commit(&self.shared.consumer, &c).await {
+                        tracing::warn!(destination = %self.shared.id, error = %e, "cannot pin destination cursor");
+                    }
+                    self.read_pos = c.seq;
+                    self.shared.live.cursor.store(c.seq, Ordering::Relaxed);
                     self.committed = c;
-                    self.shared.live.cursor.store(c, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
@@ -431,7 +313,7 @@ impl Worker {
         match self
             .shared
             .store
-            .recovery(&self.shared.id, self.committed)
+            .recovery(&self.shared.id, self.committed.seq)
             .await
         {
             Ok(r) => {
@@ -464,22 +346,16 @@ impl Worker {
     /// filters refuse, queues the rest.
     fn accept_live(&mut self, r: Record) {
         let seq = r.seq;
-        if seq > self.read_pos + 1 {
-            // Sequence numbers are dense; a hole means retention removed events this
-            // destination had not read yet.
-            tracing::warn!(destination = %self.shared.id, from = self.read_pos + 1, to = seq - 1,
-                "events left the log before this destination read them");
-        }
         self.read_pos = self.read_pos.max(seq);
         if self.recovery.done.remove(&seq) {
             return;
         }
         let maybe_dup = self.recovery.maybe.remove(&seq);
-        if !self
-            .shared
-            .selector
-            .accepts_record(&r.source_id, &r.call_type, r.event.as_deref())
-        {
+        if !self.shared.selector.accepts_record(
+            &r.source_id,
+            r.call_type.as_str(),
+            r.event.as_deref(),
+        ) {
             return;
         }
         let Some(mut item) = Item::from_record(r, true) else {
@@ -505,10 +381,19 @@ impl Worker {
                 break;
             }
             let room = (MAX_PENDING - self.sched.loaded).clamp(1, READ_PAGE);
-            match self.shared.log.read(self.read_pos, room).await {
-                Ok(records) if records.is_empty() => break,
-                Ok(records) => {
-                    for r in records {
+            let after = self.committed.at(self.read_pos);
+            match read_checked(self.shared.log.as_ref(), &after, room).await {
+                Ok(read) => {
+                    if let Some(gap) = read.gap {
+                        self.report_gap(gap);
+                    }
+                    if read.records.is_empty() {
+                        if let Some(gap) = read.gap {
+                            self.read_pos = self.read_pos.max(gap.to);
+                        }
+                        break;
+                    }
+                    for r in read.records {
                         self.accept_live(r);
                     }
                 }
@@ -709,17 +594,38 @@ impl Worker {
         }
     }
 
+    /// Reports records missing from the log after the cursor: an error line, a
+    /// counter, the destination's stats. They are past: reading goes on after them.
+    fn report_gap(&self, gap: Gap) {
+        metrics::counter!("tributary_log_gap_records_total", "consumer" => self.shared.consumer.clone())
+            .increment(gap.len());
+        tracing::error!(destination = %self.shared.id, partition = gap.partition, from = gap.from,
+            to = gap.to, records = gap.len(), "events left the log before this destination read them");
+        *self
+            .shared
+            .live
+            .gap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((gap, Utc::now().timestamp_millis()));
+    }
+
     async fn commit(&mut self) {
         let wm = self.watermark();
         let head = *self.head_rx.borrow();
         metrics::gauge!("tributary_destination_backlog", "destination" => self.shared.id.clone())
             .set(head.saturating_sub(wm) as f64);
-        if wm <= self.committed {
+        if wm <= self.committed.seq {
             return;
         }
-        match self.shared.log.commit(&self.shared.consumer, wm).await {
+        let position = self.committed.at(wm);
+        match self
+            .shared
+            .log
+            .commit(&self.shared.consumer, &position)
+            .await
+        {
             Ok(()) => {
-                self.committed = wm;
+                self.committed = position;
                 self.shared.live.cursor.store(wm, Ordering::Relaxed);
                 if let Err(e) = self.shared.store.prune_batches(&self.shared.id, wm).await {
                     tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot prune delivery markers");
@@ -729,307 +635,5 @@ impl Worker {
                 tracing::warn!(destination = %self.shared.id, error = %e, "cannot commit destination cursor");
             }
         }
-    }
-}
-
-/// How one event of a batch ended.
-#[derive(Debug)]
-enum Outcome {
-    Delivered,
-    Skipped,
-    Dead {
-        attempts: u32,
-        error: DeliveryError,
-        first_attempt_ms: i64,
-    },
-}
-
-/// A batch stopped without an outcome (the worker is stopping).
-#[derive(Debug)]
-struct Abandoned {
-    /// Some event of it may have reached the receiver.
-    maybe_delivered: bool,
-}
-
-/// What a batch saw along the way.
-#[derive(Default)]
-struct BatchNotes {
-    last_error: Option<(String, i64)>,
-}
-
-/// Sends one batch to its end and records it; true when it ended (false when
-/// abandoned because the worker is stopping).
-async fn run_batch(shared: Arc<Shared>, items: Vec<Item>) -> bool {
-    let live_seqs: Vec<u64> = items.iter().filter(|i| i.live).map(Item::seq).collect();
-    let batch_id = if live_seqs.is_empty() {
-        None
-    } else {
-        let id = shared.store.next_batch_id();
-        if let Err(e) = shared.store.batch_started(&shared.id, id, live_seqs).await {
-            tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record batch start");
-        }
-        Some(id)
-    };
-    let mut stop = shared.stop.subscribe();
-    let mut notes = BatchNotes::default();
-    let outcomes = deliver(&shared, &items, &mut stop, &mut notes).await;
-    match outcomes {
-        Ok(outcomes) => {
-            record_end(&shared, &items, outcomes, batch_id, notes).await;
-            true
-        }
-        Err(abandoned) => {
-            if let Some(b) = batch_id
-                && let Err(e) = shared
-                    .store
-                    .batch_abandoned(&shared.id, b, abandoned.maybe_delivered)
-                    .await
-            {
-                tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record abandoned batch");
-            }
-            false
-        }
-    }
-}
-
-async fn record_end(
-    shared: &Shared,
-    items: &[Item],
-    outcomes: Vec<Outcome>,
-    batch_id: Option<u64>,
-    notes: BatchNotes,
-) {
-    let now = Utc::now().timestamp_millis();
-    let mut end = BatchEnd {
-        batch_id,
-        error: notes.last_error,
-        ..BatchEnd::default()
-    };
-    for (item, outcome) in items.iter().zip(outcomes) {
-        match outcome {
-            Outcome::Delivered => {
-                end.delivered += 1;
-                end.redelivered += u64::from(item.maybe_dup);
-                end.success_ms = Some(now);
-                end.replayed_ok.extend(item.dead_letter_id);
-                let latency = (now - item.record.received_at_ms).max(0) as f64 / 1000.0;
-                metrics::histogram!("tributary_destination_delivery_latency_seconds", "destination" => shared.id.clone())
-                    .record(latency);
-            }
-            Outcome::Skipped => {
-                end.skipped += 1;
-                end.replayed_ok.extend(item.dead_letter_id);
-            }
-            Outcome::Dead {
-                attempts,
-                error,
-                first_attempt_ms,
-            } => {
-                tracing::warn!(destination = %shared.id, seq = item.seq(), message_id = %item.record.message_id,
-                    attempts, error = %error, "event dead-lettered");
-                end.error = Some((error.message.clone(), now));
-                end.dead.push(NewDeadLetter {
-                    record: item.record.clone(),
-                    attempts,
-                    last_status: error.status(),
-                    last_response: error.response.clone(),
-                    error: error.message.clone(),
-                    first_attempt_ms,
-                });
-            }
-        }
-    }
-    let labels = [("destination", shared.id.clone())];
-    metrics::counter!("tributary_destination_delivered_total", &labels).increment(end.delivered);
-    metrics::counter!("tributary_destination_dead_lettered_total", &labels)
-        .increment(end.dead.len() as u64);
-    metrics::counter!("tributary_destination_skipped_total", &labels).increment(end.skipped);
-    if let Err(e) = shared.store.batch_finished(&shared.id, end).await {
-        tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record batch end; its events will count as redelivered after a restart");
-    }
-}
-
-type DeliverFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Outcome>, Abandoned>> + Send + 'a>>;
-
-/// Sends `items` until they end: delivered, skipped, or dead after a permanent
-/// failure or the retry window. Permanent failures of several events are bisected
-/// so only the poison events die. Halves go in order, keeping per-user order.
-fn deliver<'a>(
-    shared: &'a Shared,
-    items: &'a [Item],
-    stop: &'a mut watch::Receiver<u8>,
-    notes: &'a mut BatchNotes,
-) -> DeliverFuture<'a> {
-    Box::pin(async move {
-        let started = Instant::now();
-        let first_attempt_ms = Utc::now().timestamp_millis();
-        let n = items.len() as u64;
-        let opts = &shared.options;
-        let mut attempt = 0u32;
-        let mut last_maybe = false;
-        loop {
-            if attempt > 0 && *stop.borrow() != RUNNING {
-                return Err(Abandoned {
-                    maybe_delivered: last_maybe,
-                });
-            }
-            attempt += 1;
-            let res = tokio::select! {
-                r = shared.sink.send(items) => r,
-                _ = stop.wait_for(|p| *p >= ABORT) => {
-                    return Err(Abandoned { maybe_delivered: true });
-                }
-            };
-            let error = match res {
-                Ok(report) => {
-                    let mut out: Vec<Outcome> = items.iter().map(|_| Outcome::Delivered).collect();
-                    for i in report.skipped {
-                        if let Some(o) = out.get_mut(i) {
-                            *o = Outcome::Skipped;
-                        }
-                    }
-                    for (i, error) in report.rejected {
-                        if let Some(o) = out.get_mut(i) {
-                            *o = Outcome::Dead {
-                                attempts: attempt,
-                                error,
-                                first_attempt_ms,
-                            };
-                        }
-                    }
-                    return Ok(out);
-                }
-                Err(e) => e,
-            };
-            notes.last_error = Some(shared.note_error(&error));
-            if !error.is_retriable() {
-                if items.len() > 1 {
-                    let mid = items.len() / 2;
-                    let mut first = deliver(shared, &items[..mid], stop, notes).await?;
-                    let second =
-                        deliver(shared, &items[mid..], stop, notes)
-                            .await
-                            .map_err(|_| Abandoned {
-                                maybe_delivered: true,
-                            })?;
-                    first.extend(second);
-                    return Ok(first);
-                }
-                return Ok(vec![Outcome::Dead {
-                    attempts: attempt,
-                    error,
-                    first_attempt_ms,
-                }]);
-            }
-            metrics::counter!("tributary_destination_retries_total", "destination" => shared.id.clone())
-                .increment(1);
-            last_maybe = error.maybe_delivered();
-            let elapsed = started.elapsed();
-            if elapsed >= opts.retry_window {
-                return Ok(items
-                    .iter()
-                    .map(|_| Outcome::Dead {
-                        attempts: attempt,
-                        error: error.clone(),
-                        first_attempt_ms,
-                    })
-                    .collect());
-            }
-            let delay = retry_delay(
-                attempt,
-                opts.retry_min_backoff,
-                opts.retry_max_backoff,
-                error.retry_after,
-                random_unit(),
-            )
-            .min(opts.retry_window - elapsed);
-            tracing::debug!(destination = %shared.id, attempt, delay_ms = delay.as_millis() as u64,
-                error = %error, "delivery failed; retrying");
-            shared.live.retrying.fetch_add(n, Ordering::Relaxed);
-            let stopped = tokio::select! {
-                _ = tokio::time::sleep(delay) => false,
-                _ = stop.wait_for(|p| *p >= DRAINING) => true,
-            };
-            shared.live.retrying.fetch_sub(n, Ordering::Relaxed);
-            if stopped {
-                return Err(Abandoned {
-                    maybe_delivered: last_maybe,
-                });
-            }
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn item(seq: u64, user: &str) -> Item {
-        let payload =
-            json!({"type":"track","event":"E","userId":user,"messageId":format!("m{seq}")});
-        Item::from_record(
-            Record {
-                seq,
-                source_id: "s".into(),
-                message_id: format!("m{seq}"),
-                call_type: "track".into(),
-                event: Some("E".into()),
-                received_at_ms: 0,
-                payload: payload.to_string(),
-            },
-            true,
-        )
-        .unwrap()
-    }
-
-    fn seqs(items: &[Item]) -> Vec<u64> {
-        items.iter().map(Item::seq).collect()
-    }
-
-    #[test]
-    fn busy_user_waits_others_flow() {
-        let mut s = Scheduler::default();
-        for (seq, u) in [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c")] {
-            s.push(item(seq, u), PER_USER_QUEUE);
-        }
-        let b1 = s.next_batch(2, usize::MAX).unwrap();
-        assert_eq!(seqs(&b1), vec![1, 2], "a's head events, in order");
-        let b2 = s.next_batch(10, usize::MAX).unwrap();
-        assert_eq!(seqs(&b2), vec![3, 5], "a is busy; b and c flow");
-        assert!(s.next_batch(10, usize::MAX).is_none());
-        s.release(&b1);
-        let b3 = s.next_batch(10, usize::MAX).unwrap();
-        assert_eq!(seqs(&b3), vec![4]);
-        s.release(&b2);
-        s.release(&b3);
-        assert!(s.users.is_empty());
-        assert_eq!(s.loaded, 0);
-    }
-
-    #[test]
-    fn byte_limit_keeps_at_least_one_event() {
-        let mut s = Scheduler::default();
-        s.push(item(1, "a"), PER_USER_QUEUE);
-        s.push(item(2, "b"), PER_USER_QUEUE);
-        let b = s.next_batch(10, 1).unwrap();
-        assert_eq!(seqs(&b), vec![1]);
-        let b = s.next_batch(10, 1).unwrap();
-        assert_eq!(seqs(&b), vec![2]);
-    }
-
-    #[test]
-    fn hot_user_overflow_is_deferred() {
-        let mut s = Scheduler::default();
-        for seq in 1..=5 {
-            s.push(item(seq, "hot"), 2);
-        }
-        assert_eq!(s.loaded, 2);
-        assert_eq!(s.deferred, 3);
-        let b = s.next_batch(10, usize::MAX).unwrap();
-        assert_eq!(seqs(&b), vec![1, 2]);
-        s.release(&b);
-        assert_eq!(s.needs_load.len(), 1, "deferred head must be re-read");
-        assert!(s.ready.is_empty());
     }
 }
