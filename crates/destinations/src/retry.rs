@@ -130,11 +130,7 @@ pub fn is_retriable_status(status: u16) -> bool {
 /// The exponential ceiling for the `attempt`-th retry (1-based): `min · 2^(attempt-1)`,
 /// capped at `max`.
 pub fn backoff_ceiling(attempt: u32, min: Duration, max: Duration) -> Duration {
-    let shift = attempt.saturating_sub(1).min(32);
-    min.checked_mul(1u32 << shift.min(31))
-        .unwrap_or(max)
-        .min(max)
-        .max(min.min(max))
+    tributary_model::backoff::ceiling(attempt, min, max)
 }
 
 /// The delay before the `attempt`-th retry: full jitter, uniform in
@@ -147,14 +143,7 @@ pub fn retry_delay(
     retry_after: Option<Duration>,
     unit: f64,
 ) -> Duration {
-    let ceiling = backoff_ceiling(attempt, min, max);
-    let floor = min.min(ceiling);
-    let unit = if unit.is_finite() {
-        unit.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let jittered = floor + (ceiling - floor).mul_f64(unit);
+    let jittered = tributary_model::backoff::delay(attempt, min, max, unit);
     match retry_after {
         Some(ra) => jittered.max(ra).min(max),
         None => jittered,

@@ -2,6 +2,7 @@
 //! (messageId, receivedAt, clock-skew corrected timestamps), go-snakecase naming and
 //! flattening for the warehouse. No I/O lives here.
 
+pub mod backoff;
 pub mod body;
 pub mod duration;
 pub mod flatten;

@@ -105,113 +105,11 @@ pub struct Source {
     pub created_at: DateTime<Utc>,
 }
 
-/// Words a schema may not be: SQL keywords and names the engines reserve.
-const RESERVED_SCHEMAS: &[&str] = &[
-    "all",
-    "and",
-    "any",
-    "as",
-    "asc",
-    "attach",
-    "between",
-    "by",
-    "case",
-    "check",
-    "column",
-    "constraint",
-    "create",
-    "cross",
-    "default",
-    "delete",
-    "desc",
-    "detach",
-    "distinct",
-    "drop",
-    "else",
-    "end",
-    "except",
-    "exists",
-    "false",
-    "for",
-    "foreign",
-    "from",
-    "full",
-    "grant",
-    "group",
-    "having",
-    "in",
-    "index",
-    "information_schema",
-    "inner",
-    "insert",
-    "intersect",
-    "into",
-    "is",
-    "join",
-    "left",
-    "like",
-    "limit",
-    "main",
-    "natural",
-    "not",
-    "null",
-    "offset",
-    "on",
-    "or",
-    "order",
-    "outer",
-    "pg_catalog",
-    "pg_temp",
-    "pg_toast",
-    "primary",
-    "public",
-    "references",
-    "right",
-    "select",
-    "set",
-    "table",
-    "temp",
-    "temporary",
-    "then",
-    "to",
-    "tributary",
-    "true",
-    "union",
-    "unique",
-    "update",
-    "user",
-    "using",
-    "values",
-    "when",
-    "where",
-    "with",
-];
-
-/// Checks a warehouse schema name: `[a-z_][a-z0-9_]*`, at most 63 characters, not a
-/// reserved word.
+/// Checks a warehouse schema name by the warehouse's one rule
+/// ([`tributary_warehouse::validate_schema_name`]: `[a-z_][a-z0-9_]*`, at most 63
+/// bytes, not a reserved word).
 pub fn validate_schema(s: &str) -> Result<(), ApiError> {
-    let mut chars = s.chars();
-    let ok_first = matches!(chars.next(), Some('a'..='z' | '_'));
-    let ok_rest = chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'));
-    if !ok_first || !ok_rest {
-        return Err(ApiError::bad(
-            "invalid_schema",
-            "schema must match [a-z_][a-z0-9_]* (lowercase letters, digits, underscores; not starting with a digit)",
-        ));
-    }
-    if s.len() > 63 {
-        return Err(ApiError::bad(
-            "invalid_schema",
-            "schema must be at most 63 characters",
-        ));
-    }
-    if RESERVED_SCHEMAS.contains(&s) || s.starts_with("pg_") || s.starts_with("sqlite_") {
-        return Err(ApiError::bad(
-            "invalid_schema",
-            format!("schema {s:?} is a reserved word; choose another name"),
-        ));
-    }
-    Ok(())
+    tributary_warehouse::validate_schema_name(s).map_err(|e| ApiError::bad("invalid_schema", e))
 }
 
 fn random_token(bytes: usize) -> String {

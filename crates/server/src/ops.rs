@@ -78,7 +78,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Ok(s) => {
             let reasons =
                 log_degraded(state.log.as_ref(), chrono::Utc::now().timestamp_millis()).await;
-            axum::Json(json!({
+            let body = json!({
                 "status": if reasons.is_empty() { "ready" } else { "degraded" },
                 "reasons": reasons,
                 "log": {"head": s.head, "records": s.records, "bytes": s.bytes,
@@ -87,8 +87,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
                     "lag_events": l.events, "lag_seconds": l.seconds,
                     "loaded_seq": l.loaded_seq, "retrying": l.retrying,
                 })),
-            }))
-            .into_response()
+            });
+            with_warehouse_health(&state, body)
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -96,6 +96,29 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `/ready`'s answer: 200 with `body`, or while the warehouse loader is failing 503
+/// `degraded` with the warehouse's own error first in `reasons` (also as `reason`)
+/// and its health under `warehouse.health` (events are still accepted; the log keeps
+/// them).
+fn with_warehouse_health(state: &AppState, mut body: serde_json::Value) -> Response {
+    let health = state.warehouse.as_ref().map(|w| w.health());
+    let Some(health) = health.filter(|h| h.is_failing()) else {
+        return axum::Json(body).into_response();
+    };
+    let reason = format!("warehouse: {}", health.last_error.as_deref().unwrap_or(""));
+    body["status"] = json!("degraded");
+    body["reason"] = json!(reason);
+    if let Some(reasons) = body["reasons"].as_array_mut() {
+        reasons.insert(0, json!(reason));
+    } else {
+        body["reasons"] = json!([reason]);
+    }
+    if body["warehouse"].is_object() {
+        body["warehouse"]["health"] = json!(health);
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -7,84 +7,19 @@
 //! position it reads inside its transaction; failures are classified as
 //! [`LoadError::Transient`] (retry the same batch later) or [`LoadError::Permanent`]
 //! (the data is refused; the loader isolates the record).
+//!
+//! Imports go one way: this module uses `sqlite` and `postgres`, which use only
+//! `outcome` (the load contract's result types), never this module.
 
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 
 use crate::evolve::{LoadBatch, SchemaState};
+use crate::outcome::{ApplyStats, Claim, LoadError};
 use crate::postgres::PostgresBackend;
 use crate::sqlite::SqliteBackend;
 use crate::{BackendKind, QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
-
-/// Name of the loader's position in the warehouse state tables and in the log.
-pub(crate) const CONSUMER: &str = "warehouse";
-
-/// Which log (and partition) a loader position belongs to. The warehouse keeps one
-/// position per `(consumer, log id, partition)`, so a second log loading into the same
-/// warehouse (a new data dir beside an old PostgreSQL) starts from its own beginning.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct StateKey {
-    /// The log's id (empty only for a row written before positions named their log).
-    pub log_id: String,
-    /// The log partition.
-    pub partition: u32,
-}
-
-impl StateKey {
-    /// The `consumer` value of this key in the SQLite state tables (which key by one
-    /// text column): `warehouse@<log id>/<partition>`. A row written before
-    /// positions named their log is plain `warehouse`.
-    pub(crate) fn sqlite_consumer(&self) -> String {
-        format!("{CONSUMER}@{}/{}", self.log_id, self.partition)
-    }
-}
-
-/// What a backend needs at start to find (or adopt) the loader's position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Claim {
-    /// The log this loader reads.
-    pub key: StateKey,
-    /// The log's head sequence number.
-    pub head: u64,
-    /// The log's own copy of the warehouse position (written after every commit).
-    pub hint: u64,
-}
-
-impl Claim {
-    /// Whether a position row written before positions named their log (seq
-    /// `legacy`) was written by this log. The log keeps its own copy of the position,
-    /// written after each warehouse commit, so the log that wrote the row has a copy
-    /// at most one batch behind it: it is adopted when `0 < hint ≤ legacy ≤ head`. A
-    /// new log (no copy, or a head below the row) never adopts it and loads from its
-    /// beginning instead — duplicates of records the old log had loaded are then
-    /// stopped by the `id` key.
-    pub(crate) fn adopts_legacy(&self, legacy: u64) -> bool {
-        self.hint > 0 && self.hint <= legacy && legacy <= self.head
-    }
-}
-
-/// Why a load failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum LoadError {
-    /// The warehouse is unreachable, busy, full or restarting: retry later.
-    #[error("transient: {0}")]
-    Transient(String),
-    /// The warehouse refused the data or the statement: retrying will not help.
-    #[error("permanent: {0}")]
-    Permanent(String),
-}
-
-/// What a committed batch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ApplyStats {
-    /// Rows inserted (or upserted into `users`).
-    pub rows: u64,
-    /// Discards recorded.
-    pub discards: u64,
-    /// The batch had been committed before (position already past it).
-    pub already_loaded: bool,
-}
 
 /// A configured backend.
 pub(crate) enum Backend {
@@ -157,7 +92,20 @@ impl Backend {
     pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
         match self {
             Backend::Sqlite(b) => b.apply(batch).await,
-            Backend::Postgres(b) => b.apply(batch).await,
+            Backend::Postgres(b) => b.apply(batch, false).await,
+        }
+    }
+
+    /// Commits the rows of a batch ahead of the position, without moving it (the
+    /// loader's express lane). `None` when the backend has no such lane (SQLite: a
+    /// new table costs no fsync there, so a large batch does not hold others up).
+    pub(crate) async fn apply_ahead(
+        &self,
+        batch: LoadBatch,
+    ) -> Option<Result<ApplyStats, LoadError>> {
+        match self {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.apply(batch, true).await),
         }
     }
 
@@ -200,6 +148,7 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::StateKey;
 
     #[test]
     fn parses_warehouse_urls() {

@@ -22,7 +22,11 @@
 //! it, so a crash, a retry or a second loader never loads a record twice; `id`
 //! (messageId) is the primary key and rows are inserted only if absent, a second guard
 //! that also collapses messages repeated beyond the log's dedupe window. `users` is
-//! upserted only from `identifies` rows that were actually inserted.
+//! upserted only from `identifies` rows that were actually inserted. A read that
+//! touches more than 100 tables is committed in consecutive parts, each with its own
+//! position; on PostgreSQL the other schemas' records may meanwhile be committed
+//! ahead of the position (module `loader`, express lane), relying on that second
+//! guard, and are committed again as no-ops when the position reaches them.
 //!
 //! Limits: identifiers are at most 63 bytes ([`naming`]), a table gets at most
 //! [`MAX_COLUMNS`] columns and a schema at most [`MAX_TABLES`] tables; what does not
@@ -32,12 +36,17 @@
 //! exponential backoff (the log keeps accepting events; [`Warehouse::lag`] grows); a
 //! batch the warehouse rejects for its data is split until the offending record is
 //! isolated, and that record is recorded in `tributary_discards` instead of blocking
-//! the loader.
+//! the loader. One load transaction writes at most 100 tables (a batch of many event
+//! names is loaded in consecutive parts, each with its position), and a batch too
+//! large for PostgreSQL's lock table is split, so no single request can wedge the
+//! loader. A warehouse that will not work until an operator acts (unknown database,
+//! bad password) is reported by [`Warehouse::health`] and retried once a minute.
 
 mod backend;
 mod evolve;
 mod loader;
 pub mod naming;
+mod outcome;
 mod plan;
 mod postgres;
 mod sqlite;
@@ -55,6 +64,7 @@ use crate::loader::{Loader, Shared};
 
 pub use crate::evolve::{MAX_COLUMNS, MAX_TABLES};
 pub use crate::naming::validate_schema_name;
+#[cfg(feature = "fuzz")]
 #[doc(hidden)]
 pub use crate::plan::fuzz_plan_differential;
 pub use crate::types::ColumnType;
@@ -161,6 +171,8 @@ pub struct WarehouseStatus {
     pub lag_events: u64,
     /// Age of the oldest record not loaded yet, in seconds (0 when caught up).
     pub lag_seconds: f64,
+    /// Whether loads are failing, since when and why.
+    pub health: WarehouseHealth,
     /// The newest range of log records the warehouse never loaded because they left
     /// the log first (pruned by the size cap or before this warehouse first read the
     /// log); `null` when none is known.
@@ -197,6 +209,44 @@ impl GapStatus {
                 .and_then(chrono::DateTime::from_timestamp_millis)
                 .map(|t| types::format_timestamp(&t)),
         }
+    }
+}
+
+/// Whether the loader can reach and load the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// The last attempt succeeded (or none failed yet).
+    Ok,
+    /// The last attempt failed with an error that may heal (unreachable, busy,
+    /// restarting): retried with backoff.
+    Retrying,
+    /// The last attempt failed with an error that will not heal by retrying soon
+    /// (unknown database, authentication, privileges): retried about once a minute
+    /// until an operator fixes the warehouse. Nothing is lost: the log keeps events.
+    Failed,
+}
+
+/// The loader's health (`GET /api/v1/warehouse`, `/ready`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WarehouseHealth {
+    /// `ok`, `retrying` or `failed`.
+    pub state: HealthState,
+    /// When the current run of failed attempts began (ISO-8601 UTC).
+    pub failing_since: Option<String>,
+    /// The last attempt's error, with the warehouse's own message (for PostgreSQL
+    /// its SQLSTATE and text, e.g. `3D000: database "x" does not exist`).
+    pub last_error: Option<String>,
+    /// Failed attempts in the current run.
+    pub failed_attempts: u64,
+    /// When the next attempt is due (ISO-8601 UTC).
+    pub next_attempt_at: Option<String>,
+}
+
+impl WarehouseHealth {
+    /// True while loads are failing.
+    pub fn is_failing(&self) -> bool {
+        self.state != HealthState::Ok
     }
 }
 
@@ -316,9 +366,16 @@ impl Warehouse {
         self.backend.kind()
     }
 
-    /// Schemas, tables with row counts, last load and lag.
+    /// Schemas, tables with row counts, last load, lag and health. While loads are
+    /// failing and the warehouse cannot be read either, the status still answers:
+    /// no schemas, and the health naming the error.
     pub async fn status(&self) -> Result<WarehouseStatus, WarehouseError> {
-        let (schemas, last_load_at) = self.backend.status().await?;
+        let health = self.health();
+        let (schemas, last_load_at) = match self.backend.status().await {
+            Ok(s) => s,
+            Err(WarehouseError::Unavailable(_)) if health.is_failing() => (Vec::new(), None),
+            Err(e) => return Err(e),
+        };
         let lag = self.lag();
         // What the log recorded for this consumer (the size cap), and what the loader
         // found itself; the newer gap is shown.
@@ -327,7 +384,7 @@ impl Warehouse {
             .consumers()
             .await
             .ok()
-            .and_then(|c| c.into_iter().find(|c| c.name == backend::CONSUMER));
+            .and_then(|c| c.into_iter().find(|c| c.name == outcome::CONSUMER));
         let logged = registry
             .as_ref()
             .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
@@ -342,9 +399,15 @@ impl Warehouse {
             last_load_at: last_load_at.map(|t| types::format_timestamp(&t)),
             lag_events: lag.events,
             lag_seconds: lag.seconds,
+            health,
             gap: gap.map(|(g, at)| GapStatus::new(g, Some(at))),
             unconsumed_dropped: registry.map_or(0, |c| c.dropped),
         })
+    }
+
+    /// Whether loads are failing, since when and why (no warehouse round trip).
+    pub fn health(&self) -> WarehouseHealth {
+        self.shared.health()
     }
 
     /// The newest `limit` rows of `schema.table` with its column types.

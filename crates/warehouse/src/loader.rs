@@ -16,8 +16,27 @@
 //! rows and its position are committed together in its own transaction, after the
 //! previous one. Planning and typing of a large batch use two threads.
 //!
+//! Bounded transactions: the records read are first cut into consecutive parts that
+//! touch at most [`MAX_TABLES_PER_LOAD`] tables each (counted from the log's columns:
+//! source, call type, event name — an over-estimate, never an under-estimate), so a
+//! batch of thousands of distinct event names cannot exhaust PostgreSQL's lock table
+//! (`53200 out of shared memory`). Each part is one backend transaction that commits
+//! its rows *and the position of its last record*; the last part commits the
+//! position of the whole read. Exactly once still holds: parts are consecutive and in
+//! log order, so after a crash between two parts the stored position is the end of
+//! the last committed part and loading resumes right after it; rows at or below the
+//! position are skipped inside each transaction as before.
+//!
+//! Express lane (PostgreSQL): while such a large read is loaded part by part, after
+//! each part the records of the *other* schemas (those not making the read large),
+//! later in the read or newly appended, are committed ahead of the position without
+//! moving it (see [`Loader::express`]), so other sources keep loading within seconds
+//! while one source's thousands of new tables are created. Exactly once for them
+//! rests on the second guard (`id` inserted only if absent): the regular pass commits
+//! them again as no-ops when the position reaches them.
+//!
 //! Positions: the loader reads from a [`Position`] of its log and the backend keeps
-//! one position per log ([`crate::backend::Claim`]), so a log the warehouse has not
+//! one position per log ([`crate::outcome::Claim`]), so a log the warehouse has not
 //! seen loads from its beginning (the `id` key stops rows another log loaded). At
 //! start, before the warehouse answers, the loader pins its position in the log's
 //! consumer registry so retention keeps what it has not loaded; after each commit the
@@ -29,26 +48,40 @@
 //! Invariants: the position only moves after the backend committed (exactly once is
 //! the backend's transaction; see the crate docs); records are loaded in log order;
 //! a transient failure retries the same records with exponential backoff and jitter
-//! forever (until shutdown) — nothing is skipped; a permanent failure is retried once
-//! with a fresh schema, then the batch is split in halves until the refused record is
-//! alone, and that record is committed as a discard so one bad record cannot stop the
-//! pipeline. Shutdown never interrupts a commit; it only cuts a backoff short.
+//! (until shutdown) — nothing is skipped; a batch too large for the warehouse is
+//! split in halves (a single record still too large is retried as transient); a
+//! permanent failure is retried once with a fresh schema, then the batch is split in
+//! halves until the refused record is alone, and that record is committed as a
+//! discard so one bad record cannot stop the pipeline; a configuration failure
+//! (unknown database, authentication) is reported ([`crate::Warehouse::health`],
+//! `/ready`) and retried every [`CONFIG_RETRY`] instead of in a hot loop. Shutdown
+//! never interrupts a commit; it only cuts a backoff short.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
 
-use crate::backend::{Backend, CONSUMER, Claim, LoadError, StateKey};
+use crate::backend::Backend;
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
+use crate::outcome::{CONSUMER, Claim, LoadError, StateKey};
 use crate::plan::{Names, Planned, Skip, plan_record_with};
-use crate::{Lag, SchemaCatalog, WarehouseConfig};
+use crate::{HealthState, Lag, SchemaCatalog, WarehouseConfig, WarehouseHealth};
+
+/// Most tables one load transaction writes. PostgreSQL's shared lock table holds
+/// `max_locks_per_transaction` (default 64) × connections entries for the whole
+/// server, and creating or copying into a table takes several (table, index, TOAST):
+/// 100 tables stay far below it even beside other sessions.
+pub(crate) const MAX_TABLES_PER_LOAD: usize = 100;
+
+/// How often a configuration failure (unknown database, authentication) is retried.
+pub(crate) const CONFIG_RETRY: Duration = Duration::from_secs(60);
 
 /// Loader progress shared with [`crate::Warehouse::lag`].
 pub(crate) struct Shared {
@@ -60,6 +93,18 @@ pub(crate) struct Shared {
     retrying: AtomicBool,
     /// The newest gap found in the log, and when (ms).
     gap: std::sync::Mutex<Option<(Gap, i64)>>,
+    /// The current run of failed attempts, if the last attempt failed.
+    failure: Mutex<Option<Failure>>,
+}
+
+/// A run of failed attempts to reach or load the warehouse.
+#[derive(Debug, Clone)]
+struct Failure {
+    since: DateTime<Utc>,
+    error: String,
+    config: bool,
+    attempts: u64,
+    next_attempt: DateTime<Utc>,
 }
 
 impl Shared {
@@ -70,6 +115,60 @@ impl Shared {
             pending_since_ms: AtomicI64::new(0),
             retrying: AtomicBool::new(false),
             gap: std::sync::Mutex::new(None),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Records a failed attempt; the next one comes after `delay`.
+    fn failed(&self, error: &LoadError, delay: Duration) {
+        self.retrying.store(true, Ordering::Release);
+        let now = Utc::now();
+        let next_attempt = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        let f = failure.get_or_insert(Failure {
+            since: now,
+            error: String::new(),
+            config: false,
+            attempts: 0,
+            next_attempt,
+        });
+        f.error = error.to_string();
+        f.config = matches!(error, LoadError::Config(_));
+        f.attempts += 1;
+        f.next_attempt = next_attempt;
+    }
+
+    /// Records a successful attempt: the failure run is over.
+    fn succeeded(&self) {
+        self.retrying.store(false, Ordering::Release);
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub(crate) fn health(&self) -> WarehouseHealth {
+        let failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match failure {
+            None => WarehouseHealth {
+                state: HealthState::Ok,
+                failing_since: None,
+                last_error: None,
+                failed_attempts: 0,
+                next_attempt_at: None,
+            },
+            Some(f) => WarehouseHealth {
+                state: if f.config {
+                    HealthState::Failed
+                } else {
+                    HealthState::Retrying
+                },
+                failing_since: Some(crate::types::format_timestamp(&f.since)),
+                last_error: Some(f.error),
+                failed_attempts: f.attempts,
+                next_attempt_at: Some(crate::types::format_timestamp(&f.next_attempt)),
+            },
         }
     }
 
@@ -124,12 +223,16 @@ impl Shared {
     }
 }
 
-/// Delay before retry number `attempt` (0-based): 250 ms doubling to 30 s, "equal
-/// jitter" (half fixed, half scaled by `jitter` ∈ [0, 1)).
+/// Delay before retry number `attempt` (0-based): model's backoff rule
+/// ([`tributary_model::backoff::delay`]), from 250 ms doubling to a 30 s ceiling, full
+/// jitter by `jitter` ∈ [0, 1).
 pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let base_ms = 250u64.saturating_mul(1u64 << attempt.min(20)).min(30_000);
-    let half = base_ms / 2;
-    Duration::from_millis(half + (half as f64 * jitter.clamp(0.0, 1.0)) as u64)
+    tributary_model::backoff::delay(
+        attempt.saturating_add(1),
+        Duration::from_millis(250),
+        Duration::from_secs(30),
+        jitter,
+    )
 }
 
 fn jitter() -> f64 {
@@ -314,6 +417,8 @@ fn plan_slice(
 enum ChunkError {
     /// The warehouse refuses these records.
     Permanent(String),
+    /// These records (more than one) are too many for one transaction.
+    TooLarge(String),
     /// Shutdown was requested during a backoff.
     Stopped,
 }
@@ -523,20 +628,19 @@ impl Loader {
             };
             match self.backend.init(&claim).await {
                 Ok(seq) => {
-                    self.shared.retrying.store(false, Ordering::Release);
+                    self.shared.succeeded();
                     return Some(seq);
                 }
                 Err(e) => {
-                    self.shared.retrying.store(true, Ordering::Release);
-                    tracing::warn!(error = %e, attempt, "warehouse not ready; retrying");
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    let delay = self.retry_after(&e, attempt, "warehouse not ready");
                     // Events keep arriving while the warehouse is down: their age is
                     // the lag.
                     if self.shared.pending_since_ms.load(Ordering::Acquire) == 0 {
                         self.note_oldest(hint).await;
                     }
                     self.shared.publish();
-                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                    if sleep_or_stop(delay, stop).await {
                         return None;
                     }
                     attempt = attempt.saturating_add(1);
@@ -555,15 +659,40 @@ impl Loader {
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut prebuilt = prebuilt;
-        let mut chunks: VecDeque<Range<usize>> = VecDeque::new();
-        chunks.push_back(0..records.len());
+        let mut chunks = split_by_tables(&records, MAX_TABLES_PER_LOAD);
+        if chunks.len() > 1 {
+            tracing::info!(
+                records = records.len(),
+                parts = chunks.len(),
+                max_tables = MAX_TABLES_PER_LOAD,
+                "batch touches many tables; loading it in parts"
+            );
+        }
+        // Schemas that make this read large; the others may take the express lane.
+        let express = chunks.len() > 1 && self.backend.kind() == crate::BackendKind::Postgres;
+        let heavy = express.then(|| heavy_schemas(self.catalog.as_ref(), &records));
+        let mut expressed = 0u64;
         while let Some(chunk) = chunks.pop_front() {
             match self
                 .load_chunk(&records, chunk.clone(), prebuilt.take(), stop)
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(heavy) = &heavy
+                        && !chunks.is_empty()
+                        && !stopped(stop)
+                    {
+                        let after = records[chunk.end - 1].seq.max(expressed);
+                        expressed = self.express(&records, after, heavy).await;
+                    }
+                }
                 Err(ChunkError::Stopped) => return false,
+                Err(ChunkError::TooLarge(e)) => {
+                    tracing::warn!(error = %e, records = chunk.len(), "batch too large for the warehouse; splitting it");
+                    let mid = chunk.start + chunk.len() / 2;
+                    chunks.push_front(mid..chunk.end);
+                    chunks.push_front(chunk.start..mid);
+                }
                 Err(ChunkError::Permanent(e)) if chunk.len() > 1 => {
                     tracing::warn!(error = %e, records = chunk.len(), "warehouse refused a batch; isolating the record");
                     let mid = chunk.start + chunk.len() / 2;
@@ -578,6 +707,77 @@ impl Loader {
             }
         }
         true
+    }
+
+    /// The express lane: while a large read is loaded part by part, the records of
+    /// the other schemas after `after` — in the rest of the read and newly appended to
+    /// the log — are committed ahead of the position ([`Backend::apply_ahead`]), at most
+    /// one bounded part at a time, so one source's flood of event names does not hold
+    /// up every other source for the minutes its table creations take. The position
+    /// does not move: the regular pass commits those records again, in order, as
+    /// no-ops (rows go in only if their `id` is absent; discards follow inserted rows),
+    /// so exactly once holds. Records of a schema are expressed only after every
+    /// earlier record of it was committed (the part before), so `users` still sees
+    /// each schema's identifies in log order. A failure here is only logged: the
+    /// regular pass loads the records anyway. Returns the highest seq considered.
+    async fn express(&mut self, records: &[Record], after: u64, heavy: &HashSet<String>) -> u64 {
+        let read_end = records.last().map_or(after, |r| r.seq);
+        let mut candidates: Vec<Record> =
+            records.iter().filter(|r| r.seq > after).cloned().collect();
+        let from = after.max(read_end);
+        let from = Position::new(self.log.log_id(), 0, from);
+        if let Ok(more) = self.log.read(&from, self.config.batch_max).await {
+            candidates.extend(more);
+        }
+        let Some(last) = candidates.last().map(|r| r.seq) else {
+            return after;
+        };
+        let mut schemas: HashMap<String, Option<String>> = HashMap::new();
+        let mut light: Vec<Record> = Vec::new();
+        for r in candidates {
+            let schema = schemas
+                .entry(r.source_id.clone())
+                .or_insert_with(|| schema_of(self.catalog.as_ref(), &r));
+            if schema.as_ref().is_some_and(|s| !heavy.contains(s)) {
+                light.push(r);
+            }
+        }
+        let considered = match split_by_tables(&light, MAX_TABLES_PER_LOAD).pop_front() {
+            None => return last,
+            Some(first) if first.end < light.len() => {
+                light.truncate(first.end);
+                light[first.end - 1].seq
+            }
+            Some(_) => last,
+        };
+        let n = light.len();
+        let batch = match self.build(Arc::new(light), 0..n).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.known.clear();
+                tracing::debug!(error = %e, "express lane: cannot build; the regular pass will load these records");
+                return after;
+            }
+        };
+        let changes = schema_changes(&batch);
+        match self.backend.apply_ahead(batch).await {
+            None => u64::MAX,
+            Some(Ok(stats)) => {
+                adopt(&mut self.known, &changes);
+                metrics::counter!("tributary_warehouse_rows_loaded_total").increment(stats.rows);
+                tracing::debug!(
+                    records = n,
+                    rows = stats.rows,
+                    "express lane: committed ahead of a large batch"
+                );
+                considered
+            }
+            Some(Err(e)) => {
+                self.known.clear();
+                tracing::debug!(error = %e, "express lane failed; the regular pass will load these records");
+                after
+            }
+        }
     }
 
     /// Loads one chunk, retrying transient failures. A `prebuilt` batch is used for the
@@ -608,12 +808,17 @@ impl Loader {
             };
             match result {
                 Ok(()) => return Ok(()),
-                Err(LoadError::Transient(e)) => {
+                Err(LoadError::TooLarge(e)) if chunk.len() > 1 => {
                     self.known.clear();
-                    self.shared.retrying.store(true, Ordering::Release);
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
-                    let delay = backoff(attempt, jitter());
-                    tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "warehouse load failed; retrying");
+                    return Err(ChunkError::TooLarge(e));
+                }
+                Err(
+                    e @ (LoadError::Transient(_) | LoadError::TooLarge(_) | LoadError::Config(_)),
+                ) => {
+                    self.known.clear();
+                    metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
+                    let delay = self.retry_after(&e, attempt, "warehouse load failed");
                     if sleep_or_stop(delay, stop).await {
                         return Err(ChunkError::Stopped);
                     }
@@ -703,7 +908,7 @@ impl Loader {
             adopt(&mut self.known, &changes);
         }
         self.shared.loaded_seq.store(last_seq, Ordering::Release);
-        self.shared.retrying.store(false, Ordering::Release);
+        self.shared.succeeded();
         metrics::counter!("tributary_warehouse_rows_loaded_total").increment(stats.rows);
         metrics::counter!("tributary_warehouse_discards_total").increment(stats.discards);
         metrics::histogram!("tributary_warehouse_batch_seconds")
@@ -718,6 +923,25 @@ impl Loader {
             tracing::debug!(error = %e, "could not record the warehouse position in the log");
         }
         Ok(())
+    }
+
+    /// Records a failed attempt (health, log) and returns how long to wait before the
+    /// next: backoff with jitter, or [`CONFIG_RETRY`] for a configuration failure,
+    /// which is logged as an error naming the cause.
+    fn retry_after(&self, e: &LoadError, attempt: u32, what: &str) -> Duration {
+        let delay = match e {
+            LoadError::Config(_) => CONFIG_RETRY,
+            _ => backoff(attempt, jitter()),
+        };
+        self.shared.failed(e, delay);
+        let delay_ms = delay.as_millis() as u64;
+        match e {
+            LoadError::Config(_) => {
+                tracing::error!(error = %e, attempt, delay_ms, "{what}: the warehouse configuration must be fixed; retrying slowly")
+            }
+            _ => tracing::warn!(error = %e, attempt, delay_ms, "{what}; retrying"),
+        }
+        delay
     }
 
     /// Commits a record the warehouse refuses as a discard (so the loader moves on).
@@ -739,8 +963,8 @@ impl Loader {
                 Ok(()) => return true,
                 Err(e) => {
                     self.known.clear();
-                    tracing::warn!(error = %e, "could not record a refused record; retrying");
-                    if sleep_or_stop(backoff(attempt, jitter()), stop).await {
+                    let delay = self.retry_after(&e, attempt, "could not record a refused record");
+                    if sleep_or_stop(delay, stop).await {
                         return false;
                     }
                     attempt = attempt.saturating_add(1);
@@ -748,6 +972,67 @@ impl Loader {
             }
         }
     }
+}
+
+/// Cuts `records` into consecutive ranges that each write at most `max` tables
+/// (a range of one record is never cut further). A record's tables are counted from
+/// its log columns by (source, call type, event name): sources sharing a schema and
+/// event names that name one table are counted apart, so the count is never below
+/// the real one.
+fn split_by_tables(records: &[Record], max: usize) -> VecDeque<Range<usize>> {
+    let mut out = VecDeque::new();
+    let mut tables: HashSet<(&str, &str, &str)> = HashSet::new();
+    let mut start = 0;
+    for (i, r) in records.iter().enumerate() {
+        let source = r.source_id.as_str();
+        let keys: [(&str, &str, &str); 2] = match r.call_type.as_str() {
+            "track" => [
+                (source, "tracks", ""),
+                (source, "event", r.event.as_deref().unwrap_or("")),
+            ],
+            "identify" => [(source, "identifies", ""), (source, "users", "")],
+            other => [(source, other, ""), (source, other, "")],
+        };
+        // Every schema also gets its discards table.
+        let mut keys = vec![keys[0], keys[1], (source, "tributary_discards", "")];
+        keys.sort_unstable();
+        keys.dedup();
+        let new = keys.iter().filter(|k| !tables.contains(*k)).count();
+        if i > start && tables.len() + new > max {
+            out.push_back(start..i);
+            start = i;
+            tables.clear();
+        }
+        tables.extend(keys);
+    }
+    if start < records.len() {
+        out.push_back(start..records.len());
+    }
+    out
+}
+
+/// The schemas that write more than a quarter of [`MAX_TABLES_PER_LOAD`] tables in
+/// `records` (counted as [`split_by_tables`] counts): the ones that make a read large.
+fn heavy_schemas(catalog: &dyn SchemaCatalog, records: &[Record]) -> HashSet<String> {
+    let mut by_source: HashMap<&str, HashSet<(&str, &str)>> = HashMap::new();
+    for r in records {
+        let tables = by_source.entry(r.source_id.as_str()).or_default();
+        match r.call_type.as_str() {
+            "track" => tables.insert(("event", r.event.as_deref().unwrap_or(""))),
+            other => tables.insert((other, "")),
+        };
+    }
+    let mut tables_per_schema: HashMap<String, usize> = HashMap::new();
+    for (source, tables) in by_source {
+        if let Some(schema) = catalog.schema_for(source) {
+            *tables_per_schema.entry(schema).or_default() += tables.len();
+        }
+    }
+    tables_per_schema
+        .into_iter()
+        .filter(|(_, n)| *n > MAX_TABLES_PER_LOAD / 4)
+        .map(|(schema, _)| schema)
+        .collect()
 }
 
 /// Reads up to `max` records after `cursor`, and the gap before them if records the
@@ -936,14 +1221,47 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
-        assert_eq!(backoff(0, 0.0), Duration::from_millis(125));
+        assert_eq!(backoff(0, 0.0), Duration::from_millis(250));
         assert_eq!(backoff(0, 1.0), Duration::from_millis(250));
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(250));
-        assert_eq!(backoff(2, 0.5), Duration::from_millis(750));
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(500));
+        assert_eq!(backoff(2, 0.5), Duration::from_millis(625));
         for attempt in [7, 8, 20, 63, u32::MAX] {
-            assert!(backoff(attempt, 1.0) <= Duration::from_secs(30));
-            assert!(backoff(attempt, 0.0) >= Duration::from_secs(15));
+            assert_eq!(backoff(attempt, 1.0), Duration::from_secs(30));
+            assert_eq!(backoff(attempt, 0.0), Duration::from_millis(250));
         }
+    }
+
+    #[test]
+    fn a_batch_of_many_event_names_is_cut_into_parts_of_bounded_tables() {
+        let record = |seq: u64, source: &str, event: &str| Record {
+            seq,
+            source_id: source.into(),
+            message_id: format!("m-{seq}"),
+            call_type: tributary_eventlog::CallType::Track,
+            event: Some(event.into()),
+            user_id: None,
+            anonymous_id: None,
+            received_at_ms: 1_800_000_000_000,
+            payload: String::new(),
+        };
+        // One event name, many records: one part.
+        let same: Vec<Record> = (1..=5000).map(|i| record(i, "a", "Order")).collect();
+        assert_eq!(Vec::from(split_by_tables(&same, 100)), vec![0..5000usize]);
+        // 2,500 names: consecutive parts, each within 100 tables, covering everything.
+        let many: Vec<Record> = (1..=2500)
+            .map(|i| record(i, "a", &format!("E{i}")))
+            .collect();
+        let parts = split_by_tables(&many, 100);
+        assert!(parts.len() >= 25, "{parts:?}");
+        let mut next = 0;
+        for p in &parts {
+            assert_eq!(p.start, next);
+            next = p.end;
+            // tracks + tributary_discards + one table per name.
+            assert!(p.len() + 2 <= 100, "{p:?}");
+        }
+        assert_eq!(next, many.len());
+        assert!(split_by_tables(&[], 100).is_empty());
     }
 
     #[test]

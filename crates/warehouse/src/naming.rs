@@ -48,10 +48,91 @@ pub const DISCARDS_TABLE: &str = "tributary_discards";
 /// The per-schema loader state table (SQLite backend).
 pub const STATE_TABLE: &str = "tributary_state";
 
-/// Schema names a source may not use: SQLite's `main`/`temp`, PostgreSQL's `public`,
-/// `information_schema` and `pg_*`, and `tributary` (the loader's own state schema).
-pub const RESERVED_SCHEMAS: &[&str] =
-    &["main", "temp", "public", "information_schema", "tributary"];
+/// Schema names a source may not use: SQL keywords (a schema named `select` or
+/// `order` needs quoting in every query a user writes), SQLite's `main`/`temp`,
+/// PostgreSQL's `public`, `information_schema` and `pg_*`, and `tributary` (the
+/// loader's own state schema). The one list: the server validates sources with
+/// [`validate_schema_name`] too.
+pub const RESERVED_SCHEMAS: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "as",
+    "asc",
+    "attach",
+    "between",
+    "by",
+    "case",
+    "check",
+    "column",
+    "constraint",
+    "create",
+    "cross",
+    "default",
+    "delete",
+    "desc",
+    "detach",
+    "distinct",
+    "drop",
+    "else",
+    "end",
+    "except",
+    "exists",
+    "false",
+    "for",
+    "foreign",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "in",
+    "index",
+    "information_schema",
+    "inner",
+    "insert",
+    "intersect",
+    "into",
+    "is",
+    "join",
+    "left",
+    "like",
+    "limit",
+    "main",
+    "natural",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "or",
+    "order",
+    "outer",
+    "pg_catalog",
+    "pg_temp",
+    "pg_toast",
+    "primary",
+    "public",
+    "references",
+    "right",
+    "select",
+    "set",
+    "table",
+    "temp",
+    "temporary",
+    "then",
+    "to",
+    "tributary",
+    "true",
+    "union",
+    "unique",
+    "update",
+    "user",
+    "using",
+    "values",
+    "when",
+    "where",
+    "with",
+];
 
 /// Checks a schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes, not reserved
 /// ([`RESERVED_SCHEMAS`], `pg_…`, `sqlite_…`). Sources should be validated with this
@@ -71,10 +152,15 @@ pub fn validate_schema_name(name: &str) -> Result<(), String> {
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
     {
-        return Err("schema name must match [a-z_][a-z0-9_]*".into());
+        return Err(
+            "schema must match [a-z_][a-z0-9_]* (lowercase letters, digits, underscores; not starting with a digit)"
+                .into(),
+        );
     }
     if RESERVED_SCHEMAS.contains(&name) || name.starts_with("pg_") || name.starts_with("sqlite_") {
-        return Err(format!("schema name {name:?} is reserved"));
+        return Err(format!(
+            "schema {name:?} is a reserved word; choose another name"
+        ));
     }
     Ok(())
 }
@@ -319,6 +405,9 @@ mod tests {
             "sqlite_x",
             "information_schema",
             "wéb",
+            "select",
+            "order",
+            "user",
         ] {
             assert!(validate_schema_name(bad).is_err(), "{bad:?}");
         }

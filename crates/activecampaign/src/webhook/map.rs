@@ -419,6 +419,7 @@ fn dedupe_key<'a>(
     DedupeKey {
         raw_type,
         contact_id: get("contact[id]"),
+        email: get("contact[email]"),
         campaign_id: get("campaign[id]"),
         message_id: get("campaign[message][id]"),
         link_id: get("link[id]"),

@@ -39,6 +39,7 @@ fn id(raw_type: &str, link_id: &str, date_time: &str, extra: Vec<&str>) -> Strin
     DedupeKey {
         raw_type,
         contact_id: "36",
+        email: ANN,
         campaign_id: "42",
         message_id: "17",
         link_id,

@@ -239,6 +239,54 @@ async fn bad_webhooks_are_refused_clearly_and_never_with_410() {
     }
 }
 
+/// An `open` webhook of campaign 42, message 17 at one instant for `email`, without
+/// `contact[id]` (ActiveCampaign leaves it out for some senders and automations).
+fn open_without_contact_id(email: &str) -> Vec<u8> {
+    format!(
+        "type=open&date_time=2024-02-28T07%3A04%3A13-06%3A00&initiated_from=public\
+         &campaign%5Bid%5D=42&campaign%5Bname%5D=March+newsletter\
+         &campaign%5Bmessage%5D%5Bid%5D=17&campaign%5Bmessage%5D%5Bsubject%5D=Spring+is+here\
+         &contact%5Bemail%5D={}",
+        email.replace('@', "%40")
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn five_recipients_without_contact_ids_are_five_events() {
+    let s = Server::start();
+    let (key, id) = key_id(
+        &s.create_source("activecampaign", "AC", "activecampaign")
+            .await,
+    );
+    let recipients: Vec<String> = (1..=5).map(|i| format!("r{i}@example.com")).collect();
+    for email in &recipients {
+        let (st, v) = webhook(&s, &key, open_without_contact_id(email), false).await;
+        assert_eq!(st, 200, "{email}: {v}");
+    }
+    // A repeated delivery of one of them still collapses (same recipient, same event).
+    let (st, _) = webhook(&s, &key, open_without_contact_id("R3@Example.com"), false).await;
+    assert_eq!(st, 200);
+    let events = s.events(&id, 50).await;
+    let mut stored: Vec<String> = events
+        .iter()
+        .filter(|e| e["event"] == "Email Opened")
+        .map(|e| {
+            e["context"]["traits"]["email"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored, recipients, "{events:?}");
+    let ids: std::collections::HashSet<&str> = events
+        .iter()
+        .filter_map(|e| e["messageId"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 5);
+}
+
 /// An automation "Webhook" action as ActiveCampaign posts it: contact fields and
 /// `seriesid`, no `type` (structure of a public capture; personal data replaced).
 const AUTOMATION_ACTION: &[u8] = b"contact%5Bid%5D=1358&contact%5Bemail%5D=Zoe.Auto%40example.com\

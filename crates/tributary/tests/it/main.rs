@@ -10,6 +10,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod poison;
 mod retention;
 mod sdk;
 mod tracking;

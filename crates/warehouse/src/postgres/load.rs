@@ -13,6 +13,12 @@
 //! `COALESCE(EXCLUDED.c, u.c)` so later non-null traits win and nulls never erase;
 //! discards of inserted rows are copied into `tributary_discards`; finally the
 //! position moves and everything commits at once.
+//!
+//! Ahead (the loader's express lane for schemas stuck behind another schema's large
+//! batch): the position is read without locking and not moved, nothing is skipped
+//! as already loaded, and schema-level discards (table cap) are left to the regular
+//! pass; rows go in only if their `id` is absent, as always, so when the regular pass
+//! reaches these records it inserts nothing and records no discard twice.
 
 use std::collections::HashSet;
 
@@ -21,9 +27,9 @@ use tokio_postgres::error::SqlState;
 
 use super::copy::{self, CopyError};
 use super::{classify, sql_type};
-use crate::backend::{ApplyStats, CONSUMER, LoadError, StateKey};
 use crate::evolve::{Discard, LoadBatch, LoadRow, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, LoadError, StateKey};
 use crate::plan::TableKind;
 use crate::types::{Cell, ColumnType};
 
@@ -34,14 +40,16 @@ pub(super) async fn apply(
     state: &str,
     key: &StateKey,
     batch: &LoadBatch,
+    ahead: bool,
 ) -> Result<ApplyStats, LoadError> {
     let tx = client.transaction().await.map_err(classify)?;
+    let lock = if ahead { "" } else { " FOR UPDATE" };
     let partition = key.partition as i32;
     let position: i64 = tx
         .query_one(
             &format!(
                 "SELECT seq FROM {state}.loader_state
-                 WHERE consumer = $1 AND log_id = $2 AND log_partition = $3 FOR UPDATE"
+                 WHERE consumer = $1 AND log_id = $2 AND log_partition = $3{lock}"
             ),
             &[&CONSUMER, &key.log_id, &partition],
         )
@@ -50,7 +58,7 @@ pub(super) async fn apply(
         .get(0);
     let position = position.max(0) as u64;
     let mut stats = ApplyStats::default();
-    if position >= batch.last_seq {
+    if !ahead && position >= batch.last_seq {
         tx.rollback().await.map_err(classify)?;
         stats.already_loaded = !batch.schemas.is_empty();
         return Ok(stats);
@@ -137,7 +145,9 @@ pub(super) async fn apply(
                 }
             }
         }
-        discards.extend(load.discards.iter().filter(|d| d.seq > position).cloned());
+        if !ahead {
+            discards.extend(load.discards.iter().filter(|d| d.seq > position).cloned());
+        }
         if !discards.is_empty() {
             stats.discards += discards.len() as u64;
             let columns = discard_columns();
@@ -167,15 +177,17 @@ pub(super) async fn apply(
             .await?;
         }
     }
-    tx.execute(
-        &format!(
-            "UPDATE {state}.loader_state SET seq = $2, updated_at = now()
-             WHERE consumer = $1 AND log_id = $3 AND log_partition = $4"
-        ),
-        &[&CONSUMER, &(batch.last_seq as i64), &key.log_id, &partition],
-    )
-    .await
-    .map_err(classify)?;
+    if !ahead {
+        tx.execute(
+            &format!(
+                "UPDATE {state}.loader_state SET seq = $2, updated_at = now()
+                 WHERE consumer = $1 AND log_id = $3 AND log_partition = $4"
+            ),
+            &[&CONSUMER, &(batch.last_seq as i64), &key.log_id, &partition],
+        )
+        .await
+        .map_err(classify)?;
+    }
     tx.commit().await.map_err(classify)?;
     Ok(stats)
 }

@@ -5,7 +5,7 @@
 //! lock so several nodes can start at once) and `loader_state` (the position, one row
 //! per `(consumer, log_id, log_partition)`; a row from before positions named their
 //! log has `log_id = ''` until the log that wrote it adopts it, see
-//! [`crate::backend::Claim::adopts_legacy`]).
+//! [`crate::outcome::Claim::adopts_legacy`]).
 //! Two connection pools: one for loading, one for reads whose sessions default to
 //! read-only transactions.
 //!
@@ -32,11 +32,12 @@ use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-use crate::backend::{ApplyStats, CONSUMER, Claim, LoadError, StateKey};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, Claim, LoadError, StateKey};
 use crate::types::{Cell, ColumnType};
 use crate::{QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
 
@@ -102,35 +103,90 @@ impl ToSql for Cell {
     to_sql_checked!();
 }
 
-/// Transient: no SQLSTATE (I/O, closed connection), connection exceptions (08),
-/// transaction rollbacks (40: serialization, deadlock), insufficient resources (53:
-/// disk full, too many connections), object not in prerequisite state (55: lock not
-/// available), operator intervention (57: shutdown, cancel, timeout) and system errors
-/// (58). Everything else (22 data, 23 constraint, 42 syntax/undefined, 54 limits) is
-/// permanent.
+/// Classifies a PostgreSQL error by its SQLSTATE (see `outcome`):
+/// - configuration (will not heal by retrying soon): unknown database (`3D000`),
+///   authentication (`28000`, `28P01`), missing privilege (`42501`);
+/// - too large: `53200 out of shared memory` from the lock table (the hint names
+///   `max_locks_per_transaction`) — one transaction touched too many tables;
+/// - transient: no SQLSTATE (I/O, refused or closed connection), connection
+///   exceptions (08), transaction rollbacks (40: serialization, deadlock), other
+///   insufficient resources (53: disk full, too many connections), object not in
+///   prerequisite state (55: lock not available), operator intervention (57:
+///   shutdown, cancel, timeout) and system errors (58);
+/// - permanent (the data is refused): everything else — 22 data, 23 constraint, 42
+///   syntax/undefined/too long, 54 program limits.
+///
+/// The message is PostgreSQL's own (`3D000: database "x" does not exist`), with its
+/// detail and hint, or for errors without SQLSTATE the whole chain of causes
+/// (`error connecting to server: Connection refused (os error 111)`).
 pub(crate) fn classify(e: tokio_postgres::Error) -> LoadError {
-    let transient = match e.code() {
-        None => true,
-        Some(code) => {
-            let c = code.code();
-            ["08", "40", "53", "55", "57", "58"]
-                .iter()
-                .any(|p| c.starts_with(p))
-        }
+    let text = describe(&e);
+    let Some(db) = e.as_db_error() else {
+        return LoadError::Transient(text);
     };
-    let text = match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    };
-    if transient {
+    let code = db.code();
+    let lock_table = *code == SqlState::OUT_OF_MEMORY
+        && (db
+            .hint()
+            .is_some_and(|h| h.contains("max_locks_per_transaction"))
+            || db.message().contains("shared memory"));
+    if lock_table {
+        return LoadError::TooLarge(text);
+    }
+    if [
+        SqlState::INVALID_CATALOG_NAME,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState::INVALID_PASSWORD,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ]
+    .contains(code)
+    {
+        return LoadError::Config(text);
+    }
+    let c = code.code();
+    if ["08", "40", "53", "55", "57", "58"]
+        .iter()
+        .any(|p| c.starts_with(p))
+    {
         LoadError::Transient(text)
     } else {
         LoadError::Permanent(text)
     }
 }
 
+/// A PostgreSQL error as a person needs it: `SQLSTATE: message` with detail and hint
+/// for server errors, the error and its causes otherwise (tokio-postgres's own
+/// `Display` says only `db error` or `error connecting to server`).
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("{}: {}", db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> LoadError {
-    LoadError::Transient(format!("cannot get a connection: {e}"))
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => classify(e).context("cannot connect to PostgreSQL: "),
+        PoolError::Timeout(_) => LoadError::Transient(
+            "cannot connect to PostgreSQL: no connection within the time limit".into(),
+        ),
+        other => LoadError::Transient(format!("cannot get a connection: {other}")),
+    }
 }
 
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -357,10 +413,17 @@ impl PostgresBackend {
         Ok(state)
     }
 
-    pub(crate) async fn apply(&self, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
+    /// Commits a batch and the position `batch.last_seq`; with `ahead`, commits only
+    /// rows whose `id` is absent and leaves the position alone (module `loader`'s
+    /// express lane: the same records are committed again, as no-ops, in order).
+    pub(crate) async fn apply(
+        &self,
+        batch: LoadBatch,
+        ahead: bool,
+    ) -> Result<ApplyStats, LoadError> {
         let mut client = self.load_pool.get().await.map_err(pool_error)?;
         let key = self.key.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let result = load::apply(&mut client, &self.state(), &key, &batch).await;
+        let result = load::apply(&mut client, &self.state(), &key, &batch, ahead).await;
         if matches!(result, Err(LoadError::Transient(_))) {
             // The session may be broken; do not return it to the pool.
             let _ = deadpool_postgres::Object::take(client);

@@ -18,8 +18,8 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::types::Type;
 
 use super::column_type;
-use crate::backend::CONSUMER;
 use crate::naming::{DISCARDS_TABLE, quote};
+use crate::outcome::CONSUMER;
 use crate::types::format_timestamp;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
 

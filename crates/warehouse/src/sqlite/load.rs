@@ -17,9 +17,9 @@ use std::path::Path;
 use rusqlite::{Transaction, TransactionBehavior, params_from_iter};
 
 use super::{Writer, classify, sql_type, table_columns};
-use crate::backend::{ApplyStats, LoadError};
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
+use crate::outcome::{ApplyStats, LoadError};
 use crate::plan::TableKind;
 use crate::types::{ColumnType, format_timestamp};
 

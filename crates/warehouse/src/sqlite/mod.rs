@@ -26,9 +26,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql};
 
-use crate::backend::{ApplyStats, CONSUMER, Claim, LoadError};
 use crate::evolve::{LoadBatch, SchemaState, TableSchema};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
+use crate::outcome::{ApplyStats, CONSUMER, Claim, LoadError};
 use crate::types::{Cell, ColumnType, format_timestamp, parse_timestamp};
 use crate::{QueryResult, SchemaStatus, TableData, WarehouseConfig, WarehouseError};
 
@@ -50,7 +50,7 @@ pub(crate) struct SqliteBackend {
 struct Writer {
     state: Option<Connection>,
     schemas: HashMap<String, Connection>,
-    /// The `consumer` key of the loader's position ([`crate::backend::StateKey::sqlite_consumer`]),
+    /// The `consumer` key of the loader's position ([`crate::outcome::StateKey::sqlite_consumer`]),
     /// set by `init`.
     consumer: String,
 }

@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tributary_eventlog::EventLog;
-use tributary_warehouse::WarehouseError;
+use tributary_warehouse::{HealthState, WarehouseError};
 
 use crate::scenarios;
 use crate::support::{Harness, track, with_postgres};
@@ -217,10 +217,13 @@ async fn postgres_unreachable_at_start_is_retried_not_fatal() {
     assert_eq!(lag.loaded_seq, 1);
     assert_eq!(lag.events, 2);
     assert!(lag.seconds > 0.0);
-    assert!(matches!(
-        wh.status().await,
-        Err(WarehouseError::Unavailable(_))
-    ));
+    // The status still answers, naming the cause (PostgreSQL's text, not `db error`).
+    let status = wh.status().await.expect("status while failing");
+    assert!(status.schemas.is_empty());
+    assert_eq!(status.health.state, HealthState::Retrying);
+    let error = status.health.last_error.expect("last error");
+    assert!(error.contains("Connection refused"), "{error}");
+    assert!(status.health.failing_since.is_some());
     assert!(matches!(
         wh.query("select 1").await,
         Err(WarehouseError::Unavailable(_))

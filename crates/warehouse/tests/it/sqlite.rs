@@ -263,3 +263,28 @@ async fn sqlite_a_schema_file_ahead_of_the_global_mark_is_not_reloaded() {
     assert_eq!(position as u64, last);
     wh.shutdown().await;
 }
+
+/// One append of 2,500 distinct event names (a poison `/v1/batch`) loads in parts:
+/// every event lands, the other source's event behind it too, and the position
+/// passes everything — nothing retried for ever.
+#[tokio::test]
+async fn sqlite_a_batch_of_2500_event_names_loads_and_does_not_block_other_sources() {
+    let h = Harness::sqlite().await;
+    h.source("poison", "poison");
+    h.source("ok", "healthy");
+    let wh = h.open().await;
+    let poison: Vec<_> = (0..2500)
+        .map(|i| track(&format!("p-{i}"), &format!("Poison {i}"), json!({"n": i})))
+        .collect();
+    h.append("poison", poison).await;
+    let last = h
+        .append("ok", vec![track("ok-1", "Order Completed", json!({}))])
+        .await;
+    h.wait_loaded(&wh, last).await;
+    assert_eq!(h.count(&wh, "poison.tracks").await, 2500);
+    assert_eq!(h.count(&wh, "poison.poison_2499").await, 1);
+    assert_eq!(h.count(&wh, "healthy.order_completed").await, 1);
+    let lag = wh.lag();
+    assert_eq!((lag.events, lag.retrying), (0, false), "{lag:?}");
+    wh.shutdown().await;
+}
