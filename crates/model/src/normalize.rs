@@ -92,7 +92,7 @@ pub enum RejectCode {
     GroupIdRequired,
     /// Alias without `previousId` or `userId`.
     PreviousIdRequired,
-    /// `messageId` longer than 100 characters or not a string.
+    /// `messageId` longer than 100 characters, not a string, or containing NUL.
     MessageIdInvalid,
     /// A timestamp field that is not an ISO-8601 date (or epoch milliseconds).
     TimestampInvalid,
@@ -424,6 +424,13 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
     let message_id = match body.get("messageId") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
+        // NUL cannot be stored in PostgreSQL text: a row with it would never load.
+        Some(Value::String(s)) if s.contains('\0') => {
+            return Err(Rejection::new(
+                RejectCode::MessageIdInvalid,
+                "`messageId` must not contain NUL (\\u0000)",
+            ));
+        }
         Some(Value::String(s)) if s.chars().count() <= 100 => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::String(_)) => {
@@ -706,6 +713,14 @@ mod tests {
         assert_eq!(n.body["previousId"], "a");
         let n = normalize(json!({"type":"group","userId":"u","groupId":42}), &ctx()).unwrap();
         assert_eq!(n.body["groupId"], "42");
+    }
+
+    #[test]
+    fn message_id_with_nul_is_refused() {
+        assert_eq!(
+            code(json!({"type":"track","event":"E","userId":"u","messageId":"a\u{0}b"})),
+            RejectCode::MessageIdInvalid
+        );
     }
 
     #[test]

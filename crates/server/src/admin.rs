@@ -18,12 +18,20 @@ use subtle::ConstantTimeEq;
 
 use crate::AppState;
 use crate::control::{Source, SourceType};
-use crate::error::ApiError;
+use crate::error::{ApiError, Checked};
 
-/// Parses a JSON body into `T`, answering a clear 400 otherwise.
+/// Parses a JSON body into `T`, answering a clear 400 otherwise: `invalid_json`
+/// when the body is not JSON at all, `invalid_request` when it is JSON of the
+/// wrong shape.
 pub fn json_body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad("invalid_request", format!("invalid request body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_request"
+        } else {
+            "invalid_json"
+        };
+        ApiError::bad(code, format!("invalid request body: {e}"))
+    })
 }
 
 /// Middleware: refuses requests without the admin bearer token.
@@ -128,7 +136,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 
 async fn create_source(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    Checked(body): Checked<Bytes>,
 ) -> Result<Response, ApiError> {
     let req: CreateSource = json_body(&body)?;
     let kind = match req.kind.as_str() {
@@ -171,15 +179,15 @@ fn find(state: &AppState, id: &str) -> Result<Arc<Source>, ApiError> {
 
 async fn show_source(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Checked(Path(id)): Checked<Path<String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     Ok(axum::Json(source_view(&state, &*find(&state, &id)?)))
 }
 
 async fn patch_source(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    Checked(Path(id)): Checked<Path<String>>,
+    Checked(body): Checked<Bytes>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let req: PatchSource = json_body(&body)?;
     let s = find(&state, &id)?;
@@ -200,7 +208,7 @@ async fn patch_source(
 
 async fn delete_source(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Checked(Path(id)): Checked<Path<String>>,
 ) -> Result<StatusCode, ApiError> {
     state.control.delete(&id)?;
     Ok(StatusCode::NO_CONTENT)
@@ -208,7 +216,7 @@ async fn delete_source(
 
 async fn rotate_key(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Checked(Path(id)): Checked<Path<String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let s = state.control.rotate_key(&id)?;
     tracing::info!(source = %s.id, "write key re-issued");
@@ -222,8 +230,8 @@ struct EventsQuery {
 
 async fn source_events(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    Checked(Path(id)): Checked<Path<String>>,
+    Checked(Query(q)): Checked<Query<EventsQuery>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     find(&state, &id)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 5000);
@@ -259,4 +267,18 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/sources/{id}/write-key", post(rotate_key))
         .route("/sources/{id}/events", get(source_events))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+}
+
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no admin API route {}", uri.path()))
+}
+
+async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let body = json!({
+        "code": "method_not_allowed",
+        "message": format!("{method} is not allowed on {}", uri.path()),
+    });
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
 }

@@ -67,6 +67,8 @@ pub struct Config {
     /// (they were ignored with a warning).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+    /// Connection timeouts and limits (`[http]`, `TRIBUTARY_HTTP_<FIELD>`).
+    pub http: crate::conn::HttpConfig,
 }
 
 /// Size limits of the Tracking API (segment-spec §1.3).
@@ -98,6 +100,7 @@ impl Default for Config {
             warehouse: WarehouseConfig::default(),
             destinations: EngineOptions::default(),
             ignored_env: Vec::new(),
+            http: crate::conn::HttpConfig::default(),
         }
     }
 }

@@ -339,7 +339,7 @@ impl Control {
                 source.created_at.to_rfc3339()
             ],
         )
-        .map_err(internal)?;
+        .map_err(ApiError::from)?;
         let s = Arc::new(source);
         cache.by_key.insert(key_hash(&s.write_key), s.clone());
         cache.by_id.insert(s.id.clone(), s.clone());
@@ -364,7 +364,7 @@ impl Control {
                 updated.settings.to_string()
             ],
         )
-        .map_err(internal)?;
+        .map_err(ApiError::from)?;
         cache.by_key.remove(&key_hash(&old.write_key));
         let s = Arc::new(updated);
         cache.by_key.insert(key_hash(&s.write_key), s.clone());
@@ -416,12 +416,12 @@ impl Control {
             .ok_or_else(|| ApiError::NotFound(format!("no source {id:?}")))?;
         cache.by_key.remove(&key_hash(&old.write_key));
         conn.execute("DELETE FROM sources WHERE id = ?1", params![id])
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         conn.execute(
             "DELETE FROM unmapped_webhooks WHERE source_id = ?1",
             params![id],
         )
-        .map_err(internal)?;
+        .map_err(ApiError::from)?;
         if let Ok(mut l) = self.last_events.lock() {
             l.remove(id);
         }

@@ -13,26 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::Value;
-use tributary_destinations::{
-    CreateDestination, DestinationError, Engine, PatchDestination, ReplayRequest,
-};
+use tributary_destinations::{CreateDestination, Engine, PatchDestination, ReplayRequest};
 
 use crate::AppState;
 use crate::admin::json_body;
-use crate::error::ApiError;
-
-impl From<DestinationError> for ApiError {
-    fn from(e: DestinationError) -> Self {
-        match e {
-            DestinationError::Invalid(m) => ApiError::bad("invalid_destination", m),
-            DestinationError::NotFound => ApiError::NotFound("no such destination".into()),
-            DestinationError::Closed | DestinationError::Log(_) => {
-                ApiError::Unavailable(e.detail())
-            }
-            DestinationError::Internal(d) => ApiError::Internal(d),
-        }
-    }
-}
+use crate::error::{ApiError, Checked};
 
 fn engine(state: &AppState) -> Result<&Arc<Engine>, ApiError> {
     Ok(&state.destinations)
@@ -50,7 +35,10 @@ fn check_sources(state: &AppState, ids: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Checked(body): Checked<Bytes>,
+) -> Result<Response, ApiError> {
     let req: CreateDestination = json_body(&body)?;
     check_sources(&state, &req.source_ids)?;
     let view = engine(&state)?.create(req).await?;
@@ -63,15 +51,15 @@ async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> 
 
 async fn show(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Checked(Path(id)): Checked<Path<String>>,
 ) -> Result<Response, ApiError> {
     Ok(axum::Json(engine(&state)?.get(&id).await?).into_response())
 }
 
 async fn patch(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    Checked(Path(id)): Checked<Path<String>>,
+    Checked(body): Checked<Bytes>,
 ) -> Result<Response, ApiError> {
     let req: PatchDestination = json_body(&body)?;
     if let Some(ids) = &req.source_ids {
@@ -82,7 +70,7 @@ async fn patch(
 
 async fn delete(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Checked(Path(id)): Checked<Path<String>>,
 ) -> Result<StatusCode, ApiError> {
     engine(&state)?.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -95,8 +83,8 @@ struct LimitQuery {
 
 async fn dead_letters(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(q): Query<LimitQuery>,
+    Checked(Path(id)): Checked<Path<String>>,
+    Checked(Query(q)): Checked<Query<LimitQuery>>,
 ) -> Result<Response, ApiError> {
     let limit = q
         .limit
@@ -107,8 +95,8 @@ async fn dead_letters(
 
 async fn replay(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    Checked(Path(id)): Checked<Path<String>>,
+    Checked(body): Checked<Bytes>,
 ) -> Result<Response, ApiError> {
     let req: ReplayRequest = if body.is_empty() {
         ReplayRequest::default()

@@ -1,30 +1,29 @@
 //! The Segment Tracking API: `/v1/{track,identify,page,screen,group,alias}`,
 //! `/v1/batch`, `/v1/import` and analytics.js' short paths `/v1/{t,i,p,s,g,a,b}`.
 //!
-//! Per request: read the body under its cap (gzip inflated under the same cap),
-//! find the source by write key (Basic auth with or without the colon, or `writeKey`
-//! in the body), validate and normalize each message, append the valid ones to the
+//! Per request: check a Basic-auth write key (with or without the colon) before
+//! anything else, reserve body memory (see [`crate::accept`]), read the body under
+//! its cap and its time limit (gzip inflated under the same cap), find the source by
+//! `writeKey` in the body when no header key was sent, validate and normalize each message, append the valid ones to the
 //! event log, and answer `200 {"success":true}` only once the log says they are
 //! durable. Invalid messages of a batch are listed in `rejected`; a request where
 //! nothing is valid is a 400. Nothing accepted is dropped after the 200.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use serde_json::{Map, Value, json};
-use tributary_eventlog::{AppendStatus, NewRecord};
 use tributary_model::body::{BodyError, BodyLimits, parse_body};
-use tributary_model::{CallType, Normalized, Rejection};
+use tributary_model::{CallType, Rejection};
 
 use crate::AppState;
-use crate::control::{LastEvent, Source, SourceType};
-use crate::error::ApiError;
+use crate::accept::{KeyPlace, append, authenticate, basic_auth_key, reserve};
+use crate::control::{Source, SourceType};
+use crate::error::{ApiError, Checked};
 
 /// Which endpoint was called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,24 +45,6 @@ fn endpoint(method: &str) -> Option<Endpoint> {
     })
 }
 
-/// The write key from `Authorization: Basic base64(key:)` or `base64(key)`.
-pub fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
-    let v = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, rest) = v.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let key = text.split_once(':').map(|(k, _)| k).unwrap_or(&text);
-    (!key.is_empty()).then(|| key.to_string())
-}
-
 /// The client address: the peer, or the first `X-Forwarded-For` hop when the peer is
 /// a trusted proxy.
 pub fn client_ip(
@@ -82,25 +63,10 @@ pub fn client_ip(
     Some(peer)
 }
 
-/// Resolves a write key to an enabled source.
-pub fn authenticate(state: &AppState, key: Option<&str>) -> Result<Arc<Source>, ApiError> {
-    let key = key.ok_or(ApiError::Unauthorized(
-        "missing write key: use HTTP Basic auth with the write key as user name, or `writeKey` in the body",
-    ))?;
-    let source = state
-        .control
-        .source_by_key(key)
-        .ok_or(ApiError::Unauthorized("unknown write key"))?;
-    if !source.enabled {
-        return Err(ApiError::SourceDisabled);
-    }
-    Ok(source)
-}
-
 /// `POST /v1/{method}`.
 pub async fn tracking(
     State(state): State<Arc<AppState>>,
-    Path(method): Path<String>,
+    Checked(Path(method)): Checked<Path<String>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let ep =
@@ -120,9 +86,39 @@ pub async fn tracking(
         Endpoint::Single(call) => (Some(call), limits.max_message_bytes, "message_too_large"),
         Endpoint::Batch => (None, limits.max_batch_bytes, "batch_too_large"),
     };
-    // Memory bound: reserve the body's worst case before reading it.
-    let _reserved = reserve(&state, cap).await?;
-    let bytes = read_capped(&headers, body, cap, cap_code).await?;
+    // A key outside the body is checked before anything is reserved or read, so a
+    // client without a valid key holds no memory.
+    let checked = match header_key.as_deref() {
+        Some(k) => Some(authenticate(&state, Some(k), KeyPlace::Tracking)?),
+        None => None,
+    };
+    let declared = crate::body::declared_length(&headers);
+    if declared.is_some_and(|len| len > cap) {
+        return Err(too_large(cap, cap_code));
+    }
+    // Memory bound. A checked key reserves the body's worst case before reading it
+    // (its declared length when it is not compressed); a key in the body reserves
+    // on the keyless budget as the bytes arrive.
+    let (bytes, _reserved) = if checked.is_some() {
+        let worst = match declared {
+            Some(len) if !crate::body::is_compressed(&headers) => len.min(cap),
+            _ => cap,
+        };
+        let reserved = reserve(&state, worst.max(1)).await?;
+        let (bytes, _) = read_capped(&state, &headers, body, cap, cap_code, None).await?;
+        (bytes, Some(reserved))
+    } else {
+        let (bytes, reserved) = read_capped(
+            &state,
+            &headers,
+            body,
+            cap,
+            cap_code,
+            Some(&state.keyless_budget),
+        )
+        .await?;
+        (bytes, reserved)
+    };
     let body_limits = BodyLimits {
         max_message_bytes: limits.max_message_bytes,
         max_batch_messages: limits.max_batch_messages,
@@ -134,8 +130,10 @@ pub async fn tracking(
         },
         e => ApiError::bad(e.code(), e.to_string()),
     })?;
-    let key = header_key.or_else(|| raw.write_key.clone());
-    let source = authenticate(&state, key.as_deref())?;
+    let source = match checked {
+        Some(s) => s,
+        None => authenticate(&state, raw.write_key.as_deref(), KeyPlace::Tracking)?,
+    };
     let results = raw.normalize_all(received_at, peer_ip, |obj| prepare(&state, &source, obj));
     let total = results.len();
     let mut accepted = Vec::with_capacity(total);
@@ -170,43 +168,29 @@ pub async fn tracking(
     Ok(axum::Json(body).into_response())
 }
 
-/// Reserves `bytes` of the ingest memory budget, waiting up to a second.
-pub async fn reserve(
-    state: &AppState,
-    bytes: usize,
-) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-    match tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        state.ingest_budget.acquire_many(n),
-    )
-    .await
-    {
-        Ok(Ok(permit)) => Ok(permit),
-        _ => {
-            metrics::counter!("tributary_ingest_saturated_total").increment(1);
-            Err(ApiError::Saturated)
-        }
+fn too_large(limit: usize, code: &'static str) -> ApiError {
+    ApiError::TooLarge {
+        code,
+        message: if code == "message_too_large" {
+            format!("a message may be at most {limit} bytes")
+        } else {
+            format!("a batch body may be at most {limit} bytes")
+        },
     }
 }
 
-async fn read_capped(
+async fn read_capped<'a>(
+    state: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     code: &'static str,
-) -> Result<Vec<u8>, ApiError> {
-    crate::body::read_body(headers, body, limit)
+    grow: Option<&'a tokio::sync::Semaphore>,
+) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'a>>), ApiError> {
+    crate::body::read_body_growing(headers, body, limit, &state.config.http, grow)
         .await
         .map_err(|e| match e {
-            ApiError::TooLarge { .. } => ApiError::TooLarge {
-                code,
-                message: if code == "message_too_large" {
-                    format!("a message may be at most {limit} bytes")
-                } else {
-                    format!("a batch body may be at most {limit} bytes")
-                },
-            },
+            ApiError::TooLarge { .. } => too_large(limit, code),
             other => other,
         })
 }
@@ -236,115 +220,9 @@ fn prepare(state: &AppState, source: &Source, obj: &mut Map<String, Value>) {
     }
 }
 
-/// What an append did.
-pub struct Appended {
-    /// Messages stored.
-    pub stored: usize,
-    /// Messages already in the log (acknowledged, not stored again).
-    pub duplicates: usize,
-}
-
-/// Appends normalized messages of one source durably, then updates the source's last
-/// event, the identity map and metrics. `last_event_override` replaces the event
-/// shown on the source (ActiveCampaign shows its raw webhook type).
-pub async fn append(
-    state: &AppState,
-    source: &Source,
-    messages: Vec<Normalized>,
-    last_event_override: Option<LastEvent>,
-) -> Result<Appended, ApiError> {
-    let Some(last) = messages.last() else {
-        return Ok(Appended {
-            stored: 0,
-            duplicates: 0,
-        });
-    };
-    let last_event = last_event_override.unwrap_or_else(|| LastEvent {
-        event: last.event.clone(),
-        kind: last.call_type.as_str().to_string(),
-        received_at: last
-            .body
-            .get("receivedAt")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        message_id: last.message_id.clone(),
-    });
-    let mut identities = Vec::new();
-    let records: Vec<NewRecord> = messages
-        .into_iter()
-        .map(|n| {
-            if n.call_type == CallType::Identify
-                && let (Some(uid), Some(Value::String(email))) = (
-                    n.user_id.as_ref(),
-                    n.body.get("traits").and_then(|t| t.get("email")),
-                )
-            {
-                identities.push((email.clone(), uid.clone()));
-            }
-            NewRecord {
-                source_id: source.id.clone(),
-                message_id: n.message_id,
-                call_type: n.call_type,
-                event: n.event,
-                user_id: n.user_id,
-                anonymous_id: n.anonymous_id,
-                received_at_ms: n.received_at_ms,
-                payload: Value::Object(n.body).to_string(),
-            }
-        })
-        .collect();
-    let started = Instant::now();
-    let result = state.log.append(records).await;
-    metrics::histogram!("tributary_append_seconds").record(started.elapsed().as_secs_f64());
-    let statuses = result.inspect_err(|e| {
-        metrics::counter!("tributary_append_failures_total", "reason" => match e {
-            tributary_eventlog::LogError::Saturated => "saturated",
-            _ => "unavailable",
-        })
-        .increment(1);
-    })?;
-    let duplicates = statuses
-        .iter()
-        .filter(|s| matches!(s, AppendStatus::Duplicate))
-        .count();
-    let stored = statuses.len() - duplicates;
-    metrics::counter!("tributary_events_accepted_total").increment(stored as u64);
-    if duplicates > 0 {
-        metrics::counter!("tributary_events_duplicate_total").increment(duplicates as u64);
-    }
-    // Durable before the 200 (see `control`): one fsynced write per request, only
-    // for new or changed identities.
-    if !identities.is_empty() {
-        let control = state.control.clone();
-        tokio::task::spawn_blocking(move || control.remember_identities(&identities))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-    }
-    state.control.set_last_event(&source.id, last_event);
-    Ok(Appended { stored, duplicates })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
-
-    #[test]
-    fn basic_auth_with_and_without_colon() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "authorization",
-            HeaderValue::from_static("Basic YWJjMTIzOg=="),
-        );
-        assert_eq!(basic_auth_key(&h).as_deref(), Some("abc123"));
-        h.insert("authorization", HeaderValue::from_static("Basic YWJjMTIz"));
-        assert_eq!(basic_auth_key(&h).as_deref(), Some("abc123"));
-        h.insert("authorization", HeaderValue::from_static("Bearer YWJjMTIz"));
-        assert_eq!(basic_auth_key(&h), None);
-        h.insert("authorization", HeaderValue::from_static("Basic !!!"));
-        assert_eq!(basic_auth_key(&h), None);
-    }
 
     #[test]
     fn endpoints_and_short_paths() {

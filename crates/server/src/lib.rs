@@ -13,13 +13,16 @@
 //! [`AppState`] is always complete: router tests build it with [`open_state_with`]
 //! (injecting a log or a [`clock::Clock`]) instead of a partial test-only state.
 
+pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod files;
 pub mod ingest;
 pub mod ops;
 pub mod shutdown;
@@ -27,7 +30,6 @@ pub mod warehouse_api;
 pub mod webhook;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,8 +64,12 @@ pub struct AppState {
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
     /// Bytes of request bodies that ingest may hold at once (see
     /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
-    /// gets 429.
+    /// gets 429. Requests whose write key was checked before their body draw on it.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    /// The body budget of requests whose key can only be in the body: another
+    /// quarter of `max_inflight_bytes` (at least one batch), kept apart so that
+    /// unauthenticated bodies never take the room of authenticated ones.
+    pub keyless_budget: Arc<tokio::sync::Semaphore>,
     /// Where handlers read the time.
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
@@ -147,7 +153,12 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
 
 /// [`open_state`], with some parts given instead of opened.
 pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
-    std::fs::create_dir_all(&config.data_dir)
+    // Files 0600, dirs 0700 from here on, and what exists already narrowed.
+    let warehouse_dir = config
+        .warehouse_url()
+        .and_then(|u| u.strip_prefix("sqlite://").map(std::path::PathBuf::from));
+    let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
+    files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (token, generated) = admin_token(&config)?;
     if generated {
@@ -209,6 +220,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         .limits
         .max_inflight_bytes
         .min(tokio::sync::Semaphore::MAX_PERMITS);
+    let keyless = (budget / 4).max(config.limits.max_batch_bytes.min(budget));
     Ok(Arc::new(AppState {
         config,
         control,
@@ -217,6 +229,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         destinations: Arc::new(destinations),
         warehouse,
         ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+        keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
     }))
@@ -287,11 +300,12 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
     let app = router(state.clone());
-    let served = axum::serve(
+    let served = conn::serve_http(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        state.config.http.clone(),
+        state.shutdown.clone().wait_owned(),
     )
-    .with_graceful_shutdown(state.shutdown.clone().wait_owned())
     .await
     .context("serving");
     tracing::info!("shutting down: stopping stages, flushing state, closing the event log");

@@ -10,22 +10,11 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use tributary_warehouse::{Warehouse, WarehouseError};
+use tributary_warehouse::Warehouse;
 
 use crate::AppState;
 use crate::admin::json_body;
-use crate::error::ApiError;
-
-impl From<WarehouseError> for ApiError {
-    fn from(e: WarehouseError) -> Self {
-        match e {
-            WarehouseError::NotFound(m) => ApiError::NotFound(format!("not found: {m}")),
-            WarehouseError::BadQuery(m) => ApiError::bad("bad_query", m),
-            WarehouseError::Unavailable(m) => ApiError::Unavailable(m),
-            WarehouseError::InvalidConfig(m) => ApiError::Internal(m),
-        }
-    }
-}
+use crate::error::{ApiError, Checked};
 
 fn warehouse(state: &AppState) -> Result<&Arc<Warehouse>, ApiError> {
     state
@@ -45,8 +34,8 @@ struct LimitQuery {
 
 async fn table(
     State(state): State<Arc<AppState>>,
-    Path((schema, table)): Path<(String, String)>,
-    Query(q): Query<LimitQuery>,
+    Checked(Path((schema, table))): Checked<Path<(String, String)>>,
+    Checked(Query(q)): Checked<Query<LimitQuery>>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     Ok(axum::Json(warehouse(&state)?.table(&schema, &table, limit).await?).into_response())
@@ -58,7 +47,10 @@ struct QueryBody {
     sql: String,
 }
 
-async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn query(
+    State(state): State<Arc<AppState>>,
+    Checked(body): Checked<Bytes>,
+) -> Result<Response, ApiError> {
     let q: QueryBody = json_body(&body)?;
     if q.sql.trim().is_empty() {
         return Err(ApiError::bad("bad_query", "`sql` is empty"));

@@ -20,9 +20,9 @@ use tributary_activecampaign::{Mapped, Settings, WebhookError, parse_webhook};
 use tributary_model::{NormalizeContext, normalize};
 
 use crate::AppState;
+use crate::accept::{KeyPlace, append, authenticate, basic_auth_key, reserve};
 use crate::control::LastEvent;
-use crate::error::ApiError;
-use crate::ingest::{append, authenticate};
+use crate::error::{ApiError, Checked};
 
 /// Largest webhook body accepted (ActiveCampaign's are a few KiB).
 const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
@@ -43,19 +43,17 @@ pub struct KeyQuery {
 /// `POST /v1/webhooks/activecampaign?writeKey=KEY`.
 pub async fn activecampaign(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<KeyQuery>,
+    Checked(Query(q)): Checked<Query<KeyQuery>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let key = q
-        .write_key
-        .or_else(|| crate::ingest::basic_auth_key(request.headers()));
+    let key = q.write_key.or_else(|| basic_auth_key(request.headers()));
     handle(state, key, request).await
 }
 
 /// `POST /v1/webhooks/activecampaign/KEY`.
 pub async fn activecampaign_keyed(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
+    Checked(Path(key)): Checked<Path<String>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     handle(state, Some(key), request).await
@@ -76,10 +74,12 @@ async fn handle(
     key: Option<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let source = authenticate(&state, key.as_deref())?;
+    // The key is in the URL: check it before reserving memory or reading the body.
+    let source = authenticate(&state, key.as_deref(), KeyPlace::Webhook)?;
     let (parts, body) = request.into_parts();
-    let _reserved = crate::ingest::reserve(&state, MAX_WEBHOOK_BYTES).await?;
-    let bytes = crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES).await?;
+    let _reserved = reserve(&state, MAX_WEBHOOK_BYTES).await?;
+    let bytes =
+        crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES, &state.config.http).await?;
     let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
     let webhook = parse_webhook(&bytes, &settings).map_err(|e| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::harness::{Server, client, key_id, service_available};
 
-struct Mount(std::path::PathBuf);
+/// A tmpfs mounted for a test, unmounted on drop.
+pub struct Mount(pub std::path::PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
@@ -17,7 +18,8 @@ impl Drop for Mount {
     }
 }
 
-fn mount_tmpfs(test: &str, dir: &std::path::Path, size: &str) -> Option<Mount> {
+/// Mounts a tmpfs of `size` on `dir`, or skips (`None`) when that is not possible.
+pub fn mount_tmpfs(test: &str, dir: &std::path::Path, size: &str) -> Option<Mount> {
     let out = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)

@@ -10,6 +10,7 @@ mod crash;
 mod destinations;
 mod diskfull;
 mod harness;
+mod hostile;
 mod poison;
 mod retention;
 mod sdk;

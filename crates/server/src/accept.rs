@@ -1,0 +1,242 @@
+//! What every way in shares once a request is parsed: finding the source by its
+//! write key, reserving body memory, and appending normalized messages durably.
+//! The Tracking API ([`crate::ingest`]) and the ActiveCampaign webhook
+//! ([`crate::webhook`]) both go through here, so a key is checked, and an append is
+//! acknowledged, the same way on every path.
+//!
+//! Invariants:
+//! - A key given outside the body (Basic auth, `?writeKey=`, a path segment) is
+//!   checked before any body memory is reserved or any body byte is read.
+//! - Body memory comes from one of two budgets: callers whose key was checked
+//!   reserve their body's worst case on [`crate::AppState::ingest_budget`] before
+//!   reading; callers whose key is in the body reserve on
+//!   [`crate::AppState::keyless_budget`] (another quarter of
+//!   `limits.max_inflight_bytes`) chunk by chunk as bytes arrive ([`reserve_more`]),
+//!   so a stalled body holds only what it really sent, and unauthenticated bodies
+//!   can never take the room of authenticated ones.
+//! - [`append`] returns only once the log says the records are durable; the
+//!   identity map and the source's last event are updated after that.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use serde_json::Value;
+use tributary_eventlog::{AppendStatus, NewRecord};
+use tributary_model::{CallType, Normalized};
+
+use crate::AppState;
+use crate::control::{LastEvent, Source};
+use crate::error::ApiError;
+
+/// The write key from `Authorization: Basic base64(key:)` or `base64(key)`.
+pub fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, rest) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let key = text.split_once(':').map(|(k, _)| k).unwrap_or(&text);
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+/// Where a write key was looked for, so a missing key is explained for that path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlace {
+    /// The Tracking API: Basic auth or `writeKey` in the body.
+    Tracking,
+    /// The ActiveCampaign webhook: `?writeKey=` or a key path segment.
+    Webhook,
+}
+
+/// Resolves a write key to an enabled source; `place` words the missing-key answer.
+pub fn authenticate(
+    state: &AppState,
+    key: Option<&str>,
+    place: KeyPlace,
+) -> Result<Arc<Source>, ApiError> {
+    let key = key.filter(|k| !k.is_empty()).ok_or(ApiError::Unauthorized(match place {
+        KeyPlace::Tracking => {
+            "missing write key: use HTTP Basic auth with the write key as user name, or `writeKey` in the body"
+        }
+        KeyPlace::Webhook => {
+            "missing write key: add ?writeKey=<the source's write key> to the webhook URL (or use /v1/webhooks/activecampaign/<key>)"
+        }
+    }))?;
+    let source = state
+        .control
+        .source_by_key(key)
+        .ok_or(ApiError::Unauthorized("unknown write key"))?;
+    if !source.enabled {
+        return Err(ApiError::SourceDisabled);
+    }
+    Ok(source)
+}
+
+/// Reserves `bytes` of the ingest memory budget for a caller whose key was
+/// checked, waiting up to a second (then 429).
+pub async fn reserve(
+    state: &AppState,
+    bytes: usize,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        state.ingest_budget.acquire_many(n),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => {
+            metrics::counter!("tributary_ingest_saturated_total", "caller" => "authenticated")
+                .increment(1);
+            Err(ApiError::Saturated)
+        }
+    }
+}
+
+/// Adds `bytes` to a growing reservation on `budget` (see
+/// [`crate::body::read_body_growing`]), waiting up to a second for room.
+pub async fn reserve_more<'a>(
+    budget: &'a tokio::sync::Semaphore,
+    held: &mut Option<tokio::sync::SemaphorePermit<'a>>,
+    bytes: usize,
+) -> Result<(), ApiError> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    match tokio::time::timeout(std::time::Duration::from_secs(1), budget.acquire_many(n)).await {
+        Ok(Ok(p)) => {
+            match held {
+                Some(h) => h.merge(p),
+                None => *held = Some(p),
+            }
+            Ok(())
+        }
+        _ => {
+            metrics::counter!("tributary_ingest_saturated_total", "caller" => "key_in_body")
+                .increment(1);
+            Err(ApiError::Saturated)
+        }
+    }
+}
+
+/// What an append did.
+pub struct Appended {
+    /// Messages stored.
+    pub stored: usize,
+    /// Messages already in the log (acknowledged, not stored again).
+    pub duplicates: usize,
+}
+
+/// Appends normalized messages of one source durably, then updates the source's last
+/// event, the identity map and metrics. `last_event_override` replaces the event
+/// shown on the source (ActiveCampaign shows its raw webhook type).
+pub async fn append(
+    state: &AppState,
+    source: &Source,
+    messages: Vec<Normalized>,
+    last_event_override: Option<LastEvent>,
+) -> Result<Appended, ApiError> {
+    let Some(last) = messages.last() else {
+        return Ok(Appended {
+            stored: 0,
+            duplicates: 0,
+        });
+    };
+    let last_event = last_event_override.unwrap_or_else(|| LastEvent {
+        event: last.event.clone(),
+        kind: last.call_type.as_str().to_string(),
+        received_at: last
+            .body
+            .get("receivedAt")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        message_id: last.message_id.clone(),
+    });
+    let mut identities = Vec::new();
+    let records: Vec<NewRecord> = messages
+        .into_iter()
+        .map(|n| {
+            if n.call_type == CallType::Identify
+                && let (Some(uid), Some(Value::String(email))) = (
+                    n.user_id.as_ref(),
+                    n.body.get("traits").and_then(|t| t.get("email")),
+                )
+            {
+                identities.push((email.clone(), uid.clone()));
+            }
+            NewRecord {
+                source_id: source.id.clone(),
+                message_id: n.message_id,
+                call_type: n.call_type,
+                event: n.event,
+                user_id: n.user_id,
+                anonymous_id: n.anonymous_id,
+                received_at_ms: n.received_at_ms,
+                payload: Value::Object(n.body).to_string(),
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let result = state.log.append(records).await;
+    metrics::histogram!("tributary_append_seconds").record(started.elapsed().as_secs_f64());
+    let statuses = result.inspect_err(|e| {
+        metrics::counter!("tributary_append_failures_total", "reason" => match e {
+            tributary_eventlog::LogError::Saturated => "saturated",
+            _ => "unavailable",
+        })
+        .increment(1);
+    })?;
+    let duplicates = statuses
+        .iter()
+        .filter(|s| matches!(s, AppendStatus::Duplicate))
+        .count();
+    let stored = statuses.len() - duplicates;
+    metrics::counter!("tributary_events_accepted_total").increment(stored as u64);
+    if duplicates > 0 {
+        metrics::counter!("tributary_events_duplicate_total").increment(duplicates as u64);
+    }
+    // Durable before the 200 (see `control`): one fsynced write per request, only
+    // for new or changed identities.
+    if !identities.is_empty() {
+        let control = state.control.clone();
+        tokio::task::spawn_blocking(move || control.remember_identities(&identities))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    }
+    state.control.set_last_event(&source.id, last_event);
+    Ok(Appended { stored, duplicates })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn basic_auth_with_and_without_colon() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Basic YWJjMTIzOg=="),
+        );
+        assert_eq!(basic_auth_key(&h).as_deref(), Some("abc123"));
+        h.insert("authorization", HeaderValue::from_static("Basic YWJjMTIz"));
+        assert_eq!(basic_auth_key(&h).as_deref(), Some("abc123"));
+        h.insert("authorization", HeaderValue::from_static("Bearer YWJjMTIz"));
+        assert_eq!(basic_auth_key(&h), None);
+        h.insert("authorization", HeaderValue::from_static("Basic !!!"));
+        assert_eq!(basic_auth_key(&h), None);
+    }
+}
