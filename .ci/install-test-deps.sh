@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the outside clients that the end-to-end tests drive (crates/tributary/tests/it/sdk.rs):
-# the official Segment SDKs for Python and Node, from PyPI and npm, pinned.
+# Installs the outside clients that the end-to-end tests drive (crates/tributary/tests/it/sdk.rs,
+# browser.rs): the official Segment SDKs for Python and Node, from PyPI and npm, pinned; and
+# analytics.js (@segment/analytics-next) with playwright-core to drive Debian's Chromium.
 #
 #   Python venv:  $HOME/.cache/tributary-venv   (tests: TRIBUTARY_TEST_PYTHON)
 #   Node modules: $HOME/.cache/tributary-node    (tests: TRIBUTARY_TEST_NODE_MODULES)
+#   Chromium:     /usr/bin/chromium (apt)        (tests: TRIBUTARY_TEST_CHROMIUM)
 #
 # Idempotent: a step whose pinned package is already installed is skipped, so running it
 # before every CI run costs a second. Needs python3 (with venv) and node >= 20 with npm.
@@ -11,6 +13,8 @@ set -euo pipefail
 
 PY_SDK_VERSION="2.4.0" # segment-analytics-python
 NODE_SDK_VERSION="3.1.0" # @segment/analytics-node
+BROWSER_SDK_VERSION="1.84.3" # @segment/analytics-next (its dist/umd build is loaded by the page)
+PLAYWRIGHT_VERSION="1.65.1" # playwright-core (drives the system Chromium; downloads no browser)
 
 VENV="${TRIBUTARY_VENV:-$HOME/.cache/tributary-venv}"
 NODE_PREFIX="${TRIBUTARY_NODE_PREFIX:-$HOME/.cache/tributary-node}"
@@ -57,15 +61,20 @@ else
 fi
 
 # --- Node: @segment/analytics-node under an npm prefix -------------------------------------
-node_sdk_ok() {
-    local pkg="$NODE_PREFIX/node_modules/@segment/analytics-node/package.json"
+node_pkg_ok() { # NAME VERSION
+    local pkg="$NODE_PREFIX/node_modules/$1/package.json"
     [ -f "$pkg" ] &&
         node -e 'process.exit(require(process.argv[1]).version === process.argv[2] ? 0 : 1)' \
-            "$pkg" "$NODE_SDK_VERSION" 2>/dev/null
+            "$pkg" "$2" 2>/dev/null
+}
+node_sdk_ok() {
+    node_pkg_ok @segment/analytics-node "$NODE_SDK_VERSION" &&
+        node_pkg_ok @segment/analytics-next "$BROWSER_SDK_VERSION" &&
+        node_pkg_ok playwright-core "$PLAYWRIGHT_VERSION"
 }
 
 if node_sdk_ok; then
-    log "@segment/analytics-node $NODE_SDK_VERSION already in $NODE_PREFIX"
+    log "@segment/analytics-node $NODE_SDK_VERSION, @segment/analytics-next $BROWSER_SDK_VERSION, playwright-core $PLAYWRIGHT_VERSION already in $NODE_PREFIX"
 else
     if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
         log "node/npm not found; installing Debian's nodejs and npm"
@@ -76,10 +85,26 @@ else
     [ -f "$NODE_PREFIX/package.json" ] ||
         printf '{"name":"tributary-test-clients","private":true}\n' >"$NODE_PREFIX/package.json"
     npm install --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error \
-        "@segment/analytics-node@$NODE_SDK_VERSION"
+        "@segment/analytics-node@$NODE_SDK_VERSION" \
+        "@segment/analytics-next@$BROWSER_SDK_VERSION" \
+        "playwright-core@$PLAYWRIGHT_VERSION"
     node_sdk_ok || {
-        log "@segment/analytics-node did not install into $NODE_PREFIX"
+        log "the Node packages did not install into $NODE_PREFIX"
         exit 1
     }
-    log "installed @segment/analytics-node $NODE_SDK_VERSION into $NODE_PREFIX"
+    log "installed @segment/analytics-node, @segment/analytics-next and playwright-core into $NODE_PREFIX"
+fi
+
+# --- Chromium for the analytics.js browser test (Debian's package) -------------------------
+CHROMIUM="${TRIBUTARY_TEST_CHROMIUM:-/usr/bin/chromium}"
+if [ -x "$CHROMIUM" ]; then
+    log "chromium already at $CHROMIUM"
+else
+    log "installing Debian's chromium"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    [ -x "$CHROMIUM" ] || {
+        log "chromium did not install at $CHROMIUM"
+        exit 1
+    }
+    log "installed $("$CHROMIUM" --version 2>/dev/null)"
 fi

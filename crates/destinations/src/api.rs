@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::config::Start;
 use crate::filter::Filters;
 
 /// `POST /destinations` body.
@@ -32,6 +33,9 @@ pub struct CreateDestination {
     /// Call-type and event-name filters (default: everything).
     #[serde(default)]
     pub filters: Filters,
+    /// Where delivery starts: `"now"` (default), `"beginning"` or an RFC 3339 time.
+    #[serde(default)]
+    pub start: Start,
 }
 
 fn empty_object() -> Value {

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -147,6 +148,63 @@ impl DestinationConfig {
     }
 }
 
+/// Where a new destination starts reading the log (`"start"` when it is created):
+/// `"now"` (the default: only events appended after its creation), `"beginning"`
+/// (every event the log still keeps) or an RFC 3339 time (events received at or
+/// after it). Only creation reads it; afterwards the destination's cursor rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Start {
+    /// After the log's current head.
+    #[default]
+    Now,
+    /// From the oldest retained event.
+    Beginning,
+    /// From the first event received at or after this time.
+    At(DateTime<Utc>),
+}
+
+impl std::str::FromStr for Start {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Start, String> {
+        match s.trim() {
+            "now" => Ok(Start::Now),
+            "beginning" => Ok(Start::Beginning),
+            t => DateTime::parse_from_rfc3339(t)
+                .map(|d| Start::At(d.with_timezone(&Utc)))
+                .map_err(|_| {
+                    format!(
+                        "start must be \"now\", \"beginning\" or an RFC 3339 time such as \
+                         \"2026-01-31T00:00:00Z\", not {t:?}"
+                    )
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Start {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Start::Now => f.write_str("now"),
+            Start::Beginning => f.write_str("beginning"),
+            Start::At(t) => f.write_str(&t.to_rfc3339()),
+        }
+    }
+}
+
+impl Serialize for Start {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Start {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Start, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 fn strip_type(v: Value) -> Value {
     match v {
         Value::Object(mut m) => {
@@ -178,6 +236,20 @@ mod tests {
         assert!(matches!(e, DestinationError::Invalid(ref m) if m.contains("kafka")));
         let e = DestinationConfig::from_parts("segment", json!([])).unwrap_err();
         assert!(matches!(e, DestinationError::Invalid(_)));
+    }
+
+    #[test]
+    fn start_reads_now_beginning_or_a_time() {
+        assert_eq!("now".parse::<Start>(), Ok(Start::Now));
+        assert_eq!("beginning".parse::<Start>(), Ok(Start::Beginning));
+        let at: Start = "2026-01-31T01:00:00+01:00".parse().unwrap();
+        assert_eq!(at.to_string(), "2026-01-31T00:00:00+00:00");
+        let e = "yesterday".parse::<Start>().unwrap_err();
+        assert!(
+            e.contains("\"beginning\"") && e.contains("yesterday"),
+            "{e}"
+        );
+        assert_eq!(Start::default(), Start::Now);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::api::{
     CreateDestination, DeadLetter, DestinationStats, DestinationView, GapView, PatchDestination,
     ReplayOutcome, ReplayRequest,
 };
-use crate::config::DestinationConfig;
+use crate::config::{DestinationConfig, Start};
 use crate::error::DestinationError;
 use crate::filter::Selector;
 use crate::options::EngineOptions;
@@ -285,9 +285,9 @@ impl Engine {
     }
 
     /// Creates a destination (settings validated per type → `Invalid`) and, when
-    /// enabled, starts delivering to it from the current head of the log: a new
-    /// destination receives events appended after its creation (use replay for
-    /// history).
+    /// enabled, starts delivering to it from where `req.start` says: by default the
+    /// current head of the log, so it receives events appended after its creation;
+    /// `beginning` or a time sends the retained history first.
     pub async fn create(
         &self,
         req: CreateDestination,
@@ -309,9 +309,10 @@ impl Engine {
             created_at_ms: now,
             updated_at_ms: now,
         };
-        // Start at the head: history is the business of replay, not of creation.
-        let head = *self.inner.log.subscribe().borrow();
-        let start = self.inner.log.start(0).at(head);
+        // Where `start` says (default: the head; history is then the business of
+        // replay).
+        let initial = self.initial_cursor(req.start).await?;
+        let start = self.inner.log.start(0).at(initial);
         self.inner
             .log
             .commit(&consumer_name(&row.id), &start)
@@ -332,6 +333,27 @@ impl Engine {
         }
         tracing::info!(destination = %row.id, kind = config.kind(), "destination created");
         self.view(row).await
+    }
+
+    /// The sequence number a new destination starts after (it delivers every event
+    /// after it): the head for [`Start::Now`], just before the oldest retained event
+    /// for [`Start::Beginning`] (so pruned history is not reported as a gap), and for
+    /// a time just before the first event received at or after it (the head when
+    /// none is).
+    async fn initial_cursor(&self, start: Start) -> Result<u64, DestinationError> {
+        let head = *self.inner.log.subscribe().borrow();
+        Ok(match start {
+            Start::Now => head,
+            Start::Beginning => self.inner.log.first_retained(0).await?.saturating_sub(1),
+            Start::At(t) => {
+                let first = self
+                    .inner
+                    .log
+                    .read_range(t.timestamp_millis(), i64::MAX, 0, 1)
+                    .await?;
+                first.first().map_or(head, |r| r.seq.saturating_sub(1))
+            }
+        })
     }
 
     /// Every destination, oldest first, with statistics.

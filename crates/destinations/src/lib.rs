@@ -38,7 +38,7 @@ pub use api::{
     CreateDestination, DeadLetter, DestinationStats, DestinationView, PatchDestination,
     ReplayOutcome, ReplayRequest,
 };
-pub use config::{DestinationConfig, REDACTED, TYPES};
+pub use config::{DestinationConfig, REDACTED, Start, TYPES};
 pub use engine::{Engine, MAX_DEAD_LETTER_LIMIT};
 pub use error::DestinationError;
 pub use filter::{CALL_TYPES, Filters};

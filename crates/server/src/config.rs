@@ -35,7 +35,9 @@ pub use tributary_warehouse::WarehouseConfig;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on (`TRIBUTARY_LISTEN`).
+    /// Address to listen on (`TRIBUTARY_LISTEN`): `IP:PORT` or `HOST:PORT`, e.g.
+    /// `localhost:8088` (resolved once, at load; an IPv4 address is preferred).
+    #[serde(deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     /// Where the log, control state and embedded warehouse live (`TRIBUTARY_DATA_DIR`).
     pub data_dir: PathBuf,
@@ -120,7 +122,7 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -233,6 +235,36 @@ fn with_unit(value: &str, unit: Option<&str>) -> String {
         }
         _ => v.to_string(),
     }
+}
+
+/// Resolves a listen address: `IP:PORT` as is, `HOST:PORT` (e.g. `localhost:8088`)
+/// through the system resolver, preferring an IPv4 address.
+pub fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!(
+            "{s:?} needs a port, e.g. 127.0.0.1:8088 or localhost:8088"
+        ));
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    resolve_listen(&s).map_err(serde::de::Error::custom)
 }
 
 /// Rewrites legacy keys of the file into their new settings (a new key that is
@@ -466,6 +498,27 @@ mod tests {
     }
 
     #[test]
+    fn listen_accepts_a_host_name() {
+        let env = HashMap::from([("TRIBUTARY_LISTEN".to_string(), "localhost:9002".to_string())]);
+        let c = Config::load(None, &env).unwrap();
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 9002);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, "listen = \"localhost:9003\"\n").unwrap();
+        let c = Config::load(Some(&p), &HashMap::new()).unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.port(), 9003);
+    }
+
+    #[test]
+    fn a_missing_config_file_names_the_os_error_once() {
+        let e = Config::load(Some(Path::new("/nonexistent/t.toml")), &HashMap::new()).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.toml");
@@ -475,6 +528,7 @@ mod tests {
             Err(ConfigError::Parse { .. })
         ));
         let env = HashMap::from([("TRIBUTARY_LISTEN".to_string(), "nope".to_string())]);
+
         assert!(matches!(
             Config::load(None, &env),
             Err(ConfigError::Env { .. })

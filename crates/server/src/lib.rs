@@ -25,6 +25,7 @@ pub mod error;
 pub mod files;
 pub mod ingest;
 pub mod ops;
+pub mod settings;
 pub mod shutdown;
 pub mod warehouse_api;
 pub mod webhook;
@@ -135,6 +136,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(webhook::activecampaign_keyed),
         )
         .route(
+            "/v1/projects/{key}/settings",
+            get(settings::project_settings),
+        )
+        .route(
             "/v1/{method}",
             post(ingest::tracking).options(ops::preflight),
         )
@@ -160,16 +165,6 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
     let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
     files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let (token, generated) = admin_token(&config)?;
-    if generated {
-        let path = config.data_dir.join("admin-token");
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
-            path.display()
-        );
-    }
     let control = Arc::new(
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
@@ -216,6 +211,18 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
             ))
         }
     };
+    // Last, so a configuration that fails to open (e.g. a bad TRIBUTARY_WAREHOUSE)
+    // never leaves a token behind or prints one.
+    let (token, generated) = admin_token(&config)?;
+    if generated {
+        let path = config.data_dir.join("admin-token");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "tributary: generated an admin token (saved to {}):\n\n    {token}\n",
+            path.display()
+        );
+    }
     let budget = config
         .limits
         .max_inflight_bytes

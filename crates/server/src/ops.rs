@@ -1,6 +1,10 @@
 //! Operations endpoints and cross-cutting HTTP concerns: `/health`, `/ready`,
 //! `/metrics` (Prometheus), per-route request metrics, and CORS for the Tracking
 //! API so analytics.js can post from any web page.
+//!
+//! Invariant: every counter the server increments without a per-object label is
+//! registered at zero when the recorder is installed, so `/metrics` shows it right
+//! after a (re)start and `rate()`/`increase()` see the reset instead of a gap.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,6 +14,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
+
+use tributary_model::RejectCode;
 
 use crate::AppState;
 
@@ -32,6 +38,96 @@ pub fn install_metrics() {
             .ok()?;
         builder.install_recorder().ok()
     });
+    register_at_zero();
+}
+
+/// Counters (and their fixed label values) that exist from the start, at zero.
+const ZERO_COUNTERS: [(&str, &str); 10] = [
+    (
+        "tributary_events_accepted_total",
+        "events stored in the log",
+    ),
+    (
+        "tributary_events_duplicate_total",
+        "events acknowledged as duplicates of a stored messageId",
+    ),
+    (
+        "tributary_ingest_saturated_total",
+        "requests refused with 429 because ingest held too many body bytes",
+    ),
+    (
+        "tributary_activecampaign_invalid_total",
+        "ActiveCampaign webhook bodies that could not be parsed",
+    ),
+    (
+        "tributary_warehouse_rows_loaded_total",
+        "rows loaded into the warehouse",
+    ),
+    (
+        "tributary_warehouse_load_errors_total",
+        "warehouse loads that failed and are retried",
+    ),
+    (
+        "tributary_warehouse_discards_total",
+        "property values kept in tributary_discards instead of their column",
+    ),
+    (
+        "tributary_warehouse_skipped_total",
+        "log records the warehouse loader skipped",
+    ),
+    (
+        "tributary_warehouse_rejected_records_total",
+        "log records the warehouse loader could not plan",
+    ),
+    (
+        "tributary_events_rejected_total",
+        "messages refused with 4xx, by reason code",
+    ),
+];
+
+/// Every reason code of `tributary_events_rejected_total`.
+const REJECT_CODES: [RejectCode; 18] = [
+    RejectCode::BadRequest,
+    RejectCode::InvalidJson,
+    RejectCode::EmptyBatch,
+    RejectCode::NoUserAnonId,
+    RejectCode::IdNotString,
+    RejectCode::EventNotDefined,
+    RejectCode::EventNotString,
+    RejectCode::PropertiesNotObject,
+    RejectCode::TraitsNotObject,
+    RejectCode::NameNotString,
+    RejectCode::CategoryNotString,
+    RejectCode::InvalidType,
+    RejectCode::GroupIdRequired,
+    RejectCode::PreviousIdRequired,
+    RejectCode::MessageIdInvalid,
+    RejectCode::TimestampInvalid,
+    RejectCode::ContextNotObject,
+    RejectCode::MessageTooLarge,
+];
+
+/// Registers [`ZERO_COUNTERS`] (the rejected counter once per reason, append
+/// failures once per reason) with their help text. Idempotent: adding zero.
+fn register_at_zero() {
+    for (name, help) in ZERO_COUNTERS {
+        metrics::describe_counter!(name, help);
+        match name {
+            "tributary_events_rejected_total" => {
+                for code in REJECT_CODES {
+                    metrics::counter!(name, "reason" => code.as_str()).increment(0);
+                }
+            }
+            _ => metrics::counter!(name).increment(0),
+        }
+    }
+    metrics::describe_counter!(
+        "tributary_append_failures_total",
+        "appends the log refused (saturated) or could not write (unavailable)"
+    );
+    for reason in ["saturated", "unavailable"] {
+        metrics::counter!("tributary_append_failures_total", "reason" => reason).increment(0);
+    }
 }
 
 /// `GET /health`: the process is up.

@@ -153,16 +153,43 @@ impl Client {
     }
 }
 
-fn print_source(s: &Value) {
-    let get = |k: &str| {
-        s.get(k)
-            .map(|v| match v {
-                Value::String(x) => x.clone(),
-                Value::Null => "-".into(),
-                o => o.to_string(),
-            })
-            .unwrap_or_default()
+/// A JSON value as a table cell: strings bare, `null` as `-`.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        o => o.to_string(),
+    }
+}
+
+/// Prints rows under a header, each column as wide as its widest cell, two spaces
+/// between columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
     };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_source(s: &Value) {
+    let get = |k: &str| s.get(k).map(text).unwrap_or_default();
     println!("id:          {}", get("id"));
     println!("type:        {}", get("type"));
     println!("name:        {}", get("name"));
@@ -209,25 +236,39 @@ pub async fn sources(conn: Conn, cmd: SourcesCmd) -> anyhow::Result<()> {
         SourcesCmd::List => {
             let v = c.call(Method::GET, "/sources", None).await?;
             if !conn.json {
-                println!(
-                    "{:<36} {:<15} {:<20} {:<20} {:<8} LAST EVENT",
-                    "ID", "TYPE", "NAME", "SCHEMA", "ENABLED"
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        let le = s
+                            .get("last_event")
+                            .and_then(|l| l.get("received_at"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("-");
+                        vec![
+                            text(&s["id"]),
+                            text(&s["type"]),
+                            text(&s["name"]),
+                            text(&s["schema"]),
+                            text(&s["enabled"]),
+                            text(&s["status"]),
+                            le.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "TYPE",
+                        "NAME",
+                        "SCHEMA",
+                        "ENABLED",
+                        "STATUS",
+                        "LAST EVENT",
+                    ],
+                    &rows,
                 );
-                for s in v.as_array().into_iter().flatten() {
-                    let le = s
-                        .get("last_event")
-                        .and_then(|l| l.get("received_at"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("-");
-                    println!(
-                        "{:<36} {:<15} {:<20} {:<20} {:<8} {le}",
-                        s["id"].as_str().unwrap_or(""),
-                        s["type"].as_str().unwrap_or(""),
-                        s["name"].as_str().unwrap_or(""),
-                        s["schema"].as_str().unwrap_or(""),
-                        s["enabled"],
-                    );
-                }
                 return Ok(());
             }
             v
@@ -288,6 +329,10 @@ pub enum DestinationsCmd {
         /// Settings as a JSON object, e.g. '{"url":"https://example.com/hook"}'.
         #[arg(long)]
         settings: String,
+        /// Where delivery starts: `now` (only new events), `beginning` (every event
+        /// the log keeps) or an RFC 3339 time.
+        #[arg(long, default_value = "now")]
+        start: String,
     },
     /// List destinations with delivery stats.
     List,
@@ -339,17 +384,58 @@ pub async fn destinations(conn: Conn, cmd: DestinationsCmd) -> anyhow::Result<()
             name,
             sources,
             settings,
+            start,
         } => {
             let settings: Value =
                 serde_json::from_str(&settings).context("--settings must be a JSON object")?;
             c.call(
                 Method::POST,
                 "/destinations",
-                Some(json!({"type": kind, "name": name, "source_ids": sources, "settings": settings})),
+                Some(json!({"type": kind, "name": name, "source_ids": sources,
+                    "settings": settings, "start": start})),
             )
             .await?
         }
-        DestinationsCmd::List => c.call(Method::GET, "/destinations", None).await?,
+        DestinationsCmd::List => {
+            let v = c.call(Method::GET, "/destinations", None).await?;
+            if !conn.json {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        let st = &d["stats"];
+                        vec![
+                            text(&d["id"]),
+                            text(&d["type"]),
+                            text(&d["name"]),
+                            text(&d["enabled"]),
+                            text(&st["delivered"]),
+                            text(&st["retrying"]),
+                            text(&st["dead_letters"]),
+                            text(&st["backlog"]),
+                            text(&st["last_error"]),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "TYPE",
+                        "NAME",
+                        "ENABLED",
+                        "DELIVERED",
+                        "RETRYING",
+                        "DEAD",
+                        "BACKLOG",
+                        "LAST ERROR",
+                    ],
+                    &rows,
+                );
+                return Ok(());
+            }
+            v
+        }
         DestinationsCmd::Show { id } => {
             c.call(Method::GET, &format!("/destinations/{id}"), None)
                 .await?
@@ -373,15 +459,56 @@ pub async fn destinations(conn: Conn, cmd: DestinationsCmd) -> anyhow::Result<()
         DestinationsCmd::Delete { id } => {
             c.call(Method::DELETE, &format!("/destinations/{id}"), None)
                 .await?;
+            if !conn.json {
+                println!("deleted {id}");
+                return Ok(());
+            }
             json!({"deleted": id})
         }
         DestinationsCmd::DeadLetters { id } => {
-            c.call(
-                Method::GET,
-                &format!("/destinations/{id}/dead-letters"),
-                None,
-            )
-            .await?
+            let v = c
+                .call(
+                    Method::GET,
+                    &format!("/destinations/{id}/dead-letters"),
+                    None,
+                )
+                .await?;
+            if !conn.json {
+                let letters = v
+                    .get("dead_letters")
+                    .or(Some(&v))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let rows: Vec<Vec<String>> = letters
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            text(&l["id"]),
+                            text(&l["seq"]),
+                            text(&l["message_id"]),
+                            text(&l["attempts"]),
+                            text(&l["last_status"]),
+                            text(&l["failed_at"]),
+                            text(&l["error"]),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "SEQ",
+                        "MESSAGE ID",
+                        "ATTEMPTS",
+                        "STATUS",
+                        "FAILED AT",
+                        "ERROR",
+                    ],
+                    &rows,
+                );
+                return Ok(());
+            }
+            v
         }
         DestinationsCmd::Replay { id, from, to } => {
             let body = match from {
@@ -396,9 +523,56 @@ pub async fn destinations(conn: Conn, cmd: DestinationsCmd) -> anyhow::Result<()
             .await?
         }
     };
-    // Destinations are nested records with stats; JSON is the clearest text form.
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if let Some(queued) = out.get("queued") {
+        println!("queued {queued} events for re-sending");
+    } else {
+        print_destination(&out);
+    }
     Ok(())
+}
+
+fn print_destination(d: &Value) {
+    let get = |k: &str| d.get(k).map(text).unwrap_or_default();
+    let st = &d["stats"];
+    println!("id:           {}", get("id"));
+    println!("type:         {}", get("type"));
+    println!("name:         {}", get("name"));
+    println!("enabled:      {}", get("enabled"));
+    let sources: Vec<String> = d["source_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    if sources.is_empty() {
+        println!("sources:      every source");
+    } else {
+        println!("sources:      {}", sources.join(", "));
+    }
+    println!("settings:     {}", d["settings"]);
+    println!(
+        "delivered:    {} ({} skipped, {} retrying, {} in flight)",
+        text(&st["delivered"]),
+        text(&st["skipped"]),
+        text(&st["retrying"]),
+        text(&st["in_flight"])
+    );
+    println!("dead letters: {}", text(&st["dead_letters"]));
+    println!(
+        "backlog:      {} (cursor {})",
+        text(&st["backlog"]),
+        text(&st["cursor"])
+    );
+    println!("last success: {}", text(&st["last_success_at"]));
+    if !st["last_error"].is_null() {
+        println!(
+            "last error:   {} at {}",
+            text(&st["last_error"]),
+            text(&st["last_error_at"])
+        );
+    }
 }
 
 /// Output formats of `tributary sql`.

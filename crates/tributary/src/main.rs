@@ -3,6 +3,8 @@
 //! the `tributary-server` library.
 
 mod cli;
+mod datadir;
+mod logging;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,8 +38,9 @@ enum Command {
         /// Data directory (overrides config and TRIBUTARY_DATA_DIR).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Listen address (overrides config and TRIBUTARY_LISTEN).
-        #[arg(long)]
+        /// Listen address, IP:PORT or HOST:PORT such as localhost:8088 (overrides
+        /// config and TRIBUTARY_LISTEN).
+        #[arg(long, value_parser = tributary_server::config::resolve_listen)]
         listen: Option<std::net::SocketAddr>,
     },
     /// Manage sources.
@@ -69,13 +72,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(|| LossyStderr)
-        .init();
+    logging::init(|| LossyStderr);
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,6 +133,8 @@ async fn serve(
     if let Some(l) = listen {
         config.listen = l;
     }
+    // Held until the server has shut down; the kernel releases it on any exit.
+    let _lock = datadir::lock(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

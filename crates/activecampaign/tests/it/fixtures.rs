@@ -1,4 +1,4 @@
-//! Every body in `shared/fixtures/activecampaign/`, mapped, with the exact Segment call
+//! Every body in `tests/fixtures/`, mapped, with the exact Segment call
 //! a user would see for each.
 
 use serde_json::{Value, json};

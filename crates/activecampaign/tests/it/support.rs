@@ -1,4 +1,4 @@
-//! Shared helpers: locating the shared fixtures, editing bodies, and checking that a
+//! Shared helpers: locating the fixtures, editing bodies, and checking that a
 //! mapped message is a Segment call ingest will accept.
 
 use std::path::PathBuf;
@@ -6,16 +6,13 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 use tributary_activecampaign::{Settings, Webhook, parse_webhook};
 
-/// `shared/fixtures/activecampaign`: `<repo>/../shared`, next to the repository root.
+/// `crates/activecampaign/tests/fixtures`: the webhook bodies, kept in the repository
+/// so a fresh clone tests on its own.
 pub fn fixtures_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/activecampaign"
-    ));
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
     assert!(
         dir.is_dir(),
-        "ActiveCampaign fixtures not found at {}: these tests expect the `shared/` \
-         directory next to the repository root (<repo>/../shared/fixtures/activecampaign)",
+        "ActiveCampaign fixtures not found at {}",
         dir.display()
     );
     dir

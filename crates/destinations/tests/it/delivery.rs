@@ -304,6 +304,7 @@ async fn integrations_object_and_filters_select_events() {
             source_ids: vec![SOURCE.into()],
             settings: json!({"url": beta_rx.url("/")}),
             enabled: true,
+            start: Default::default(),
             filters: Filters {
                 call_types: vec!["track".into()],
                 deny_events: vec!["Debug".into()],
@@ -502,6 +503,7 @@ async fn admin_operations_validate_and_pause() {
                 source_ids: vec![],
                 settings: settings.clone(),
                 enabled: true,
+                start: Default::default(),
                 filters: Filters::default(),
             })
             .await

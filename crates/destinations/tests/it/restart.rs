@@ -111,6 +111,7 @@ async fn sigkill_during_delivery_only_resends_in_flight_events() {
                 source_ids: vec![],
                 settings: json!({"url": rx.url("/"), "batch_size": 5}),
                 enabled: true,
+                start: Default::default(),
                 filters: Default::default(),
             })
             .await

@@ -58,6 +58,7 @@ async fn a_disabled_destination_does_not_pin_the_log_and_reports_the_gap_when_en
             settings: json!({"url": format!("http://127.0.0.1:{port}/hook")}),
             enabled: true,
             filters: Default::default(),
+            start: Default::default(),
         })
         .await
         .unwrap();

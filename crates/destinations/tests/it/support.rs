@@ -76,6 +76,7 @@ impl Harness {
                 source_ids: vec![SOURCE.into()],
                 settings,
                 enabled: true,
+                start: Default::default(),
                 filters: Default::default(),
             })
             .await

@@ -8,12 +8,12 @@ use serde_json::{Value, json};
 use crate::harness::{Server, client, key_id};
 
 fn fixture(name: &str) -> Vec<u8> {
+    // The ActiveCampaign crate's fixtures, in the repository.
     let dir = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/activecampaign"
+        "/../activecampaign/tests/fixtures"
     );
-    std::fs::read(format!("{dir}/{name}.form"))
-        .unwrap_or_else(|e| panic!("fixture {name}: {e} (shared/ must sit beside the repository)"))
+    std::fs::read(format!("{dir}/{name}.form")).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 async fn webhook(s: &Server, key: &str, body: Vec<u8>, keyed_path: bool) -> (u16, Value) {

@@ -167,3 +167,81 @@ async fn a_segment_destination_forwards_into_a_second_tributary() {
     assert_eq!(e["userId"], "u1");
     assert_eq!(e["properties"]["n"], 7);
 }
+
+#[tokio::test]
+async fn a_new_destination_starts_now_by_default_or_from_the_beginning_or_a_time() {
+    let s = Server::start();
+    let (key, id) = key_id(&s.create_source("http", "Web", "web").await);
+    for i in 0..3 {
+        let (st, _) = s
+            .post(
+                "/v1/track",
+                &key,
+                json!({"userId":"u","event":"Old","messageId":format!("old-{i}")}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        // Distinct receive times, so a start time can fall between two events.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let events = s.events(&id, 10).await;
+    let old_1 = events.iter().find(|e| e["messageId"] == "old-1").unwrap();
+    let at = old_1["receivedAt"].as_str().unwrap().to_string();
+
+    let mut receivers = Vec::new();
+    for (name, start) in [
+        ("Default", None),
+        ("Now", Some(json!("now"))),
+        ("Beginning", Some(json!("beginning"))),
+        ("At", Some(json!(at))),
+    ] {
+        let (url, got) = receiver().await;
+        let mut body = json!({"type":"webhook","name":name,"settings":{"url": url}});
+        if let Some(st) = start {
+            body["start"] = st;
+        }
+        let (st, v) = s.admin(Method::POST, "/destinations", Some(body)).await;
+        assert_eq!(st, 201, "{name}: {v}");
+        receivers.push((name, got));
+    }
+    let (st, v) = s
+        .admin(
+            Method::POST,
+            "/destinations",
+            Some(json!({"type":"webhook","name":"Bad","start":"yesterday",
+                "settings":{"url":"http://127.0.0.1:9/h"}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("beginning"),
+        "{v}"
+    );
+
+    let (st, _) = s
+        .post(
+            "/v1/track",
+            &key,
+            json!({"userId":"u","event":"New","messageId":"new-0"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let expected = |name: &str| -> Vec<&str> {
+        match name {
+            "Beginning" => vec!["new-0", "old-0", "old-1", "old-2"],
+            "At" => vec!["new-0", "old-1", "old-2"],
+            _ => vec!["new-0"],
+        }
+    };
+    for (name, got) in &receivers {
+        let want = expected(name);
+        wait_for(|| message_ids(got).len() >= want.len(), name).await;
+    }
+    // Anything extra would have arrived with the rest; give it a moment anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (name, got) in &receivers {
+        let mut ids = message_ids(got);
+        ids.sort();
+        assert_eq!(ids, expected(name), "destination {name}");
+    }
+}

@@ -21,10 +21,18 @@ pub fn service_available(test: &str, check: Result<(), String>) -> bool {
         Ok(()) => true,
         Err(why) if require_all() => panic!("{test}: required service missing: {why}"),
         Err(why) => {
-            eprintln!("SKIP {test}: {why}");
+            report_skip(test, &why);
             false
         }
     }
+}
+
+/// Prints `SKIP <test>: <reason>` so that it shows in plain `cargo test` output:
+/// libtest captures only what goes through `print!`/`eprint!`, so the line is
+/// written to the process's stderr handle directly.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIP {test}: {why}");
 }
 
 /// A free port on 127.0.0.1.
@@ -129,6 +137,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("server did not become healthy; log:\n{}", self.log());
+    }
+
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's stderr so far.
@@ -269,6 +282,48 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `tributary ARGS` with `env` (and no inherited `TRIBUTARY_*` or `RUST_LOG`)
+/// until it exits, at most `limit`; returns its exit status (`None` when it was still
+/// running and had to be killed) and its stderr.
+pub fn run_to_exit(
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("stderr");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tributary"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TRIBUTARY_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start tributary");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status,
+        std::fs::read_to_string(&err_path).unwrap_or_default(),
+    )
 }
 
 /// A plain HTTP client.

@@ -5,6 +5,8 @@
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
 mod activecampaign;
+mod browser;
+mod cli;
 mod config;
 mod crash;
 mod destinations;
@@ -14,5 +16,6 @@ mod hostile;
 mod poison;
 mod retention;
 mod sdk;
+mod startup;
 mod tracking;
 mod warehouse;

@@ -50,7 +50,12 @@ impl Harness {
                     "{test}: PostgreSQL not reachable at 127.0.0.1:5432 ({e}) and TRIBUTARY_TEST_REQUIRE=all"
                 );
             }
-            println!("SKIP {test}: PostgreSQL not reachable at 127.0.0.1:5432 ({e})");
+            // Straight to stderr, not `println!`: libtest's capture would hide it.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "SKIP {test}: PostgreSQL not reachable at 127.0.0.1:5432 ({e})"
+            );
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
