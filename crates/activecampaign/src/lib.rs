@@ -13,6 +13,6 @@ pub mod webhook;
 
 pub use segment::{EMAIL_EVENTS, email_of, is_email_event, looks_like_email};
 pub use webhook::{
-    DedupeKey, FormPairs, MapError, Mapped, ParseError, Settings, Webhook, WebhookError,
-    is_spam_complaint, map_webhook, parse_form, parse_webhook,
+    AUTOMATION_TYPE, DedupeKey, FormPairs, MapError, Mapped, ParseError, Settings, Webhook,
+    WebhookError, is_spam_complaint, map_webhook, parse_form, parse_webhook,
 };

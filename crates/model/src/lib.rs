@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod body;
+pub mod duration;
 pub mod flatten;
 pub mod normalize;
 pub mod snake;

@@ -207,8 +207,13 @@ pub async fn append(
     if duplicates > 0 {
         metrics::counter!("tributary_events_duplicate_total").increment(duplicates as u64);
     }
-    for (email, uid) in identities {
-        state.control.remember_identity(&email, &uid);
+    // Durable before the 200 (see `control`): one fsynced write per request, only
+    // for new or changed identities.
+    if !identities.is_empty() {
+        let control = state.control.clone();
+        tokio::task::spawn_blocking(move || control.remember_identities(&identities))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
     }
     state.control.set_last_event(&source.id, last_event);
     Ok(Appended { stored, duplicates })

@@ -242,7 +242,7 @@ async fn source_events(
         .collect();
     // ActiveCampaign webhooks of types we do not map are not in the log; show them
     // here too, marked `"type": "unmapped"`, in time order.
-    let unmapped = crate::webhook::unmapped_for(&id);
+    let unmapped = crate::webhook::unmapped_for(&state, &id)?;
     if !unmapped.is_empty() {
         events.extend(unmapped);
         let at = |v: &Value| {

@@ -5,13 +5,31 @@
 //! With no file and no variables everything is embedded: data in
 //! `./tributary-data`, listening on `127.0.0.1:8088`, SQLite for the log and the
 //! warehouse.
+//!
+//! Invariants:
+//! - The stages own their settings: `[log]` is the event log's
+//!   [`SqliteLogConfig`], `[warehouse]` the warehouse's [`WarehouseConfig`],
+//!   `[destinations]` the delivery engine's [`EngineOptions`]; each deserializes with
+//!   `deny_unknown_fields` and is handed to its stage as is (no translation here).
+//! - Every duration is written with a unit (`500ms`, `90s`, `15m`, `36h`, `7d`, see
+//!   [`tributary_model::duration`]); a bare number is refused.
+//! - One rule maps the environment onto the tree: `TRIBUTARY_<FIELD>` for top-level
+//!   settings and `TRIBUTARY_<SECTION>_<FIELD>` inside a section (module `overlay`),
+//!   so a new field needs no environment code. On top of it only the short names and
+//!   legacy aliases in [`ALIASES`] and [`SHORT_NAMES`]; a canonical name beats its
+//!   alias. `TRIBUTARY_*` variables that name no setting are warned about, not fatal.
 
-use std::collections::HashMap;
+mod overlay;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use tributary_destinations::EngineOptions;
+pub use tributary_eventlog::SqliteLogConfig;
+pub use tributary_warehouse::WarehouseConfig;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,14 +50,25 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` is believed (`TRIBUTARY_TRUSTED_PROXIES`,
     /// comma-separated IPs).
     pub trusted_proxies: Vec<IpAddr>,
-    /// Request size limits.
+    /// Bench only: a log that keeps nothing, to measure the cost of durability.
+    /// Never use in production (`TRIBUTARY_BENCH_NULL_LOG=1`; TOML alias
+    /// `log.bench_null`).
+    pub bench_null_log: bool,
+    /// Request size limits (`TRIBUTARY_LIMITS_<FIELD>`).
     pub limits: Limits,
-    /// The event log.
-    pub log: LogConfig,
-    /// The warehouse.
-    pub warehouse: WarehouseSection,
-    /// Destinations.
-    pub destinations: DestinationsSection,
+    /// The event log (`TRIBUTARY_LOG_<FIELD>`, e.g. `TRIBUTARY_LOG_RETENTION=36h`);
+    /// its `path` is always `<data_dir>/events.db`.
+    pub log: SqliteLogConfig,
+    /// The warehouse (`TRIBUTARY_WAREHOUSE_<FIELD>`; `TRIBUTARY_WAREHOUSE` is the
+    /// URL). An empty `url` means `sqlite://<data_dir>/warehouse`; `off` disables
+    /// loading.
+    pub warehouse: WarehouseConfig,
+    /// Destination delivery (`TRIBUTARY_DESTINATIONS_<FIELD>`).
+    pub destinations: EngineOptions,
+    /// `TRIBUTARY_*` variables of the last [`Config::load`] that name no setting
+    /// (they were ignored with a warning).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
     /// Connection timeouts and limits (`[http]`, `TRIBUTARY_HTTP_<FIELD>`).
     pub http: crate::conn::HttpConfig,
 }
@@ -59,66 +88,6 @@ pub struct Limits {
     pub max_inflight_bytes: usize,
 }
 
-/// Event log settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// How long events are kept, and so the dedupe window, in hours
-    /// (`TRIBUTARY_LOG_RETENTION_HOURS`, default 168 = 7 days).
-    pub retention_hours: u64,
-    /// Append requests that may wait for the disk before 429 (default 4096).
-    pub queue_capacity: usize,
-    /// Hard cap on the log's size in bytes (`TRIBUTARY_LOG_MAX_BYTES`; default none).
-    /// Past it the oldest records are deleted even if a consumer has not read them,
-    /// and each such loss is reported (error line,
-    /// `tributary_log_unconsumed_dropped_total{consumer}`, `/ready` degraded, the
-    /// consumer's status).
-    pub max_bytes: Option<u64>,
-    /// Retention as a duration, overriding `retention_hours`
-    /// (`TRIBUTARY_LOG_RETENTION`: `90s`, `15m`, `36h`).
-    #[serde(skip)]
-    pub retention: Option<Duration>,
-    /// Bench only: a log that keeps nothing, to measure the cost of durability.
-    /// Never use in production (`TRIBUTARY_BENCH_NULL_LOG=1`).
-    pub bench_null: bool,
-}
-
-/// Warehouse settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WarehouseSection {
-    /// `sqlite://<dir>` or `postgres://…` (`TRIBUTARY_WAREHOUSE`); default
-    /// `sqlite://<data_dir>/warehouse`; `off` disables loading.
-    pub url: Option<String>,
-    /// Micro-batch interval in milliseconds (`TRIBUTARY_WAREHOUSE_INTERVAL_MS`, default 1000).
-    pub batch_interval_ms: u64,
-    /// Most events per micro-batch (default 10,000).
-    pub batch_max: usize,
-    /// PostgreSQL: the login `POST /api/v1/query` runs as, not a superuser
-    /// (`TRIBUTARY_WAREHOUSE_QUERY_URL`); unset, Tributary creates a read-only role.
-    pub query_url: Option<String>,
-    /// Longest a query may run, in seconds (`TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS`,
-    /// default 30).
-    pub query_timeout_secs: u64,
-    /// Most bytes of rows in one query answer (`TRIBUTARY_WAREHOUSE_QUERY_MAX_BYTES`,
-    /// default 16 MiB).
-    pub query_max_bytes: usize,
-}
-
-/// Destination delivery settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DestinationsSection {
-    /// Shortest retry backoff in milliseconds (`TRIBUTARY_RETRY_MIN_BACKOFF`, in
-    /// milliseconds or with a unit: `50ms`, `1s`; default 1 s).
-    pub retry_min_backoff_ms: u64,
-    /// Longest retry backoff in seconds (default 300).
-    pub retry_max_backoff_secs: u64,
-    /// How long an event is retried before it becomes a dead letter, in seconds
-    /// (default 4 h).
-    pub retry_window_secs: u64,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -127,10 +96,12 @@ impl Default for Config {
             admin_token: None,
             public_url: None,
             trusted_proxies: Vec::new(),
+            bench_null_log: false,
             limits: Limits::default(),
-            log: LogConfig::default(),
-            warehouse: WarehouseSection::default(),
-            destinations: DestinationsSection::default(),
+            log: SqliteLogConfig::default(),
+            warehouse: WarehouseConfig::default(),
+            destinations: EngineOptions::default(),
+            ignored_env: Vec::new(),
             http: crate::conn::HttpConfig::default(),
         }
     }
@@ -143,41 +114,6 @@ impl Default for Limits {
             max_batch_bytes: 500_000,
             max_batch_messages: 2500,
             max_inflight_bytes: 256 * 1024 * 1024,
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            retention_hours: 168,
-            queue_capacity: 4096,
-            max_bytes: None,
-            retention: None,
-            bench_null: false,
-        }
-    }
-}
-
-impl Default for WarehouseSection {
-    fn default() -> Self {
-        Self {
-            url: None,
-            batch_interval_ms: 1000,
-            batch_max: 10_000,
-            query_url: None,
-            query_timeout_secs: 30,
-            query_max_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-impl Default for DestinationsSection {
-    fn default() -> Self {
-        Self {
-            retry_min_backoff_ms: 1000,
-            retry_max_backoff_secs: 300,
-            retry_window_secs: 4 * 3600,
         }
     }
 }
@@ -214,19 +150,90 @@ pub enum ConfigError {
     },
 }
 
-fn env_parse<T: std::str::FromStr>(
-    env: &HashMap<String, String>,
-    name: &str,
-) -> Result<Option<T>, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    match env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        None => Ok(None),
-        Some(v) => v.parse::<T>().map(Some).map_err(|e| ConfigError::Env {
-            name: name.into(),
-            message: e.to_string(),
-        }),
+/// A legacy setting that names its unit: read as the new setting with that unit
+/// appended to a bare number (`retention_hours = 36` is `retention = "36h"`).
+pub struct Alias {
+    /// Old dotted path in the file; its one-rule variable name is an alias too.
+    pub old: &'static str,
+    /// Further old variable names.
+    pub old_env: &'static [&'static str],
+    /// The setting it stands for.
+    pub new: &'static str,
+    /// Unit of a bare number, if the old setting had one.
+    pub unit: Option<&'static str>,
+}
+
+/// Every legacy name, in the file and in the environment.
+pub const ALIASES: &[Alias] = &[
+    Alias {
+        old: "log.retention_hours",
+        old_env: &[],
+        new: "log.retention",
+        unit: Some("h"),
+    },
+    Alias {
+        old: "log.bench_null",
+        old_env: &[],
+        new: "bench_null_log",
+        unit: None,
+    },
+    Alias {
+        old: "warehouse.batch_interval_ms",
+        old_env: &["TRIBUTARY_WAREHOUSE_INTERVAL_MS"],
+        new: "warehouse.batch_interval",
+        unit: Some("ms"),
+    },
+    Alias {
+        old: "warehouse.query_timeout_secs",
+        old_env: &[],
+        new: "warehouse.query_timeout",
+        unit: Some("s"),
+    },
+    Alias {
+        old: "destinations.retry_min_backoff_ms",
+        old_env: &["TRIBUTARY_RETRY_MIN_BACKOFF"],
+        new: "destinations.retry_min_backoff",
+        unit: Some("ms"),
+    },
+    Alias {
+        old: "destinations.retry_max_backoff_secs",
+        old_env: &["TRIBUTARY_RETRY_MAX_BACKOFF"],
+        new: "destinations.retry_max_backoff",
+        unit: Some("s"),
+    },
+    Alias {
+        old: "destinations.retry_window_secs",
+        old_env: &["TRIBUTARY_RETRY_WINDOW"],
+        new: "destinations.retry_window",
+        unit: Some("s"),
+    },
+];
+
+/// Documented short variable names: (variable, dotted setting).
+pub const SHORT_NAMES: &[(&str, &str)] = &[("TRIBUTARY_WAREHOUSE", "warehouse.url")];
+
+/// `TRIBUTARY_*` variables (or prefixes) read by other parts (the CLI, CI, the test
+/// harnesses): never warned about.
+const NOT_SERVER_SETTINGS: &[&str] = &[
+    "TRIBUTARY_SERVER",
+    "TRIBUTARY_TEST_",
+    "TRIBUTARY_VENV",
+    "TRIBUTARY_NODE_PREFIX",
+];
+
+/// The one rule: the variable of a dotted setting (`log.retention` →
+/// `TRIBUTARY_LOG_RETENTION`).
+pub fn env_name(path: &str) -> String {
+    format!("TRIBUTARY_{}", path.replace('.', "_").to_ascii_uppercase())
+}
+
+fn with_unit(value: &str, unit: Option<&str>) -> String {
+    let v = value.trim();
+    match unit {
+        Some(u) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.') => {
+            format!("{v}{u}")
+        }
+        _ => v.to_string(),
     }
 }
 
@@ -260,115 +267,145 @@ fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAd
     resolve_listen(&s).map_err(serde::de::Error::custom)
 }
 
-/// Parses a duration given in milliseconds (`250`) or with a unit (`50ms`, `2s`, `1m`).
-pub fn parse_duration_ms(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (s, 1)
-    };
-    num.trim().parse::<u64>().ok().map(|n| n * mult)
+/// Rewrites legacy keys of the file into their new settings (a new key that is
+/// also present wins).
+fn apply_file_aliases(root: &mut toml::Table) {
+    for alias in ALIASES {
+        let (old_parent, old_key) = split_path(alias.old);
+        let Some(value) = table_at(root, old_parent, false).and_then(|t| t.remove(old_key)) else {
+            continue;
+        };
+        let value = match (&value, alias.unit) {
+            (toml::Value::Integer(n), Some(u)) => toml::Value::String(format!("{n}{u}")),
+            (toml::Value::Float(n), Some(u)) => toml::Value::String(format!("{n}{u}")),
+            (toml::Value::String(s), u) => toml::Value::String(with_unit(s, u)),
+            _ => value,
+        };
+        let (new_parent, new_key) = split_path(alias.new);
+        if let Some(t) = table_at(root, new_parent, true) {
+            t.entry(new_key.to_string()).or_insert(value);
+        }
+    }
+}
+
+fn split_path(path: &str) -> (&str, &str) {
+    path.rsplit_once('.').unwrap_or(("", path))
+}
+
+fn table_at<'t>(
+    root: &'t mut toml::Table,
+    path: &str,
+    create: bool,
+) -> Option<&'t mut toml::Table> {
+    let mut t = root;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        if create && !t.contains_key(part) {
+            t.insert(part.to_string(), toml::Value::Table(toml::Table::new()));
+        }
+        t = t.get_mut(part)?.as_table_mut()?;
+    }
+    Some(t)
+}
+
+/// The `TRIBUTARY_*` variables with aliases and short names resolved to their
+/// one-rule names. Empty values count as unset.
+fn canonical_env(env: &HashMap<String, String>) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = env
+        .iter()
+        .filter(|(k, v)| k.starts_with("TRIBUTARY_") && !v.trim().is_empty())
+        .filter(|(k, _)| !NOT_SERVER_SETTINGS.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut renames: Vec<(String, String, Option<&str>)> = Vec::new();
+    for alias in ALIASES {
+        for old in
+            std::iter::once(env_name(alias.old)).chain(alias.old_env.iter().map(|s| s.to_string()))
+        {
+            renames.push((old, env_name(alias.new), alias.unit));
+        }
+    }
+    for (short, path) in SHORT_NAMES {
+        renames.push((short.to_string(), env_name(path), None));
+    }
+    for (old, new, unit) in renames {
+        if let Some(v) = vars.remove(&old) {
+            match vars.entry(new) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    tracing::warn!(alias = %old, setting = %e.key(), "both set: the alias is ignored");
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(with_unit(&v, unit));
+                }
+            }
+        }
+    }
+    vars
 }
 
 impl Config {
     /// Loads the file at `path` (if any), then applies `TRIBUTARY_*` from `env`.
     pub fn load(path: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let mut config = match path {
+        let mut file = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_path_buf(),
-                    message: e.to_string(),
-                })?
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: p.to_path_buf(),
+                        message: e.to_string(),
+                    })?
             }
-            None => Config::default(),
+            None => toml::Table::new(),
         };
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_LISTEN")? {
-            config.listen = resolve_listen(&v).map_err(|message| ConfigError::Env {
-                name: "TRIBUTARY_LISTEN".into(),
-                message,
-            })?;
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_DATA_DIR")? {
-            config.data_dir = PathBuf::from(v);
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_ADMIN_TOKEN")? {
-            config.admin_token = Some(v);
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_PUBLIC_URL")? {
-            config.public_url = Some(v);
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_TRUSTED_PROXIES")? {
-            config.trusted_proxies = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    s.parse()
-                        .map_err(|e: std::net::AddrParseError| ConfigError::Env {
-                            name: "TRIBUTARY_TRUSTED_PROXIES".into(),
-                            message: e.to_string(),
-                        })
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(v) = env_parse(env, "TRIBUTARY_LOG_RETENTION_HOURS")? {
-            config.log.retention_hours = v;
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_LOG_RETENTION")? {
-            let d =
-                tributary_destinations::EngineOptions::parse_duration(&v).map_err(|message| {
-                    ConfigError::Env {
-                        name: "TRIBUTARY_LOG_RETENTION".into(),
-                        message,
+        apply_file_aliases(&mut file);
+        let mut env = overlay::Env::new(canonical_env(env));
+        let mut ignored = Vec::new();
+        // Each round either succeeds, fails for good, or drops at least one variable.
+        let mut config = loop {
+            let root = overlay::Table {
+                file: Some(file.clone()),
+                path: String::new(),
+                prefix: "TRIBUTARY_".into(),
+                env: &env,
+            };
+            match Config::deserialize(root) {
+                Ok(c) => {
+                    ignored.extend(env.unused());
+                    break c;
+                }
+                Err(overlay::OverlayError::NotASetting(names)) => {
+                    let dropped = env.remove(&names);
+                    if dropped.is_empty() {
+                        return Err(ConfigError::Invalid(format!(
+                            "cannot place {}",
+                            names.join(", ")
+                        )));
                     }
-                })?;
-            config.log.retention = Some(d);
+                    ignored.extend(dropped);
+                }
+                Err(overlay::OverlayError::Message { origin, message }) => {
+                    return Err(match origin {
+                        Some(overlay::Origin::Env(name)) => ConfigError::Env { name, message },
+                        Some(overlay::Origin::File(key)) => ConfigError::Parse {
+                            path: path.map(Path::to_path_buf).unwrap_or_default(),
+                            message: format!("{key}: {message}"),
+                        },
+                        None => ConfigError::Parse {
+                            path: path.map(Path::to_path_buf).unwrap_or_default(),
+                            message,
+                        },
+                    });
+                }
+            }
+        };
+        ignored.sort();
+        for name in &ignored {
+            tracing::warn!(variable = %name, "ignoring {name}: it names no setting");
         }
-        if let Some(v) = env_parse(env, "TRIBUTARY_LOG_MAX_BYTES")? {
-            config.log.max_bytes = Some(v);
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_BENCH_NULL_LOG")? {
-            config.log.bench_null = v == "1" || v == "true";
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_WAREHOUSE")? {
-            config.warehouse.url = Some(v);
-        }
-        if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_INTERVAL_MS")? {
-            config.warehouse.batch_interval_ms = v;
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_WAREHOUSE_QUERY_URL")? {
-            config.warehouse.query_url = Some(v);
-        }
-        if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS")? {
-            config.warehouse.query_timeout_secs = v;
-        }
-        if let Some(v) = env_parse(env, "TRIBUTARY_WAREHOUSE_QUERY_MAX_BYTES")? {
-            config.warehouse.query_max_bytes = v;
-        }
-        if config.warehouse.query_max_bytes < 1024 || config.warehouse.query_timeout_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "warehouse.query_max_bytes must be at least 1024 and \
-                 warehouse.query_timeout_secs at least 1"
-                    .into(),
-            ));
-        }
-        if let Some(v) = env_parse::<String>(env, "TRIBUTARY_RETRY_MIN_BACKOFF")? {
-            config.destinations.retry_min_backoff_ms =
-                parse_duration_ms(&v).ok_or_else(|| ConfigError::Env {
-                    name: "TRIBUTARY_RETRY_MIN_BACKOFF".into(),
-                    message: format!("{v:?} is not a duration (e.g. 500ms, 1s)"),
-                })?;
-        }
-        config.http.apply_env(env)?;
+        config.ignored_env = ignored;
+        config.log.path = config.data_dir.join("events.db");
         if config.limits.max_inflight_bytes < config.limits.max_batch_bytes {
             return Err(ConfigError::Invalid(
                 "limits.max_inflight_bytes must be at least limits.max_batch_bytes".into(),
@@ -388,21 +425,41 @@ impl Config {
 
     /// The warehouse URL to load into, `None` when loading is off.
     pub fn warehouse_url(&self) -> Option<String> {
-        match self.warehouse.url.as_deref().map(str::trim) {
-            Some("off") | Some("none") | Some("") => None,
-            Some(u) => Some(u.to_string()),
-            None => Some(format!(
+        match self.warehouse.url.trim() {
+            "off" | "none" => None,
+            "" => Some(format!(
                 "sqlite://{}",
                 self.data_dir.join("warehouse").display()
             )),
+            u => Some(u.to_string()),
         }
     }
 
-    /// Event log retention as a duration.
+    /// The warehouse settings with the URL resolved, `None` when loading is off.
+    pub fn warehouse_config(&self) -> Option<WarehouseConfig> {
+        let url = self.warehouse_url()?;
+        Some(WarehouseConfig {
+            url,
+            ..self.warehouse.clone()
+        })
+    }
+
+    /// The event log settings, with its file under the data dir. Pruning runs at
+    /// least every tenth of the retention (but not more often than every second), so
+    /// short windows (tests, small disks) are honoured without tuning
+    /// `log.prune_interval`.
+    pub fn log_config(&self) -> SqliteLogConfig {
+        let tenth = (self.log.retention / 10).max(Duration::from_secs(1));
+        SqliteLogConfig {
+            path: self.data_dir.join("events.db"),
+            prune_interval: self.log.prune_interval.min(tenth),
+            ..self.log.clone()
+        }
+    }
+
+    /// Event log retention.
     pub fn log_retention(&self) -> Duration {
-        self.log
-            .retention
-            .unwrap_or(Duration::from_secs(self.log.retention_hours * 3600))
+        self.log.retention
     }
 }
 
@@ -437,7 +494,7 @@ mod tests {
         let c = Config::load(Some(&p), &env).unwrap();
         assert_eq!(c.listen.port(), 9001);
         assert_eq!(c.limits.max_batch_messages, 10);
-        assert_eq!(c.destinations.retry_min_backoff_ms, 50);
+        assert_eq!(c.destinations.retry_min_backoff, Duration::from_millis(50));
     }
 
     #[test]
@@ -476,5 +533,210 @@ mod tests {
             Config::load(None, &env),
             Err(ConfigError::Env { .. })
         ));
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn the_one_env_rule_reaches_every_section() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_WAREHOUSE_BATCH_MAX", "77"),
+                ("TRIBUTARY_LOG_RETENTION", "36h"),
+                ("TRIBUTARY_LOG_QUEUE_CAPACITY", "12"),
+                ("TRIBUTARY_LIMITS_MAX_BATCH_MESSAGES", "9"),
+                ("TRIBUTARY_DESTINATIONS_RETRY_WINDOW", "15m"),
+                ("TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT", "500ms"),
+                ("TRIBUTARY_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2"),
+                ("TRIBUTARY_BENCH_NULL_LOG", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.warehouse.batch_max, 77);
+        assert_eq!(c.log.retention, Duration::from_secs(36 * 3600));
+        assert_eq!(c.log.queue_capacity, 12);
+        assert_eq!(c.limits.max_batch_messages, 9);
+        assert_eq!(c.destinations.retry_window, Duration::from_secs(900));
+        assert_eq!(c.warehouse.query_timeout, Duration::from_millis(500));
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.bench_null_log);
+        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
+        assert_eq!(c.log_config().path, c.data_dir.join("events.db"));
+        assert_eq!(c.log_config().prune_interval, Duration::from_secs(60));
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_LOG_RETENTION", "5s"),
+                ("TRIBUTARY_LOG_MAX_BYTES", "1000000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.log_config().prune_interval, Duration::from_secs(1));
+        assert_eq!(c.log.max_bytes, Some(1_000_000));
+    }
+
+    #[test]
+    fn every_duration_form_reads_in_toml_and_env() {
+        for (text, want) in [
+            ("500ms", Duration::from_millis(500)),
+            ("90s", Duration::from_secs(90)),
+            ("15m", Duration::from_secs(900)),
+            ("36h", Duration::from_secs(36 * 3600)),
+            ("7d", Duration::from_secs(7 * 86_400)),
+        ] {
+            let (_d, p) = file(&format!(
+                "[log]\nretention = \"{text}\"\n[warehouse]\nbatch_interval = \"{text}\"\n\
+                 [destinations]\nretry_min_backoff = \"{text}\"\nretry_max_backoff = \"{text}\"\n\
+                 retry_window = \"{text}\"\n"
+            ));
+            let c = Config::load(Some(&p), &HashMap::new()).unwrap();
+            assert_eq!(c.log.retention, want, "toml {text}");
+            assert_eq!(c.warehouse.batch_interval, want, "toml {text}");
+            assert_eq!(c.destinations.retry_min_backoff, want, "toml {text}");
+            assert_eq!(c.destinations.retry_max_backoff, want, "toml {text}");
+            assert_eq!(c.destinations.retry_window, want, "toml {text}");
+            let c = Config::load(
+                None,
+                &env(&[
+                    ("TRIBUTARY_LOG_RETENTION", text),
+                    ("TRIBUTARY_WAREHOUSE_BATCH_INTERVAL", text),
+                    ("TRIBUTARY_DESTINATIONS_RETRY_MIN_BACKOFF", text),
+                    ("TRIBUTARY_DESTINATIONS_RETRY_MAX_BACKOFF", text),
+                    ("TRIBUTARY_DESTINATIONS_RETRY_WINDOW", text),
+                ]),
+            )
+            .unwrap();
+            assert_eq!(c.log.retention, want, "env {text}");
+            assert_eq!(c.warehouse.batch_interval, want, "env {text}");
+            assert_eq!(c.destinations.retry_min_backoff, want, "env {text}");
+            assert_eq!(c.destinations.retry_max_backoff, want, "env {text}");
+            assert_eq!(c.destinations.retry_window, want, "env {text}");
+        }
+    }
+
+    #[test]
+    fn a_bare_number_is_refused_for_a_duration() {
+        let (_d, p) = file("[log]\nretention = 36\n");
+        let e = Config::load(Some(&p), &HashMap::new()).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { message, .. } if message.contains("log.retention") && message.contains("no unit")),
+            "{e}"
+        );
+        let e = Config::load(None, &env(&[("TRIBUTARY_LOG_RETENTION", "36")])).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Env { name, message } if name == "TRIBUTARY_LOG_RETENTION" && message.contains("no unit")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn legacy_names_are_aliases_with_their_old_units() {
+        let (_d, p) = file(
+            "[log]\nretention_hours = 36\nbench_null = true\n[warehouse]\nbatch_interval_ms = 250\n\
+             [destinations]\nretry_min_backoff_ms = 50\nretry_max_backoff_secs = 30\nretry_window_secs = 60\n",
+        );
+        let c = Config::load(Some(&p), &HashMap::new()).unwrap();
+        assert_eq!(c.log.retention, Duration::from_secs(36 * 3600));
+        assert!(c.bench_null_log);
+        assert_eq!(c.warehouse.batch_interval, Duration::from_millis(250));
+        assert_eq!(c.destinations.retry_min_backoff, Duration::from_millis(50));
+        assert_eq!(c.destinations.retry_max_backoff, Duration::from_secs(30));
+        assert_eq!(c.destinations.retry_window, Duration::from_secs(60));
+
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_LOG_RETENTION_HOURS", "36"),
+                ("TRIBUTARY_WAREHOUSE_INTERVAL_MS", "250"),
+                ("TRIBUTARY_RETRY_MIN_BACKOFF", "75"),
+                ("TRIBUTARY_WAREHOUSE", "off"),
+                ("TRIBUTARY_WAREHOUSE_QUERY_TIMEOUT_SECS", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.warehouse.query_timeout, Duration::from_secs(7));
+        assert_eq!(c.log.retention, Duration::from_secs(36 * 3600));
+        assert_eq!(c.warehouse.batch_interval, Duration::from_millis(250));
+        assert_eq!(c.destinations.retry_min_backoff, Duration::from_millis(75));
+        assert_eq!(c.warehouse_config().map(|w| w.url), None);
+        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
+
+        // A unit on an alias is kept; the canonical name beats its alias.
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_RETRY_MIN_BACKOFF", "2s"),
+                ("TRIBUTARY_LOG_RETENTION_HOURS", "36"),
+                ("TRIBUTARY_LOG_RETENTION", "2d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.destinations.retry_min_backoff, Duration::from_secs(2));
+        assert_eq!(c.log.retention, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn env_beats_file_and_file_keeps_the_rest() {
+        let (_d, p) = file("[warehouse]\nurl = \"postgres://x@127.0.0.1/db\"\nbatch_max = 5\n");
+        let c = Config::load(Some(&p), &env(&[("TRIBUTARY_WAREHOUSE_BATCH_MAX", "6")])).unwrap();
+        assert_eq!(c.warehouse.batch_max, 6);
+        assert_eq!(
+            c.warehouse_config().unwrap().url,
+            "postgres://x@127.0.0.1/db"
+        );
+        let c = Config::load(None, &HashMap::new()).unwrap();
+        assert!(c.warehouse_config().unwrap().url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn unknown_variables_are_ignored_with_a_warning() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_NOPE", "1"),
+                ("TRIBUTARY_LOG_NOPE", "1"),
+                ("TRIBUTARY_LOG", "1"),
+                ("TRIBUTARY_DATA_DIR_X", "1"),
+                ("TRIBUTARY_SERVER", "http://x"),
+                ("TRIBUTARY_TEST_REQUIRE", "all"),
+                ("TRIBUTARY_LISTEN", "127.0.0.1:9002"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9002);
+        assert_eq!(
+            c.ignored_env,
+            vec![
+                "TRIBUTARY_DATA_DIR_X",
+                "TRIBUTARY_LOG",
+                "TRIBUTARY_LOG_NOPE",
+                "TRIBUTARY_NOPE"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_a_stage_section_are_errors() {
+        let (_d, p) = file("[warehouse]\nbatch_maxx = 5\n");
+        let e = Config::load(Some(&p), &HashMap::new()).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { message, .. } if message.contains("batch_maxx")),
+            "{e}"
+        );
+        let (_d, p) = file("[log]\npath = \"x\"\n");
+        assert!(Config::load(Some(&p), &HashMap::new()).is_err());
     }
 }

@@ -50,8 +50,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt as _;
 
-use crate::config::ConfigError;
-
 /// Open files kept free for the stores (SQLite files, WAL, warehouse, sockets to
 /// PostgreSQL and destinations) when the connection cap is derived from the limit.
 const FD_HEADROOM: u64 = 512;
@@ -62,24 +60,24 @@ const FD_HEADROOM: u64 = 512;
 pub struct HttpConfig {
     /// Time for a complete request head, from its first byte or from accept
     /// (`TRIBUTARY_HTTP_HEADER_TIMEOUT`, default `10s`).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "tributary_model::duration")]
     pub header_timeout: Duration,
     /// Base time for a request body (`TRIBUTARY_HTTP_BODY_TIMEOUT`, default `10s`);
     /// each `body_min_rate` bytes read add one second.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "tributary_model::duration")]
     pub body_timeout: Duration,
     /// Bytes per second a slow body must keep up (`TRIBUTARY_HTTP_BODY_MIN_RATE`,
     /// default 16384).
     pub body_min_rate: u64,
     /// How long a keep-alive connection may sit idle (`TRIBUTARY_HTTP_IDLE_TIMEOUT`,
     /// default `60s`).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "tributary_model::duration")]
     pub idle_timeout: Duration,
     /// Most open client connections (`TRIBUTARY_HTTP_MAX_CONNECTIONS`); 0 (default)
     /// means the open-file limit minus 512.
     pub max_connections: usize,
     /// Longest lingering close (`TRIBUTARY_HTTP_LINGER_TIMEOUT`, default `2s`).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "tributary_model::duration")]
     pub linger_timeout: Duration,
     /// Most bytes read and discarded in a lingering close
     /// (`TRIBUTARY_HTTP_LINGER_BYTES`, default 8 MiB).
@@ -100,74 +98,7 @@ impl Default for HttpConfig {
     }
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h`, `1d` (a bare number is refused).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let v = s.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = (&v[..split], v[split..].trim());
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 2m)"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "" => return Err(format!("{s:?} has no unit: write e.g. 500ms, 10s, 2m")),
-        _ => return Err(format!("{s:?} has an unknown unit: use ms, s, m, h or d")),
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
-}
-
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
 impl HttpConfig {
-    /// Applies `TRIBUTARY_HTTP_<FIELD>` variables from `env`.
-    pub fn apply_env(
-        &mut self,
-        env: &std::collections::HashMap<String, String>,
-    ) -> Result<(), ConfigError> {
-        let get = |field: &str| {
-            let name = format!("TRIBUTARY_HTTP_{field}");
-            env.get(&name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-                .map(|v| (name, v))
-        };
-        let bad = |name: String, message: String| ConfigError::Env { name, message };
-        for (field, slot) in [
-            ("HEADER_TIMEOUT", &mut self.header_timeout),
-            ("BODY_TIMEOUT", &mut self.body_timeout),
-            ("IDLE_TIMEOUT", &mut self.idle_timeout),
-            ("LINGER_TIMEOUT", &mut self.linger_timeout),
-        ] {
-            if let Some((name, v)) = get(field) {
-                *slot = parse_duration(&v).map_err(|m| bad(name, m))?;
-            }
-        }
-        if let Some((name, v)) = get("BODY_MIN_RATE") {
-            self.body_min_rate = v.parse().map_err(|e| bad(name, format!("{e}")))?;
-        }
-        if let Some((name, v)) = get("MAX_CONNECTIONS") {
-            self.max_connections = v.parse().map_err(|e| bad(name, format!("{e}")))?;
-        }
-        if let Some((name, v)) = get("LINGER_BYTES") {
-            self.linger_bytes = v.parse().map_err(|e| bad(name, format!("{e}")))?;
-        }
-        if self.body_min_rate == 0 {
-            return Err(ConfigError::Invalid(
-                "http.body_min_rate must be at least 1 byte per second".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// The connection cap for an open-file limit of `nofile`.
     pub fn effective_max_connections(&self, nofile: u64) -> usize {
         let derived = nofile.saturating_sub(FD_HEADROOM).max(64);
@@ -697,18 +628,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_need_a_unit() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10y").is_err());
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
-    fn env_overrides_http_settings() {
-        let mut c = HttpConfig::default();
+    fn env_overrides_http_settings_by_the_one_rule() {
         let env = std::collections::HashMap::from([
             (
                 "TRIBUTARY_HTTP_HEADER_TIMEOUT".to_string(),
@@ -716,7 +636,7 @@ mod tests {
             ),
             ("TRIBUTARY_HTTP_MAX_CONNECTIONS".to_string(), "500".into()),
         ]);
-        c.apply_env(&env).unwrap();
+        let c = crate::Config::load(None, &env).unwrap().http;
         assert_eq!(c.header_timeout, Duration::from_secs(3));
         assert_eq!(c.max_connections, 500);
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
@@ -724,10 +644,8 @@ mod tests {
             "TRIBUTARY_HTTP_IDLE_TIMEOUT".to_string(),
             "60".to_string(),
         )]);
-        assert!(matches!(
-            c.apply_env(&env),
-            Err(ConfigError::Env { name, .. }) if name == "TRIBUTARY_HTTP_IDLE_TIMEOUT"
-        ));
+        let err = crate::Config::load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("TRIBUTARY_HTTP_IDLE_TIMEOUT"), "{err}");
     }
 
     #[test]

@@ -8,10 +8,26 @@
 //! lookup nor the comparison leaks a key through timing. Rotating a key replaces the
 //! map entry in the same critical section: the old key stops working at once.
 //!
-//! `last_event` and identities change on every event; they are updated in memory and
-//! written to the database by a background flush once a second (and on shutdown).
-//! A crash can lose at most that last second of *display* state; events themselves
-//! are in the event log.
+//! `last_event` changes on every event; it is updated in memory and written to the
+//! database by a background flush once a second (and on shutdown). A crash can lose
+//! at most that last second of *display* state; events themselves are in the event
+//! log. A failed flush re-queues what it could not write.
+//!
+//! **Identities are durable before the 200.** The email → userId map learnt from an
+//! `identify` is written to `control.db` (one transaction per request, `synchronous =
+//! FULL`, so committed = fsynced) after the log append and before the answer: a
+//! crash right after the 200 cannot lose it. Only new or changed pairs are written,
+//! so a request repeating known identities costs no fsync. Chosen over rebuilding the
+//! map from the log at start because it needs nothing from the log's read API or its
+//! retention (a mapping outlives the record that taught it) and keeps start-up time
+//! independent of the log's size. If the write fails the request fails (the record
+//! is in the log; the client's retry is a duplicate that writes the identity again),
+//! and the pairs stay queued for the background flush.
+//!
+//! **Unmapped ActiveCampaign webhooks** are kept in `unmapped_webhooks`, the newest
+//! [`UNMAPPED_KEPT`] per source, written before the webhook's 200, so the debugger
+//! shows them after a restart. They are never in the event log: no consumer has to
+//! skip them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -122,6 +138,9 @@ struct Cache {
     by_key: HashMap<[u8; 32], Arc<Source>>,
 }
 
+/// Unmapped webhooks kept per source for the debugger.
+pub const UNMAPPED_KEPT: usize = 100;
+
 /// The control-plane store.
 pub struct Control {
     conn: Mutex<Connection>,
@@ -154,6 +173,21 @@ fn row_to_source(r: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
     })
 }
 
+/// Upserts identities in one transaction (committed = fsynced, see `open`).
+fn write_identities(conn: &mut Connection, ids: &[(String, String)]) -> Result<(), ApiError> {
+    let tx = conn.transaction().map_err(internal)?;
+    let now = Utc::now().to_rfc3339();
+    for (email, uid) in ids {
+        tx.execute(
+            "INSERT INTO identities (email, user_id, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (email) DO UPDATE SET user_id = excluded.user_id, updated_at = excluded.updated_at",
+            params![email, uid, now],
+        )
+        .map_err(internal)?;
+    }
+    tx.commit().map_err(internal)
+}
+
 const SOURCE_COLS: &str = "id, type, name, schema, write_key, enabled, settings, created_at";
 
 impl Control {
@@ -161,6 +195,9 @@ impl Control {
     pub fn open(dir: &Path) -> Result<Control, ApiError> {
         let conn = Connection::open(dir.join("control.db")).map_err(internal)?;
         conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(internal)?;
+        // Identities and unmapped webhooks are acknowledged only once committed.
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(internal)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(internal)?;
@@ -171,7 +208,12 @@ impl Control {
                 enabled INTEGER NOT NULL, settings TEXT NOT NULL, created_at TEXT NOT NULL,
                 last_event TEXT);
              CREATE TABLE IF NOT EXISTS identities (
-                email TEXT PRIMARY KEY, user_id TEXT NOT NULL, updated_at TEXT NOT NULL);",
+                email TEXT PRIMARY KEY, user_id TEXT NOT NULL, updated_at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS unmapped_webhooks (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, source_id TEXT NOT NULL,
+                entry TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS unmapped_webhooks_source
+                ON unmapped_webhooks (source_id, id);",
         )
         .map_err(internal)?;
         let control = Control {
@@ -375,6 +417,11 @@ impl Control {
         cache.by_key.remove(&key_hash(&old.write_key));
         conn.execute("DELETE FROM sources WHERE id = ?1", params![id])
             .map_err(ApiError::from)?;
+        conn.execute(
+            "DELETE FROM unmapped_webhooks WHERE source_id = ?1",
+            params![id],
+        )
+        .map_err(ApiError::from)?;
         if let Ok(mut l) = self.last_events.lock() {
             l.remove(id);
         }
@@ -396,26 +443,49 @@ impl Control {
         self.last_events.lock().ok()?.get(source_id).cloned()
     }
 
-    /// Remembers that `email` (case-insensitive) belongs to `user_id`.
-    pub fn remember_identity(&self, email: &str, user_id: &str) {
-        let email = email.trim().to_lowercase();
-        if email.is_empty() || user_id.is_empty() {
-            return;
+    /// Remembers that `email` (case-insensitive) belongs to `user_id`; durable when
+    /// it returns `Ok` (see [`Control::remember_identities`]).
+    pub fn remember_identity(&self, email: &str, user_id: &str) -> Result<(), ApiError> {
+        self.remember_identities(&[(email.to_string(), user_id.to_string())])
+    }
+
+    /// Remembers email → userId pairs (emails compared case-insensitively; later pairs
+    /// win) and commits the new or changed ones to `control.db` in one fsynced
+    /// transaction before returning. Blocking: call it off the async runtime. On a
+    /// failed write the pairs are still used in memory and stay queued for
+    /// [`Control::flush`], and the error is returned so the caller does not
+    /// acknowledge.
+    pub fn remember_identities(&self, pairs: &[(String, String)]) -> Result<(), ApiError> {
+        let mut changed: Vec<(String, String)> = Vec::new();
+        {
+            let known = self.identities.read().map_err(internal)?;
+            for (email, user_id) in pairs {
+                let email = email.trim().to_lowercase();
+                if email.is_empty() || user_id.is_empty() {
+                    continue;
+                }
+                changed.retain(|(e, _)| *e != email);
+                if known.get(&email) != Some(user_id) {
+                    changed.push((email, user_id.clone()));
+                }
+            }
         }
-        let known = self
-            .identities
-            .read()
-            .ok()
-            .and_then(|m| m.get(&email).cloned());
-        if known.as_deref() == Some(user_id) {
-            return;
+        if changed.is_empty() {
+            return Ok(());
         }
+        // The connection lock orders concurrent writers: memory and disk agree on
+        // which of two racing identifies came last.
+        let mut conn = self.conn.lock().map_err(internal)?;
+        let written = write_identities(&mut conn, &changed);
         if let Ok(mut m) = self.identities.write() {
-            m.insert(email.clone(), user_id.to_string());
+            m.extend(changed.iter().cloned());
         }
-        if let Ok(mut d) = self.dirty_identities.lock() {
-            d.insert(email, user_id.to_string());
+        if written.is_err()
+            && let Ok(mut d) = self.dirty_identities.lock()
+        {
+            d.extend(changed);
         }
+        written
     }
 
     /// The userId last identified with this email, if any.
@@ -427,7 +497,9 @@ impl Control {
             .cloned()
     }
 
-    /// Writes changed last events and identities to the database.
+    /// Writes changed last events (and identities whose synchronous write failed)
+    /// to the database. What it cannot write is queued again for the next flush,
+    /// unless a newer value was queued meanwhile.
     pub fn flush(&self) -> Result<(), ApiError> {
         let dirty: Vec<String> = self
             .dirty_events
@@ -442,37 +514,90 @@ impl Control {
         if dirty.is_empty() && ids.is_empty() {
             return Ok(());
         }
+        let result = self.write_dirty(&dirty, &ids);
+        if result.is_err() {
+            if let Ok(mut d) = self.dirty_events.lock() {
+                d.extend(dirty);
+            }
+            if let Ok(mut d) = self.dirty_identities.lock() {
+                for (email, uid) in ids {
+                    d.entry(email).or_insert(uid);
+                }
+            }
+        }
+        result
+    }
+
+    fn write_dirty(&self, dirty: &[String], ids: &[(String, String)]) -> Result<(), ApiError> {
         let events: Vec<(String, String)> = {
             let l = self.last_events.lock().map_err(internal)?;
             dirty
-                .into_iter()
+                .iter()
                 .filter_map(|id| {
-                    l.get(&id)
+                    l.get(id)
                         .and_then(|e| serde_json::to_string(e).ok())
-                        .map(|t| (id, t))
+                        .map(|t| (id.clone(), t))
                 })
                 .collect()
         };
         let mut conn = self.conn.lock().map_err(internal)?;
-        let tx = conn.transaction().map_err(internal)?;
-        for (id, text) in events {
-            tx.execute(
-                "UPDATE sources SET last_event = ?2 WHERE id = ?1",
-                params![id, text],
-            )
-            .map_err(internal)?;
+        {
+            let tx = conn.transaction().map_err(internal)?;
+            for (id, text) in events {
+                tx.execute(
+                    "UPDATE sources SET last_event = ?2 WHERE id = ?1",
+                    params![id, text],
+                )
+                .map_err(internal)?;
+            }
+            tx.commit().map_err(internal)?;
         }
-        let now = Utc::now().to_rfc3339();
-        for (email, uid) in ids {
-            tx.execute(
-                "INSERT INTO identities (email, user_id, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (email) DO UPDATE SET user_id = excluded.user_id, updated_at = excluded.updated_at",
-                params![email, uid, now],
-            )
-            .map_err(internal)?;
+        if !ids.is_empty() {
+            write_identities(&mut conn, ids)?;
         }
-        tx.commit().map_err(internal)?;
         Ok(())
+    }
+
+    /// Keeps an unmapped webhook for the debugger (durably, before returning), and
+    /// drops the source's entries beyond the newest [`UNMAPPED_KEPT`]. Blocking.
+    pub fn record_unmapped(&self, source_id: &str, entry: &Value) -> Result<(), ApiError> {
+        let mut conn = self.conn.lock().map_err(internal)?;
+        let tx = conn.transaction().map_err(internal)?;
+        tx.execute(
+            "INSERT INTO unmapped_webhooks (source_id, entry) VALUES (?1, ?2)",
+            params![source_id, entry.to_string()],
+        )
+        .map_err(internal)?;
+        tx.execute(
+            "DELETE FROM unmapped_webhooks WHERE source_id = ?1 AND id <= (
+                SELECT id FROM unmapped_webhooks WHERE source_id = ?1
+                ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![source_id, UNMAPPED_KEPT as i64],
+        )
+        .map_err(internal)?;
+        tx.commit().map_err(internal)
+    }
+
+    /// The kept unmapped webhooks of a source, newest first.
+    pub fn unmapped(&self, source_id: &str) -> Result<Vec<Value>, ApiError> {
+        let conn = self.conn.lock().map_err(internal)?;
+        let mut st = conn
+            .prepare_cached(
+                "SELECT entry FROM unmapped_webhooks WHERE source_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(internal)?;
+        let rows = st
+            .query_map(params![source_id, UNMAPPED_KEPT as i64], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(internal)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(v) = serde_json::from_str(&row.map_err(internal)?) {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether a source with this id exists in the database (bypassing the cache).
@@ -563,7 +688,7 @@ mod tests {
                     message_id: "m".into(),
                 },
             );
-            c.remember_identity("Ann@Example.com", "u1");
+            c.remember_identity("Ann@Example.com", "u1").unwrap();
             c.flush().unwrap();
         }
         let c = Control::open(dir.path()).unwrap();
@@ -575,5 +700,76 @@ mod tests {
             c.user_id_for_email("ann@example.COM").as_deref(),
             Some("u1")
         );
+    }
+
+    #[test]
+    fn an_identity_is_on_disk_when_remember_returns_without_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Control::open(dir.path()).unwrap();
+        c.remember_identities(&[
+            ("Ann@Example.com".into(), "u1".into()),
+            ("bob@example.com".into(), "u2".into()),
+            ("ann@example.com".into(), "u3".into()),
+        ])
+        .unwrap();
+        // No flush, no drop: a second handle reads the file as a restart would.
+        let reopened = Control::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened.user_id_for_email("ANN@example.com").as_deref(),
+            Some("u3")
+        );
+        assert_eq!(
+            reopened.user_id_for_email("bob@example.com").as_deref(),
+            Some("u2")
+        );
+        drop(c);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_identity_queued_for_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Control::open(dir.path()).unwrap();
+        c.conn
+            .lock()
+            .unwrap()
+            .execute_batch("ALTER TABLE identities RENAME TO identities_away")
+            .unwrap();
+        assert!(c.remember_identity("ann@example.com", "u1").is_err());
+        assert_eq!(
+            c.user_id_for_email("ann@example.com").as_deref(),
+            Some("u1")
+        );
+        assert!(c.flush().is_err(), "table still missing");
+        c.conn
+            .lock()
+            .unwrap()
+            .execute_batch("ALTER TABLE identities_away RENAME TO identities")
+            .unwrap();
+        c.flush().unwrap();
+        let reopened = Control::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened.user_id_for_email("ann@example.com").as_deref(),
+            Some("u1")
+        );
+    }
+
+    #[test]
+    fn unmapped_webhooks_survive_reopen_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Control::open(dir.path()).unwrap();
+            for i in 0..(UNMAPPED_KEPT + 5) {
+                c.record_unmapped("src_a", &serde_json::json!({"n": i}))
+                    .unwrap();
+            }
+            c.record_unmapped("src_b", &serde_json::json!({"n": 0}))
+                .unwrap();
+        }
+        let c = Control::open(dir.path()).unwrap();
+        let a = c.unmapped("src_a").unwrap();
+        assert_eq!(a.len(), UNMAPPED_KEPT);
+        assert_eq!(a[0]["n"], UNMAPPED_KEPT + 4, "newest first");
+        assert_eq!(a[UNMAPPED_KEPT - 1]["n"], 5, "oldest dropped");
+        assert_eq!(c.unmapped("src_b").unwrap().len(), 1);
     }
 }

@@ -16,7 +16,6 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde_json::{Map, Value, json};
 use tributary_model::body::{BodyError, BodyLimits, parse_body};
 use tributary_model::{CallType, Rejection};
@@ -79,7 +78,7 @@ pub async fn tracking(
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let limits = &state.config.limits;
-    let received_at = Utc::now();
+    let received_at = state.clock.now();
     let peer_ip = client_ip(&state, &headers, peer).map(|ip| ip.to_string());
     let header_key = basic_auth_key(&headers);
 

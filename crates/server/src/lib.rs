@@ -3,14 +3,20 @@
 //! it.
 //!
 //! The library owns the server: [`serve`] takes a configuration, a bound listener and
-//! a shutdown future; `main` only parses arguments and binds. On shutdown the server
+//! a shutdown future; `main` only parses arguments and binds. On shutdown (one
+//! [`shutdown::Shutdown`] token for the accept loop and every stage) the server
 //! stops accepting connections, lets in-flight requests finish (their appends
-//! complete), flushes control state and closes the log — so every request that got
-//! a 200 is durable, and no request is cut off between append and answer.
+//! complete), stops the destination engine and the warehouse loader, flushes control
+//! state and only then closes the log — so every request that got a 200 is durable,
+//! and no request is cut off between append and answer.
+//!
+//! [`AppState`] is always complete: router tests build it with [`open_state_with`]
+//! (injecting a log or a [`clock::Clock`]) instead of a partial test-only state.
 
 pub mod accept;
 pub mod admin;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -20,6 +26,7 @@ pub mod files;
 pub mod ingest;
 pub mod ops;
 pub mod settings;
+pub mod shutdown;
 pub mod warehouse_api;
 pub mod webhook;
 
@@ -32,12 +39,16 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tributary_eventlog::{EventLog, SqliteLog, SqliteLogConfig};
+use tributary_eventlog::{EventLog, SqliteLog};
 
+use clock::{Clock, SystemClock};
 pub use config::Config;
 use control::Control;
+use shutdown::Shutdown;
 
-/// Everything a request handler can reach.
+/// Everything a request handler can reach. Built only by [`open_state`] /
+/// [`open_state_with`], so router tests run against the same full state as the
+/// server.
 pub struct AppState {
     /// The configuration the server runs with.
     pub config: Config,
@@ -47,9 +58,10 @@ pub struct AppState {
     pub log: Arc<dyn EventLog>,
     /// The admin API token.
     pub admin_token: String,
-    /// The destination delivery engine (`None` in router tests that do not need it).
-    pub destinations: Option<Arc<tributary_destinations::Engine>>,
-    /// The warehouse loader and query side (`None` when `TRIBUTARY_WAREHOUSE=off`).
+    /// The destination delivery engine.
+    pub destinations: Arc<tributary_destinations::Engine>,
+    /// The warehouse loader and query side (`None` when the configuration turns
+    /// loading off: `TRIBUTARY_WAREHOUSE=off`).
     pub warehouse: Option<Arc<tributary_warehouse::Warehouse>>,
     /// Bytes of request bodies that ingest may hold at once (see
     /// [`config::Limits::max_inflight_bytes`]); a request waits briefly for room, then
@@ -59,32 +71,20 @@ pub struct AppState {
     /// quarter of `max_inflight_bytes` (at least one batch), kept apart so that
     /// unauthenticated bodies never take the room of authenticated ones.
     pub keyless_budget: Arc<tokio::sync::Semaphore>,
+    /// Where handlers read the time.
+    pub clock: Arc<dyn Clock>,
+    /// The one shutdown token of the server and its stages.
+    pub shutdown: Shutdown,
 }
 
-impl AppState {
-    /// A state with no destinations or warehouse, for router tests.
-    pub fn new(
-        config: Config,
-        control: Arc<Control>,
-        log: Arc<dyn EventLog>,
-        admin_token: String,
-    ) -> Self {
-        let budget = config
-            .limits
-            .max_inflight_bytes
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
-        let keyless = (budget / 4).max(config.limits.max_batch_bytes.min(budget));
-        AppState {
-            config,
-            control,
-            log,
-            admin_token,
-            destinations: None,
-            warehouse: None,
-            ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
-            keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
-        }
-    }
+/// What [`open_state_with`] takes instead of opening it from the configuration.
+#[derive(Default)]
+pub struct Parts {
+    /// An event log to use instead of `<data_dir>/events.db` (router tests inject
+    /// failing logs).
+    pub log: Option<Arc<dyn EventLog>>,
+    /// A clock instead of the system clock.
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -153,6 +153,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Opens every store under the configured data dir and returns the shared state.
 pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
+    open_state_with(config, Parts::default()).await
+}
+
+/// [`open_state`], with some parts given instead of opened.
+pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
     // Files 0600, dirs 0700 from here on, and what exists already narrowed.
     let warehouse_dir = config
         .warehouse_url()
@@ -164,40 +169,29 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
         Control::open(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
     );
-    let log: Arc<dyn EventLog> = if config.log.bench_null {
+    let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
+        log
+    } else if config.bench_null_log {
         tracing::warn!("bench mode: the no-op event log keeps nothing");
         tributary_eventlog::bench_log().context(
             "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
         )?
     } else {
         Arc::new(
-            SqliteLog::open(SqliteLogConfig {
-                path: config.data_dir.join("events.db"),
-                retention: config.log_retention(),
-                // Retention runs often enough for short windows (tests, small disks).
-                prune_interval: (config.log_retention() / 10)
-                    .clamp(Duration::from_secs(1), Duration::from_secs(60)),
-                max_bytes: config.log.max_bytes,
-                queue_capacity: config.log.queue_capacity,
-                ..Default::default()
-            })
-            .await
-            .context("opening the event log")?,
+            SqliteLog::open(config.log_config())
+                .await
+                .context("opening the event log")?,
         )
     };
     ops::install_metrics();
     let destinations = tributary_destinations::Engine::open(
         config.data_dir.join("destinations.db"),
         log.clone(),
-        tributary_destinations::EngineOptions {
-            retry_min_backoff: Duration::from_millis(config.destinations.retry_min_backoff_ms),
-            retry_max_backoff: Duration::from_secs(config.destinations.retry_max_backoff_secs),
-            retry_window: Duration::from_secs(config.destinations.retry_window_secs),
-        },
+        config.destinations.clone(),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
-    let warehouse = match config.warehouse_url() {
+    let warehouse = match config.warehouse_config() {
         None => {
             // Loading is off: the warehouse's old position must not hold the log.
             if let Err(e) = log.unpin("warehouse").await {
@@ -205,17 +199,11 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             }
             None
         }
-        Some(url) => {
+        Some(wc) => {
             let catalog = {
                 let control = control.clone();
                 move |id: &str| control.schema_of(id)
             };
-            let mut wc = tributary_warehouse::WarehouseConfig::new(url);
-            wc.batch_interval = Duration::from_millis(config.warehouse.batch_interval_ms);
-            wc.batch_max = config.warehouse.batch_max;
-            wc.query_url = config.warehouse.query_url.clone();
-            wc.query_timeout = Duration::from_secs(config.warehouse.query_timeout_secs);
-            wc.query_max_bytes = config.warehouse.query_max_bytes;
             Some(Arc::new(
                 tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
                     .await
@@ -235,49 +223,101 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
             path.display()
         );
     }
-    let mut state = AppState::new(config, control, log, token);
-    state.destinations = Some(Arc::new(destinations));
-    state.warehouse = warehouse;
-    Ok(Arc::new(state))
+    let budget = config
+        .limits
+        .max_inflight_bytes
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
+    let keyless = (budget / 4).max(config.limits.max_batch_bytes.min(budget));
+    Ok(Arc::new(AppState {
+        config,
+        control,
+        log,
+        admin_token: token,
+        destinations: Arc::new(destinations),
+        warehouse,
+        ingest_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+        keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
+        clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+        shutdown: Shutdown::new(),
+    }))
+}
+
+/// The control flusher: writes display state once a second until the token
+/// triggers, then once more.
+fn spawn_control_flusher(state: &AppState) -> tokio::task::JoinHandle<()> {
+    let control = state.control.clone();
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => break,
+            }
+            let c = control.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
+                tracing::warn!(error = ?e, "flushing control state failed (kept for the next flush)");
+            }
+        }
+        let c = control.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
+            tracing::warn!(error = ?e, "final flush of control state failed");
+        }
+    })
+}
+
+/// Starts the background stages on the state's shutdown token; the returned task
+/// finishes once every stage has stopped after the token triggered.
+pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let flusher = spawn_control_flusher(state);
+    let state = state.clone();
+    tokio::spawn(async move {
+        state.shutdown.wait().await;
+        let destinations = state.destinations.shutdown();
+        let warehouse = async {
+            if let Some(w) = &state.warehouse {
+                w.shutdown().await;
+            }
+        };
+        tokio::join!(destinations, warehouse);
+        let _ = flusher.await;
+    })
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains and flushes.
+///
+/// Order on shutdown: the token triggers; the accept loop stops and in-flight
+/// requests finish (their appends complete); the destination engine and the
+/// warehouse loader stop and commit their positions; control state is flushed; only
+/// then is the log closed.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = open_state(config).await?;
-    let flusher = {
-        let control = state.control.clone();
+    let stages = start_stages(&state);
+    {
+        let token = state.shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let c = control.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.flush()).await {
-                    tracing::warn!(error = ?e, "flushing control state failed");
-                }
-            }
-        })
-    };
+            shutdown.await;
+            token.trigger();
+        });
+    }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "tributary listening");
     let app = router(state.clone());
-    conn::serve_http(listener, app, state.config.http.clone(), shutdown)
-        .await
-        .context("serving")?;
-    tracing::info!("shutting down: flushing state and closing the event log");
-    flusher.abort();
-    if let Some(d) = &state.destinations {
-        d.shutdown().await;
-    }
-    if let Some(w) = &state.warehouse {
-        w.shutdown().await;
-    }
-    if let Err(e) = state.control.flush() {
-        tracing::warn!(error = ?e, "final flush of control state failed");
-    }
+    let served = conn::serve_http(
+        listener,
+        app,
+        state.config.http.clone(),
+        state.shutdown.clone().wait_owned(),
+    )
+    .await
+    .context("serving");
+    tracing::info!("shutting down: stopping stages, flushing state, closing the event log");
+    state.shutdown.trigger();
+    let _ = stages.await;
     state.log.close().await;
-    Ok(())
+    served
 }

@@ -5,15 +5,15 @@
 //! in milliseconds. It never answers 410 (ActiveCampaign disables a webhook for good
 //! on 410): a bad key is 401, a disabled source 403, a body that is not a webhook 400.
 //! Types we do not map are acknowledged with 200, counted in
-//! `tributary_activecampaign_unmapped_total`, shown in the source's debugger (kept in
-//! memory, the newest 100 per source) and not loaded.
+//! `tributary_activecampaign_unmapped_total`, kept for the source's debugger (in
+//! `control.db`, the newest [`crate::control::UNMAPPED_KEPT`] per source, written
+//! before the 200 so they survive a restart) and not loaded. An automation "Webhook"
+//! action (contact fields, no `type`) is mapped to an identify.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_activecampaign::{Mapped, Settings, WebhookError, parse_webhook};
@@ -26,22 +26,10 @@ use crate::error::{ApiError, Checked};
 
 /// Largest webhook body accepted (ActiveCampaign's are a few KiB).
 const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
-const UNMAPPED_KEPT: usize = 100;
 
-type UnmappedLog = Mutex<HashMap<String, VecDeque<Value>>>;
-
-fn unmapped_log() -> &'static UnmappedLog {
-    static LOG: OnceLock<UnmappedLog> = OnceLock::new();
-    LOG.get_or_init(Default::default)
-}
-
-/// The newest unmapped webhooks of a source (newest first), for the debugger.
-pub fn unmapped_for(source_id: &str) -> Vec<Value> {
-    unmapped_log()
-        .lock()
-        .ok()
-        .and_then(|m| m.get(source_id).map(|q| q.iter().rev().cloned().collect()))
-        .unwrap_or_default()
+/// The kept unmapped webhooks of a source (newest first), for the debugger.
+pub fn unmapped_for(state: &AppState, source_id: &str) -> Result<Vec<Value>, ApiError> {
+    state.control.unmapped(source_id)
 }
 
 /// The `?writeKey=` query.
@@ -101,7 +89,7 @@ async fn handle(
         };
         ApiError::bad(code, e.to_string())
     })?;
-    let received_at = Utc::now();
+    let received_at = state.clock.now();
     let received = tributary_model::normalize::format_ts(received_at);
     let (mut message, email) = match webhook.mapped {
         Mapped::Track { message, email } | Mapped::Identify { message, email } => (message, email),
@@ -116,18 +104,17 @@ async fn handle(
                             .collect()
                     })
                     .unwrap_or_default();
-            if let Ok(mut m) = unmapped_log().lock() {
-                let q = m.entry(source.id.clone()).or_default();
-                q.push_back(json!({
-                    "type": "unmapped",
-                    "activecampaign_type": webhook.raw_type,
-                    "receivedAt": received,
-                    "fields": fields,
-                }));
-                while q.len() > UNMAPPED_KEPT {
-                    q.pop_front();
-                }
-            }
+            let entry = json!({
+                "type": "unmapped",
+                "activecampaign_type": webhook.raw_type,
+                "receivedAt": received,
+                "fields": fields,
+            });
+            let control = state.control.clone();
+            let source_id = source.id.clone();
+            tokio::task::spawn_blocking(move || control.record_unmapped(&source_id, &entry))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
             state.control.set_last_event(
                 &source.id,
                 LastEvent {

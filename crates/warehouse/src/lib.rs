@@ -91,17 +91,22 @@ where
     }
 }
 
-/// Settings of the warehouse.
-#[derive(Debug, Clone)]
+/// Settings of the warehouse. Deserializes as the `[warehouse]` section of the
+/// server's configuration (durations in `tributary_model::duration` syntax); an empty
+/// `url` (the default) lets the server choose its embedded warehouse.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WarehouseConfig {
     /// `sqlite://<dir>` (one file per schema in `<dir>`) or `postgres://…` /
     /// `postgresql://…` (a libpq-style URL; TLS is not supported).
     pub url: String,
     /// Loads happen at most this often (default 1 s) unless `batch_max` records wait.
+    #[serde(with = "tributary_model::duration")]
     pub batch_interval: Duration,
     /// Most records per load (default 10,000).
     pub batch_max: usize,
     /// Longest a read-only query may run (default 30 s).
+    #[serde(with = "tributary_model::duration")]
     pub query_timeout: Duration,
     /// Most rows a query returns; more set `truncated` (default 10,000).
     pub query_max_rows: usize,
@@ -129,6 +134,13 @@ impl WarehouseConfig {
             query_url: None,
             state_schema: "tributary".into(),
         }
+    }
+}
+
+impl Default for WarehouseConfig {
+    /// Every setting at its default and an empty `url`.
+    fn default() -> Self {
+        WarehouseConfig::new("")
     }
 }
 

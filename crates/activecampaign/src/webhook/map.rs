@@ -12,7 +12,15 @@
 //! | `reply` / `forward` / `share` | track | `Email Replied` / `Email Forwarded` (+ `forward_count`) / `Email Shared` (+ `share_network`, `share_content`) |
 //! | `sent` | track | `Email Campaign Sent` (+ `recipients`), campaign-level |
 //! | `subscribe`, `update`, `contact_tag_added`, `contact_tag_removed` | identify | — |
+//! | no `type`, but `contact[id]` or `contact[email]`: an automation "Webhook" action ([`AUTOMATION_TYPE`]) | identify | — |
 //! | anything else | [`Mapped::Unmapped`] | — |
+//!
+//! An automation "Webhook" action posts the contact's fields (`contact[...]`, custom
+//! fields as `contact[fields][<perstag>]`) and the automation id as `seriesid`, with no
+//! `type` and no `date_time`: it becomes an identify with the contact's traits (plus
+//! `company.name` from `contact[orgname]`) and `context.activecampaign.automation_id`;
+//! its `messageId` comes from the automation id and every contact field, so a
+//! repeated delivery is a duplicate and a changed contact is a new identify.
 //!
 //! Every track call carries the Segment Email spec properties that the webhook has
 //! (`email_id` ← `campaign[message][id]`, `email_subject` ← `campaign[message][subject]`,
@@ -75,6 +83,9 @@ pub const INTEGRATION_NAME: &str = "activecampaign";
 pub const LIBRARY_NAME: &str = "tributary-activecampaign";
 /// `context.library.version` of every mapped message.
 pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `raw_type` of an automation "Webhook" action (a body with contact fields and no
+/// `type`).
+pub const AUTOMATION_TYPE: &str = "automation";
 /// `anonymousId` prefix for events that name only a campaign (e.g. `sent`).
 pub const CAMPAIGN_ANONYMOUS_ID_PREFIX: &str = "activecampaign-campaign:";
 /// `anonymousId` prefix for events whose contact has an id but no email.
@@ -164,11 +175,11 @@ impl Mapped {
 /// Why a parsed body cannot be mapped. Safe to return to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MapError {
-    /// No (or a blank) `type` key. Global webhooks always have one; automation
-    /// "Webhook" steps (which carry `seriesid` instead) are not supported.
+    /// No (or a blank) `type` key and no contact either. Global webhooks always have
+    /// a `type`; automation "Webhook" actions always have `contact[id]`/`contact[email]`.
     #[error(
-        "no `type` key: not an ActiveCampaign webhook (automation \"Webhook\" steps are not \
-         supported; add a global webhook under Settings → Developer → Webhooks)"
+        "no `type` key and no contact[id] or contact[email]: not an ActiveCampaign webhook \
+         (a global webhook has a `type`, an automation \"Webhook\" action the contact's fields)"
     )]
     MissingType,
     /// A mapped type that names no recipient at all.
@@ -197,6 +208,8 @@ enum Kind {
     Update,
     TagAdded,
     TagRemoved,
+    /// An automation "Webhook" action (no `type`).
+    Automation,
 }
 
 impl Kind {
@@ -224,15 +237,24 @@ impl Kind {
     fn is_identify(self) -> bool {
         matches!(
             self,
-            Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved
+            Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved | Kind::Automation
         )
     }
 }
 
 /// Maps parsed webhook pairs to a Segment message; see the module docs for the rules.
 pub fn map_webhook(pairs: &FormPairs, settings: &Settings) -> Result<Webhook, MapError> {
-    let raw_type = pairs.get_trimmed("type").ok_or(MapError::MissingType)?;
-    let Some(kind) = Kind::from_type(raw_type) else {
+    let (raw_type, kind) = match pairs.get_trimmed("type") {
+        Some(t) => (t, Kind::from_type(t)),
+        None if ["contact[id]", "contact[email]"]
+            .iter()
+            .any(|k| pairs.get_trimmed(k).is_some()) =>
+        {
+            (AUTOMATION_TYPE, Some(Kind::Automation))
+        }
+        None => return Err(MapError::MissingType),
+    };
+    let Some(kind) = kind else {
         return Ok(Webhook {
             raw_type: raw_type.to_owned(),
             mapped: Mapped::Unmapped,
@@ -285,6 +307,11 @@ pub fn map_webhook(pairs: &FormPairs, settings: &Settings) -> Result<Webhook, Ma
         if !traits.is_empty() {
             context.insert("traits".into(), Value::Object(traits));
         }
+    }
+    if kind == Kind::Automation
+        && let Some(series) = pairs.get_trimmed("seriesid")
+    {
+        context.insert("activecampaign".into(), json!({ "automation_id": series }));
     }
     context.insert("integration".into(), json!({ "name": INTEGRATION_NAME }));
     context.insert(
@@ -352,7 +379,7 @@ fn event_name(kind: Kind, pairs: &FormPairs) -> &'static str {
         Kind::Share => EMAIL_SHARED,
         Kind::Sent => EMAIL_CAMPAIGN_SENT,
         // Identify kinds have no event; callers never ask.
-        Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved => "",
+        Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved | Kind::Automation => "",
     }
 }
 
@@ -372,7 +399,10 @@ fn dedupe_key<'a>(
         Kind::Unsubscribe => extra.extend(lists.ids.iter().copied()),
         Kind::Share => extra.push(get("share[network]")),
         Kind::TagAdded | Kind::TagRemoved => extra.push(get("tag")),
-        Kind::Subscribe | Kind::Update => {
+        Kind::Subscribe | Kind::Update | Kind::Automation => {
+            if kind == Kind::Automation {
+                extra.push(get("seriesid"));
+            }
             extra.extend(lists.ids.iter().copied());
             let mut contact: Vec<(&str, &str)> = pairs
                 .iter()
@@ -477,6 +507,13 @@ fn identify_traits(kind: Kind, pairs: &FormPairs, contact: &Contact<'_>) -> Map<
     }
     if let Some(tags) = tags {
         t.insert("tags".into(), json!(tags));
+    }
+    if kind == Kind::Automation
+        && let Some(org) = pairs
+            .get_trimmed("contact[orgname]")
+            .or_else(|| pairs.get_trimmed("contact[customer_acct_name]"))
+    {
+        t.insert("company".into(), json!({ "name": org }));
     }
     for (key, value) in &contact.fields {
         let name = format!("field_{key}");
@@ -773,7 +810,7 @@ mod tests {
     fn missing_type_is_an_error_unknown_type_is_unmapped() {
         let s = Settings::default();
         assert_eq!(
-            map_webhook(&pairs(&[("seriesid", "9"), ("contact[id]", "1")]), &s),
+            map_webhook(&pairs(&[("seriesid", "9"), ("contact[id]", " ")]), &s),
             Err(MapError::MissingType)
         );
         assert_eq!(

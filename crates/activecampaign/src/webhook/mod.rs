@@ -19,9 +19,10 @@ mod time;
 pub use dedupe::{DedupeKey, MESSAGE_ID_PREFIX};
 pub use form::{FormPairs, MAX_PAIRS, ParseError, parse_form};
 pub use map::{
-    CAMPAIGN_ANONYMOUS_ID_PREFIX, CONTACT_ANONYMOUS_ID_PREFIX, EMAIL_CAMPAIGN_SENT,
-    EMAIL_FORWARDED, EMAIL_REPLIED, EMAIL_SHARED, INTEGRATION_NAME, LIBRARY_NAME, LIBRARY_VERSION,
-    MapError, Mapped, Settings, Webhook, is_spam_complaint, map_webhook,
+    AUTOMATION_TYPE, CAMPAIGN_ANONYMOUS_ID_PREFIX, CONTACT_ANONYMOUS_ID_PREFIX,
+    EMAIL_CAMPAIGN_SENT, EMAIL_FORWARDED, EMAIL_REPLIED, EMAIL_SHARED, INTEGRATION_NAME,
+    LIBRARY_NAME, LIBRARY_VERSION, MapError, Mapped, Settings, Webhook, is_spam_complaint,
+    map_webhook,
 };
 pub use time::{parse_date_time, segment_timestamp};
 

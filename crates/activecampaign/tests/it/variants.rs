@@ -411,10 +411,51 @@ fn unknown_types_are_acknowledged_unmapped() {
     }
 }
 
+/// An automation "Webhook" action as ActiveCampaign posts it (structure of a public
+/// capture; personal data replaced): contact fields and `seriesid`, no `type`.
+const AUTOMATION_ACTION: &[u8] = b"contact%5Bid%5D=1358&contact%5Bemail%5D=person%40example.com\
+&contact%5Bfirst_name%5D=Ann&contact%5Blast_name%5D=Lee&contact%5Bphone%5D=%2B15550100\
+&contact%5Borgname%5D=&contact%5Bcustomer_acct_name%5D=&contact%5Btags%5D=Externos\
+&contact%5Bip4%5D=127.0.0.1&contact%5Bfields%5D%5Butm_source%5D=newsletter&seriesid=9";
+
 #[test]
-fn automation_webhook_without_type_is_refused_with_a_reason() {
-    let body = b"contact%5Bid%5D=1358&contact%5Bemail%5D=person%40example.com&seriesid=9";
-    let err = parse_webhook(body, &Settings::default()).expect_err("no type");
+fn automation_webhook_action_becomes_an_identify_with_the_contacts_traits() {
+    let w = parse_webhook(AUTOMATION_ACTION, &Settings::default()).expect("automation maps");
+    assert_eq!(w.raw_type, tributary_activecampaign::AUTOMATION_TYPE);
+    let Mapped::Identify { message, email } = &w.mapped else {
+        panic!("not an identify: {:?}", w.mapped);
+    };
+    assert_eq!(email.as_deref(), Some("person@example.com"));
+    assert_eq!(message["type"], "identify");
+    assert_eq!(message["anonymousId"], "person@example.com");
+    let traits = &message["traits"];
+    assert_eq!(traits["email"], "person@example.com");
+    assert_eq!(traits["firstName"], "Ann");
+    assert_eq!(traits["lastName"], "Lee");
+    assert_eq!(traits["phone"], "+15550100");
+    assert_eq!(traits["contact_id"], "1358");
+    assert_eq!(traits["tags"], serde_json::json!(["Externos"]));
+    assert_eq!(traits["field_utm_source"], "newsletter");
+    assert!(traits.get("company").is_none(), "blank orgname is omitted");
+    assert_eq!(message["context"]["activecampaign"]["automation_id"], "9");
+    // A repeated delivery is the same message; a changed contact is a new one.
+    let again = parse_webhook(AUTOMATION_ACTION, &Settings::default()).unwrap();
+    assert_eq!(again.message().unwrap()["messageId"], message["messageId"]);
+    let changed = [
+        AUTOMATION_ACTION,
+        b"&contact%5Bphone%5D=%2B15550199".as_slice(),
+    ]
+    .concat();
+    let changed = parse_webhook(&changed, &Settings::default()).unwrap();
+    assert_ne!(
+        changed.message().unwrap()["messageId"],
+        message["messageId"]
+    );
+}
+
+#[test]
+fn a_body_with_neither_type_nor_contact_is_refused_with_a_reason() {
+    let err = parse_webhook(b"seriesid=9&foo=bar", &Settings::default()).expect_err("no type");
     assert_eq!(err, WebhookError::Map(MapError::MissingType));
     assert!(err.to_string().contains("no `type` key"), "{err}");
 }

@@ -48,18 +48,24 @@ use checkpoint::Checkpointer;
 use open::{open_reader, open_writer};
 use writer::{ConsumerChange, Request, Retention, writer_loop};
 
-/// Settings of the embedded log.
-#[derive(Debug, Clone)]
+/// Settings of the embedded log. Deserializes as the `[log]` section of the server's
+/// configuration (durations in `tributary_model::duration` syntax); `path` is set by
+/// the server from its data directory.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SqliteLogConfig {
     /// The database file (created if absent).
+    #[serde(skip)]
     pub path: PathBuf,
     /// How long records are kept; also the dedupe window. Default 7 days.
+    #[serde(with = "tributary_model::duration")]
     pub retention: Duration,
     /// Append requests that may wait for the writer before callers are told the
     /// log is saturated. Default 4096.
     pub queue_capacity: usize,
     /// How long an append may wait for room in the queue before `Saturated`.
     /// Default 2 s.
+    #[serde(with = "tributary_model::duration")]
     pub enqueue_timeout: Duration,
     /// Most records one group commit takes. Default 50,000.
     pub max_group_records: usize,
@@ -67,12 +73,14 @@ pub struct SqliteLogConfig {
     pub readers: usize,
     /// How often the writer deletes records older than `retention` (also while no
     /// appends arrive). Default 60 s.
+    #[serde(with = "tributary_model::duration")]
     pub prune_interval: Duration,
     /// Hard cap on the database's used size in bytes; past it the oldest records
     /// are deleted even if a consumer has not read them (each such loss is
     /// reported). `None` (the default): no cap, age and consumers decide.
     pub max_bytes: Option<u64>,
     /// How often the checkpointer copies the WAL into the database. Default 100 ms.
+    #[serde(with = "tributary_model::duration")]
     pub checkpoint_interval: Duration,
 }
 

@@ -1,6 +1,7 @@
-//! Router tests: the axum app driven with `tower::ServiceExt::oneshot`, with fake
-//! event logs injected to show how the API answers when the log is saturated or
-//! cannot write. (Real-socket end-to-end tests live in the `tributary` crate.)
+//! Router tests: the axum app driven with `tower::ServiceExt::oneshot` over the full
+//! server state (`open_state_with`), with fake event logs injected to show how the
+//! API answers when the log is saturated or cannot write, and a pinned clock.
+//! (Real-socket end-to-end tests live in the `tributary` crate.)
 
 use std::sync::Arc;
 
@@ -14,8 +15,9 @@ use tower::ServiceExt;
 use tributary_eventlog::{
     AppendStatus, ConsumerState, EventLog, LogError, LogStats, NewRecord, Position, Record,
 };
-use tributary_server::control::{Control, SourceType};
-use tributary_server::{AppState, Config, router};
+use tributary_server::clock::FixedClock;
+use tributary_server::control::SourceType;
+use tributary_server::{AppState, Config, Parts, open_state_with, router};
 
 /// A log whose appends always fail the same way.
 struct FailingLog {
@@ -70,18 +72,33 @@ impl EventLog for FailingLog {
     async fn close(&self) {}
 }
 
-fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
+/// The full state on a temporary data dir (warehouse off), with `parts` injected.
+async fn state(mut config: Config, parts: Parts) -> (Arc<AppState>, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let control = Arc::new(Control::open(dir.path()).unwrap());
-    let src = control
+    config.data_dir = dir.path().to_path_buf();
+    config.admin_token = Some("t".into());
+    config.warehouse.url = "off".into();
+    let state = open_state_with(config, parts).await.unwrap();
+    let src = state
+        .control
         .create(SourceType::Http, "web", "web", json!({}))
         .unwrap();
-    let log = Arc::new(FailingLog {
-        error,
-        head: watch::channel(0).0,
-    });
-    let state = Arc::new(AppState::new(Config::default(), control, log, "t".into()));
-    (router(state), src.write_key.clone(), dir)
+    (state, src.write_key.clone(), dir)
+}
+
+fn failing(error: fn() -> LogError) -> Parts {
+    Parts {
+        log: Some(Arc::new(FailingLog {
+            error,
+            head: watch::channel(0).0,
+        })),
+        ..Parts::default()
+    }
+}
+
+async fn app(error: fn() -> LogError) -> (axum::Router, String, tempfile::TempDir) {
+    let (state, key, dir) = state(Config::default(), failing(error)).await;
+    (router(state), key, dir)
 }
 
 async fn track(app: axum::Router, key: &str) -> (StatusCode, Option<String>, Value) {
@@ -103,7 +120,7 @@ async fn track(app: axum::Router, key: &str) -> (StatusCode, Option<String>, Val
 
 #[tokio::test]
 async fn answers_429_with_retry_after_when_the_log_is_saturated() {
-    let (app, key, _dir) = app(|| LogError::Saturated);
+    let (app, key, _dir) = app(|| LogError::Saturated).await;
     let (status, retry, body) = track(app, &key).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(retry.as_deref(), Some("1"));
@@ -112,7 +129,7 @@ async fn answers_429_with_retry_after_when_the_log_is_saturated() {
 
 #[tokio::test]
 async fn answers_503_without_internal_detail_when_the_log_cannot_write() {
-    let (app, key, _dir) = app(|| LogError::Unavailable("database or disk is full".into()));
+    let (app, key, _dir) = app(|| LogError::Unavailable("database or disk is full".into())).await;
     let (status, _, body) = track(app.clone(), &key).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["code"], "unavailable");
@@ -126,23 +143,15 @@ async fn answers_503_without_internal_detail_when_the_log_cannot_write() {
 
 #[tokio::test]
 async fn answers_429_when_request_bodies_would_exceed_the_memory_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = Arc::new(Control::open(dir.path()).unwrap());
-    let src = control
-        .create(SourceType::Http, "web", "web", json!({}))
-        .unwrap();
     let mut config = Config::default();
     // Room for less than one single-message body (32 KiB): nothing fits.
     config.limits.max_inflight_bytes = 1024;
-    let log = Arc::new(FailingLog {
-        error: || LogError::Closed,
-        head: watch::channel(0).0,
-    });
-    let state = Arc::new(AppState::new(config, control, log, "t".into()));
+    config.limits.max_batch_bytes = 1024;
+    let (state, key, _dir) = state(config, failing(|| LogError::Closed)).await;
     // With the key in Basic auth the worst case is reserved before reading. (A key
     // in the body reserves as bytes arrive: see `refusals`.)
     use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:", src.write_key));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
     let req = Request::post("/v1/track")
         .header("content-type", "application/json")
         .header("authorization", format!("Basic {auth}"))
@@ -160,4 +169,26 @@ async fn answers_429_when_request_bodies_would_exceed_the_memory_budget() {
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(body["code"], "rate_limited");
 }
+
+#[tokio::test]
+async fn ingest_stamps_received_at_from_the_states_clock() {
+    let at = chrono::DateTime::parse_from_rfc3339("2030-05-06T07:08:09.123Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let clock = Arc::new(FixedClock::new(at));
+    let parts = Parts {
+        clock: Some(clock.clone()),
+        ..Parts::default()
+    };
+    let (state, key, _dir) = state(Config::default(), parts).await;
+    let (status, _, body) = track(router(state.clone()), &key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let source = state.control.source_by_key(&key).unwrap();
+    let stored = state.log.latest(&source.id, 1).await.unwrap();
+    let payload: Value = serde_json::from_str(&stored[0].payload).unwrap();
+    assert_eq!(payload["receivedAt"], "2030-05-06T07:08:09.123Z");
+    state.shutdown.trigger();
+    state.log.close().await;
+}
+
 mod refusals;

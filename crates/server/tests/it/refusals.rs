@@ -16,8 +16,8 @@ use tower::ServiceExt;
 use tributary_eventlog::{
     AppendStatus, ConsumerState, EventLog, LogError, LogStats, NewRecord, Position, Record,
 };
-use tributary_server::control::{Control, SourceType};
-use tributary_server::{AppState, Config, router};
+use tributary_server::control::SourceType;
+use tributary_server::{Config, Parts, open_state_with, router};
 
 /// A log that stores nothing but acknowledges every append.
 #[derive(Default)]
@@ -84,17 +84,24 @@ struct App {
     _dir: tempfile::TempDir,
 }
 
-fn app_with(config: Config) -> App {
+async fn app_with(mut config: Config) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let control = Arc::new(Control::open(dir.path()).unwrap());
-    let src = control
-        .create(SourceType::Http, "web", "web", json!({}))
-        .unwrap();
+    config.data_dir = dir.path().to_path_buf();
+    config.admin_token = Some("admin".into());
+    config.warehouse.url = "off".into();
     let log = Arc::new(AckLog {
         head: Some(watch::channel(0).0),
         ..Default::default()
     });
-    let state = Arc::new(AppState::new(config, control, log, "admin".into()));
+    let parts = Parts {
+        log: Some(log),
+        ..Parts::default()
+    };
+    let state = open_state_with(config, parts).await.unwrap();
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
     App {
         router: router(state),
         key: src.write_key.clone(),
@@ -135,7 +142,7 @@ async fn send(
 
 #[tokio::test]
 async fn a_bad_header_key_is_refused_without_reading_the_body() {
-    let app = app_with(Config::default());
+    let app = app_with(Config::default()).await;
     let req = Request::post("/v1/batch")
         .header("authorization", basic("wk_not_a_key"))
         .header("content-length", "400000")
@@ -157,7 +164,7 @@ async fn stalled_bodies_without_a_key_hold_only_what_they_sent() {
     let mut config = Config::default();
     // Room for four batch bodies in all; another 500 kB for bodies without a key.
     config.limits.max_inflight_bytes = 2_000_000;
-    let app = app_with(config);
+    let app = app_with(config).await;
     let mut stalled = Vec::new();
     for _ in 0..40 {
         let req = Request::post("/v1/batch")
@@ -205,7 +212,7 @@ fn v_to(v: Value) -> String {
 async fn bodies_without_a_key_are_bounded_by_their_own_budget() {
     let mut config = Config::default();
     config.limits.max_inflight_bytes = 2_000_000;
-    let app = app_with(config);
+    let app = app_with(config).await;
     // 300 kB each, then a stall: the keyless budget (500 kB) has room for one.
     let chunk = {
         let mut c = b"{\"batch\":[".to_vec();
@@ -240,7 +247,7 @@ async fn bodies_without_a_key_are_bounded_by_their_own_budget() {
 async fn a_stalled_body_is_answered_408_and_closes_the_connection() {
     let mut config = Config::default();
     config.http.body_timeout = Duration::from_millis(300);
-    let app = app_with(config);
+    let app = app_with(config).await;
     let req = Request::post("/v1/track")
         .header("authorization", basic(&app.key))
         .header("content-length", "2000")
@@ -257,7 +264,7 @@ async fn a_stalled_body_is_answered_408_and_closes_the_connection() {
 
 #[tokio::test]
 async fn a_nul_in_message_id_is_refused_with_a_reason() {
-    let app = app_with(Config::default());
+    let app = app_with(Config::default()).await;
     let req = Request::post("/v1/track")
         .header("authorization", basic(&app.key))
         .header("content-type", "application/json")
@@ -273,7 +280,7 @@ async fn a_nul_in_message_id_is_refused_with_a_reason() {
 
 #[tokio::test]
 async fn the_webhook_without_a_key_says_to_add_the_write_key_query() {
-    let app = app_with(Config::default());
+    let app = app_with(Config::default()).await;
     let req = Request::post("/v1/webhooks/activecampaign")
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Body::from("type=open&contact[email]=a@example.com"))
@@ -297,7 +304,7 @@ fn admin(method: &str, path: &str, body: &'static str) -> Request<Body> {
 
 #[tokio::test]
 async fn every_admin_api_extractor_error_is_a_json_code_and_message() {
-    let app = app_with(Config::default());
+    let app = app_with(Config::default()).await;
     let cases = [
         (
             admin("POST", "/api/v1/sources", "{not json"),

@@ -286,3 +286,121 @@ async fn five_recipients_without_contact_ids_are_five_events() {
         .collect();
     assert_eq!(ids.len(), 5);
 }
+
+/// An automation "Webhook" action as ActiveCampaign posts it: contact fields and
+/// `seriesid`, no `type` (structure of a public capture; personal data replaced).
+const AUTOMATION_ACTION: &[u8] = b"contact%5Bid%5D=1358&contact%5Bemail%5D=Zoe.Auto%40example.com\
+&contact%5Bfirst_name%5D=Zoe&contact%5Blast_name%5D=Auto&contact%5Bphone%5D=%2B15550100\
+&contact%5Borgname%5D=Acme&contact%5Bcustomer_acct_name%5D=&contact%5Btags%5D=Externos\
+&contact%5Bip4%5D=127.0.0.1&seriesid=9";
+
+/// A global `open` webhook for `email`, built inline so the test needs no fixture.
+fn open_webhook(email: &str) -> Vec<u8> {
+    let email: String = form_urlencoded_byte(email);
+    format!(
+        "type=open&date_time=2026-01-05T10%3A00%3A00-06%3A00&initiated_from=admin\
+         &contact%5Bid%5D=77&contact%5Bemail%5D={email}&campaign%5Bid%5D=42\
+         &campaign%5Bmessage%5D%5Bid%5D=9"
+    )
+    .into_bytes()
+}
+
+fn form_urlencoded_byte(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_identity_acknowledged_just_before_a_sigkill_resolves_webhooks_after_restart() {
+    let mut s = Server::start();
+    let (ac_key, ac_id) = key_id(
+        &s.create_source("activecampaign", "AC", "activecampaign")
+            .await,
+    );
+    let (web_key, _) = key_id(&s.create_source("http", "Website", "website").await);
+
+    let (st, v) = s
+        .post(
+            "/v1/identify",
+            &web_key,
+            json!({"userId": "user-kill-9", "traits": {"email": "Kim.Kill@Example.com"}}),
+        )
+        .await;
+    let acked = std::time::Instant::now();
+    let sent = s.kill_signalled_at().expect("server running");
+    assert_eq!(st, 200, "{v}");
+    let gap = sent.duration_since(acked);
+    assert!(
+        gap < std::time::Duration::from_millis(10),
+        "SIGKILL {gap:?} after the 200"
+    );
+
+    s.restart();
+    let (st, v) = webhook(&s, &ac_key, open_webhook("kim.kill@example.com"), false).await;
+    assert_eq!(st, 200, "{v}");
+    let events = s.events(&ac_id, 10).await;
+    let opened = events
+        .iter()
+        .find(|e| e["event"] == "Email Opened")
+        .unwrap_or_else(|| panic!("no Email Opened in {events:?}"));
+    assert_eq!(opened["userId"], "user-kill-9", "{opened}");
+    assert!(
+        opened.get("anonymousId").is_none_or(Value::is_null),
+        "{opened}"
+    );
+}
+
+#[tokio::test]
+async fn an_automation_webhook_step_becomes_an_identify_and_teaches_the_email() {
+    let s = Server::start();
+    let (key, id) = key_id(
+        &s.create_source("activecampaign", "AC", "activecampaign")
+            .await,
+    );
+    let (st, v) = webhook(&s, &key, AUTOMATION_ACTION.to_vec(), true).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v.get("mapped").is_none(), "mapped: {v}");
+    let events = s.events(&id, 10).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "identify");
+    assert_eq!(e["anonymousId"], "Zoe.Auto@example.com");
+    assert_eq!(e["traits"]["email"], "Zoe.Auto@example.com");
+    assert_eq!(e["traits"]["firstName"], "Zoe");
+    assert_eq!(e["traits"]["lastName"], "Auto");
+    assert_eq!(e["traits"]["phone"], "+15550100");
+    assert_eq!(e["traits"]["company"]["name"], "Acme");
+    assert_eq!(e["traits"]["tags"], json!(["Externos"]));
+    assert_eq!(e["context"]["activecampaign"]["automation_id"], "9");
+    // The source overview shows it as ActiveCampaign's panel would.
+    let (_, src) = s.admin(Method::GET, &format!("/sources/{id}"), None).await;
+    assert_eq!(src["last_event"]["type"], "identify", "{src}");
+}
+
+#[tokio::test]
+async fn unmapped_webhooks_are_in_the_debugger_after_a_restart() {
+    let mut s = Server::start();
+    let (key, id) = key_id(
+        &s.create_source("activecampaign", "AC", "activecampaign")
+            .await,
+    );
+    for n in 0..3 {
+        let body = format!("type=deal_update&deal%5Bid%5D={n}").into_bytes();
+        let (st, v) = webhook(&s, &key, body, false).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["mapped"], false);
+    }
+    // SIGKILL: nothing gets flushed on the way down.
+    s.restart();
+    let events = s.events(&id, 10).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    for (e, n) in events.iter().zip(["2", "1", "0"]) {
+        assert_eq!(e["type"], "unmapped");
+        assert_eq!(e["activecampaign_type"], "deal_update");
+        assert_eq!(e["fields"]["deal[id]"], n, "newest first: {events:?}");
+    }
+}

@@ -149,6 +149,16 @@ impl Server {
         std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
     }
 
+    /// SIGKILL, returning the instant the signal was sent (before reaping the
+    /// process, which a loaded machine may delay).
+    pub fn kill_signalled_at(&mut self) -> Option<Instant> {
+        let mut c = self.child.take()?;
+        let _ = c.kill();
+        let sent = Instant::now();
+        let _ = c.wait();
+        Some(sent)
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

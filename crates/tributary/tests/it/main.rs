@@ -7,6 +7,7 @@
 mod activecampaign;
 mod browser;
 mod cli;
+mod config;
 mod crash;
 mod destinations;
 mod diskfull;
