@@ -257,28 +257,59 @@ impl QueryRole {
         Ok((role, password))
     }
 
-    /// Grants the warehouse schemas the role cannot fully read yet.
+    /// Grants the warehouse schemas the role cannot fully read yet. Another node (or
+    /// another warehouse in the same database) may grant or drop a schema at the same
+    /// moment: grants are serialized by a transaction-level advisory lock, and a schema
+    /// dropped between the listing and the grant (`3F000`) or a concurrent default-ACL
+    /// insert (`23505`) just lists again, a few times.
     async fn grant(&self, role: &str) -> Result<(), WarehouseError> {
-        let mut client = self.admin.get().await.map_err(unavailable)?;
-        let schemas: Vec<String> = client
-            .query(
-                "SELECT n.nspname::text FROM pg_namespace n
-                 WHERE EXISTS (SELECT 1 FROM pg_class d WHERE d.relnamespace = n.oid
-                               AND d.relname = 'tributary_discards')
-                   AND (NOT has_schema_privilege($1, n.oid, 'USAGE')
-                        OR EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid
-                                   AND c.relkind IN ('r', 'p', 'v', 'm')
-                                   AND NOT has_table_privilege($1, c.oid, 'SELECT')))
-                 ORDER BY 1",
-                &[&role],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let mut attempt = 0;
+        loop {
+            match self.grant_once(role).await {
+                Err(GrantRace(e)) if attempt < 4 => {
+                    attempt += 1;
+                    tracing::debug!(error = %db_message(&e), attempt, "query role grant raced; listing again");
+                }
+                Err(GrantRace(e)) => return Err(pg(e)),
+                Ok(r) => return r,
+            }
+        }
+    }
+
+    async fn grant_once(&self, role: &str) -> Result<Result<(), WarehouseError>, GrantRace> {
+        let mut client = match self.admin.get().await {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(unavailable(e))),
+        };
+        macro_rules! try_pg {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) if is_grant_race(&e) => return Err(GrantRace(e)),
+                    Err(e) => return Ok(Err(pg(e))),
+                }
+            };
+        }
+        let schemas: Vec<String> = try_pg!(
+            client
+                .query(
+                    "SELECT n.nspname::text FROM pg_namespace n
+                     WHERE EXISTS (SELECT 1 FROM pg_class d WHERE d.relnamespace = n.oid
+                                   AND d.relname = 'tributary_discards')
+                       AND (NOT has_schema_privilege($1, n.oid, 'USAGE')
+                            OR EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid
+                                       AND c.relkind IN ('r', 'p', 'v', 'm')
+                                       AND NOT has_table_privilege($1, c.oid, 'SELECT')))
+                     ORDER BY 1",
+                    &[&role],
+                )
+                .await
+        )
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         if schemas.is_empty() {
-            return Ok(());
+            return Ok(Ok(()));
         }
         let r = quote(role);
         let mut sql = String::new();
@@ -291,22 +322,42 @@ impl QueryRole {
                  GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {r};"
             );
         }
-        let tx = client
-            .build_transaction()
-            .read_only(false)
-            .start()
-            .await
-            .map_err(pg)?;
+        let tx = try_pg!(client.build_transaction().read_only(false).start().await);
+        try_pg!(
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&GRANT_LOCK_KEY])
+                .await
+        );
         match tx.batch_execute(&sql).await {
-            Ok(()) => tx.commit().await.map_err(pg)?,
+            Ok(()) => try_pg!(tx.commit().await),
+            Err(e) if is_grant_race(&e) => return Err(GrantRace(e)),
             // A schema the loader's role does not own cannot be granted by it: the
             // query role cannot read it, which is no reason to refuse every query.
             Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => {
                 tracing::warn!(error = %db_message(&e), ?schemas, "cannot grant the query role");
             }
-            Err(e) => return Err(pg(e)),
+            Err(e) => return Ok(Err(pg(e))),
         }
-        Ok(())
+        Ok(Ok(()))
+    }
+}
+
+/// The advisory-lock key that serializes query-role grants (`"tributary grants"`).
+const GRANT_LOCK_KEY: i64 = 0x7472_6962_6772_6e74;
+
+/// A grant that lost a race with a concurrent grant or schema drop; listing again heals it.
+struct GrantRace(tokio_postgres::Error);
+
+/// A GRANT updates catalog rows (`pg_namespace`, `pg_class`, `pg_default_acl`) that the
+/// loader's DDL or a concurrent `DROP SCHEMA` may change at the same time: PostgreSQL
+/// then fails with "tuple concurrently updated/deleted" (`XX000`) rather than waiting.
+fn is_grant_race(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => match db.code().code() {
+            "3F000" | "23505" | "40P01" | "40001" | "42P01" => true,
+            "XX000" => db.message().contains("concurrently"),
+            _ => false,
+        },
+        None => false,
     }
 }
 
