@@ -9,7 +9,12 @@ use tributary_activecampaign::{Settings, Webhook, parse_webhook};
 /// `crates/activecampaign/tests/fixtures`: the webhook bodies, kept in the repository
 /// so a fresh clone tests on its own.
 pub fn fixtures_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
+    // Read at run time: a cached test binary built from another checkout of the same
+    // workspace carries that checkout's compile-time path.
+    let dir = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests"),
+    )
+    .join("tests/fixtures");
     assert!(
         dir.is_dir(),
         "ActiveCampaign fixtures not found at {}",

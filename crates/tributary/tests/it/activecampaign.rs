@@ -9,9 +9,9 @@ use crate::harness::{Server, client, key_id};
 
 fn fixture(name: &str) -> Vec<u8> {
     // The ActiveCampaign crate's fixtures, in the repository.
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../activecampaign/tests/fixtures"
+    let dir = format!(
+        "{}/../activecampaign/tests/fixtures",
+        crate::harness::manifest_dir()
     );
     std::fs::read(format!("{dir}/{name}.form")).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }

@@ -17,7 +17,6 @@ use serde_json::Value;
 
 use crate::harness::{Server, client, key_id, service_available};
 
-const DRIVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/drive.js");
 const INSTALL_HINT: &str = "run .ci/install-test-deps.sh";
 
 fn node_modules() -> PathBuf {
@@ -69,7 +68,10 @@ async fn analytics_js_loaded_with_only_write_key_and_cdn_url_sends_events_that_l
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new("node")
-            .arg(DRIVER)
+            .arg(format!(
+                "{}/tests/browser/drive.js",
+                crate::harness::manifest_dir()
+            ))
             .arg(&s.url)
             .arg(&key)
             .env("NODE_PATH", node_modules())

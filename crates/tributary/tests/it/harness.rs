@@ -342,3 +342,9 @@ pub fn key_id(source: &Value) -> (String, String) {
         source["id"].as_str().unwrap().to_string(),
     )
 }
+
+/// This crate's directory, read at run time: a cached test binary built from another
+/// checkout of the workspace carries that checkout's compile-time `CARGO_MANIFEST_DIR`.
+pub fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests")
+}

@@ -23,9 +23,6 @@ use tokio::io::AsyncWriteExt;
 
 use crate::harness::{Server, key_id, service_available};
 
-/// Where the driver scripts live.
-const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk");
-
 /// Track calls per run: with a flush size of 5 the SDKs send several batches.
 const TRACKS: usize = 12;
 
@@ -254,9 +251,12 @@ async fn python_sdk_calls_are_stored_once_with_fields_intact() {
     let (key, id) = key_id(&s.create_source("http", "Python SDK", "python_sdk").await);
     let calls = calls("python");
     let mut cmd = tokio::process::Command::new(python());
-    cmd.arg(format!("{SDK_DIR}/python_client.py"))
-        .arg(&s.url)
-        .arg(&key);
+    cmd.arg(format!(
+        "{}/tests/sdk/python_client.py",
+        crate::harness::manifest_dir()
+    ))
+    .arg(&s.url)
+    .arg(&key);
     let ids = run_driver(cmd, &calls, &s).await;
     let events = s.events(&id, 1000).await;
     assert_stored(&events, &calls, &ids, "analytics-python");
@@ -274,10 +274,13 @@ async fn node_sdk_calls_are_stored_once_with_fields_intact() {
     let (key, id) = key_id(&s.create_source("http", "Node SDK", "node_sdk").await);
     let calls = calls("node");
     let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(format!("{SDK_DIR}/node_client.js"))
-        .arg(&s.url)
-        .arg(&key)
-        .env("NODE_PATH", node_modules());
+    cmd.arg(format!(
+        "{}/tests/sdk/node_client.js",
+        crate::harness::manifest_dir()
+    ))
+    .arg(&s.url)
+    .arg(&key)
+    .env("NODE_PATH", node_modules());
     let ids = run_driver(cmd, &calls, &s).await;
     let events = s.events(&id, 1000).await;
     assert_stored(&events, &calls, &ids, "@segment/analytics-node");
