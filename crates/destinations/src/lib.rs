@@ -25,7 +25,6 @@ mod engine;
 mod error;
 mod filter;
 mod options;
-mod ratelimit;
 pub mod retry;
 pub mod segment;
 mod sink;

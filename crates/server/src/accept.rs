@@ -136,6 +136,8 @@ pub struct Appended {
     pub stored: usize,
     /// Messages already in the log (acknowledged, not stored again).
     pub duplicates: usize,
+    /// Per message, in order: `true` when it was stored, `false` for a duplicate.
+    pub new: Vec<bool>,
 }
 
 /// Appends normalized messages of one source durably, then updates the source's last
@@ -151,6 +153,7 @@ pub async fn append(
         return Ok(Appended {
             stored: 0,
             duplicates: 0,
+            new: Vec::new(),
         });
     };
     let last_event = last_event_override.unwrap_or_else(|| LastEvent {
@@ -216,7 +219,15 @@ pub async fn append(
             .map_err(|e| ApiError::Internal(e.to_string()))??;
     }
     state.control.set_last_event(&source.id, last_event);
-    Ok(Appended { stored, duplicates })
+    let new = statuses
+        .iter()
+        .map(|s| !matches!(s, AppendStatus::Duplicate))
+        .collect();
+    Ok(Appended {
+        stored,
+        duplicates,
+        new,
+    })
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@
 //! [`UNMAPPED_KEPT`] per source, written before the webhook's 200, so the debugger
 //! shows them after a restart. They are never in the event log: no consumer has to
 //! skip them.
+//!
+//! **API sync state** (checkpoint and status per ActiveCampaign source) is in
+//! `api_sync`, written by [`Control::save_sync_state`] after each durable append of
+//! a page, so a killed sync resumes after its last stored page.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -213,7 +217,9 @@ impl Control {
                 id INTEGER PRIMARY KEY AUTOINCREMENT, source_id TEXT NOT NULL,
                 entry TEXT NOT NULL);
              CREATE INDEX IF NOT EXISTS unmapped_webhooks_source
-                ON unmapped_webhooks (source_id, id);",
+                ON unmapped_webhooks (source_id, id);
+             CREATE TABLE IF NOT EXISTS api_sync (
+                source_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at TEXT NOT NULL);",
         )
         .map_err(internal)?;
         let control = Control {
@@ -422,6 +428,8 @@ impl Control {
             params![id],
         )
         .map_err(ApiError::from)?;
+        conn.execute("DELETE FROM api_sync WHERE source_id = ?1", params![id])
+            .map_err(ApiError::from)?;
         if let Ok(mut l) = self.last_events.lock() {
             l.remove(id);
         }
@@ -598,6 +606,35 @@ impl Control {
             }
         }
         Ok(out)
+    }
+
+    /// The API sync's durable state of a source (its checkpoint and status, as the
+    /// sync wrote it with [`Control::save_sync_state`]), if any. Blocking.
+    pub fn sync_state(&self, source_id: &str) -> Result<Option<Value>, ApiError> {
+        let conn = self.conn.lock().map_err(internal)?;
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT state FROM api_sync WHERE source_id = ?1",
+                params![source_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(internal)?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Replaces the API sync state of a source; durable (committed, fsynced) when it
+    /// returns `Ok`, so a checkpoint written after an append survives a crash.
+    /// Blocking.
+    pub fn save_sync_state(&self, source_id: &str, state: &Value) -> Result<(), ApiError> {
+        let conn = self.conn.lock().map_err(internal)?;
+        conn.execute(
+            "INSERT INTO api_sync (source_id, state, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            params![source_id, state.to_string(), Utc::now().to_rfc3339()],
+        )
+        .map_err(internal)?;
+        Ok(())
     }
 
     /// Whether a source with this id exists in the database (bypassing the cache).

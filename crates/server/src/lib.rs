@@ -27,6 +27,7 @@ pub mod ingest;
 pub mod ops;
 pub mod settings;
 pub mod shutdown;
+pub mod sync;
 pub mod warehouse_api;
 pub mod webhook;
 
@@ -75,6 +76,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// The ActiveCampaign API sync's per-source tasks.
+    pub sync: sync::Syncer,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -125,6 +128,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = admin::routes()
         .merge(destinations_api::routes())
         .merge(warehouse_api::routes())
+        .merge(sync::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -239,6 +243,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        sync: sync::Syncer::default(),
     }))
 }
 
@@ -272,7 +277,9 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     let flusher = spawn_control_flusher(state);
     let state = state.clone();
     tokio::spawn(async move {
+        sync::start(&state).await;
         state.shutdown.wait().await;
+        state.sync.join().await;
         let destinations = state.destinations.shutdown();
         let warehouse = async {
             if let Some(w) = &state.warehouse {

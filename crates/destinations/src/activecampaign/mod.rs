@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 pub use config::ActivecampaignSettings;
 
-use crate::ratelimit::{self, RateLimiter};
+use tributary_activecampaign::api::ratelimit::{self, RateLimiter};
 use crate::retry::DeliveryError;
 use crate::sink::{Item, SendReport, Sink, execute, http_client};
 

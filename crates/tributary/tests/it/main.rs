@@ -4,6 +4,7 @@
 //! Tests that need an outside service (Python, Node, PostgreSQL) print `SKIP …` with
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
+mod ac_api;
 mod activecampaign;
 mod browser;
 mod cli;
@@ -18,5 +19,6 @@ mod query_safety;
 mod retention;
 mod sdk;
 mod startup;
+mod sync;
 mod tracking;
 mod warehouse;
