@@ -18,6 +18,7 @@ pub mod webhook;
 
 pub use segment::{EMAIL_EVENTS, email_of, is_email_event, looks_like_email};
 pub use webhook::{
-    AUTOMATION_TYPE, Activity, ActivityKind, DELIVERED_TYPE, DedupeKey, FormPairs, MapError, Mapped, ParseError, Settings, Webhook,
-    WebhookError, is_spam_complaint, map_activity, map_webhook, parse_form, parse_webhook,
+    AUTOMATION_TYPE, Activity, ActivityKind, DELIVERED_TYPE, DedupeKey, FormPairs, MapError,
+    Mapped, ParseError, Settings, Webhook, WebhookError, is_spam_complaint, map_activity,
+    map_webhook, parse_form, parse_webhook,
 };

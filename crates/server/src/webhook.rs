@@ -150,9 +150,8 @@ async fn handle(
             return Ok(axum::Json(json!({"success": true, "mapped": false})).into_response());
         }
     };
-    let normalized = prepare(&state, message, email.as_deref(), received_at).map_err(|e| {
+    let normalized = prepare(&state, message, email.as_deref(), received_at).inspect_err(|_| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);
-        e
     })?;
     let last = LastEvent {
         event: Some(webhook.raw_type.clone()),

@@ -116,11 +116,7 @@ fn progress_line(st: &Value) -> String {
     let total = st["campaigns_total"].as_u64().unwrap_or(0);
     let events = st["events"].as_u64().unwrap_or(0);
     const WIDTH: u64 = 30;
-    let filled = if total == 0 {
-        0
-    } else {
-        (done.min(total) * WIDTH / total) as usize
-    };
+    let filled = (done.min(total) * WIDTH).checked_div(total).unwrap_or(0) as usize;
     format!(
         "[{}{}] {done}/{total} campaigns, {events} events",
         "#".repeat(filled),
@@ -386,7 +382,10 @@ pub async fn sources(conn: Conn, cmd: SourcesCmd) -> anyhow::Result<()> {
                 .await?;
             if !wait {
                 if !conn.json {
-                    println!("sync started (since {}); follow it with `tributary sources show {id}`", text(&started["since"]));
+                    println!(
+                        "sync started (since {}); follow it with `tributary sources show {id}`",
+                        text(&started["since"])
+                    );
                     return Ok(());
                 }
                 started
@@ -396,7 +395,12 @@ pub async fn sources(conn: Conn, cmd: SourcesCmd) -> anyhow::Result<()> {
                     bail!("sync failed: {}", text(&st["error"]));
                 }
                 if !conn.json {
-                    println!("sync finished: {} campaigns, {} events; next poll at {}", text(&st["campaigns_total"]), text(&st["events"]), text(&st["next_poll_at"]));
+                    println!(
+                        "sync finished: {} campaigns, {} events; next poll at {}",
+                        text(&st["campaigns_total"]),
+                        text(&st["events"]),
+                        text(&st["next_poll_at"])
+                    );
                     return Ok(());
                 }
                 st

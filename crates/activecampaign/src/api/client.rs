@@ -69,7 +69,10 @@ impl Client {
     /// without `/api/3`) with `key`, sharing the account's process-wide limiter.
     pub fn new(url: &str, key: &str, timeout: Duration) -> Result<Client, ApiError> {
         let base = url.trim().trim_end_matches('/');
-        let base = base.strip_suffix("/api/3").unwrap_or(base).trim_end_matches('/');
+        let base = base
+            .strip_suffix("/api/3")
+            .unwrap_or(base)
+            .trim_end_matches('/');
         let valid = (base.starts_with("https://") || base.starts_with("http://"))
             && reqwest::Url::parse(base).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()));
         if !valid {
@@ -154,7 +157,11 @@ impl Client {
                 let wait = retry_after
                     .unwrap_or(Duration::from_secs(1))
                     .min(MAX_RETRY_AFTER);
-                tracing::debug!(status, wait_ms = wait.as_millis() as u64, "activecampaign rate limited");
+                tracing::debug!(
+                    status,
+                    wait_ms = wait.as_millis() as u64,
+                    "activecampaign rate limited"
+                );
                 self.limiter.pause(wait);
                 continue;
             }
@@ -222,7 +229,10 @@ impl Client {
     }
 
     /// The campaign's links (`campaigns/{id}/links`): the rows carry its message id.
-    pub async fn campaign_links(&self, campaign_id: &str) -> Result<Vec<Map<String, Value>>, ApiError> {
+    pub async fn campaign_links(
+        &self,
+        campaign_id: &str,
+    ) -> Result<Vec<Map<String, Value>>, ApiError> {
         let path = format!("/api/3/campaigns/{}/links", path_part(campaign_id));
         let v = self.get(&path, &[]).await?;
         Ok(v3_page(&v, "links", &format!("GET {path}"))?.items)
@@ -431,7 +441,12 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let c = Client::new("https://acct.api-us1.com/api/3/", "k", Duration::from_secs(1)).unwrap();
+        let c = Client::new(
+            "https://acct.api-us1.com/api/3/",
+            "k",
+            Duration::from_secs(1),
+        )
+        .unwrap();
         assert_eq!(c.base(), "https://acct.api-us1.com");
         assert!(!format!("{c:?}").contains("\"k\""));
     }

@@ -50,7 +50,9 @@ impl ApiSettings {
     /// valid offset. The message is fit for a 400.
     pub fn validate(&self) -> Result<(), String> {
         if self.key.trim().is_empty() {
-            return Err("settings.api.key is empty: paste the API key from Settings → Developer".into());
+            return Err(
+                "settings.api.key is empty: paste the API key from Settings → Developer".into(),
+            );
         }
         if !(1..=1440).contains(&self.poll_minutes) {
             return Err("settings.api.poll_minutes must be 1 to 1440".into());

@@ -178,7 +178,12 @@ impl CampaignInfo {
         })
     }
 
-    fn activity(&self, kind: ActivityKind, row: &Map<String, Value>, zone: &AccountZone) -> Activity {
+    fn activity(
+        &self,
+        kind: ActivityKind,
+        row: &Map<String, Value>,
+        zone: &AccountZone,
+    ) -> Activity {
         let mut a = Activity::new(kind);
         a.at = text(row, "tstamp_iso")
             .and_then(|t| zone.parse(&t))
@@ -223,11 +228,16 @@ impl AccountZone {
             _ => return None,
         };
         let digits: String = rest.chars().filter(|c| *c != ':').collect();
-        if !digits.bytes().all(|b| b.is_ascii_digit()) || !(digits.len() == 2 || digits.len() == 4) {
+        if !digits.bytes().all(|b| b.is_ascii_digit()) || !(digits.len() == 2 || digits.len() == 4)
+        {
             return None;
         }
         let h: i32 = digits[..2].parse().ok()?;
-        let m: i32 = if digits.len() == 4 { digits[2..].parse().ok()? } else { 0 };
+        let m: i32 = if digits.len() == 4 {
+            digits[2..].parse().ok()?
+        } else {
+            0
+        };
         if h > 14 || m > 59 {
             return None;
         }
@@ -300,8 +310,17 @@ mod tests {
     fn zone_offsets() {
         let z = AccountZone::parse_offset("-05:00").unwrap();
         assert_eq!(z.0.local_minus_utc(), -5 * 3600);
-        assert_eq!(AccountZone::parse_offset("+0530").unwrap().0.local_minus_utc(), 19800);
-        assert_eq!(AccountZone::parse_offset("utc"), Some(AccountZone::default()));
+        assert_eq!(
+            AccountZone::parse_offset("+0530")
+                .unwrap()
+                .0
+                .local_minus_utc(),
+            19800
+        );
+        assert_eq!(
+            AccountZone::parse_offset("utc"),
+            Some(AccountZone::default())
+        );
         for bad in ["", "5", "+5:00", "+15:00", "-05:60", "EST"] {
             assert_eq!(AccountZone::parse_offset(bad), None, "{bad:?}");
         }
@@ -325,11 +344,23 @@ mod tests {
         let kinds: Vec<ActivityKind> = acts.iter().map(|a| a.kind).collect();
         assert_eq!(
             kinds,
-            [ActivityKind::Open, ActivityKind::Delivered, ActivityKind::Open]
+            [
+                ActivityKind::Open,
+                ActivityKind::Delivered,
+                ActivityKind::Open
+            ]
         );
-        assert_eq!(acts[0].at, "2024-02-28T13:04:13Z".parse().ok(), "naive read at -06:00");
+        assert_eq!(
+            acts[0].at,
+            "2024-02-28T13:04:13Z".parse().ok(),
+            "naive read at -06:00"
+        );
         assert_eq!(acts[1].at, campaign().sent_at, "delivered at the send time");
-        assert_eq!(acts[2].at, "2024-02-28T08:00:00Z".parse().ok(), "tstamp_iso wins");
+        assert_eq!(
+            acts[2].at,
+            "2024-02-28T08:00:00Z".parse().ok(),
+            "tstamp_iso wins"
+        );
     }
 
     #[test]
@@ -339,7 +370,8 @@ mod tests {
             {"id": "5", "link": "https://example.com/x", "info": {"0": {"subscriberid": "1",
               "email": "a@example.com", "tstamp": "2024-02-28 07:05:00", "times": "3"}}},
         ]));
-        let acts = Report::Links.activities(&page, &campaign(), &AccountZone::default(), &HashSet::new());
+        let acts =
+            Report::Links.activities(&page, &campaign(), &AccountZone::default(), &HashSet::new());
         assert_eq!(acts.len(), 1);
         assert_eq!(acts[0].link_id.as_deref(), Some("5"));
         assert_eq!(acts[0].link_url.as_deref(), Some("https://example.com/x"));
@@ -347,9 +379,16 @@ mod tests {
 
     #[test]
     fn bounces_and_zero_dates() {
-        let page = rows(json!([{"email": "c@example.com", "subscriberid": "3", "tstamp": "0000-00-00",
-            "type": "Hard", "code": "5.1.1", "descript": "mailbox unavailable"}]));
-        let acts = Report::Bounces.activities(&page, &campaign(), &AccountZone::default(), &HashSet::new());
+        let page = rows(
+            json!([{"email": "c@example.com", "subscriberid": "3", "tstamp": "0000-00-00",
+            "type": "Hard", "code": "5.1.1", "descript": "mailbox unavailable"}]),
+        );
+        let acts = Report::Bounces.activities(
+            &page,
+            &campaign(),
+            &AccountZone::default(),
+            &HashSet::new(),
+        );
         assert_eq!(acts[0].at, None);
         assert_eq!(acts[0].bounce_type.as_deref(), Some("hard"));
         assert_eq!(bounced_emails(&page).collect::<Vec<_>>(), ["c@example.com"]);

@@ -14,6 +14,13 @@
 //! | `subscribe`, `update`, `contact_tag_added`, `contact_tag_removed` | identify | — |
 //! | no `type`, but `contact[id]` or `contact[email]`: an automation "Webhook" action ([`AUTOMATION_TYPE`]) | identify | — |
 //! | anything else | [`Mapped::Unmapped`] | — |
+//! | — (API only, [`map_activity`]) | track | `Email Delivered` |
+//!
+//! **One mapping for webhooks and the API.** [`map_activity`] turns an API-reported
+//! [`Activity`] into the pairs the webhook for the same event would carry
+//! ([`Activity::to_pairs`]) and maps them here, so both paths give the same event
+//! name, properties, identity and `messageId`. A webhook cannot claim a delivery: no
+//! `type` maps to `Email Delivered`.
 //!
 //! An automation "Webhook" action posts the contact's fields (`contact[...]`, custom
 //! fields as `contact[fields][<perstag>]`) and the automation id as `seriesid`, with no
@@ -63,8 +70,8 @@ use super::dedupe::DedupeKey;
 use super::form::FormPairs;
 use super::time::{parse_date_time, segment_timestamp};
 use crate::segment::{
-    EMAIL_BOUNCED, EMAIL_DELIVERED, EMAIL_LINK_CLICKED, EMAIL_MARKED_AS_SPAM, EMAIL_OPENED, EMAIL_UNSUBSCRIBED,
-    looks_like_email,
+    EMAIL_BOUNCED, EMAIL_DELIVERED, EMAIL_LINK_CLICKED, EMAIL_MARKED_AS_SPAM, EMAIL_OPENED,
+    EMAIL_UNSUBSCRIBED, looks_like_email,
 };
 
 /// `reply` → this track event (not in Segment's Email spec).
@@ -1021,8 +1028,11 @@ mod tests {
             &campaign%5Bname%5D=March&campaign%5Bmessage%5D%5Bid%5D=17\
             &campaign%5Bmessage%5D%5Bsubject%5D=Spring&contact%5Bid%5D=36\
             &contact%5Bemail%5D=ann%40example.com&initiated_from=public";
-        let hook = map_webhook(&crate::parse_form(form.as_bytes()).unwrap(), &Settings::default())
-            .unwrap();
+        let hook = map_webhook(
+            &crate::parse_form(form.as_bytes()).unwrap(),
+            &Settings::default(),
+        )
+        .unwrap();
         let mut a = Activity::new(ActivityKind::Open);
         a.at = parse_date_time("2024-02-28 13:04:13Z");
         a.contact_id = Some("36".into());
@@ -1055,6 +1065,9 @@ mod tests {
         assert_eq!(w.mapped.event(), Some(EMAIL_MARKED_AS_SPAM));
         // A webhook cannot claim a delivery.
         let p = pairs(&[("type", "delivered"), ("contact[email]", "a@example.com")]);
-        assert_eq!(map_webhook(&p, &Settings::default()).unwrap().mapped, Mapped::Unmapped);
+        assert_eq!(
+            map_webhook(&p, &Settings::default()).unwrap().mapped,
+            Mapped::Unmapped
+        );
     }
 }

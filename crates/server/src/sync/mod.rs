@@ -159,8 +159,11 @@ async fn save_async(control: &Arc<Control>, id: &str, stored: &Stored) -> Result
 /// POST or its poll time.
 #[derive(Default)]
 pub struct Syncer {
-    tasks: Mutex<HashMap<String, (Arc<Notify>, tokio::task::JoinHandle<()>)>>,
+    tasks: Mutex<HashMap<String, Task>>,
 }
+
+/// A source's task and what wakes it.
+type Task = (Arc<Notify>, tokio::task::JoinHandle<()>);
 
 impl Syncer {
     /// Starts (or wakes) the task of a source.

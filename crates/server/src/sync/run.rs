@@ -157,7 +157,10 @@ async fn execute(
     stored: &mut Stored,
 ) -> Result<(), Stop> {
     let client = Client::new(&api.url, &api.key, REQUEST_TIMEOUT)?;
-    let configured = api.utc_offset.as_deref().and_then(AccountZone::parse_offset);
+    let configured = api
+        .utc_offset
+        .as_deref()
+        .and_then(AccountZone::parse_offset);
     if stored.run.as_ref().is_some_and(|r| r.campaigns.is_none()) {
         list_campaigns(&client, configured, stored).await?;
         save_async(&state.control, id, stored).await?;
@@ -304,7 +307,11 @@ async fn describe(client: &Client, campaign: &mut CampaignInfo) -> Result<(), St
     Ok(())
 }
 
-async fn read_bounces(client: &Client, campaign_id: &str, into: &mut HashSet<String>) -> Result<(), Stop> {
+async fn read_bounces(
+    client: &Client,
+    campaign_id: &str,
+    into: &mut HashSet<String>,
+) -> Result<(), Stop> {
     for page in 1..=MAX_PAGES {
         let p = client
             .v1_report(Report::Bounces.action(), campaign_id, page)
@@ -362,7 +369,11 @@ async fn store(
     stored.status.events += appended.stored as u64;
     for (name, new) in names.iter().zip(&appended.new) {
         if *new {
-            *stored.status.events_by_type.entry(name.clone()).or_default() += 1;
+            *stored
+                .status
+                .events_by_type
+                .entry(name.clone())
+                .or_default() += 1;
             metrics::counter!("tributary_activecampaign_sync_events_total", "event" => metric_label(name))
                 .increment(1);
         }

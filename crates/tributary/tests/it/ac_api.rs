@@ -66,13 +66,13 @@ pub struct Recipient {
 /// clicked link 1 when opened and `i % 6 == 0`, link 2 too when `i % 12 == 0`;
 /// unsubscribed when `i % 40 == 1`, as spam when `i % 80 == 1`.
 pub fn recipient(i: usize) -> Recipient {
-    let bounced = i % 25 == 0;
-    let opened = !bounced && i % 2 == 0;
+    let bounced = i.is_multiple_of(25);
+    let opened = !bounced && i.is_multiple_of(2);
     let mut clicks = Vec::new();
-    if opened && i % 6 == 0 {
+    if opened && i.is_multiple_of(6) {
         clicks.push(1);
     }
-    if opened && i % 12 == 0 {
+    if opened && i.is_multiple_of(12) {
         clicks.push(2);
     }
     let unsubscribed = (i % 40 == 1).then_some(if i % 80 == 1 {
@@ -115,11 +115,15 @@ pub fn sent_at(base: DateTime<Utc>, c: usize) -> DateTime<Utc> {
 }
 
 fn naive(t: DateTime<Utc>) -> String {
-    t.with_timezone(&zone()).format("%Y-%m-%d %H:%M:%S").to_string()
+    t.with_timezone(&zone())
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
 }
 
 fn iso(t: DateTime<Utc>) -> String {
-    t.with_timezone(&zone()).format("%Y-%m-%dT%H:%M:%S%:z").to_string()
+    t.with_timezone(&zone())
+        .format("%Y-%m-%dT%H:%M:%S%:z")
+        .to_string()
 }
 
 /// The open webhook ActiveCampaign would post for recipient `i` of campaign `c`.
@@ -219,7 +223,7 @@ impl StandIn {
         let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
         self.arrivals.lock().unwrap().push(Instant::now());
         *self.by_path.lock().unwrap().entry(what).or_default() += 1;
-        if self.faults.rate_limit_every > 0 && n % self.faults.rate_limit_every == 0 {
+        if self.faults.rate_limit_every > 0 && n.is_multiple_of(self.faults.rate_limit_every) {
             self.limited.fetch_add(1, Ordering::SeqCst);
             return Some(
                 (
@@ -286,12 +290,18 @@ async fn campaigns(
     if let Some(r) = s.gate(&headers, "campaigns".into()) {
         return r;
     }
-    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(20).min(100);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(20)
+        .min(100);
     let offset: usize = q.get("offset").and_then(|l| l.parse().ok()).unwrap_or(0);
     // An old draft that was never sent, plus the sent campaigns.
     let mut all: Vec<Value> = (0..CAMPAIGNS).map(|c| s.campaign_json(c)).collect();
-    all.push(json!({"id": "99", "name": "Draft", "type": "single", "status": "0",
-        "cdate": iso(s.base), "mdate": iso(s.base), "sdate": null, "ldate": "0000-00-00 00:00:00"}));
+    all.push(
+        json!({"id": "99", "name": "Draft", "type": "single", "status": "0",
+        "cdate": iso(s.base), "mdate": iso(s.base), "sdate": null, "ldate": "0000-00-00 00:00:00"}),
+    );
     let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
     axum::Json(json!({"campaigns": page, "meta": {"total": all.len().to_string()}})).into_response()
 }
@@ -300,12 +310,20 @@ fn campaign_index(id: &str) -> Option<usize> {
     (0..CAMPAIGNS).find(|c| campaign_id(*c) == id)
 }
 
-async fn links(State(s): State<Arc<StandIn>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn links(
+    State(s): State<Arc<StandIn>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Some(r) = s.gate(&headers, "campaigns/links".into()) {
         return r;
     }
     let Some(c) = campaign_index(&id) else {
-        return (StatusCode::NOT_FOUND, axum::Json(json!({"message": "No Result found"}))).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"message": "No Result found"})),
+        )
+            .into_response();
     };
     let cid = campaign_id(c);
     let mid = message_id(c);
@@ -317,15 +335,25 @@ async fn links(State(s): State<Arc<StandIn>>, headers: HeaderMap, Path(id): Path
     .into_response()
 }
 
-async fn message(State(s): State<Arc<StandIn>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn message(
+    State(s): State<Arc<StandIn>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Some(r) = s.gate(&headers, "messages".into()) {
         return r;
     }
     let Some(c) = (0..CAMPAIGNS).find(|c| message_id(*c) == id) else {
-        return (StatusCode::NOT_FOUND, axum::Json(json!({"message": "No Result found"}))).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"message": "No Result found"})),
+        )
+            .into_response();
     };
-    axum::Json(json!({"message": {"id": id, "subject": format!("Subject {c}"), "fromname": "Shop"}}))
-        .into_response()
+    axum::Json(
+        json!({"message": {"id": id, "subject": format!("Subject {c}"), "fromname": "Shop"}}),
+    )
+    .into_response()
 }
 
 fn v1_rows(rows: Vec<Value>, page: usize) -> Value {
@@ -339,7 +367,10 @@ fn v1_rows(rows: Vec<Value>, page: usize) -> Value {
         out.insert(k.to_string(), r);
     }
     out.insert("result_code".into(), json!(1));
-    out.insert("result_message".into(), json!("Success: Something is returned"));
+    out.insert(
+        "result_message".into(),
+        json!("Success: Something is returned"),
+    );
     out.insert("result_output".into(), json!("json"));
     Value::Object(out)
 }

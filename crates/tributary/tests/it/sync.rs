@@ -94,7 +94,9 @@ async fn create_ac_source(s: &Server, schema: &str, settings: Value) -> (u16, Va
 }
 
 async fn sync_status(s: &Server, id: &str) -> Value {
-    let (st, v) = s.admin(Method::GET, &format!("/sources/{id}/sync"), None).await;
+    let (st, v) = s
+        .admin(Method::GET, &format!("/sources/{id}/sync"), None)
+        .await;
     assert_eq!(st, 200, "{v}");
     v
 }
@@ -113,7 +115,9 @@ async fn sync_settles(s: &Server, id: &str) -> Value {
 }
 
 async fn query(s: &Server, sql: &str) -> Value {
-    let (st, v) = s.admin(Method::POST, "/query", Some(json!({"sql": sql}))).await;
+    let (st, v) = s
+        .admin(Method::POST, "/query", Some(json!({"sql": sql})))
+        .await;
     assert_eq!(st, 200, "{sql}: {v}");
     v
 }
@@ -125,7 +129,9 @@ async fn table_rows(s: &Server, schema: &str, table: &str) -> Option<Rows> {
     } else {
         format!("select anonymous_id, campaign_id from {schema}.{table}")
     };
-    let (st, v) = s.admin(Method::POST, "/query", Some(json!({"sql": sql}))).await;
+    let (st, v) = s
+        .admin(Method::POST, "/query", Some(json!({"sql": sql})))
+        .await;
     if st != 200 {
         return None;
     }
@@ -207,7 +213,10 @@ async fn backfill_fills_every_email_table_with_exactly_the_expected_recipients()
     let (st, src) = create_ac_source(&s, "activecampaign", api_settings(&stand_in)).await;
     assert_eq!(st, 201, "{src}");
     let id = src["id"].as_str().unwrap().to_string();
-    assert_eq!(src["settings"]["api"]["key"], "…4242", "the key is never shown back");
+    assert_eq!(
+        src["settings"]["api"]["key"], "…4242",
+        "the key is never shown back"
+    );
     assert!(!src.to_string().contains(KEY));
     assert_eq!(src["sync"]["state"], "idle");
 
@@ -221,10 +230,16 @@ async fn backfill_fills_every_email_table_with_exactly_the_expected_recipients()
     let done = sync_settles(&s, &id).await;
     let expected = Expected::of(250);
     assert_eq!(done["state"], "idle", "{done}");
-    assert_eq!(done["campaigns_total"], 3, "the draft is not a sent campaign: {done}");
+    assert_eq!(
+        done["campaigns_total"], 3,
+        "the draft is not a sent campaign: {done}"
+    );
     assert_eq!(done["campaigns_done"], 3);
     assert_eq!(done["events"], json!(expected.total()), "{done}");
-    assert_eq!(done["events_by_type"]["Email Delivered"], json!(expected.delivered.len()));
+    assert_eq!(
+        done["events_by_type"]["Email Delivered"],
+        json!(expected.delivered.len())
+    );
     assert!(done["error"].is_null());
     assert!(done["next_poll_at"].is_string() && done["finished_at"].is_string());
 
@@ -236,7 +251,11 @@ async fn backfill_fills_every_email_table_with_exactly_the_expected_recipients()
         "select email_subject, email_id, campaign_name, context_traits_email from activecampaign.email_delivered where anonymous_id = 'r3@example.com' and campaign_id = '10'",
     )
     .await;
-    assert_eq!(v["rows"][0], json!(["Subject 0", "100", "Campaign 0", "r3@example.com"]), "{v}");
+    assert_eq!(
+        v["rows"][0],
+        json!(["Subject 0", "100", "Campaign 0", "r3@example.com"]),
+        "{v}"
+    );
     let events = s.events(&id, 5000).await;
     let open = |email: &str| {
         events
@@ -254,14 +273,21 @@ async fn backfill_fills_every_email_table_with_exactly_the_expected_recipients()
         // `tstamp_iso`: both land on the same instant.
         let want = ac_api::open_at(stand_in.base, 0, i)
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        assert_eq!(open(&format!("r{i}@example.com"))["timestamp"], want, "r{i}");
+        assert_eq!(
+            open(&format!("r{i}@example.com"))["timestamp"],
+            want,
+            "r{i}"
+        );
     }
     let spam = events
         .iter()
         .find(|e| e["event"] == "Email Marked as Spam")
         .unwrap();
     assert_eq!(spam["properties"]["reason"], "The emails are spam");
-    let bounce = events.iter().find(|e| e["event"] == "Email Bounced").unwrap();
+    let bounce = events
+        .iter()
+        .find(|e| e["event"] == "Email Bounced")
+        .unwrap();
     assert!(
         ["hard", "soft"].contains(&bounce["properties"]["bounce_type"].as_str().unwrap()),
         "{bounce}"
@@ -314,7 +340,9 @@ async fn backfill_fills_every_email_table_with_exactly_the_expected_recipients()
         "{metrics}"
     );
     assert!(metrics.contains("tributary_activecampaign_api_rate_limited_total"));
-    assert!(metrics.contains("tributary_activecampaign_sync_events_total{event=\"email_delivered\"}"));
+    assert!(
+        metrics.contains("tributary_activecampaign_sync_events_total{event=\"email_delivered\"}")
+    );
     assert!(!metrics.contains(KEY));
     assert!(!s.log().contains(KEY), "the key is never logged");
 }
@@ -348,16 +376,26 @@ async fn sigkill_mid_backfill_resumes_with_no_duplicate_and_no_gap() {
     let done = sync_settles(&s, &id).await;
     assert_eq!(done["state"], "idle", "{done}");
     assert_eq!(done["campaigns_done"], 3);
-    assert!(stand_in.requests() > before, "the restarted server resumed the run");
+    assert!(
+        stand_in.requests() > before,
+        "the restarted server resumed the run"
+    );
     assert_tables(&s, "activecampaign", &expected).await;
     let stored = s.events(&id, 5000).await;
-    assert_eq!(stored.len(), expected.total(), "the log holds each event once");
+    assert_eq!(
+        stored.len(),
+        expected.total(),
+        "the log holds each event once"
+    );
 }
 
 async fn post_open_webhooks(s: &Server, key: &str, stand_in: &StandIn, recipients: usize) {
     for i in (0..recipients).filter(|i| recipient(*i).opened) {
         let r = client()
-            .post(format!("{}/v1/webhooks/activecampaign?writeKey={key}", s.url))
+            .post(format!(
+                "{}/v1/webhooks/activecampaign?writeKey={key}",
+                s.url
+            ))
             .form(&ac_api::open_webhook(stand_in.base, 0, i))
             .send()
             .await
@@ -372,7 +410,11 @@ async fn opens_by_webhook_and_by_api_are_one_row_in_either_order() {
     let stand_in = StandIn::start(recipients, Faults::default()).await;
     let s = Server::start();
     let expected = Expected::of(recipients);
-    let opened_c0 = expected.opened.iter().filter(|(_, c)| *c == campaign_id(0)).count();
+    let opened_c0 = expected
+        .opened
+        .iter()
+        .filter(|(_, c)| *c == campaign_id(0))
+        .count();
 
     // Webhooks first, then the API.
     let (_, a) = create_ac_source(&s, "hooks_first", api_settings(&stand_in)).await;
@@ -396,7 +438,11 @@ async fn opens_by_webhook_and_by_api_are_one_row_in_either_order() {
     post_open_webhooks(&s, &b_key, &stand_in, recipients).await;
     assert_tables(&s, "api_first", &expected).await;
     let stored = s.events(&b_id, 5000).await;
-    assert_eq!(stored.len(), expected.total(), "the webhooks were duplicates");
+    assert_eq!(
+        stored.len(),
+        expected.total(),
+        "the webhooks were duplicates"
+    );
 }
 
 #[tokio::test]
@@ -411,31 +457,74 @@ async fn refused_key_unreachable_url_and_bad_since_are_clear_errors() {
         json!({"api": {"url": stand_in.url, "key": "not-the-key"}}),
     )
     .await;
-    assert_eq!((st, v["code"].as_str()), (400, Some("invalid_api_key")), "{v}");
-    assert!(v["message"].as_str().unwrap().contains("Settings → Developer"), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_api_key")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("Settings → Developer"),
+        "{v}"
+    );
     let (st, v) = create_ac_source(
         &s,
         "nowhere",
         json!({"api": {"url": format!("http://127.0.0.1:{}", crate::harness::free_port()), "key": KEY}}),
     )
     .await;
-    assert_eq!((st, v["code"].as_str()), (400, Some("api_unreachable")), "{v}");
-    assert!(v["message"].as_str().unwrap().contains("cannot reach ActiveCampaign"), "{v}");
-    let (st, v) = create_ac_source(&s, "badurl", json!({"api": {"url": "acct.api-us1.com", "key": KEY}})).await;
-    assert_eq!((st, v["code"].as_str()), (400, Some("invalid_settings")), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("api_unreachable")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach ActiveCampaign"),
+        "{v}"
+    );
+    let (st, v) = create_ac_source(
+        &s,
+        "badurl",
+        json!({"api": {"url": "acct.api-us1.com", "key": KEY}}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_settings")),
+        "{v}"
+    );
 
     let (st, src) = create_ac_source(&s, "activecampaign", api_settings(&stand_in)).await;
     assert_eq!(st, 201, "{src}");
     let id = src["id"].as_str().unwrap().to_string();
     for bad in ["yesterday", "2024-13-01T00:00:00Z", "2999-01-01T00:00:00Z"] {
         let (st, v) = start_sync(&s, &id, json!({ "since": bad })).await;
-        assert_eq!((st, v["code"].as_str()), (400, Some("invalid_since")), "{bad}: {v}");
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (400, Some("invalid_since")),
+            "{bad}: {v}"
+        );
     }
     let (st, v) = start_sync(&s, &id, json!({"since": 5})).await;
     assert_eq!(st, 400, "{v}");
-    let (_, plain) = s.admin(Method::POST, "/sources", Some(json!({"type": "activecampaign", "name": "n", "schema": "noapi"}))).await;
+    let (_, plain) = s
+        .admin(
+            Method::POST,
+            "/sources",
+            Some(json!({"type": "activecampaign", "name": "n", "schema": "noapi"})),
+        )
+        .await;
     let (st, v) = start_sync(&s, plain["id"].as_str().unwrap(), json!({})).await;
-    assert_eq!((st, v["code"].as_str()), (400, Some("no_api_settings")), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("no_api_settings")),
+        "{v}"
+    );
 
     // A masked key sent back keeps the stored key; PATCHing other fields works.
     let (st, v) = s
@@ -456,10 +545,16 @@ async fn refused_key_unreachable_url_and_bad_since_are_clear_errors() {
     let failed = sync_settles(&s, &id).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     assert!(
-        failed["error"].as_str().unwrap().contains("refused the API key (HTTP 401)"),
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused the API key (HTTP 401)"),
         "{failed}"
     );
     assert_eq!(failed["events"], 0);
     assert!(s.events(&id, 10).await.is_empty(), "nothing stored");
-    assert!(failed["next_poll_at"].is_string(), "it tries again at the next poll");
+    assert!(
+        failed["next_poll_at"].is_string(),
+        "it tries again at the next poll"
+    );
 }
