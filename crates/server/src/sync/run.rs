@@ -335,6 +335,12 @@ async fn store(
         return Ok(());
     }
     let source = state.control.source(id).ok_or(Stop::Gone)?;
+    if !source.enabled {
+        // As a webhook gets 403: a disabled source takes no events, from any path.
+        return Err(Stop::Failed(
+            "the source is disabled: enable it, then sync again".into(),
+        ));
+    }
     let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
     let now = state.clock.now();
     let mut normalized = Vec::with_capacity(activities.len());
