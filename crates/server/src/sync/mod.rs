@@ -160,6 +160,10 @@ async fn save_async(control: &Arc<Control>, id: &str, stored: &Stored) -> Result
 #[derive(Default)]
 pub struct Syncer {
     tasks: Mutex<HashMap<String, Task>>,
+    /// Per source: held while a run is decided and marked `running` (by a POST or by
+    /// the poller), so two never start at once. Once `running` is stored, a POST is
+    /// refused, so the run's own checkpoints have no other writer.
+    starts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A source's task and what wakes it.
@@ -184,6 +188,14 @@ impl Syncer {
             notify.clone(),
         ));
         tasks.insert(source_id.to_owned(), (notify, handle));
+    }
+
+    /// The start lock of a source (see `starts`).
+    fn start_lock(&self, source_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.starts
+            .lock()
+            .map(|mut m| m.entry(source_id.to_owned()).or_default().clone())
+            .unwrap_or_default()
     }
 
     /// Waits for every task to stop (they stop when the shutdown token triggers).
@@ -341,6 +353,8 @@ async fn start_sync(
         None => now - chrono::Duration::days(DEFAULT_BACKFILL_DAYS),
     };
     let (source, _) = api_source(&state, &id)?;
+    let lock = state.sync.start_lock(&source.id);
+    let _starting = lock.lock().await;
     let mut stored = load_async(&state.control, &source.id).await?;
     if stored.status.state == SyncState::Running {
         return Err(ApiError::Conflict(

@@ -56,9 +56,12 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
                 _ = shutdown.wait() => return,
             }
         };
+        let lock = state.sync.start_lock(&id);
+        let starting = lock.lock().await;
         let mut stored = match load_async(&state.control, &id).await {
             Ok(s) => s,
             Err(e) => {
+                drop(starting);
                 tracing::warn!(source = %id, error = %e, "cannot read the sync state; retrying in 10s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(10)) => continue,
@@ -73,6 +76,7 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
             None => due,
         };
         if !runnable {
+            drop(starting);
             let sleep = stored
                 .status
                 .next_poll_at
@@ -115,6 +119,7 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
         if let Err(e) = save_async(&state.control, &id, &stored).await {
             tracing::warn!(source = %id, error = %e, "cannot write the sync state");
         }
+        drop(starting);
         let outcome = tokio::select! {
             r = execute(&state, &id, &api, &mut stored) => r,
             _ = shutdown.wait() => return,
@@ -278,7 +283,16 @@ async fn list_campaigns(
 
 /// The campaign's message id (from its links) and subject (from the message).
 async fn describe(client: &Client, campaign: &mut CampaignInfo) -> Result<(), Stop> {
-    let links = client.campaign_links(&campaign.id).await?;
+    let links = match client.campaign_links(&campaign.id).await {
+        Ok(l) => l,
+        // A campaign whose links cannot be read (gone, or a shape we do not know)
+        // still has its reports: its events go without a subject.
+        Err(e @ (AcError::Status { .. } | AcError::BadResponse { .. })) if !e.is_retriable() => {
+            tracing::debug!(error = %e, "campaign links unreadable; no subject");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     let message_id = links.iter().find_map(|l| match l.get("messageid") {
         Some(serde_json::Value::String(s)) if !s.trim().is_empty() && s.trim() != "0" => {
             Some(s.trim().to_owned())
