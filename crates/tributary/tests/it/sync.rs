@@ -571,3 +571,48 @@ async fn refused_key_unreachable_url_and_bad_since_are_clear_errors() {
         "it tries again at the next poll"
     );
 }
+
+/// Seconds of CPU a process used so far (`/proc/PID/stat` utime + stime, in the
+/// kernel's fixed USER_HZ of 100 ticks per second).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the command: state is index 0, utime 11, stime 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Measurement, not a timed test (`cargo test -p tributary --test it -- --ignored
+/// backfill_of_10000`): 3 campaigns × 3,334 recipients against the stand-in; prints the
+/// requests made, the wall time, the floor that 5 requests/s implies, and the server's
+/// CPU per 10,000 stored events.
+#[tokio::test]
+#[ignore]
+async fn backfill_of_10000_recipients_measured() {
+    let per_campaign = 3334;
+    let stand_in = StandIn::start(per_campaign, Faults::default()).await;
+    let s = Server::start();
+    let (_, src) = create_ac_source(&s, "activecampaign", api_settings(&stand_in)).await;
+    let id = src["id"].as_str().unwrap().to_string();
+    let pid = s.pid().unwrap();
+    let (cpu0, req0, t0) = (cpu_seconds(pid), stand_in.requests(), Instant::now());
+    start_sync(&s, &id, json!({})).await;
+    let done = sync_settles(&s, &id).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let requests = stand_in.requests() - req0;
+    let events = done["events"].as_u64().unwrap_or(0) as f64;
+    let cpu = cpu_seconds(pid) - cpu0;
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "MEASURED 10k backfill: {} recipients, {requests} requests, {wall:.1}s wall (floor {:.1}s at 5 req/s), {events} events, {:.2}s CPU ({:.2}s per 10,000 events), peak {} req/s",
+        per_campaign * CAMPAIGNS,
+        requests as f64 / 5.0,
+        cpu,
+        cpu * 10_000.0 / events.max(1.0),
+        stand_in.max_per_second()
+    );
+    assert_eq!(done["state"], "idle", "{done}");
+    assert_eq!(events as usize, Expected::of(per_campaign).total());
+}
