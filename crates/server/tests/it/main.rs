@@ -192,3 +192,4 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
 }
 
 mod refusals;
+mod backends;
