@@ -172,7 +172,11 @@ async fn the_live_stream_shows_accepted_and_rejected_messages_and_resumes_with_l
     let r = events.next().await;
     assert!(r.id > a.id);
     assert_eq!(r.event, "rejected");
-    assert_eq!(r.data["reason"]["code"], "event_not_defined", "{:?}", r.data);
+    assert_eq!(
+        r.data["reason"]["code"], "event_not_defined",
+        "{:?}",
+        r.data
+    );
     assert_eq!(r.data["call_type"], "track");
     assert!(r.data["body"].get("writeKey").is_none(), "no secret shown");
     assert!(r.data["reason"]["message"].is_string());
@@ -213,7 +217,10 @@ async fn unmapped_activecampaign_types_are_in_the_live_stream() {
         "type=deal_add&date_time=2024-02-28T07%3A04%3A13-06%3A00&deal%5Bid%5D=5",
     ))
     .unwrap();
-    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
     let e = events.next().await;
     assert_eq!(e.event, "unmapped");
     assert_eq!(e.data["event"], "deal_add");
@@ -235,7 +242,12 @@ async fn the_live_stream_and_fate_need_the_admin_token_and_a_known_source() {
     let (st, e) = get(&app, "/api/v1/sources/src_nope/events/stream", Some("t")).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(e["code"], "not_found");
-    let (st, e) = get(&app, &format!("/api/v1/sources/{}/events/m-404", src.id), Some("t")).await;
+    let (st, e) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-404", src.id),
+        Some("t"),
+    )
+    .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
     assert!(e["message"].as_str().unwrap().contains("m-404"), "{e}");
     let (st, _) = get(&app, "/api/v1/sources/src_nope/events/m-1", Some("t")).await;
@@ -255,13 +267,20 @@ async fn the_email_report_refuses_bad_input_clearly() {
     assert_eq!(get(&app, &base, None).await.0, StatusCode::UNAUTHORIZED);
     let (st, r) = get(&app, &base, Some("t")).await;
     assert_eq!(st, StatusCode::OK, "{r}");
-    assert_eq!(r["campaigns"], json!([]), "nothing loaded yet: an empty report");
+    assert_eq!(
+        r["campaigns"],
+        json!([]),
+        "nothing loaded yet: an empty report"
+    );
     assert!(r["definitions"]["click_to_open_rate"].is_string());
     for (path, code) in [
         ("/api/v1/reports/email".to_string(), "invalid_query"),
         (format!("{base}&from=yesterday"), "invalid_query"),
         (format!("{base}&to=2026-13-01"), "invalid_query"),
-        (format!("{base}&from=2026-03-02&to=2026-03-01"), "invalid_query"),
+        (
+            format!("{base}&from=2026-03-02&to=2026-03-01"),
+            "invalid_query",
+        ),
     ] {
         let (st, e) = get(&app, &path, Some("t")).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{path}: {e}");
@@ -270,5 +289,114 @@ async fn the_email_report_refuses_bad_input_clearly() {
     }
     let (st, e) = get(&app, "/api/v1/reports/email?source=src_nope", Some("t")).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    close(&state).await;
+}
+
+/// The live bus's cost on ingest: the same batches through the router with no
+/// watcher and with 10 SSE watchers reading (a no-op log and no warehouse, so the
+/// bus's share is as large as it can be). Prints the times; run with
+/// `cargo test -p tributary-server --test it -- --ignored live_cost --nocapture`
+/// (a release build gives the real figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, prints numbers"]
+async fn live_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.data_dir = dir.path().to_path_buf();
+    config.admin_token = Some("t".into());
+    config.warehouse.url = "off".into();
+    let parts = tributary_server::Parts {
+        log: Some(Arc::new(crate::refusals::AckLog::default())),
+        ..Default::default()
+    };
+    let state = tributary_server::open_state_with(config, parts)
+        .await
+        .unwrap();
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let app = router(state.clone());
+    let batch: Vec<Value> = (0..20)
+        .map(|i| {
+            json!({"type": "track", "userId": format!("u{i}"), "event": "Email Opened",
+                   "properties": {"campaign_id": "42", "campaign_name": "March newsletter",
+                                  "email_subject": "Spring is here", "link_url": "https://shop.example.com/spring"},
+                   "context": {"traits": {"email": format!("u{i}@example.com")}}})
+        })
+        .collect();
+    let body = json!({"writeKey": src.write_key, "batch": batch}).to_string();
+    let run = |n: usize| {
+        let app = app.clone();
+        let body = body.clone();
+        async move {
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                let req = Request::post("/v1/batch")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.clone()))
+                    .unwrap();
+                assert_eq!(
+                    app.clone().oneshot(req).await.unwrap().status(),
+                    StatusCode::OK
+                );
+            }
+            t.elapsed()
+        }
+    };
+    run(200).await;
+    let (mut idle, mut ring, mut raw, mut watched) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        // Let the ring's linger window close so "idle" really has no watcher.
+        tokio::time::sleep(tributary_server::live::LINGER + Duration::from_millis(100)).await;
+        assert!(!state.live.watched());
+        idle.push(run(1000).await);
+        // Entries built and kept in the ring, nobody receiving.
+        state.live.linger();
+        ring.push(run(1000).await);
+        // Ten receivers on the bus itself (no HTTP).
+        let mut readers = Vec::new();
+        for _ in 0..10 {
+            let (_, mut rx) = state.live.subscribe_after(None);
+            readers.push(tokio::spawn(async move {
+                while let Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) =
+                    tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+                {
+                }
+            }));
+        }
+        raw.push(run(1000).await);
+        for r in readers {
+            r.abort();
+        }
+        // Ten SSE watchers.
+        let mut readers = Vec::new();
+        for _ in 0..10 {
+            let mut ev = Events::open(&app, &src.id, None).await;
+            readers.push(tokio::spawn(async move {
+                while let Ok(Some(Ok(_))) =
+                    tokio::time::timeout(Duration::from_millis(500), ev.body.frame()).await
+                {
+                }
+            }));
+        }
+        watched.push(run(1000).await);
+        for r in readers {
+            r.abort();
+        }
+    }
+    let best = |v: &[Duration]| v.iter().min().copied().unwrap();
+    let pct = |v: &[Duration]| (best(v).as_secs_f64() / best(&idle).as_secs_f64() - 1.0) * 100.0;
+    eprintln!(
+        "live_cost: 1000 batches of 20 messages, best of 3: idle {:?}; ring only {:?} ({:+.1} %); 10 bus receivers {:?} ({:+.1} %); 10 SSE watchers {:?} ({:+.1} %)",
+        best(&idle),
+        best(&ring),
+        pct(&ring),
+        best(&raw),
+        pct(&raw),
+        best(&watched),
+        pct(&watched),
+    );
     close(&state).await;
 }

@@ -46,7 +46,10 @@ fn webhook_body(name: &str, who: &str, contact_id: u32, date_time: Option<&str>)
 
 async fn webhook(s: &Server, key: &str, body: Vec<u8>) {
     let r = client()
-        .post(format!("{}/v1/webhooks/activecampaign?writeKey={key}", s.url))
+        .post(format!(
+            "{}/v1/webhooks/activecampaign?writeKey={key}",
+            s.url
+        ))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(body)
         .send()
@@ -144,7 +147,11 @@ fn close(v: &Value, want: f64) -> bool {
 
 async fn assert_email_report(s: &Server, source: &str) {
     let (st, r) = s
-        .admin(Method::GET, &format!("/reports/email?source={source}"), None)
+        .admin(
+            Method::GET,
+            &format!("/reports/email?source={source}"),
+            None,
+        )
         .await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["campaigns"].as_array().unwrap().len(), 2, "{r:#}");
@@ -189,7 +196,13 @@ async fn assert_email_report(s: &Server, source: &str) {
     assert!(close(&other["open_rate"], 0.0));
     assert!(other["click_to_open_rate"].is_null(), "{other:#}");
     assert!(close(&other["bounce_rate"], 0.0));
-    for k in ["open_rate", "click_to_open_rate", "bounce_rate", "rates", "opened"] {
+    for k in [
+        "open_rate",
+        "click_to_open_rate",
+        "bounce_rate",
+        "rates",
+        "opened",
+    ] {
         assert!(r["definitions"][k].is_string(), "definition {k}: {r:#}");
     }
 
@@ -247,17 +260,28 @@ async fn email_report_counts_a_known_mix_on_sqlite() {
     for col in ["DELIVERED", "OPENED", "CTOR", "BOUNCE"] {
         assert!(header.contains(col), "{out}");
     }
-    let row42 = out.lines().find(|l| l.starts_with("42 ")).unwrap_or_else(|| panic!("{out}"));
+    let row42 = out
+        .lines()
+        .find(|l| l.starts_with("42 "))
+        .unwrap_or_else(|| panic!("{out}"));
     let cells: Vec<&str> = row42.split_whitespace().collect();
     // 42, March, newsletter, 4 1 3 2 1 1, rates.
     assert_eq!(
         &cells[3..],
-        ["4", "1", "3", "2", "1", "1", "75.0%", "50.0%", "66.7%", "20.0%", "25.0%", "25.0%"],
+        [
+            "4", "1", "3", "2", "1", "1", "75.0%", "50.0%", "66.7%", "20.0%", "25.0%", "25.0%"
+        ],
         "{out}"
     );
     let row7 = out.lines().find(|l| l.starts_with("7 ")).unwrap();
-    assert!(row7.contains('\u{2014}'), "null rate shown as a dash: {out}");
-    assert!(out.contains("links of campaign 42 (March newsletter)"), "{out}");
+    assert!(
+        row7.contains('\u{2014}'),
+        "null rate shown as a dash: {out}"
+    );
+    assert!(
+        out.contains("links of campaign 42 (March newsletter)"),
+        "{out}"
+    );
     assert!(out.contains("definitions:"), "{out}");
     assert!(out.contains("bounced / (delivered + bounced)"), "{out}");
     let json_out: Value =
@@ -265,7 +289,15 @@ async fn email_report_counts_a_known_mix_on_sqlite() {
     assert_eq!(campaign(&json_out, "42")["delivered"], 4);
     let windowed = cli(
         &s,
-        &["report", "email", &source, "--from", "2024-02-29", "--to", "2024-03-01T00:00:00Z"],
+        &[
+            "report",
+            "email",
+            &source,
+            "--from",
+            "2024-02-29",
+            "--to",
+            "2024-03-01T00:00:00Z",
+        ],
     )
     .await;
     assert!(windowed.lines().any(|l| l.starts_with("42 ")), "{windowed}");
@@ -315,7 +347,12 @@ async fn receiver(status: StatusCode, body: &'static str) -> String {
     url
 }
 
-async fn fate_until(s: &Server, source: &str, message_id: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn fate_until(
+    s: &Server,
+    source: &str,
+    message_id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (st, f) = s
@@ -352,7 +389,11 @@ async fn fate_shows_loaded_delivered_dead_lettered_and_discarded() {
     let (key, source) = key_id(&s.create_source("http", "Shop", "shop").await);
     let (_, other) = key_id(&s.create_source("http", "Blog", "blog").await);
     let good = receiver(StatusCode::OK, "ok").await;
-    let bad = receiver(StatusCode::BAD_REQUEST, "{\"error\":\"amount must be a number\"}").await;
+    let bad = receiver(
+        StatusCode::BAD_REQUEST,
+        "{\"error\":\"amount must be a number\"}",
+    )
+    .await;
     for (name, url, sources) in [
         ("good hook", &good, json!([])),
         ("strict hook", &bad, json!([])),
@@ -362,8 +403,10 @@ async fn fate_shows_loaded_delivered_dead_lettered_and_discarded() {
             .admin(
                 Method::POST,
                 "/destinations",
-                Some(json!({"type": "webhook", "name": name, "source_ids": sources,
-                            "settings": {"url": url}})),
+                Some(
+                    json!({"type": "webhook", "name": name, "source_ids": sources,
+                            "settings": {"url": url}}),
+                ),
             )
             .await;
         assert_eq!(st, 201, "{d}");
@@ -384,16 +427,20 @@ async fn fate_shows_loaded_delivered_dead_lettered_and_discarded() {
 
     let settled = |f: &Value| {
         f["warehouse"]["state"] == "loaded"
-            && f["destinations"]
-                .as_array()
-                .is_some_and(|ds| ds.iter().all(|d| d["state"] != "pending" && d["state"] != "retrying"))
+            && f["destinations"].as_array().is_some_and(|ds| {
+                ds.iter()
+                    .all(|d| d["state"] != "pending" && d["state"] != "retrying")
+            })
     };
     let f = fate_until(&s, &source, "order-1", settled).await;
     assert_eq!(f["stored"]["type"], "track");
     assert_eq!(f["stored"]["event"], "Order Completed");
     assert!(f["stored"]["seq"].as_u64().unwrap() >= 1);
     assert_eq!(f["warehouse"]["schema"], "shop");
-    assert_eq!(f["warehouse"]["tables"], json!(["order_completed", "tracks"]));
+    assert_eq!(
+        f["warehouse"]["tables"],
+        json!(["order_completed", "tracks"])
+    );
     assert_eq!(f["warehouse"]["discards"], json!([]));
     assert_eq!(f["event"]["messageId"], "order-1");
     assert_eq!(dest(&f, "good hook")["state"], "delivered", "{f:#}");
@@ -401,10 +448,16 @@ async fn fate_shows_loaded_delivered_dead_lettered_and_discarded() {
     assert_eq!(strict["state"], "dead_lettered", "{f:#}");
     assert_eq!(strict["last_status"], 400);
     assert!(
-        strict["last_response"].as_str().unwrap().contains("amount must be a number"),
+        strict["last_response"]
+            .as_str()
+            .unwrap()
+            .contains("amount must be a number"),
         "{strict}"
     );
-    assert!(strict["detail"].as_str().unwrap().contains("HTTP 400"), "{strict}");
+    assert!(
+        strict["detail"].as_str().unwrap().contains("HTTP 400"),
+        "{strict}"
+    );
     assert_eq!(dest(&f, "blog hook")["state"], "not_subscribed");
 
     // The second order's amount is text in a bigint column: loaded, the value
@@ -418,7 +471,10 @@ async fn fate_shows_loaded_delivered_dead_lettered_and_discarded() {
     assert_eq!(discards[0]["value"], "lots");
     assert!(!discards[0]["reason"].as_str().unwrap().is_empty());
     assert!(
-        f["warehouse"]["detail"].as_str().unwrap().contains("tributary_discards"),
+        f["warehouse"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("tributary_discards"),
         "{f:#}"
     );
 
