@@ -17,9 +17,11 @@ use tributary_server::{AppState, Config, open_state, router};
 /// The full state on a temporary data dir with the embedded warehouse.
 async fn state() -> (Arc<AppState>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.admin_token = Some("t".into());
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        admin_token: Some("t".into()),
+        ..Default::default()
+    };
     (open_state(config).await.unwrap(), dir)
 }
 
@@ -301,9 +303,11 @@ async fn the_email_report_refuses_bad_input_clearly() {
 #[ignore = "measurement, prints numbers"]
 async fn live_cost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.admin_token = Some("t".into());
+    let mut config = Config {
+        data_dir: dir.path().to_path_buf(),
+        admin_token: Some("t".into()),
+        ..Default::default()
+    };
     config.warehouse.url = "off".into();
     let parts = tributary_server::Parts {
         log: Some(Arc::new(crate::refusals::AckLog::default())),
