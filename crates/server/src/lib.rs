@@ -22,9 +22,12 @@ pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod fate;
 pub mod files;
 pub mod ingest;
+pub mod live;
 pub mod ops;
+pub mod report;
 pub mod settings;
 pub mod shutdown;
 pub mod sync;
@@ -78,6 +81,9 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// The ActiveCampaign API sync's per-source tasks.
     pub sync: sync::Syncer,
+    /// The live event bus of the debugger (accepted, rejected and unmapped
+    /// messages as they happen; nothing durable).
+    pub live: Arc<live::Live>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -129,6 +135,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(destinations_api::routes())
         .merge(warehouse_api::routes())
         .merge(sync::routes())
+        .merge(report::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -244,6 +251,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
         sync: sync::Syncer::default(),
+        live: Arc::new(live::Live::new()),
     }))
 }
 
