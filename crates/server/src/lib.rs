@@ -17,6 +17,7 @@ pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -75,6 +76,17 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// Which partitions of which consumer this node may consume: [`Sole`] (every
+    /// partition) when embedded, PostgreSQL leases in cluster mode.
+    ///
+    /// [`Sole`]: tributary_eventlog::Sole
+    pub ownership: Arc<dyn tributary_eventlog::Ownership>,
+    /// Where destinations commit their positions in cluster mode (the control
+    /// database, epoch-fenced); `None` when embedded (the log keeps them).
+    pub registry: Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+    /// The cluster's leases, when this node is part of one (shut down last, so other
+    /// nodes take over at once).
+    pub leases: Option<Arc<cluster::PgOwnership>>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -165,10 +177,24 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
     let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
     files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let control = Arc::new(
-        Control::open(&config.data_dir)
-            .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
-    );
+    let (control, cluster) = if config.is_cluster() {
+        let (control, cluster) = cluster::open(&config).await?;
+        (control, Some(cluster))
+    } else {
+        let control = Arc::new(
+            Control::open(&config.data_dir)
+                .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
+        );
+        (control, None)
+    };
+    let (ownership, registry, leases): (
+        Arc<dyn tributary_eventlog::Ownership>,
+        Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+        _,
+    ) = match cluster {
+        Some(c) => (c.leases.clone(), Some(c.registry), Some(c.leases)),
+        None => (Arc::new(tributary_eventlog::Sole), None, None),
+    };
     let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
         log
     } else if config.bench_null_log {
@@ -239,6 +265,9 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        ownership,
+        registry,
+        leases,
     }))
 }
 
@@ -281,6 +310,11 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
         };
         tokio::join!(destinations, warehouse);
         let _ = flusher.await;
+        // Consumers have stopped and committed: hand their partitions over now
+        // rather than after the lease TTL.
+        if let Some(leases) = &state.leases {
+            leases.shutdown().await;
+        }
     })
 }
 
