@@ -473,14 +473,14 @@ fn stable_hash(s: &str) -> u64 {
 
 async fn renew_loop(inner: Arc<Inner>) {
     let renew = inner.settings.renew_interval;
-    // Leases are dropped locally this long after the last renewal was sent.
+    // Leases are dropped locally this long after the last successful renewal was
+    // sent: before the database lets them expire, whatever a round is doing.
     let keep = inner.settings.ttl.saturating_sub(renew).max(renew / 2);
-    let mut last_ok: Option<Instant> = None;
     loop {
         let started = Instant::now();
-        match inner.round().await {
+        let round = inner.round();
+        match drop_on_deadline(&inner, round).await {
             Ok(()) => {
-                last_ok = Some(started);
                 *inner.valid_until.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(started + keep);
                 metrics::gauge!("tributary_control_postgres_up", "role" => "leases").set(1.0);
@@ -491,15 +491,42 @@ async fn renew_loop(inner: Arc<Inner>) {
                 metrics::gauge!("tributary_control_postgres_up", "role" => "leases").set(0.0);
             }
         }
-        if last_ok.is_none_or(|t| t.elapsed() >= keep) {
-            inner.drop_all_locally();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(renew) => {}
-            _ = inner.wake.notified() => {
-                // A new consumer: look for its partitions soon, without spinning.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let wait = async {
+            tokio::select! {
+                _ = tokio::time::sleep(renew) => {}
+                _ = inner.wake.notified() => {
+                    // A new consumer: look for its partitions soon, without spinning.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
+            Ok(())
+        };
+        let _ = drop_on_deadline(&inner, wait).await;
+    }
+}
+
+/// Runs `work`, dropping every lease locally the moment this node's validity
+/// deadline passes meanwhile (a renewal that hangs must not outlive the lease).
+async fn drop_on_deadline<F>(inner: &Inner, work: F) -> Result<(), RoundError>
+where
+    F: std::future::Future<Output = Result<(), RoundError>>,
+{
+    tokio::pin!(work);
+    let mut dropped = false;
+    loop {
+        let deadline = *inner.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let expired = deadline.is_none_or(|d| Instant::now() >= d);
+        if expired && !dropped {
+            inner.drop_all_locally();
+            dropped = true;
+        }
+        let wake_at = match deadline {
+            Some(d) if !dropped => tokio::time::Instant::from_std(d),
+            _ => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tokio::time::sleep_until(wake_at) => {}
         }
     }
 }
