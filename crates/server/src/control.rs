@@ -263,8 +263,8 @@ pub trait ChangeSink: Send + Sync {
     /// Taken before a reload reads the store.
     fn reload_token(&self) -> ReloadToken;
     /// Replaces the in-memory copy with `snapshot`, unless a local change happened
-    /// since `token` was taken (then that change's notification brings a newer
-    /// reload).
+    /// since `token` was taken or is happening now (then that change's notification
+    /// brings a newer reload). Must not block: it runs on the store's own thread.
     fn apply(&self, token: ReloadToken, snapshot: Snapshot);
     /// Identities another node learnt.
     fn learn_identities(&self, pairs: Vec<(String, String)>);
@@ -653,7 +653,12 @@ impl ChangeSink for Control {
     }
 
     fn apply(&self, token: ReloadToken, snapshot: Snapshot) {
-        let Ok(_w) = self.writes.lock() else { return };
+        // Never wait for a local write here: it may be waiting for the very store
+        // thread that delivers this snapshot. A write in progress makes the
+        // snapshot stale anyway, and its own notification brings the next one.
+        let Ok(_w) = self.writes.try_lock() else {
+            return;
+        };
         if self.sources_gen.load(Ordering::Acquire) == token.sources {
             let mut stored = Vec::with_capacity(snapshot.sources.len());
             let mut sources = Vec::with_capacity(snapshot.sources.len());
