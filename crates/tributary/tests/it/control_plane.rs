@@ -196,6 +196,21 @@ async fn ready_fails_while_the_control_database_is_unreachable_and_recovers() {
     let s = node(&node_url, &id);
     let (st, body) = ready(&s).await;
     assert_eq!(st, 200, "{body}");
+    let metrics = || async {
+        client()
+            .get(format!("{}/metrics", s.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let text = metrics().await;
+    assert!(
+        text.contains("tributary_control_postgres_up{role=\"control\"} 1"),
+        "{text}"
+    );
 
     psql(&db, &format!("ALTER ROLE {role} NOLOGIN"));
     terminate_backends(&db, &format!("tributary {id}"));
@@ -215,6 +230,11 @@ async fn ready_fails_while_the_control_database_is_unreachable_and_recovers() {
     assert!(
         body["reason"].as_str().unwrap_or("").contains("control database"),
         "{body}"
+    );
+    let text = metrics().await;
+    assert!(
+        text.contains("tributary_control_postgres_up{role=\"control\"} 0"),
+        "{text}"
     );
     // Requests with a known key are still answered from memory meanwhile.
     psql(&db, &format!("ALTER ROLE {role} LOGIN"));
