@@ -268,6 +268,11 @@ pub trait ChangeSink: Send + Sync {
     fn apply(&self, token: ReloadToken, snapshot: Snapshot);
     /// Identities another node learnt.
     fn learn_identities(&self, pairs: Vec<(String, String)>);
+    /// Something else changed (`destinations`), or the listener reconnected and
+    /// anything may have; must not block.
+    fn notified(&self, topic: &str) {
+        let _ = topic;
+    }
 }
 
 #[derive(Default)]
@@ -303,6 +308,7 @@ pub struct Control {
     dirty_events: Mutex<HashSet<String>>,
     identities: RwLock<HashMap<String, String>>,
     dirty_identities: Mutex<HashMap<String, String>>,
+    destination_changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -338,6 +344,7 @@ impl Control {
             dirty_events: Mutex::new(HashSet::new()),
             identities: RwLock::new(HashMap::new()),
             dirty_identities: Mutex::new(HashMap::new()),
+            destination_changes: tokio::sync::watch::channel(0).0,
         };
         let token = control.reload_token();
         let snapshot = control.store.load(true)?;
@@ -353,6 +360,12 @@ impl Control {
     /// `Err(reason)` while the control database cannot be reached (`/ready`).
     pub fn health(&self) -> Result<(), String> {
         self.store.health()
+    }
+
+    /// Changes whenever the control database says destinations may have changed
+    /// elsewhere (cluster mode; never changes when embedded).
+    pub fn destination_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.destination_changes.subscribe()
     }
 
     /// Finds the source a write key belongs to. Lookup is by the key's SHA-256 and
@@ -703,6 +716,12 @@ impl ChangeSink for Control {
     fn learn_identities(&self, pairs: Vec<(String, String)>) {
         if let Ok(mut m) = self.identities.write() {
             m.extend(pairs);
+        }
+    }
+
+    fn notified(&self, topic: &str) {
+        if topic == "destinations" {
+            self.destination_changes.send_modify(|n| *n += 1);
         }
     }
 }

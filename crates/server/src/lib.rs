@@ -170,6 +170,8 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
 
 /// [`open_state`], with some parts given instead of opened.
 pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
+    // First: the control plane's and the leases' gauges are set from the start.
+    ops::install_metrics();
     // Files 0600, dirs 0700 from here on, and what exists already narrowed.
     let warehouse_dir = config
         .warehouse_url()
@@ -187,6 +189,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         );
         (control, None)
     };
+    let definitions = cluster.as_ref().map(|c| c.definitions.clone());
     let (ownership, registry, leases): (
         Arc<dyn tributary_eventlog::Ownership>,
         Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
@@ -210,10 +213,11 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         )
     };
     ops::install_metrics();
-    let destinations = tributary_destinations::Engine::open(
+    let destinations = tributary_destinations::Engine::open_with(
         config.data_dir.join("destinations.db"),
         log.clone(),
         config.destinations.clone(),
+        definitions,
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
@@ -295,10 +299,34 @@ fn spawn_control_flusher(state: &AppState) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Cluster mode: follows destination changes made on other nodes — at once when
+/// the control database notifies, and every `control.reload_interval` anyway.
+fn spawn_destination_sync(state: &Arc<AppState>) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut changes = state.control.destination_changes();
+        let mut tick = tokio::time::interval(state.config.control.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.wait() => return,
+                _ = tick.tick() => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+            if let Err(e) = state.destinations.sync_definitions().await {
+                tracing::debug!(error = %e.detail(), "cannot follow destination changes yet");
+            }
+        }
+    });
+}
+
 /// Starts the background stages on the state's shutdown token; the returned task
 /// finishes once every stage has stopped after the token triggered.
 pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     let flusher = spawn_control_flusher(state);
+    if state.config.is_cluster() {
+        spawn_destination_sync(state);
+    }
     let state = state.clone();
     tokio::spawn(async move {
         state.shutdown.wait().await;

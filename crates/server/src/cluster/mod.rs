@@ -8,6 +8,7 @@
 //! committed before [`PgRegistry::commit`] returns `true`. Exactly-once delivery
 //! across nodes rests on the epoch fence described in [`lease`] and [`registry`].
 
+pub mod definitions;
 pub mod lease;
 pub mod pg;
 pub mod registry;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::control::Control;
 
+pub use definitions::PgDefinitions;
 pub use lease::{LeaseSettings, PgOwnership};
 pub use registry::PgRegistry;
 
@@ -102,6 +104,8 @@ pub struct ClusterParts {
     pub leases: Arc<PgOwnership>,
     /// Destinations' positions in the control database.
     pub registry: Arc<dyn tributary_eventlog::ConsumerRegistry>,
+    /// Destination definitions in the control database.
+    pub definitions: Arc<dyn tributary_destinations::Definitions>,
 }
 
 /// Opens the control plane in PostgreSQL (`config.control`), then the leases and
@@ -118,14 +122,22 @@ pub async fn open(config: &Config) -> anyhow::Result<(Arc<Control>, ClusterParts
     .map_err(|e| anyhow::anyhow!("opening the control database: {e:?}"))?;
     let cfg = pg::pg_config(config.control.url.trim(), &config.cluster.node_id)
         .map_err(anyhow::Error::msg)?;
-    let pool = pg::pool(cfg, 4).map_err(anyhow::Error::msg)?;
+    let pool = pg::pool(cfg, 8).map_err(anyhow::Error::msg)?;
     let schema = &config.control.schema;
     let leases = Arc::new(PgOwnership::start(
         pool.clone(),
         schema,
         config.cluster.lease_settings(),
     ));
-    let registry = Arc::new(PgRegistry::new(pool, schema));
+    let registry = Arc::new(PgRegistry::new(pool.clone(), schema));
+    let definitions = Arc::new(PgDefinitions::new(pool, schema));
     tracing::info!(node = %config.cluster.node_id, schema = %schema, "cluster mode: control plane and leases in PostgreSQL");
-    Ok((control, ClusterParts { leases, registry }))
+    Ok((
+        control,
+        ClusterParts {
+            leases,
+            registry,
+            definitions,
+        },
+    ))
 }

@@ -99,8 +99,8 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The control schema's tables: sources, identities, unmapped webhooks (the
-/// control plane), leases and members (ownership), positions (the destinations'
+/// The control schema's tables: sources, identities, unmapped webhooks,
+/// destination definitions (the control plane), leases and members (ownership), positions (the destinations'
 /// consumer registry).
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS {s}.sources (
@@ -121,6 +121,10 @@ CREATE TABLE IF NOT EXISTS {s}.leases (
 CREATE TABLE IF NOT EXISTS {s}.members (
     consumer text NOT NULL, node_id text NOT NULL, seen_at timestamptz NOT NULL,
     PRIMARY KEY (consumer, node_id));
+CREATE TABLE IF NOT EXISTS {s}.destinations (
+    id text PRIMARY KEY, name text NOT NULL, config text NOT NULL,
+    source_ids text NOT NULL, filters text NOT NULL, enabled boolean NOT NULL,
+    created_at bigint NOT NULL, updated_at bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.positions (
     consumer text NOT NULL, log_id text NOT NULL, partition integer NOT NULL,
     seq bigint NOT NULL, epoch bigint NOT NULL, pinned boolean NOT NULL,

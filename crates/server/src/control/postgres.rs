@@ -300,6 +300,9 @@ impl PgControlStore {
             .map_err(err)?;
         // Whatever changed while we were away: a full reload.
         self.reload(client, sink, true).await?;
+        if let Some(s) = sink.upgrade() {
+            s.notified("destinations");
+        }
         self.set_health(|h| h.listening = true);
         tracing::debug!("control database listener connected");
         let mut tick = tokio::time::interval(self.inner.reload_interval);
@@ -329,6 +332,11 @@ impl PgControlStore {
                                 }
                             }
                             _ if payload == "identities" => reload_identities = true,
+                            _ if payload == "destinations" => {
+                                if let Some(s) = sink.upgrade() {
+                                    s.notified("destinations");
+                                }
+                            }
                             _ => reload_sources = true,
                         }
                         next = notes.try_recv().ok();

@@ -255,3 +255,126 @@ async fn ready_fails_while_the_control_database_is_unreachable_and_recovers() {
     drop_postgres_db(&url);
     psql("postgres", &format!("DROP ROLE IF EXISTS {role}"));
 }
+
+type Received = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A webhook receiver on 127.0.0.1 that records the messageIds it got.
+async fn receiver() -> (String, Received) {
+    use axum::extract::State;
+    let got: Received = Default::default();
+    async fn hook(State(got): State<Received>, body: axum::body::Bytes) -> &'static str {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let items = match v.get("batch") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => vec![v],
+        };
+        let mut g = got.lock().unwrap();
+        g.extend(items.iter().filter_map(|i| i["messageId"].as_str().map(String::from)));
+        "ok"
+    }
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_defined_on_one_node_is_served_and_delivered_by_the_other() {
+    let test = "a_destination_defined_on_one_node_is_served_and_delivered_by_the_other";
+    let Some(url) = fresh_postgres_db(test) else {
+        return;
+    };
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let a = node(&url, &format!("a-{db}"));
+    let b = node(&url, &format!("b-{db}"));
+    let (hook, got) = receiver().await;
+    let src = a.create_source("http", "Web", "web").await;
+    let (id, key) = (
+        src["id"].as_str().unwrap().to_string(),
+        src["write_key"].as_str().unwrap().to_string(),
+    );
+    until_status(&b, &key, 200, Duration::from_secs(5)).await;
+
+    let (st, dest) = a
+        .admin(
+            Method::POST,
+            "/destinations",
+            Some(json!({"type": "webhook", "name": "Hook", "source_ids": [id],
+                        "settings": {"url": hook}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{dest}");
+    let dest_id = dest["id"].as_str().unwrap().to_string();
+    let (st, seen) = b
+        .admin(Method::GET, &format!("/destinations/{dest_id}"), None)
+        .await;
+    assert_eq!(st, 200, "B serves the destination A defined: {seen}");
+    assert_eq!(seen["name"], "Hook");
+
+    // B starts a worker for it by itself and delivers what B receives.
+    let start = Instant::now();
+    for i in 0..3 {
+        let (st, _) = b
+            .post(
+                "/v1/track",
+                &key,
+                json!({"type": "track", "event": "Via B", "userId": "u", "messageId": format!("via-b-{i}")}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    loop {
+        let have = got.lock().unwrap().clone();
+        if (0..3).all(|i| have.contains(&format!("via-b-{i}"))) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "B never delivered: {have:?}\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Disabled on A: B's worker stops within a second, so B delivers nothing new.
+    let (st, _) = a
+        .admin(
+            Method::PATCH,
+            &format!("/destinations/{dest_id}"),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, seen) = b
+        .admin(Method::GET, &format!("/destinations/{dest_id}"), None)
+        .await;
+    assert_eq!(seen["enabled"], false, "{seen}");
+    b.post(
+        "/v1/track",
+        &key,
+        json!({"type": "track", "event": "Via B", "userId": "u", "messageId": "after-disable"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !got.lock().unwrap().contains(&"after-disable".to_string()),
+        "B still delivers to a destination disabled on A"
+    );
+
+    // Deleted on B: gone on A.
+    let (st, _) = b
+        .admin(Method::DELETE, &format!("/destinations/{dest_id}"), None)
+        .await;
+    assert!(st == 204 || st == 200, "delete answered {st}");
+    let (st, _) = a
+        .admin(Method::GET, &format!("/destinations/{dest_id}"), None)
+        .await;
+    assert_eq!(st, 404);
+    drop(a);
+    drop(b);
+    drop_postgres_db(&url);
+}
