@@ -776,7 +776,8 @@ mod tests {
         assert_eq!(c.cluster.lease_ttl, Duration::from_secs(3));
         assert_eq!(c.cluster.renew_interval, Duration::from_millis(500));
         assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
-        let (_d, p) = file("[control]\nurl = \"postgres://x@h/db\"\n[cluster]\nlease_ttl = \"10s\"\n");
+        let (_d, p) =
+            file("[control]\nurl = \"postgres://x@h/db\"\n[cluster]\nlease_ttl = \"10s\"\n");
         let c = Config::load(Some(&p), &HashMap::new()).unwrap();
         assert!(c.is_cluster());
         assert_eq!(c.cluster.lease_ttl, Duration::from_secs(10));
