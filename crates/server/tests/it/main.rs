@@ -191,6 +191,7 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
     state.log.close().await;
 }
 
+mod backends;
 mod control_pg;
 mod leases;
 mod refusals;
