@@ -9,6 +9,7 @@ mod activecampaign;
 mod browser;
 mod cli;
 mod config;
+mod control_plane;
 mod crash;
 mod destinations;
 mod diskfull;
