@@ -19,6 +19,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
@@ -144,6 +145,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(ingest::tracking).options(ops::preflight),
         )
         .nest("/api/v1", api)
+        .merge(console::router())
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
