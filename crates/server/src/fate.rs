@@ -161,7 +161,9 @@ async fn warehouse_fate(
         });
     };
     let lag = w.lag();
-    let presence = w.row_presence(schema, &tables_for(r), &r.message_id).await?;
+    let presence = w
+        .row_presence(schema, &tables_for(r), &r.message_id)
+        .await?;
     let (st, detail) = if !presence.tables.is_empty() {
         let d = if presence.discards.is_empty() {
             format!("loaded into {}", qualified(schema, &presence.tables))
@@ -268,7 +270,8 @@ fn destination_fate(d: &DestinationView, r: &Record, dead: Option<&DeadLetter>) 
         out.detail = "the destination took this event (its position is past it)".into();
     } else if !d.enabled {
         out.state = "paused";
-        out.detail = "the destination is disabled; it resumes from its position when enabled".into();
+        out.detail =
+            "the destination is disabled; it resumes from its position when enabled".into();
     } else if d.stats.retrying > 0 && d.stats.last_error.is_some() {
         out.state = "retrying";
         out.last_error = d.stats.last_error.clone();

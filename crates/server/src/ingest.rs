@@ -152,9 +152,13 @@ pub async fn tracking(
             Ok(n) => accepted.push(n),
             Err(r) => {
                 count_rejection(&r);
-                crate::accept::publish_rejected(&state, &source.id, r.code.as_str(), &r.message, || {
-                    sent.get(i).cloned().unwrap_or(Value::Null)
-                });
+                crate::accept::publish_rejected(
+                    &state,
+                    &source.id,
+                    r.code.as_str(),
+                    &r.message,
+                    || sent.get(i).cloned().unwrap_or(Value::Null),
+                );
                 if ep != Endpoint::Batch {
                     return Err(ApiError::bad(r.code.as_str(), r.message));
                 }

@@ -418,9 +418,7 @@ pub async fn api_stream(
 struct Receiver;
 
 impl Receiver {
-    fn spawn_owned(
-        mut rx: broadcast::Receiver<Arc<LiveEvent>>,
-    ) -> broadcast::Receiver<LiveEvent> {
+    fn spawn_owned(mut rx: broadcast::Receiver<Arc<LiveEvent>>) -> broadcast::Receiver<LiveEvent> {
         let (tx, out) = broadcast::channel(CHANNEL);
         tokio::spawn(async move {
             loop {

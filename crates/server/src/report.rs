@@ -201,7 +201,8 @@ pub fn build(
                 n(EmailMetric::Unsubscribed),
                 n(EmailMetric::Spam),
             );
-            a.links.sort_by(|x, y| y.clicks.cmp(&x.clicks).then(x.url.cmp(&y.url)));
+            a.links
+                .sort_by(|x, y| y.clicks.cmp(&x.clicks).then(x.url.cmp(&y.url)));
             CampaignReport {
                 campaign_id: id,
                 campaign_name: a.name,

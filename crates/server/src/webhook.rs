@@ -100,9 +100,13 @@ async fn handle(
             WebhookError::Map(_) => "invalid_webhook",
         };
         let message = e.to_string();
-        crate::accept::publish_rejected(&state, &source.id, code, &message, || {
-            json!({"fields": form_fields(&bytes)})
-        });
+        crate::accept::publish_rejected(
+            &state,
+            &source.id,
+            code,
+            &message,
+            || json!({"fields": form_fields(&bytes)}),
+        );
         ApiError::bad(code, message)
     })?;
     let received_at = state.clock.now();
@@ -126,12 +130,8 @@ async fn handle(
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
             if let Some(body) = live {
-                let mut e = NewLiveEvent::from_body(
-                    &source.id,
-                    LiveKind::Unmapped,
-                    received_at,
-                    body,
-                );
+                let mut e =
+                    NewLiveEvent::from_body(&source.id, LiveKind::Unmapped, received_at, body);
                 e.event = Some(webhook.raw_type.clone());
                 e.call_type = None;
                 state.live.publish(e);
@@ -166,7 +166,13 @@ async fn handle(
     let normalized = normalize(Value::Object(message), &ctx).map_err(|r| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);
         if let Some(body) = sent {
-            crate::accept::publish_rejected(&state, &source.id, r.code.as_str(), &r.message, || body);
+            crate::accept::publish_rejected(
+                &state,
+                &source.id,
+                r.code.as_str(),
+                &r.message,
+                || body,
+            );
         }
         ApiError::bad(r.code.as_str(), r.message)
     })?;

@@ -780,8 +780,20 @@ fn print_email_report(out: &Value) {
             .collect();
         print_table(
             &[
-                "CAMPAIGN", "NAME", "DELIVERED", "BOUNCED", "OPENED", "CLICKED", "UNSUBSCRIBED",
-                "SPAM", "OPEN", "CLICK", "CTOR", "BOUNCE", "UNSUB", "SPAM%",
+                "CAMPAIGN",
+                "NAME",
+                "DELIVERED",
+                "BOUNCED",
+                "OPENED",
+                "CLICKED",
+                "UNSUBSCRIBED",
+                "SPAM",
+                "OPEN",
+                "CLICK",
+                "CTOR",
+                "BOUNCE",
+                "UNSUB",
+                "SPAM%",
             ],
             &rows,
         );
@@ -790,13 +802,23 @@ fn print_email_report(out: &Value) {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|l| vec![text(&l["url"]), text(&l["clicks"]), text(&l["unique_clickers"])])
+                .map(|l| {
+                    vec![
+                        text(&l["url"]),
+                        text(&l["clicks"]),
+                        text(&l["unique_clickers"]),
+                    ]
+                })
                 .collect();
             if links.is_empty() {
                 continue;
             }
             println!();
-            println!("links of campaign {} ({})", text(&c["campaign_id"]), text(&c["campaign_name"]));
+            println!(
+                "links of campaign {} ({})",
+                text(&c["campaign_id"]),
+                text(&c["campaign_name"])
+            );
             print_table(&["URL", "CLICKS", "UNIQUE CLICKERS"], &links);
         }
     }

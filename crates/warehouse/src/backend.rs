@@ -146,10 +146,8 @@ impl Backend {
         &self,
         schema: &str,
         tables: &[String],
-    ) -> Result<
-        std::collections::HashMap<String, std::collections::HashSet<String>>,
-        WarehouseError,
-    > {
+    ) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError>
+    {
         match self {
             Backend::Sqlite(b) => b.columns(schema, tables).await,
             Backend::Postgres(b) => b.columns(schema, tables).await,

@@ -258,16 +258,16 @@ pub(crate) async fn email_facts(
             ts = sql.ts_text("timestamp"),
             tab = sql.table(&t),
             quoted_c = quote("campaign_id"),
-            range = range.iter().map(|r| format!(" AND {r}")).collect::<String>(),
+            range = range
+                .iter()
+                .map(|r| format!(" AND {r}"))
+                .collect::<String>(),
         ));
     }
     if parts.is_empty() {
         return Ok(EmailFacts::default());
     }
-    let cte = format!(
-        "WITH ev AS ({}) ",
-        parts.join(" UNION ALL ")
-    );
+    let cte = format!("WITH ev AS ({}) ", parts.join(" UNION ALL "));
     let statements = vec![
         format!(
             "{cte}SELECT k, c, COUNT(DISTINCT r), MIN(t), MAX(n) FROM ev \
@@ -407,7 +407,10 @@ pub(crate) async fn row_presence(
         Vec::new()
     };
     let order: HashMap<&String, usize> = tables.iter().enumerate().map(|(i, t)| (t, i)).collect();
-    let mut tables_found: Vec<String> = found_in.into_iter().filter(|t| present.contains(t)).collect();
+    let mut tables_found: Vec<String> = found_in
+        .into_iter()
+        .filter(|t| present.contains(t))
+        .collect();
     tables_found.sort_by_key(|t| order.get(t).copied().unwrap_or(usize::MAX));
     Ok(RowPresence {
         tables: tables_found,

@@ -56,17 +56,47 @@ const TYPES: [(&str, &str, &[SettingField]); 3] = [
         "Webhook",
         &[
             f("url", "URL", "url", true, "Events are POSTed here as JSON."),
-            f("headers", "Headers", "textarea", false, "One per line: Name: value"),
-            f("secret", "Signing secret", "password", false, "Signs each body: X-Tributary-Signature: sha256=…"),
-            f("batch_size", "Batch size", "number", false, "Events per request (default 1)."),
-            f("timeout", "Timeout", "number", false, "Seconds (default 10)."),
+            f(
+                "headers",
+                "Headers",
+                "textarea",
+                false,
+                "One per line: Name: value",
+            ),
+            f(
+                "secret",
+                "Signing secret",
+                "password",
+                false,
+                "Signs each body: X-Tributary-Signature: sha256=…",
+            ),
+            f(
+                "batch_size",
+                "Batch size",
+                "number",
+                false,
+                "Events per request (default 1).",
+            ),
+            f(
+                "timeout",
+                "Timeout",
+                "number",
+                false,
+                "Seconds (default 10).",
+            ),
         ],
     ),
     (
         "segment",
         "Segment-compatible API",
         &[
-            f("write_key", "Write key", "password", true, "The receiving source's write key."),
+            f(
+                "write_key",
+                "Write key",
+                "password",
+                true,
+                "The receiving source's write key.",
+            ),
             f("host", "Host", "url", true, "e.g. https://api.segment.io"),
         ],
     ),
@@ -74,11 +104,41 @@ const TYPES: [(&str, &str, &[SettingField]); 3] = [
         "activecampaign",
         "ActiveCampaign",
         &[
-            f("api_url", "API URL", "url", true, "Settings → Developer, e.g. https://ACCOUNT.api-us1.com"),
-            f("api_key", "API key", "password", true, "Settings → Developer."),
-            f("actid", "Account id (actid)", "text", true, "Settings → Tracking → Event tracking."),
-            f("event_key", "Event key", "password", true, "Settings → Tracking → Event tracking."),
-            f("track_url", "Event tracking URL", "url", false, "Default https://trackcmp.net/event"),
+            f(
+                "api_url",
+                "API URL",
+                "url",
+                true,
+                "Settings → Developer, e.g. https://ACCOUNT.api-us1.com",
+            ),
+            f(
+                "api_key",
+                "API key",
+                "password",
+                true,
+                "Settings → Developer.",
+            ),
+            f(
+                "actid",
+                "Account id (actid)",
+                "text",
+                true,
+                "Settings → Tracking → Event tracking.",
+            ),
+            f(
+                "event_key",
+                "Event key",
+                "password",
+                true,
+                "Settings → Tracking → Event tracking.",
+            ),
+            f(
+                "track_url",
+                "Event tracking URL",
+                "url",
+                false,
+                "Default https://trackcmp.net/event",
+            ),
         ],
     ),
 ];
@@ -158,7 +218,9 @@ struct NewForm<'a> {
 
 impl NewForm<'_> {
     fn value(&self, name: &str) -> String {
-        self.form.map(|f| f.get(name).to_string()).unwrap_or_default()
+        self.form
+            .map(|f| f.get(name).to_string())
+            .unwrap_or_default()
     }
     fn error(&self, id: &str) -> Option<&str> {
         self.errors
@@ -300,7 +362,10 @@ fn settings_from(kind: &str, form: &Form) -> Result<Value, (String, String)> {
                 let mut h = Map::new();
                 for line in v.lines().filter(|l| !l.trim().is_empty()) {
                     let Some((name, value)) = line.split_once(':') else {
-                        return Err((id, format!("Write each header as Name: value ({line:?} has no colon).")));
+                        return Err((
+                            id,
+                            format!("Write each header as Name: value ({line:?} has no colon)."),
+                        ));
                     };
                     h.insert(name.trim().to_string(), json!(value.trim()));
                 }
@@ -500,8 +565,12 @@ pub(crate) async fn show(
             .collect()
     };
     let notice = match (&q.created, q.replayed, q.done.as_deref()) {
-        (Some(_), _, _) => Some("The destination was created. Delivery starts within a second.".to_string()),
-        (_, Some(n), _) => Some(format!("{n} dead letters queued for replay. The counts below update as they are sent.")),
+        (Some(_), _, _) => {
+            Some("The destination was created. Delivery starts within a second.".to_string())
+        }
+        (_, Some(n), _) => Some(format!(
+            "{n} dead letters queued for replay. The counts below update as they are sent."
+        )),
         (_, _, Some("enabled")) => Some("Delivery resumed.".into()),
         (_, _, Some("disabled")) => Some("Delivery paused. The position is kept.".into()),
         _ => None,

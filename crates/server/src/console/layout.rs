@@ -96,7 +96,11 @@ pub fn ago(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
 /// not parse).
 pub fn when(text: &str) -> String {
     DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc).format("%Y-%m-%d %H:%M UTC").to_string())
+        .map(|t| {
+            t.with_timezone(&Utc)
+                .format("%Y-%m-%d %H:%M UTC")
+                .to_string()
+        })
         .unwrap_or_else(|_| text.to_string())
 }
 
@@ -201,9 +205,18 @@ mod tests {
     fn relative_times_read_like_a_person_would_say_them() {
         let now = Utc::now();
         assert_eq!(ago(now, now), "just now");
-        assert_eq!(ago(now - chrono::Duration::seconds(30), now), "30 seconds ago");
-        assert_eq!(ago(now - chrono::Duration::seconds(61), now), "1 minute ago");
-        assert_eq!(ago(now - chrono::Duration::seconds(150), now), "2 minutes ago");
+        assert_eq!(
+            ago(now - chrono::Duration::seconds(30), now),
+            "30 seconds ago"
+        );
+        assert_eq!(
+            ago(now - chrono::Duration::seconds(61), now),
+            "1 minute ago"
+        );
+        assert_eq!(
+            ago(now - chrono::Duration::seconds(150), now),
+            "2 minutes ago"
+        );
         assert_eq!(ago(now - chrono::Duration::hours(5), now), "5 hours ago");
         assert_eq!(ago(now - chrono::Duration::days(3), now), "3 days ago");
     }

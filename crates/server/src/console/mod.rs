@@ -65,7 +65,10 @@ pub fn router_with(sessions: Arc<Sessions>) -> Router<Arc<AppState>> {
         .route("/sources", get(sources::list).post(sources::create))
         .route("/sources/new", get(sources::new_page))
         .route("/sources/new/check", get(sources::check_schema))
-        .route("/sources/{id}", get(sources::overview).post(sources::action))
+        .route(
+            "/sources/{id}",
+            get(sources::overview).post(sources::action),
+        )
         .route("/sources/{id}/last-event", get(sources::last_event_json))
         .route("/sources/{id}/debugger", get(debugger::page))
         .route("/sources/{id}/debugger/stream", get(debugger::stream))
@@ -103,7 +106,10 @@ async fn security_headers(request: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));

@@ -144,7 +144,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Signed {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let sessions = sessions_of(parts).ok_or_else(|| {
-            (StatusCode::INTERNAL_SERVER_ERROR, "console sessions missing").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "console sessions missing",
+            )
+                .into_response()
         })?;
         if let Some(id) = cookie_value(&parts.headers, COOKIE)
             && let Some(csrf) = sessions.lookup(&id)
@@ -202,10 +206,7 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let origin_host = origin
-            .split_once("://")
-            .map(|(_, rest)| rest)
-            .unwrap_or("");
+        let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
         return !host.is_empty() && origin_host.eq_ignore_ascii_case(host);
     }
     true
@@ -265,9 +266,8 @@ pub(crate) struct LoginQuery {
 fn login_form(next: &str, error: Option<&str>) -> maud::Markup {
     let mut field = layout::Field::text("token", "Admin token", "");
     field.kind = "password";
-    field.hint = Some(
-        "Printed when the server first started, and saved in the data dir as admin-token.",
-    );
+    field.hint =
+        Some("Printed when the server first started, and saved in the data dir as admin-token.");
     field.error = error;
     layout::page(
         None,
@@ -344,7 +344,9 @@ pub(crate) async fn logout(
     let mut resp = see_other("/login");
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("tributary_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "tributary_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     resp
 }
@@ -384,7 +386,10 @@ mod tests {
             HeaderValue::from_static("http://127.0.0.1:8088"),
         );
         assert!(same_origin(&h));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
         assert!(!same_origin(&h));
         let mut h = HeaderMap::new();
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));

@@ -83,8 +83,13 @@ pub(crate) async fn home(state: State<Arc<AppState>>, signed: Signed) -> Respons
 pub(crate) async fn list(State(state): State<Arc<AppState>>, signed: Signed) -> Response {
     let sources = state.control.sources();
     let now = state.clock.now();
-    let counts =
-        futures_join(sources.iter().map(|s| events_today(&state, &s.id)).collect()).await;
+    let counts = futures_join(
+        sources
+            .iter()
+            .map(|s| events_today(&state, &s.id))
+            .collect(),
+    )
+    .await;
     let body = html! {
         h1 { "Sources" }
         p.actions { a.button.primary href="/sources/new" { "Add source" } }
@@ -147,7 +152,11 @@ struct NewForm<'a> {
 }
 
 fn suggested_schema(kind: &str) -> &'static str {
-    if kind == "http" { "website" } else { "activecampaign" }
+    if kind == "http" {
+        "website"
+    } else {
+        "activecampaign"
+    }
 }
 
 fn new_form(signed: &Signed, f: &NewForm) -> Markup {
@@ -234,7 +243,12 @@ pub(crate) async fn new_page(signed: Signed, Query(q): Query<NewQuery>) -> Respo
     };
     html(
         StatusCode::OK,
-        layout::page(Some(&signed), Nav::Sources, "Add source", new_form(&signed, &f)),
+        layout::page(
+            Some(&signed),
+            Nav::Sources,
+            "Add source",
+            new_form(&signed, &f),
+        ),
     )
 }
 
@@ -281,7 +295,11 @@ pub(crate) async fn create(
     if let Err(r) = check_form(&headers, &signed, &form) {
         return r;
     }
-    let (kind_s, name, schema) = (form.get("type"), form.get("name"), form.get("schema").trim());
+    let (kind_s, name, schema) = (
+        form.get("type"),
+        form.get("name"),
+        form.get("schema").trim(),
+    );
     let kind = match kind_s {
         "activecampaign" => Some(SourceType::Activecampaign),
         "http" => Some(SourceType::Http),
@@ -296,10 +314,7 @@ pub(crate) async fn create(
         type_error: kind.is_none().then(|| "Choose a source type.".to_string()),
     };
     if let (Some(kind), None, None) = (kind, &f.name_error, &f.schema_error) {
-        match state
-            .control
-            .create(kind, name.trim(), schema, json!({}))
-        {
+        match state.control.create(kind, name.trim(), schema, json!({})) {
             Ok(s) => {
                 tracing::info!(source = %s.id, schema = %s.schema, "source created in the console");
                 return see_other(&format!("/sources/{}?created=1", s.id));
@@ -308,14 +323,23 @@ pub(crate) async fn create(
             Err(e) => return error_page(&signed, e),
         }
     }
-    let status = if f.schema_error.as_deref().is_some_and(|m| m.contains("already used")) {
+    let status = if f
+        .schema_error
+        .as_deref()
+        .is_some_and(|m| m.contains("already used"))
+    {
         StatusCode::CONFLICT
     } else {
         StatusCode::BAD_REQUEST
     };
     html(
         status,
-        layout::page(Some(&signed), Nav::Sources, "Add source: fix the form", new_form(&signed, &f)),
+        layout::page(
+            Some(&signed),
+            Nav::Sources,
+            "Add source: fix the form",
+            new_form(&signed, &f),
+        ),
     )
 }
 
@@ -473,7 +497,12 @@ pub(crate) async fn overview(
     };
     html(
         StatusCode::OK,
-        layout::page(Some(&signed), Nav::Sources, &format!("{} — overview", s.name), body),
+        layout::page(
+            Some(&signed),
+            Nav::Sources,
+            &format!("{} — overview", s.name),
+            body,
+        ),
     )
 }
 
@@ -511,8 +540,14 @@ pub(crate) async fn action(
         return r;
     }
     let done = match form.get("action") {
-        "enable" => state.control.patch(&id, None, Some(true), None).map(|_| "enabled"),
-        "disable" => state.control.patch(&id, None, Some(false), None).map(|_| "disabled"),
+        "enable" => state
+            .control
+            .patch(&id, None, Some(true), None)
+            .map(|_| "enabled"),
+        "disable" => state
+            .control
+            .patch(&id, None, Some(false), None)
+            .map(|_| "disabled"),
         "rotate" => state.control.rotate_key(&id).map(|s| {
             tracing::info!(source = %s.id, "write key re-issued in the console");
             "rotated"

@@ -34,7 +34,11 @@ fn cell(v: &Value) -> String {
     }
 }
 
-fn results_table(caption: &str, columns: &[tributary_warehouse::Column], rows: &[Vec<Value>]) -> Markup {
+fn results_table(
+    caption: &str,
+    columns: &[tributary_warehouse::Column],
+    rows: &[Vec<Value>],
+) -> Markup {
     html! {
         div.table-wrap { table {
             caption { (caption) }
@@ -106,7 +110,14 @@ async fn status_section(state: &AppState) -> Result<Markup, ApiError> {
     })
 }
 
-fn render(state_section: Markup, signed: &Signed, sql: &str, error: Option<&str>, result: Option<&QueryResult>, status: StatusCode) -> Response {
+fn render(
+    state_section: Markup,
+    signed: &Signed,
+    sql: &str,
+    error: Option<&str>,
+    result: Option<&QueryResult>,
+    status: StatusCode,
+) -> Response {
     let body = html! {
         h1 { "Warehouse" }
         (state_section)
@@ -119,7 +130,10 @@ fn render(state_section: Markup, signed: &Signed, sql: &str, error: Option<&str>
             }
         }
     };
-    html(status, layout::page(Some(signed), Nav::Warehouse, "Warehouse", body))
+    html(
+        status,
+        layout::page(Some(signed), Nav::Warehouse, "Warehouse", body),
+    )
 }
 
 /// `GET /warehouse`.
@@ -157,7 +171,12 @@ pub(crate) async fn table(
     };
     html(
         StatusCode::OK,
-        layout::page(Some(&signed), Nav::Warehouse, &format!("{schema}.{table}"), body),
+        layout::page(
+            Some(&signed),
+            Nav::Warehouse,
+            &format!("{schema}.{table}"),
+            body,
+        ),
     )
 }
 
@@ -207,7 +226,10 @@ pub(crate) async fn query(
     {
         return (
             [
-                (header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8")),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/csv; charset=utf-8"),
+                ),
                 (
                     header::CONTENT_DISPOSITION,
                     HeaderValue::from_static("attachment; filename=\"query.csv\""),
@@ -225,7 +247,14 @@ pub(crate) async fn query(
         Ok(r) => render(section, &signed, &sql, None, Some(&r), StatusCode::OK),
         Err(e @ ApiError::BadRequest { .. }) => {
             let msg = e.to_string();
-            render(section, &signed, &sql, Some(&msg), None, StatusCode::BAD_REQUEST)
+            render(
+                section,
+                &signed,
+                &sql,
+                Some(&msg),
+                None,
+                StatusCode::BAD_REQUEST,
+            )
         }
         Err(e) => error_page(&signed, e),
     }
@@ -239,10 +268,19 @@ mod tests {
     fn csv_quotes_what_needs_quoting() {
         let r = QueryResult {
             columns: vec![
-                tributary_warehouse::Column { name: "a".into(), ty: "text".into() },
-                tributary_warehouse::Column { name: "b".into(), ty: "bigint".into() },
+                tributary_warehouse::Column {
+                    name: "a".into(),
+                    ty: "text".into(),
+                },
+                tributary_warehouse::Column {
+                    name: "b".into(),
+                    ty: "bigint".into(),
+                },
             ],
-            rows: vec![vec![Value::from("x, \"y\"\nz"), Value::from(3)], vec![Value::Null, Value::from(true)]],
+            rows: vec![
+                vec![Value::from("x, \"y\"\nz"), Value::from(3)],
+                vec![Value::Null, Value::from(true)],
+            ],
             truncated: false,
             truncated_reason: None,
         };

@@ -480,10 +480,8 @@ impl PostgresBackend {
         &self,
         schema: &str,
         tables: &[String],
-    ) -> Result<
-        std::collections::HashMap<String, std::collections::HashSet<String>>,
-        WarehouseError,
-    > {
+    ) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError>
+    {
         read::columns(&self.read_pool, schema, tables).await
     }
 

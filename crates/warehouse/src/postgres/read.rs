@@ -265,8 +265,7 @@ pub(super) async fn columns(
     pool: &Pool,
     schema: &str,
     tables: &[String],
-) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError>
-{
+) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError> {
     with_client(pool, async |c| {
         let rows = c
             .query(

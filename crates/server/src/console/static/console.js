@@ -91,3 +91,107 @@ $all('[data-poll]').forEach((box) => {
   }
   setInterval(tick, 2000)
 })
+
+// The live debugger: server-sent events (the browser resumes with Last-Event-ID on
+// reconnect), Pause with an "N new" counter, the filter form applied as you type,
+// each row expandable to its JSON, and a link to its fate.
+const live = $('#live[data-stream]')
+if (live) {
+  const tbody = $('#feed tbody')
+  const pauseBtn = $('#pause')
+  const stateEl = $('#live-state')
+  const countEl = $('#new-count')
+  const fateUrl = live.dataset.fate
+  const seen = new Set($all('tr.feed-row', tbody).map((r) => r.dataset.mid).filter(Boolean))
+  let paused = false
+  let held = []
+  const MAX_ROWS = 500
+  const form = $('form.filters')
+  const filters = () => {
+    const f = new FormData(form)
+    return { event: (f.get('event') || '').toLowerCase(), type: f.get('type') || '', who: (f.get('who') || '').toLowerCase(), status: f.get('status') || '' }
+  }
+  function matches(row, f) {
+    const d = row.dataset
+    return (!f.event || (d.event || '').toLowerCase().includes(f.event)) &&
+      (!f.type || d.type === f.type) &&
+      (!f.who || (d.who || '').toLowerCase().includes(f.who)) &&
+      (!f.status || d.status === f.status)
+  }
+  function applyFilters() {
+    const f = filters()
+    $all('tr.feed-row', tbody).forEach((r) => {
+      if (r.dataset.event === undefined) return // server rows were filtered by the server
+      r.hidden = !matches(r, f)
+    })
+  }
+  form.addEventListener('input', applyFilters)
+  function el(tag, text, cls) {
+    const e = document.createElement(tag)
+    if (text !== undefined) e.textContent = text
+    if (cls) e.className = cls
+    return e
+  }
+  function badgeEl(kind) {
+    const cls = kind === 'accepted' ? 'ok' : kind === 'rejected' ? 'bad' : 'warn'
+    const b = el('span', undefined, 'badge badge-' + cls)
+    const sym = el('span', (cls === 'ok' ? '●' : cls === 'bad' ? '✕' : '◐') + ' ')
+    sym.setAttribute('aria-hidden', 'true')
+    b.append(sym, kind)
+    return b
+  }
+  function rowOf(e) {
+    const tr = el('tr', undefined, 'feed-row')
+    const who = [e.user_id, e.email, e.anonymous_id].filter(Boolean).join(' · ')
+    const type = e.kind === 'unmapped' ? 'webhook' : (e.call_type || '')
+    Object.assign(tr.dataset, { status: e.kind, type, event: e.event || '', who: who + ' ' + (e.message_id || ''), mid: e.message_id || '' })
+    const at = new Date(e.at)
+    tr.append(el('td', isNaN(at) ? e.at : at.toISOString().replace('T', ' ').slice(0, 19) + ' UTC'))
+    const st = el('td'); st.append(badgeEl(e.kind)); tr.append(st)
+    tr.append(el('td', type), el('td', e.event || ''), el('td', who))
+    const det = el('td')
+    if (e.reason) det.append(el('p', e.reason.code + ': ' + e.reason.message))
+    const d = el('details')
+    const sum = el('summary', 'JSON')
+    d.append(sum, el('pre', JSON.stringify(e.body, null, 2)))
+    det.append(d)
+    if (e.kind === 'accepted' && e.message_id) {
+      const a = el('a', 'Fate')
+      a.href = fateUrl + '?' + new URLSearchParams({ message_id: e.message_id })
+      det.append(a)
+    }
+    tr.append(det)
+    tr.hidden = !matches(tr, filters())
+    return tr
+  }
+  function show(e) {
+    if (e.message_id && e.kind === 'accepted' && seen.has(e.message_id)) return
+    if (e.message_id) seen.add(e.message_id)
+    const empty = $('#feed-empty')
+    if (empty) empty.remove()
+    tbody.prepend(rowOf(e))
+    while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(tbody.rows.length - 1)
+  }
+  function onEntry(msg) {
+    let e
+    try { e = JSON.parse(msg.data) } catch (err) { return }
+    if (paused) {
+      held.push(e)
+      countEl.textContent = held.length + ' new'
+    } else show(e)
+  }
+  pauseBtn.addEventListener('click', () => {
+    paused = !paused
+    pauseBtn.setAttribute('aria-pressed', String(paused))
+    pauseBtn.textContent = paused ? 'Resume' : 'Pause'
+    if (!paused) {
+      held.forEach(show)
+      held = []
+      countEl.textContent = ''
+    }
+  })
+  const src = new EventSource(live.dataset.stream)
+  ;['accepted', 'rejected', 'unmapped'].forEach((k) => src.addEventListener(k, onEntry))
+  src.onopen = () => { stateEl.textContent = 'Live' }
+  src.onerror = () => { stateEl.textContent = 'Reconnecting…' }
+}
