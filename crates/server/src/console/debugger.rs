@@ -203,7 +203,8 @@ pub(crate) async fn page(
 
 fn feed_row(source_id: &str, r: &Row) -> Markup {
     html! {
-        tr.feed-row data-status=(r.status) data-type=(r.call_type) data-mid=(r.message_id) {
+        tr.feed-row data-status=(r.status) data-type=(r.call_type) data-mid=(r.message_id)
+            data-event=(r.event) data-who={ (r.who) " " (r.message_id) } {
             td { (when(&r.at)) }
             td { (status_badge(r.status)) }
             td { (r.call_type) }

@@ -38,6 +38,7 @@ pub fn page(signed: Option<&Signed>, nav: Nav, title: &str, body: Markup) -> Mar
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Tributary" }
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href=(assets::css_href());
                 script src=(assets::js_href()) defer {}
             }

@@ -121,7 +121,6 @@ if (live) {
   function applyFilters() {
     const f = filters()
     $all('tr.feed-row', tbody).forEach((r) => {
-      if (r.dataset.event === undefined) return // server rows were filtered by the server
       r.hidden = !matches(r, f)
     })
   }
