@@ -175,7 +175,7 @@ pub(crate) async fn page(
                 span #new-count role="status" aria-live="polite" {}
             }
             p.hint { "Rejected messages appear in the live feed only: they were never stored." }
-            div.table-wrap {
+            div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" {
                 table #feed {
                     caption.visually-hidden { "Events, newest first" }
                     thead { tr {
@@ -298,7 +298,7 @@ pub(crate) async fn fate(
                 }
             }
             @if !w.discards.is_empty() {
-                div.table-wrap { table {
+                div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                     caption { "Values loaded as NULL (kept in tributary_discards)" }
                     thead { tr { th scope="col" { "Table" } th scope="col" { "Column" } th scope="col" { "Value" } th scope="col" { "Why" } } }
                     tbody { @for d in &w.discards { tr {
@@ -310,7 +310,7 @@ pub(crate) async fn fate(
         section.card aria-labelledby="dst-h" {
             h2 #dst-h { "3. Destinations" }
             @if f.destinations.is_empty() { p { "No destinations are set up." } } @else {
-                div.table-wrap { table {
+                div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                     caption.visually-hidden { "Delivery per destination" }
                     thead { tr { th scope="col" { "Destination" } th scope="col" { "State" } th scope="col" { "Details" } } }
                     tbody { @for d in &f.destinations { tr {

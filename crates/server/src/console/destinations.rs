@@ -175,7 +175,7 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>, signed: Signed) -> 
         @if all.is_empty() {
             p { "No destinations yet. Add one to forward events as they arrive." }
         } @else {
-            div.table-wrap { table {
+            div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                 caption { (all.len()) " destinations" }
                 thead { tr {
                     th scope="col" { "Name" } th scope="col" { "Type" } th scope="col" { "Status" }
@@ -604,7 +604,7 @@ pub(crate) async fn show(
                     input type="hidden" name="action" value="replay";
                     button.primary type="submit" { "Replay " (v.stats.dead_letters) " dead letters" }
                 }
-                div.table-wrap { table {
+                div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                     caption { "Newest " (dead.len()) " dead letters" }
                     thead { tr {
                         th scope="col" { "Event" } th scope="col" { "messageId" }

@@ -137,7 +137,7 @@ fn chart(c: &CampaignReport, idx: usize) -> Markup {
                 ul.legend { @for (_, label, class) in SERIES { li class=(class) { span { (label) } } } }
             }
         }
-        div.table-wrap { table {
+        div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
             caption { "Daily recipients of " (name) " (the chart's data)" }
             thead { tr { th scope="col" { "Day (UTC)" } @for (_, label, _) in SERIES { th.num scope="col" { (label) } } } }
             tbody { @for d in days { tr {
@@ -198,7 +198,7 @@ pub(crate) async fn page(
             @if r.campaigns.is_empty() {
                 p { "No email events loaded for this source yet. Events appear here about a second after they arrive." }
             } @else {
-                div.table-wrap { table #campaigns {
+                div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table #campaigns {
                     caption { "Campaigns (distinct recipients)" }
                     thead { tr {
                         th scope="col" { "Campaign" }
@@ -239,7 +239,7 @@ pub(crate) async fn page(
                         p.hint { "Campaign id " (c.campaign_id)
                             @if let Some(at) = &c.first_event_at { " · first event " (when(at)) } }
                         @if c.links.is_empty() { p { "No link clicks." } } @else {
-                            div.table-wrap { table {
+                            div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                                 caption { "Links" }
                                 thead { tr { th scope="col" { "URL" } th.num scope="col" { "Clicks" } th.num scope="col" { "Unique clickers" } } }
                                 tbody { @for l in &c.links { tr {

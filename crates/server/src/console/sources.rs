@@ -96,7 +96,7 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>, signed: Signed) -> 
         @if sources.is_empty() {
             p { "No sources yet. Add one to get a write key and a webhook URL." }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" {
                 table {
                     caption { (sources.len()) " sources" }
                     thead { tr {

@@ -40,7 +40,7 @@ fn results_table(
     rows: &[Vec<Value>],
 ) -> Markup {
     html! {
-        div.table-wrap { table {
+        div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
             caption { (caption) }
             thead { tr { @for c in columns { th scope="col" { (c.name) } } } }
             tbody { @for r in rows { tr { @for v in r {
@@ -96,7 +96,7 @@ async fn status_section(state: &AppState) -> Result<Markup, ApiError> {
             p { "No schemas yet: tables appear with the first loaded event." }
         }
         @for s in &st.schemas {
-            div.table-wrap { table {
+            div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                 caption { "Schema " code { (s.name) } }
                 thead { tr { th scope="col" { "Table" } th.num scope="col" { "Rows" } } }
                 tbody { @for t in &s.tables {
@@ -161,7 +161,7 @@ pub(crate) async fn table(
     let body = html! {
         h1 { code { (schema) "." (table) } }
         p { a href="/warehouse" { "All tables" } }
-        div.table-wrap { table {
+        div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
             caption { "Columns" }
             thead { tr { th scope="col" { "Column" } th scope="col" { "Type" } } }
             tbody { @for c in &data.columns { tr { th scope="row" { code { (c.name) } } td { (c.ty) } } } }
