@@ -519,6 +519,7 @@ fn stats_json_of(v: &DestinationView) -> Value {
         "last_error": v.stats.last_error.clone().unwrap_or_else(|| "none".into()),
         "status": t,
         "status_class": format!("badge badge-{k}"),
+        "status_symbol": format!("{} ", layout::symbol(k)),
     })
 }
 
@@ -583,7 +584,7 @@ pub(crate) async fn show(
             dl.facts {
                 dt { "Type" } dd { (type_label(&v.kind)) }
                 dt { "Sources" } dd { (source_names.join(", ")) }
-                dt { "Status" } dd { span data-field="status" class={ "badge badge-" (k) } { (t) } }
+                dt { "Status" } dd { (layout::badge_field(k, t, Some("status"))) }
                 dt { "Delivered" } dd data-field="delivered" { (v.stats.delivered) }
                 dt { "Retrying" } dd data-field="retrying" { (v.stats.retrying) }
                 dt { "Dead letters" } dd data-field="dead_letters" { (v.stats.dead_letters) }

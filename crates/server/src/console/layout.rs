@@ -105,18 +105,28 @@ pub fn when(text: &str) -> String {
         .unwrap_or_else(|_| text.to_string())
 }
 
-/// A status badge: a symbol and a word, never colour alone.
-pub fn badge(kind: &str, text: &str) -> Markup {
-    let symbol = match kind {
+/// The symbol shown before a status word of `kind`.
+pub fn symbol(kind: &str) -> &'static str {
+    match kind {
         "ok" => "●",
         "warn" => "◐",
         "bad" => "✕",
         _ => "○",
-    };
+    }
+}
+
+/// A status badge: a symbol and a word, never colour alone.
+pub fn badge(kind: &str, text: &str) -> Markup {
+    badge_field(kind, text, None)
+}
+
+/// A badge whose symbol and word a polling script may replace (`data-field`
+/// `NAME_symbol` and `NAME`, class from `NAME_class`).
+pub fn badge_field(kind: &str, text: &str, field: Option<&str>) -> Markup {
     html! {
         span class={ "badge badge-" (kind) } {
-            span aria-hidden="true" { (symbol) " " }
-            (text)
+            span aria-hidden="true" data-field=[field.map(|f| format!("{f}_symbol"))] { (symbol(kind)) " " }
+            span data-field=[field] { (text) }
         }
     }
 }

@@ -412,7 +412,7 @@ pub(crate) async fn overview(
                 dt { "Type" } dd { (type_label(s.kind)) }
                 dt { "Schema" } dd { code { (s.schema) } }
                 dt { "Status" } dd {
-                    span data-field="status" class={ "badge badge-" (k) } { (t) }
+                    (layout::badge_field(k, t, Some("status")))
                 }
             }
             section.card.last-event aria-labelledby="last-event-h" data-poll={ "/sources/" (s.id) "/last-event" } {
@@ -522,6 +522,7 @@ pub(crate) async fn last_event_json(
             .unwrap_or_else(|| "Waiting for the first event…".into()),
         "status": t,
         "status_class": format!("badge badge-{k}"),
+        "status_symbol": format!("{} ", layout::symbol(k)),
         "raw": last,
     }))
     .into_response()

@@ -85,7 +85,7 @@ $all('[data-poll]').forEach((box) => {
         const f = el.dataset.field
         if (v[f] === undefined || v[f] === null) return
         if (el.textContent !== String(v[f])) el.textContent = String(v[f])
-        if (v[f + '_class']) el.className = v[f + '_class']
+        if (v[f + '_class']) (el.closest('.badge') || el).className = v[f + '_class']
       })
     } catch (e) { /* keep the last shown value */ }
   }
