@@ -39,6 +39,7 @@
 mod dedupe;
 #[cfg(feature = "bench")]
 pub mod null;
+pub mod ownership;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -48,6 +49,7 @@ pub use tributary_model::CallType;
 
 #[cfg(feature = "bench")]
 pub use null::NullLog;
+pub use ownership::{ConsumerRegistry, Lease, Ownership, Sole};
 pub use sqlite::{SqliteLog, SqliteLogConfig};
 
 /// A message to append: already validated and normalized by ingest.

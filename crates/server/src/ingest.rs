@@ -138,7 +138,18 @@ pub async fn tracking(
     let sent: Vec<Value> = if state.live.watched() {
         raw.items
             .iter()
-            .map(|i| i.as_ref().cloned().unwrap_or(Value::Null))
+            .map(|i| {
+                let mut v = i.as_ref().cloned().unwrap_or(Value::Null);
+                if let Value::Object(o) = &mut v {
+                    // The write key is a secret: never shown, as it is never stored.
+                    o.remove("writeKey");
+                    if let Some(call) = raw.call_type {
+                        o.entry("type")
+                            .or_insert_with(|| Value::String(call.as_str().into()));
+                    }
+                }
+                v
+            })
             .collect()
     } else {
         Vec::new()

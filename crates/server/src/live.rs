@@ -104,6 +104,23 @@ pub struct LiveEvent {
     /// read (rejected), or the webhook's fields (unmapped).
     #[serde(serialize_with = "serialize_arc")]
     pub body: Arc<Value>,
+    /// This entry as JSON, encoded once for every watcher ([`LiveEvent::json`]).
+    #[serde(skip)]
+    json: std::sync::OnceLock<Arc<str>>,
+}
+
+impl LiveEvent {
+    /// This entry as compact JSON; encoded on first use and shared by every
+    /// watcher after that, so ten watchers cost one encoding, not ten.
+    pub fn json(&self) -> Arc<str> {
+        self.json
+            .get_or_init(|| {
+                serde_json::to_string(self)
+                    .unwrap_or_else(|_| "{}".into())
+                    .into()
+            })
+            .clone()
+    }
 }
 
 fn serialize_arc<S: serde::Serializer>(v: &Arc<Value>, s: S) -> Result<S::Ok, S::Error> {
@@ -263,6 +280,7 @@ impl Live {
             email: e.email,
             reason: e.reason,
             body: Arc::new(e.body),
+            json: std::sync::OnceLock::new(),
         });
         if ring.len() == RING {
             ring.pop_front();
@@ -326,67 +344,98 @@ pub fn last_event_id(headers: &axum::http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// One entry as an SSE event: `id:` its id, `event:` its kind, `data:` its JSON.
-fn sse_event(e: &LiveEvent) -> axum::response::sse::Event {
-    use axum::response::sse::Event;
-    match serde_json::to_string(e) {
-        Ok(data) => Event::default()
-            .id(e.id.to_string())
-            .event(e.kind.as_str())
-            .data(data),
-        Err(_) => Event::default().comment("an entry could not be encoded"),
-    }
+/// Appends one entry as an SSE event: `id:` its id, `event:` its kind, `data:` its
+/// JSON (compact JSON has no line breaks, so it is one `data:` line).
+fn push_event(out: &mut Vec<u8>, e: &LiveEvent) {
+    use std::io::Write as _;
+    let _ = write!(out, "id: {}\nevent: {}\ndata: ", e.id, e.kind.as_str());
+    out.extend_from_slice(e.json().as_bytes());
+    out.extend_from_slice(b"\n\n");
 }
 
-/// The live stream of one source as server-sent events, resuming after
-/// `last_id` (the client's `Last-Event-ID`): first what the ring holds after it,
-/// then every new entry, with a keep-alive comment every [`KEEP_ALIVE`]. A client
-/// that falls more than the channel's capacity behind gets a comment saying how
-/// many entries it missed. The stream ends when the server shuts down, so it never
-/// holds a graceful shutdown up. Used by the API route and by the console's.
+/// Most entries written into one chunk of the stream.
+const CHUNK_ENTRIES: usize = 256;
+
+/// The live stream of one source as a `text/event-stream` response, resuming
+/// after `last_id` (the client's `Last-Event-ID`): first what the ring holds after
+/// it, then every new entry, with a `: keep-alive` comment after [`KEEP_ALIVE`]
+/// without entries. Entries that are ready together go out in one chunk (a batch
+/// of 500 messages is one write per watcher, not 500). A client that falls more
+/// than the channel's capacity behind gets a comment saying how many entries it
+/// missed. The stream ends when the server shuts down, so it never holds a graceful
+/// shutdown up. Used by the API route and by the console's.
 pub fn sse(
     state: &crate::AppState,
     source_id: &str,
     last_id: Option<u64>,
-) -> axum::response::sse::Sse<
-    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
-    + Send
-    + 'static,
-> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
+) -> axum::response::Response {
     use futures::StreamExt as _;
     let (past, rx) = state.live.subscribe_after(last_id);
     let source = source_id.to_string();
-    let past: Vec<Result<Event, std::convert::Infallible>> = past
-        .iter()
-        .filter(|e| e.source_id == source)
-        .map(|e| Ok(sse_event(e)))
-        .collect();
+    let mut first = Vec::new();
+    for e in past.iter().filter(|e| e.source_id == source) {
+        push_event(&mut first, e);
+    }
+    // An opening comment, so clients (and proxies) see the stream start at once.
+    first.extend_from_slice(b": stream open\n\n");
     let shutdown = state.shutdown.clone();
     let live = futures::stream::unfold(
         (rx, shutdown, source),
         |(mut rx, shutdown, source)| async move {
+            let mut out = Vec::new();
             loop {
                 let next = tokio::select! {
-                    r = rx.recv() => r,
+                    r = tokio::time::timeout(KEEP_ALIVE, rx.recv()) => r,
                     _ = shutdown.wait() => return None,
                 };
                 match next {
-                    Ok(e) if e.source_id == source => {
-                        return Some((Ok(sse_event(&e)), (rx, shutdown, source)));
+                    Err(_) => out.extend_from_slice(b": keep-alive\n\n"),
+                    Ok(Ok(e)) => {
+                        let mut n = 0;
+                        let mut item = Ok(e);
+                        loop {
+                            match item {
+                                Ok(e) if e.source_id == source => {
+                                    push_event(&mut out, &e);
+                                    n += 1;
+                                }
+                                Ok(_) => {}
+                                Err(broadcast::error::TryRecvError::Lagged(k)) => {
+                                    out.extend_from_slice(
+                                        format!(": missed {k} entries\n\n").as_bytes(),
+                                    );
+                                }
+                                Err(_) => break,
+                            }
+                            if n == CHUNK_ENTRIES {
+                                break;
+                            }
+                            item = rx.try_recv();
+                        }
                     }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let note = Event::default().comment(format!("missed {n} entries"));
-                        return Some((Ok(note), (rx, shutdown, source)));
+                    Ok(Err(broadcast::error::RecvError::Lagged(k))) => {
+                        out.extend_from_slice(format!(": missed {k} entries\n\n").as_bytes());
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                }
+                if !out.is_empty() {
+                    let chunk: Result<bytes::Bytes, std::convert::Infallible> = Ok(out.into());
+                    return Some((chunk, (rx, shutdown, source)));
                 }
             }
         },
     );
-    Sse::new(futures::stream::iter(past).chain(live))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
+    let stream = futures::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(first))
+    })
+    .chain(live);
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        // Proxies (nginx) must not buffer the stream.
+        .header("x-accel-buffering", "no")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_default()
 }
 
 /// `GET /api/v1/sources/{id}/events/stream`: the source's live events as
@@ -398,19 +447,12 @@ pub async fn api_stream(
     >,
     headers: axum::http::HeaderMap,
 ) -> Result<axum::response::Response, crate::error::ApiError> {
-    use axum::response::IntoResponse as _;
     if state.control.source(&id).is_none() {
         return Err(crate::error::ApiError::NotFound(format!(
             "no source with id {id:?}"
         )));
     }
-    let mut response = sse(&state, &id, last_event_id(&headers)).into_response();
-    // Proxies (nginx) must not buffer the stream.
-    response.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    Ok(response)
+    Ok(sse(&state, &id, last_event_id(&headers)))
 }
 
 /// Turns a receiver of shared entries into one of owned entries (for
