@@ -431,7 +431,7 @@ pub(crate) async fn create(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     let kind = form.get("type");
     let mut nf = NewForm {
@@ -674,7 +674,7 @@ pub(crate) async fn action(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     let e = &state.destinations;
     let to = match form.get("action") {

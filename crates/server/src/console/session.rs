@@ -230,12 +230,22 @@ pub fn csrf_refusal() -> Response {
     )
 }
 
+/// A refused form (cross-site, or without the session's token): answered 403.
+#[derive(Debug)]
+pub struct Refused;
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        csrf_refusal()
+    }
+}
+
 /// Checks a state-changing form of a signed-in session: same origin and the
-/// session's CSRF token. `Err` is the 403 answer.
-pub fn check_form(headers: &HeaderMap, signed: &Signed, form: &Form) -> Result<(), Response> {
+/// session's CSRF token.
+pub fn check_form(headers: &HeaderMap, signed: &Signed, form: &Form) -> Result<(), Refused> {
     let token = form.get("csrf");
     if !same_origin(headers) || !bool::from(token.as_bytes().ct_eq(signed.csrf.as_bytes())) {
-        return Err(csrf_refusal());
+        return Err(Refused);
     }
     Ok(())
 }
@@ -338,7 +348,7 @@ pub(crate) async fn logout(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     sessions.remove(&signed.id);
     let mut resp = see_other("/login");

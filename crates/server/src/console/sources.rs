@@ -293,7 +293,7 @@ pub(crate) async fn create(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     let (kind_s, name, schema) = (
         form.get("type"),
@@ -538,7 +538,7 @@ pub(crate) async fn action(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     let done = match form.get("action") {
         "enable" => state

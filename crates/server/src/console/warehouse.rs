@@ -210,7 +210,7 @@ pub(crate) async fn query(
 ) -> Response {
     let form = Form::parse(&body);
     if let Err(r) = check_form(&headers, &signed, &form) {
-        return r;
+        return r.into_response();
     }
     let sql = form.get("sql").to_string();
     let result = if sql.trim().is_empty() {

@@ -22,9 +22,11 @@ struct Console {
 
 async fn console() -> Console {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.admin_token = Some("adm_test_token".into());
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        admin_token: Some("adm_test_token".into()),
+        ..Config::default()
+    };
     let state = open_state_with(config, Parts::default()).await.unwrap();
     Console {
         app: router(state.clone()),

@@ -255,7 +255,10 @@ async fn the_console_flow_works_in_a_real_browser_at_1280_and_390_px_and_by_keyb
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let run: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("driver prints JSON ({e}):\n{stdout}\n{stderr}\nserver log:\n{}", s.log())
+        panic!(
+            "driver prints JSON ({e}):\n{stdout}\n{stderr}\nserver log:\n{}",
+            s.log()
+        )
     });
     assert!(
         out.status.success() && run["error"].is_null(),
@@ -269,20 +272,29 @@ async fn the_console_flow_works_in_a_real_browser_at_1280_and_390_px_and_by_keyb
         assert!(f["liveValidation"].as_str().unwrap().len() > 5, "{ctx}");
         assert!(f["writeKey"].as_str().unwrap().starts_with("wk_"), "{ctx}");
         assert!(
-            f["webhookUrl"]
-                .as_str()
-                .unwrap()
-                .ends_with(&format!("/v1/webhooks/activecampaign?writeKey={}", f["writeKey"].as_str().unwrap())),
+            f["webhookUrl"].as_str().unwrap().ends_with(&format!(
+                "/v1/webhooks/activecampaign?writeKey={}",
+                f["writeKey"].as_str().unwrap()
+            )),
             "{ctx}"
         );
-        assert!(f["lastEventBefore"].as_str().unwrap().contains("Waiting"), "{ctx}");
+        assert!(
+            f["lastEventBefore"].as_str().unwrap().contains("Waiting"),
+            "{ctx}"
+        );
         assert_eq!(f["webhookStatus"], 200, "{ctx}");
-        assert!(f["lastEventAfter"].as_str().unwrap().starts_with("open · "), "{ctx}");
+        assert!(
+            f["lastEventAfter"].as_str().unwrap().starts_with("open · "),
+            "{ctx}"
+        );
         assert_eq!(f["statusAfter"], "Receiving", "{ctx}");
         assert_eq!(f["newCounter"], "1 new", "{ctx}");
         assert_eq!(f["rowsWhilePaused"], 0, "paused feed holds new rows: {ctx}");
         assert_eq!(f["rejectedStatus"], 400, "{ctx}");
-        assert!(f["rejectedRow"].as_str().unwrap().contains("rejected"), "{ctx}");
+        assert!(
+            f["rejectedRow"].as_str().unwrap().contains("rejected"),
+            "{ctx}"
+        );
         assert_eq!(f["expandedJson"], true, "{ctx}");
         assert_eq!(f["filteredRows"], 1, "{ctx}");
         assert!(f["fate"].as_str().unwrap().contains("seq "), "{ctx}");
@@ -291,25 +303,52 @@ async fn the_console_flow_works_in_a_real_browser_at_1280_and_390_px_and_by_keyb
         assert!(f["destinationDelivered"].as_u64().unwrap() >= 1, "{ctx}");
         assert!(f["sqlRows"].as_u64().unwrap() >= 3, "{ctx}");
         let csv = f["csv"].as_str().unwrap();
-        assert!(csv.starts_with("event_text,n\r\n") && csv.contains("Email Opened,1"), "{ctx}");
+        assert!(
+            csv.starts_with("event_text,n\r\n") && csv.contains("Email Opened,1"),
+            "{ctx}"
+        );
         let r = &f["report"];
         assert_eq!(r["campaign"], "March newsletter", "{ctx}");
         assert_eq!(
-            (r["delivered"].as_u64(), r["opened"].as_u64(), r["clicked"].as_u64()),
+            (
+                r["delivered"].as_u64(),
+                r["opened"].as_u64(),
+                r["clicked"].as_u64()
+            ),
             (Some(2), Some(1), Some(1)),
             "{ctx}"
         );
-        assert_eq!((r["bounced"].as_u64(), r["spam"].as_u64()), (Some(0), Some(0)), "{ctx}");
+        assert_eq!(
+            (r["bounced"].as_u64(), r["spam"].as_u64()),
+            (Some(0), Some(0)),
+            "{ctx}"
+        );
         assert_eq!(f["reportHasChart"], true, "{ctx}");
         assert_eq!(f["reportHasDefinitions"], true, "{ctx}");
-        assert!(f["afterSignOut"].as_str().unwrap().contains("/login"), "{ctx}");
-        assert!(f["console"].as_array().unwrap().is_empty(), "console errors (CSP?): {ctx}");
+        assert!(
+            f["afterSignOut"].as_str().unwrap().contains("/login"),
+            "{ctx}"
+        );
+        assert!(
+            f["console"].as_array().unwrap().is_empty(),
+            "console errors (CSP?): {ctx}"
+        );
         assert!(!f["screenshots"].as_array().unwrap().is_empty());
     }
     let k = &run["keyboard"];
     check_console_flow("keyboard", k);
-    for step in ["skipLinkFirst", "rotated", "destinationCreated", "sqlResult", "reportReached", "signedOut"] {
+    for step in [
+        "skipLinkFirst",
+        "rotated",
+        "destinationCreated",
+        "sqlResult",
+        "reportReached",
+        "signedOut",
+    ] {
         assert_eq!(k[step], true, "keyboard flow step {step}: {k:#}");
     }
-    assert!(run["received"].as_u64().unwrap() >= 2, "the receiver got the events: {run:#}");
+    assert!(
+        run["received"].as_u64().unwrap() >= 2,
+        "the receiver got the events: {run:#}"
+    );
 }
