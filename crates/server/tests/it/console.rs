@@ -816,3 +816,76 @@ async fn the_admin_api_never_takes_the_session_cookie() {
     let a = send(&c.app, get("/api/v1/sources", &cookie)).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn the_debugger_streams_with_a_session_and_shows_a_stored_events_fate() {
+    let c = console().await;
+    let (cookie, _) = sign_in(&c.app).await;
+    let s = c
+        .state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let req = Request::post("/v1/track")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"writeKey": s.write_key, "userId": "u1", "event": "Signed Up", "messageId": "m-1"})
+                .to_string(),
+        ))
+        .unwrap();
+    assert_eq!(send(&c.app, req).await.status, StatusCode::OK);
+    let page = send(&c.app, get(&format!("/sources/{}/debugger", s.id), &cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body.contains("Signed Up") && page.body.contains("data-mid=\"m-1\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("debugger/fate?message_id=m-1"));
+    let filtered = send(
+        &c.app,
+        get(
+            &format!("/sources/{}/debugger?event=nothing", s.id),
+            &cookie,
+        ),
+    )
+    .await;
+    assert!(
+        !filtered.body.contains("data-mid=\"m-1\""),
+        "filters apply without JavaScript"
+    );
+
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get(&format!("/sources/{}/debugger/stream", s.id), &cookie))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    drop(resp);
+
+    let fate = send(
+        &c.app,
+        get(
+            &format!("/sources/{}/debugger/fate?message_id=m-1", s.id),
+            &cookie,
+        ),
+    )
+    .await;
+    assert_eq!(fate.status, StatusCode::OK, "{}", fate.body);
+    assert!(
+        fate.body.contains("seq 1")
+            && fate.body.contains("2. Warehouse")
+            && fate.body.contains("3. Destinations")
+    );
+    let none = send(
+        &c.app,
+        get(
+            &format!("/sources/{}/debugger/fate?message_id=nope", s.id),
+            &cookie,
+        ),
+    )
+    .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+}
