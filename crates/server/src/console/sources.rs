@@ -83,13 +83,8 @@ pub(crate) async fn home(state: State<Arc<AppState>>, signed: Signed) -> Respons
 pub(crate) async fn list(State(state): State<Arc<AppState>>, signed: Signed) -> Response {
     let sources = state.control.sources();
     let now = state.clock.now();
-    let counts = futures_join(
-        sources
-            .iter()
-            .map(|s| events_today(&state, &s.id))
-            .collect(),
-    )
-    .await;
+    let counts =
+        futures::future::join_all(sources.iter().map(|s| events_today(&state, &s.id))).await;
     let body = html! {
         h1 { "Sources" }
         p.actions { a.button.primary href="/sources/new" { "Add source" } }
@@ -126,14 +121,6 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>, signed: Signed) -> 
         StatusCode::OK,
         layout::page(Some(&signed), Nav::Sources, "Sources", body),
     )
-}
-
-async fn futures_join(futs: Vec<impl std::future::Future<Output = String>>) -> Vec<String> {
-    let mut out = Vec::with_capacity(futs.len());
-    for f in futs {
-        out.push(f.await);
-    }
-    out
 }
 
 #[derive(Deserialize, Default)]
