@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the outside clients that the end-to-end tests drive (crates/tributary/tests/it/sdk.rs,
 # browser.rs): the official Segment SDKs for Python and Node, from PyPI and npm, pinned; and
-# analytics.js (@segment/analytics-next) with playwright-core to drive Debian's Chromium.
+# analytics.js (@segment/analytics-next) with playwright-core to drive Debian's Chromium, and
+# axe-core for the web console's accessibility checks.
 #
 #   Python venv:  $HOME/.cache/tributary-venv   (tests: TRIBUTARY_TEST_PYTHON)
 #   Node modules: $HOME/.cache/tributary-node    (tests: TRIBUTARY_TEST_NODE_MODULES)
@@ -15,6 +16,7 @@ PY_SDK_VERSION="2.4.0" # segment-analytics-python
 NODE_SDK_VERSION="3.1.0" # @segment/analytics-node
 BROWSER_SDK_VERSION="1.84.3" # @segment/analytics-next (its dist/umd build is loaded by the page)
 PLAYWRIGHT_VERSION="1.65.1" # playwright-core (drives the system Chromium; downloads no browser)
+AXE_VERSION="4.14.1" # axe-core (accessibility checks the console browser test injects)
 
 VENV="${TRIBUTARY_VENV:-$HOME/.cache/tributary-venv}"
 NODE_PREFIX="${TRIBUTARY_NODE_PREFIX:-$HOME/.cache/tributary-node}"
@@ -70,11 +72,12 @@ node_pkg_ok() { # NAME VERSION
 node_sdk_ok() {
     node_pkg_ok @segment/analytics-node "$NODE_SDK_VERSION" &&
         node_pkg_ok @segment/analytics-next "$BROWSER_SDK_VERSION" &&
-        node_pkg_ok playwright-core "$PLAYWRIGHT_VERSION"
+        node_pkg_ok playwright-core "$PLAYWRIGHT_VERSION" &&
+        node_pkg_ok axe-core "$AXE_VERSION"
 }
 
 if node_sdk_ok; then
-    log "@segment/analytics-node $NODE_SDK_VERSION, @segment/analytics-next $BROWSER_SDK_VERSION, playwright-core $PLAYWRIGHT_VERSION already in $NODE_PREFIX"
+    log "@segment/analytics-node $NODE_SDK_VERSION, @segment/analytics-next $BROWSER_SDK_VERSION, playwright-core $PLAYWRIGHT_VERSION, axe-core $AXE_VERSION already in $NODE_PREFIX"
 else
     if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
         log "node/npm not found; installing Debian's nodejs and npm"
@@ -87,7 +90,8 @@ else
     npm install --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error \
         "@segment/analytics-node@$NODE_SDK_VERSION" \
         "@segment/analytics-next@$BROWSER_SDK_VERSION" \
-        "playwright-core@$PLAYWRIGHT_VERSION"
+        "playwright-core@$PLAYWRIGHT_VERSION" \
+        "axe-core@$AXE_VERSION"
     node_sdk_ok || {
         log "the Node packages did not install into $NODE_PREFIX"
         exit 1

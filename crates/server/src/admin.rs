@@ -110,7 +110,9 @@ struct PatchSource {
     settings: Option<Value>,
 }
 
-fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
+/// Checks a source's `settings` for its type (the rule the admin API and the console
+/// share).
+pub fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
     if !settings.is_object() {
         return Err(ApiError::bad(
             "invalid_settings",
@@ -130,7 +132,8 @@ fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+/// Checks a source's display name: 1 to 200 characters, not only blanks.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad(
             "invalid_name",

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
@@ -167,6 +168,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(ingest::tracking).options(ops::preflight),
         )
         .nest("/api/v1", api)
+        .merge(console::router())
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
