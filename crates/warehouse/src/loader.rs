@@ -1153,6 +1153,7 @@ mod tests {
                     "timestamp": "2026-11-27T05:10:54.023Z",
                 });
                 Record {
+                    partition: 0,
                     seq: seq + 1,
                     source_id: "src".into(),
                     message_id: format!("t-1-{seq:08}"),
@@ -1234,6 +1235,7 @@ mod tests {
     #[test]
     fn a_batch_of_many_event_names_is_cut_into_parts_of_bounded_tables() {
         let record = |seq: u64, source: &str, event: &str| Record {
+            partition: 0,
             seq,
             source_id: source.into(),
             message_id: format!("m-{seq}"),
@@ -1267,6 +1269,7 @@ mod tests {
     #[test]
     fn a_refused_record_becomes_a_discard_that_moves_the_position() {
         let record = Record {
+            partition: 0,
             seq: 42,
             source_id: "src".into(),
             message_id: "m-42".into(),
