@@ -85,6 +85,12 @@ pub struct Parts {
     pub log: Option<Arc<dyn EventLog>>,
     /// A clock instead of the system clock.
     pub clock: Option<Arc<dyn Clock>>,
+    /// Where the JetStream log keeps consumer positions (cluster mode: the control
+    /// database's registry). Without one, positions are kept in memory.
+    pub registry: Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+    /// Who owns which partition of each consumer (cluster mode: PostgreSQL
+    /// leases). Without one this node owns every partition ([`tributary_eventlog::Sole`]).
+    pub ownership: Option<Arc<dyn tributary_eventlog::Ownership>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -176,6 +182,16 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         tributary_eventlog::bench_log().context(
             "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
         )?
+    } else if config.log.is_jetstream() {
+        let registry = parts.registry.clone().unwrap_or_else(|| {
+            tracing::warn!("jetstream log without a control database: consumer positions are kept in memory only");
+            Arc::new(tributary_eventlog::MemoryRegistry::default())
+        });
+        Arc::new(
+            tributary_eventlog::JetStreamLog::open(config.log.clone(), registry)
+                .await
+                .context("opening the JetStream event log (log.url)")?,
+        )
     } else {
         Arc::new(
             SqliteLog::open(config.log_config())

@@ -170,6 +170,13 @@ pub(crate) async fn log_degraded(
 /// with reasons when data was lost (see [`log_degraded`]).
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
+    if let Err(e) = state.log.healthy().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "reason": e.to_string()})),
+        )
+            .into_response();
+    }
     match state.log.stats().await {
         Ok(s) => {
             let reasons =
