@@ -55,6 +55,8 @@ struct Inner {
     /// has two workers, without holding `workers` while a worker drains.
     changes: Mutex<()>,
     closed: AtomicBool,
+    /// Cluster mode: partition leases, and each partition owner's dedupe window.
+    ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
 }
 
 impl Drop for Inner {
@@ -125,6 +127,29 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
     ) -> Result<Engine, DestinationError> {
+        Self::open_inner(db_path, log, options, None).await
+    }
+
+    /// [`Engine::open`] for a cluster: each destination runs one worker per log
+    /// partition this node owns through `ownership` (module `worker`), sending and
+    /// committing only under its lease, and skipping a `(source, messageId)` seen in
+    /// the partition within `dedupe_window`.
+    pub async fn open_owned(
+        db_path: PathBuf,
+        log: Arc<dyn EventLog>,
+        options: EngineOptions,
+        ownership: Arc<dyn tributary_eventlog::Ownership>,
+        dedupe_window: std::time::Duration,
+    ) -> Result<Engine, DestinationError> {
+        Self::open_inner(db_path, log, options, Some((ownership, dedupe_window))).await
+    }
+
+    async fn open_inner(
+        db_path: PathBuf,
+        log: Arc<dyn EventLog>,
+        options: EngineOptions,
+        ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
+    ) -> Result<Engine, DestinationError> {
         crate::sink::install_crypto_provider();
         let store = Store::open(&db_path).await?;
         let engine = Engine {
@@ -135,6 +160,7 @@ impl Engine {
                 workers: Mutex::new(HashMap::new()),
                 changes: Mutex::new(()),
                 closed: AtomicBool::new(false),
+                ownership,
             }),
         };
         let rows = engine.inner.store.destinations().await?;
@@ -178,6 +204,18 @@ impl Engine {
     fn spawn_worker(&self, row: &DestinationRow) -> Result<WorkerHandle, DestinationError> {
         let config = parse_config(row)?;
         let sink = config.build()?;
+        if let Some((ownership, window)) = &self.inner.ownership {
+            return Ok(WorkerHandle::spawn_owned(
+                row.id.clone(),
+                sink,
+                selector(row, &config),
+                self.inner.options.clone(),
+                self.inner.store.clone(),
+                self.inner.log.clone(),
+                ownership.clone(),
+                *window,
+            ));
+        }
         Ok(WorkerHandle::spawn(
             row.id.clone(),
             sink,

@@ -83,6 +83,11 @@ impl PartitionDedupe {
         }
     }
 
+    /// The window this index keeps.
+    pub fn window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.window_ms.max(0) as u64)
+    }
+
     /// Messages indexed.
     pub fn len(&self) -> usize {
         self.first.len()

@@ -200,12 +200,35 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         )
     };
     ops::install_metrics();
-    let destinations = tributary_destinations::Engine::open(
-        config.data_dir.join("destinations.db"),
-        log.clone(),
-        config.destinations.clone(),
-    )
-    .await
+    // A partitioned log needs a reader per partition even on a single node: without
+    // cluster leases, this node owns them all (`Sole`, epoch 0). The embedded log has
+    // one partition and keeps the unpartitioned consumers.
+    let ownership: Option<Arc<dyn tributary_eventlog::Ownership>> =
+        parts.ownership.clone().or_else(|| {
+            (log.partitions() > 1).then(|| {
+                Arc::new(tributary_eventlog::Sole) as Arc<dyn tributary_eventlog::Ownership>
+            })
+        });
+    let destinations = match ownership.clone() {
+        None => {
+            tributary_destinations::Engine::open(
+                config.data_dir.join("destinations.db"),
+                log.clone(),
+                config.destinations.clone(),
+            )
+            .await
+        }
+        Some(ownership) => {
+            tributary_destinations::Engine::open_owned(
+                config.data_dir.join("destinations.db"),
+                log.clone(),
+                config.destinations.clone(),
+                ownership,
+                config.log.retention,
+            )
+            .await
+        }
+    }
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
     let warehouse = match config.warehouse_config() {
         None => {
@@ -220,11 +243,21 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
                 let control = control.clone();
                 move |id: &str| control.schema_of(id)
             };
-            Some(Arc::new(
-                tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
+            let warehouse = match ownership.clone() {
+                None => {
+                    tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog)).await
+                }
+                Some(ownership) => {
+                    tributary_warehouse::Warehouse::open_owned(
+                        wc,
+                        log.clone(),
+                        Arc::new(catalog),
+                        ownership,
+                    )
                     .await
-                    .context("opening the warehouse")?,
-            ))
+                }
+            };
+            Some(Arc::new(warehouse.context("opening the warehouse")?))
         }
     };
     // Last, so a configuration that fails to open (e.g. a bad TRIBUTARY_WAREHOUSE)
