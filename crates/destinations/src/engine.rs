@@ -29,6 +29,7 @@ use crate::api::{
     ReplayOutcome, ReplayRequest,
 };
 use crate::config::{DestinationConfig, Start};
+use crate::definitions::Definitions;
 use crate::error::DestinationError;
 use crate::filter::Selector;
 use crate::options::EngineOptions;
@@ -48,6 +49,12 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
+    /// Where definitions live: `store` when embedded, the control database in a
+    /// cluster.
+    defs: Arc<dyn Definitions>,
+    /// The definition version (`updated_at_ms`) each running worker was started
+    /// from, so [`Engine::sync_definitions`] can tell what changed elsewhere.
+    versions: std::sync::Mutex<HashMap<String, i64>>,
     log: Arc<dyn EventLog>,
     options: EngineOptions,
     workers: Mutex<HashMap<String, WorkerHandle>>,
@@ -127,34 +134,44 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
     ) -> Result<Engine, DestinationError> {
-        Self::open_inner(db_path, log, options, None).await
+        Engine::open_owned_with(db_path, log, options, None, None).await
     }
 
-    /// [`Engine::open`] for a cluster: each destination runs one worker per log
-    /// partition this node owns through `ownership` (module `worker`), sending and
-    /// committing only under its lease, and skipping a `(source, messageId)` seen in
-    /// the partition within `dedupe_window`.
-    pub async fn open_owned(
+    /// [`Engine::open`], with destination definitions kept in `definitions` (the
+    /// cluster's control database) instead of the engine's file; statistics, dead
+    /// letters and markers stay in the file at `db_path`.
+    pub async fn open_with(
         db_path: PathBuf,
         log: Arc<dyn EventLog>,
         options: EngineOptions,
-        ownership: Arc<dyn tributary_eventlog::Ownership>,
-        dedupe_window: std::time::Duration,
+        definitions: Option<Arc<dyn Definitions>>,
     ) -> Result<Engine, DestinationError> {
-        Self::open_inner(db_path, log, options, Some((ownership, dedupe_window))).await
+        Engine::open_owned_with(db_path, log, options, definitions, None).await
     }
 
-    async fn open_inner(
+    /// [`Engine::open_with`] for a partitioned log: with `ownership` (leases and each
+    /// partition owner's dedupe window), each destination runs one worker per log
+    /// partition this node owns (module `worker`), sending and committing only
+    /// under its lease, and skipping a `(source, messageId)` seen in the partition
+    /// within the window.
+    pub async fn open_owned_with(
         db_path: PathBuf,
         log: Arc<dyn EventLog>,
         options: EngineOptions,
+        definitions: Option<Arc<dyn Definitions>>,
         ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
     ) -> Result<Engine, DestinationError> {
         crate::sink::install_crypto_provider();
         let store = Store::open(&db_path).await?;
+        let defs: Arc<dyn Definitions> = match definitions {
+            Some(d) => d,
+            None => Arc::new(store.clone()),
+        };
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                defs,
+                versions: std::sync::Mutex::new(HashMap::new()),
                 log,
                 options,
                 workers: Mutex::new(HashMap::new()),
@@ -163,7 +180,7 @@ impl Engine {
                 ownership,
             }),
         };
-        let rows = engine.inner.store.destinations().await?;
+        let rows = engine.inner.defs.list().await?;
         engine.reconcile_consumers(&rows).await;
         let mut workers = engine.inner.workers.lock().await;
         for row in rows.iter().filter(|r| r.enabled) {
@@ -204,6 +221,11 @@ impl Engine {
     fn spawn_worker(&self, row: &DestinationRow) -> Result<WorkerHandle, DestinationError> {
         let config = parse_config(row)?;
         let sink = config.build()?;
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(row.id.clone(), row.updated_at_ms);
         if let Some((ownership, window)) = &self.inner.ownership {
             return Ok(WorkerHandle::spawn_owned(
                 row.id.clone(),
@@ -236,8 +258,8 @@ impl Engine {
 
     async fn row(&self, id: &str) -> Result<DestinationRow, DestinationError> {
         self.inner
-            .store
-            .destination(id)
+            .defs
+            .get(id)
             .await?
             .ok_or(DestinationError::NotFound)
     }
@@ -360,7 +382,7 @@ impl Engine {
         }
         // Build first so a sink that cannot be built is never stored.
         config.build()?;
-        self.inner.store.insert_destination(row.clone()).await?;
+        self.inner.defs.insert(row.clone()).await?;
         if row.enabled {
             let worker = self.spawn_worker(&row)?;
             self.inner
@@ -396,7 +418,7 @@ impl Engine {
 
     /// Every destination, oldest first, with statistics.
     pub async fn list(&self) -> Result<Vec<DestinationView>, DestinationError> {
-        let rows = self.inner.store.destinations().await?;
+        let rows = self.inner.defs.list().await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             out.push(self.view(row).await?);
@@ -447,7 +469,9 @@ impl Engine {
         if let Some(old) = old {
             old.stop().await;
         }
-        self.inner.store.update_destination(row.clone()).await?;
+        if !self.inner.defs.update(row.clone()).await? {
+            return Err(DestinationError::NotFound);
+        }
         if !row.enabled {
             // A disabled destination does not hold the log back (see module docs).
             self.inner.log.unpin(&consumer_name(&row.id)).await?;
@@ -472,9 +496,11 @@ impl Engine {
         if let Some(old) = old {
             old.stop().await;
         }
-        if !self.inner.store.delete_destination(id).await? {
+        if !self.inner.defs.delete(id).await? {
             return Err(DestinationError::NotFound);
         }
+        self.inner.store.forget(id).await?;
+        self.forget_version(id);
         if let Err(e) = self.inner.log.remove_consumer(&consumer_name(id)).await {
             tracing::warn!(destination = %id, error = %e, "cannot remove the destination's cursor from the log");
         }
@@ -577,6 +603,70 @@ impl Engine {
             }
         }
         Ok(seqs)
+    }
+
+    fn forget_version(&self, id: &str) {
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Makes this node's workers match the stored definitions after another node
+    /// changed them (cluster mode): a new enabled destination gets a worker, a
+    /// changed one restarts from its cursor, a disabled or deleted one stops (its
+    /// cursor is unpinned or removed as if the change had been made here). Returns
+    /// how many workers it started, restarted or stopped.
+    pub async fn sync_definitions(&self) -> Result<usize, DestinationError> {
+        let _changes = self.inner.changes.lock().await;
+        self.check_open()?;
+        let rows = self.inner.defs.list().await?;
+        let versions = self
+            .inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let running: Vec<String> = self.inner.workers.lock().await.keys().cloned().collect();
+        let mut changed = 0;
+        for id in &running {
+            let keep = rows
+                .iter()
+                .find(|r| &r.id == id)
+                .is_some_and(|r| r.enabled && versions.get(id) == Some(&r.updated_at_ms));
+            if keep {
+                continue;
+            }
+            let old = self.inner.workers.lock().await.remove(id);
+            if let Some(old) = old {
+                old.stop().await;
+                changed += 1;
+            }
+            self.forget_version(id);
+            if !rows.iter().any(|r| &r.id == id)
+                && let Err(e) = self.inner.store.forget(id).await
+            {
+                tracing::warn!(destination = %id, error = %e.detail(), "cannot drop a deleted destination's statistics");
+            }
+        }
+        self.reconcile_consumers(&rows).await;
+        for row in rows.iter().filter(|r| r.enabled) {
+            if self.inner.workers.lock().await.contains_key(&row.id) {
+                continue;
+            }
+            match self.spawn_worker(row) {
+                Ok(w) => {
+                    self.inner.workers.lock().await.insert(row.id.clone(), w);
+                    changed += 1;
+                    tracing::info!(destination = %row.id, "destination changed elsewhere: worker (re)started");
+                }
+                Err(e) => {
+                    tracing::error!(destination = %row.id, error = %e.detail(), "cannot start destination");
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Stops every worker gracefully (requests on the wire finish, cursors are

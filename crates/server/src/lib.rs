@@ -17,6 +17,7 @@ pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -75,6 +76,17 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// Which partitions of which consumer this node may consume: [`Sole`] (every
+    /// partition) when embedded, PostgreSQL leases in cluster mode.
+    ///
+    /// [`Sole`]: tributary_eventlog::Sole
+    pub ownership: Arc<dyn tributary_eventlog::Ownership>,
+    /// Where destinations commit their positions in cluster mode (the control
+    /// database, epoch-fenced); `None` when embedded (the log keeps them).
+    pub registry: Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+    /// The cluster's leases, when this node is part of one (shut down last, so other
+    /// nodes take over at once).
+    pub leases: Option<Arc<cluster::PgOwnership>>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -164,6 +176,8 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
 
 /// [`open_state`], with some parts given instead of opened.
 pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
+    // First: the control plane's and the leases' gauges are set from the start.
+    ops::install_metrics();
     // Files 0600, dirs 0700 from here on, and what exists already narrowed.
     let warehouse_dir = config
         .warehouse_url()
@@ -171,10 +185,25 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
     let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
     files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let control = Arc::new(
-        Control::open(&config.data_dir)
-            .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
-    );
+    let (control, cluster) = if config.is_cluster() {
+        let (control, cluster) = cluster::open(&config).await?;
+        (control, Some(cluster))
+    } else {
+        let control = Arc::new(
+            Control::open(&config.data_dir)
+                .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
+        );
+        (control, None)
+    };
+    let definitions = cluster.as_ref().map(|c| c.definitions.clone());
+    let (ownership, registry, leases): (
+        Arc<dyn tributary_eventlog::Ownership>,
+        Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+        _,
+    ) = match cluster {
+        Some(c) => (c.leases.clone(), Some(c.registry), Some(c.leases)),
+        None => (Arc::new(tributary_eventlog::Sole), None, None),
+    };
     let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
         log
     } else if config.bench_null_log {
@@ -183,7 +212,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
             "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
         )?
     } else if config.log.is_jetstream() {
-        let registry = parts.registry.clone().unwrap_or_else(|| {
+        let registry = parts.registry.clone().or_else(|| registry.clone()).unwrap_or_else(|| {
             tracing::warn!("jetstream log without a control database: consumer positions are kept in memory only");
             Arc::new(tributary_eventlog::MemoryRegistry::default())
         });
@@ -200,35 +229,30 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         )
     };
     ops::install_metrics();
-    // A partitioned log needs a reader per partition even on a single node: without
-    // cluster leases, this node owns them all (`Sole`, epoch 0). The embedded log has
-    // one partition and keeps the unpartitioned consumers.
-    let ownership: Option<Arc<dyn tributary_eventlog::Ownership>> =
+    // Who consumes which partition. Cluster leases apply to a shared (JetStream)
+    // log only: nodes with an embedded log each consume their own. A partitioned log
+    // without leases is consumed whole by this node (`Sole`, epoch 0). The embedded
+    // log has one partition and keeps the unpartitioned consumers.
+    let consumer_ownership: Option<Arc<dyn tributary_eventlog::Ownership>> =
         parts.ownership.clone().or_else(|| {
-            (log.partitions() > 1).then(|| {
-                Arc::new(tributary_eventlog::Sole) as Arc<dyn tributary_eventlog::Ownership>
-            })
+            if leases.is_some() && config.log.is_jetstream() {
+                Some(ownership.clone())
+            } else if log.partitions() > 1 {
+                Some(Arc::new(tributary_eventlog::Sole) as Arc<dyn tributary_eventlog::Ownership>)
+            } else {
+                None
+            }
         });
-    let destinations = match ownership.clone() {
-        None => {
-            tributary_destinations::Engine::open(
-                config.data_dir.join("destinations.db"),
-                log.clone(),
-                config.destinations.clone(),
-            )
-            .await
-        }
-        Some(ownership) => {
-            tributary_destinations::Engine::open_owned(
-                config.data_dir.join("destinations.db"),
-                log.clone(),
-                config.destinations.clone(),
-                ownership,
-                config.log.retention,
-            )
-            .await
-        }
-    }
+    let destinations = tributary_destinations::Engine::open_owned_with(
+        config.data_dir.join("destinations.db"),
+        log.clone(),
+        config.destinations.clone(),
+        definitions,
+        consumer_ownership
+            .clone()
+            .map(|o| (o, config.log.retention)),
+    )
+    .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
     let warehouse = match config.warehouse_config() {
         None => {
@@ -243,7 +267,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
                 let control = control.clone();
                 move |id: &str| control.schema_of(id)
             };
-            let warehouse = match ownership.clone() {
+            let warehouse = match consumer_ownership.clone() {
                 None => {
                     tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog)).await
                 }
@@ -288,6 +312,9 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        ownership,
+        registry,
+        leases,
     }))
 }
 
@@ -315,10 +342,34 @@ fn spawn_control_flusher(state: &AppState) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Cluster mode: follows destination changes made on other nodes — at once when
+/// the control database notifies, and every `control.reload_interval` anyway.
+fn spawn_destination_sync(state: &Arc<AppState>) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut changes = state.control.destination_changes();
+        let mut tick = tokio::time::interval(state.config.control.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.wait() => return,
+                _ = tick.tick() => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+            if let Err(e) = state.destinations.sync_definitions().await {
+                tracing::debug!(error = %e.detail(), "cannot follow destination changes yet");
+            }
+        }
+    });
+}
+
 /// Starts the background stages on the state's shutdown token; the returned task
 /// finishes once every stage has stopped after the token triggered.
 pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     let flusher = spawn_control_flusher(state);
+    if state.config.is_cluster() {
+        spawn_destination_sync(state);
+    }
     let state = state.clone();
     tokio::spawn(async move {
         state.shutdown.wait().await;
@@ -330,6 +381,11 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
         };
         tokio::join!(destinations, warehouse);
         let _ = flusher.await;
+        // Consumers have stopped and committed: hand their partitions over now
+        // rather than after the lease TTL.
+        if let Some(leases) = &state.leases {
+            leases.shutdown().await;
+        }
     })
 }
 
