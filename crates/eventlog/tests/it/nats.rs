@@ -67,6 +67,8 @@ pub fn free_port() -> u16 {
 struct Server {
     name: String,
     port: u16,
+    /// The monitoring (HTTP) port.
+    http: u16,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -84,6 +86,7 @@ impl Nats {
     pub fn start(bin: &Path, n: usize) -> Nats {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let http_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut servers = Vec::new();
         for (i, (port, cport)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
@@ -102,7 +105,8 @@ impl Nats {
                 String::new()
             };
             let text = format!(
-                "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n{cluster}jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{}\"\n{cluster}jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                http_ports[i],
                 store.display()
             );
             let config = dir.path().join(format!("{name}.conf"));
@@ -110,6 +114,7 @@ impl Nats {
             servers.push(Server {
                 name,
                 port: *port,
+                http: http_ports[i],
                 config,
                 child: None,
             });
@@ -174,6 +179,37 @@ impl Nats {
     /// The index of the server named `name` (`n1`…).
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.name == name)
+    }
+
+    /// The index of the server leading `stream`, asked of the running servers'
+    /// monitoring endpoint (`None` while there is no leader).
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        use std::io::{Read, Write};
+        for s in self.servers.iter().filter(|s| s.child.is_some()) {
+            let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", s.http)) else {
+                continue;
+            };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.write_all(
+                b"GET /jsz?accounts=true&streams=true HTTP/1.0\r\nHost: x\r\n\r\n",
+            );
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            // Pretty-printed JSON: compare without whitespace (names have none).
+            let out: String = out.chars().filter(|c| !c.is_whitespace()).collect();
+            let Some(at) = out.find(&format!("\"name\":\"{stream}\"")) else {
+                continue;
+            };
+            let rest = &out[at..];
+            let Some(l) = rest.find("\"leader\":\"") else {
+                continue;
+            };
+            let name: String = rest[l + 10..].chars().take_while(|c| *c != '"').collect();
+            if let Some(i) = self.index_of(&name) {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// SIGKILLs server `i`.

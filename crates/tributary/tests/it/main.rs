@@ -6,6 +6,7 @@
 
 mod activecampaign;
 mod browser;
+mod cluster;
 mod cli;
 mod config;
 mod control_plane;
