@@ -292,7 +292,11 @@ impl Store {
         self.call(move |c| {
             let tx = c.transaction()?;
             for table in ["destinations", "stats", "dead_letters", "batches"] {
-                let col = if table == "destinations" { "id" } else { "dest_id" };
+                let col = if table == "destinations" {
+                    "id"
+                } else {
+                    "dest_id"
+                };
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE {col} = ?1"),
                     params![id],

@@ -233,6 +233,7 @@ const NOT_SERVER_SETTINGS: &[&str] = &[
     "TRIBUTARY_TEST_",
     "TRIBUTARY_VENV",
     "TRIBUTARY_NODE_PREFIX",
+    "TRIBUTARY_NATS_VENV",
 ];
 
 /// The one rule: the variable of a dotted setting (`log.retention` →
@@ -809,7 +810,8 @@ mod tests {
         assert_eq!(c.cluster.lease_ttl, Duration::from_secs(3));
         assert_eq!(c.cluster.renew_interval, Duration::from_millis(500));
         assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
-        let (_d, p) = file("[control]\nurl = \"postgres://x@h/db\"\n[cluster]\nlease_ttl = \"10s\"\n");
+        let (_d, p) =
+            file("[control]\nurl = \"postgres://x@h/db\"\n[cluster]\nlease_ttl = \"10s\"\n");
         let c = Config::load(Some(&p), &HashMap::new()).unwrap();
         assert!(c.is_cluster());
         assert_eq!(c.cluster.lease_ttl, Duration::from_secs(10));

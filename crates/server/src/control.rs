@@ -234,8 +234,7 @@ pub trait ControlStore: Send + Sync + 'static {
     fn write_last_events(&self, events: &[(String, String)]) -> Result<(), ApiError>;
     /// Keeps an unmapped webhook, dropping the source's entries beyond the newest
     /// `keep`.
-    fn record_unmapped(&self, source_id: &str, entry: &Value, keep: usize)
-    -> Result<(), ApiError>;
+    fn record_unmapped(&self, source_id: &str, entry: &Value, keep: usize) -> Result<(), ApiError>;
     /// The newest `limit` unmapped webhooks of a source, newest first.
     fn unmapped(&self, source_id: &str, limit: usize) -> Result<Vec<Value>, ApiError>;
     /// Whether a source with this id is stored.

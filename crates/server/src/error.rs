@@ -218,7 +218,10 @@ impl From<tokio_postgres::Error> for ApiError {
                 store: Store::Control,
                 detail,
             }
-        } else if ["08", "53", "57"].iter().any(|c| code.code().starts_with(c)) {
+        } else if ["08", "53", "57"]
+            .iter()
+            .any(|c| code.code().starts_with(c))
+        {
             ApiError::unavailable(Store::Control, detail)
         } else {
             ApiError::Internal(detail)

@@ -419,7 +419,12 @@ impl Warehouse {
                 )
             }
         };
-        let task = tokio::spawn(partitioned::supervise(ownership, log.clone(), make, stop_rx));
+        let task = tokio::spawn(partitioned::supervise(
+            ownership,
+            log.clone(),
+            make,
+            stop_rx,
+        ));
         Ok(Warehouse {
             backend,
             log,

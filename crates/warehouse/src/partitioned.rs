@@ -42,7 +42,11 @@ pub(crate) async fn supervise(
         running.retain(|partition, r| {
             let keep = leases.contains(&r.lease);
             if !keep {
-                tracing::info!(partition, epoch = r.lease.epoch, "warehouse lease lost; stopping the partition's loader");
+                tracing::info!(
+                    partition,
+                    epoch = r.lease.epoch,
+                    "warehouse lease lost; stopping the partition's loader"
+                );
                 let _ = r.stop.send(true);
             }
             keep
@@ -51,7 +55,11 @@ pub(crate) async fn supervise(
             if running.contains_key(&lease.partition) {
                 continue;
             }
-            tracing::info!(partition = lease.partition, epoch = lease.epoch, "warehouse lease won; loading the partition");
+            tracing::info!(
+                partition = lease.partition,
+                epoch = lease.epoch,
+                "warehouse lease won; loading the partition"
+            );
             let (tx, rx) = watch::channel(false);
             let task = tokio::spawn(make().for_lease(*lease).run(rx));
             running.insert(

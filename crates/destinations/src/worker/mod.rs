@@ -522,7 +522,9 @@ impl Worker {
                         }
                         if let Some(d) = &self.dedupe {
                             let window = d.window();
-                            match PartitionDedupe::rebuild(self.shared.log.as_ref(), &c, window).await {
+                            match PartitionDedupe::rebuild(self.shared.log.as_ref(), &c, window)
+                                .await
+                            {
                                 Ok(index) => {
                                     tracing::info!(destination = %self.shared.id, partition = lease.partition, messages = index.len(), "dedupe index rebuilt from the log");
                                     self.dedupe = Some(index);

@@ -190,9 +190,7 @@ impl Nats {
                 continue;
             };
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = c.write_all(
-                b"GET /jsz?accounts=true&streams=true HTTP/1.0\r\nHost: x\r\n\r\n",
-            );
+            let _ = c.write_all(b"GET /jsz?accounts=true&streams=true HTTP/1.0\r\nHost: x\r\n\r\n");
             let mut out = String::new();
             let _ = c.read_to_string(&mut out);
             // Pretty-printed JSON: compare without whitespace (names have none).

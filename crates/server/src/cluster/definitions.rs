@@ -61,12 +61,9 @@ impl PgDefinitions {
         let mut client = self.pool.get().await.map_err(failed)?;
         let tx = client.transaction().await.map_err(failed)?;
         let n = tx.execute(sql, params).await.map_err(failed)?;
-        tx.execute(
-            "SELECT pg_notify($1, 'destinations')",
-            &[&self.channel],
-        )
-        .await
-        .map_err(failed)?;
+        tx.execute("SELECT pg_notify($1, 'destinations')", &[&self.channel])
+            .await
+            .map_err(failed)?;
         tx.commit().await.map_err(failed)?;
         Ok(n)
     }
@@ -150,7 +147,10 @@ impl Definitions for PgDefinitions {
         let client = self.pool.get().await.map_err(failed)?;
         let r = client
             .query_opt(
-                &format!("SELECT {COLS} FROM {}.destinations WHERE id = $1", self.schema),
+                &format!(
+                    "SELECT {COLS} FROM {}.destinations WHERE id = $1",
+                    self.schema
+                ),
                 &[&id],
             )
             .await

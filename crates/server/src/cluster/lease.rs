@@ -125,7 +125,11 @@ impl PgOwnership {
     pub async fn shutdown(&self) {
         self.halt();
         let names: Vec<String> = {
-            let mut map = self.inner.consumers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self
+                .inner
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             map.drain()
                 .map(|(name, e)| {
                     let _ = e.tx.send(Vec::new());
@@ -151,7 +155,11 @@ impl Drop for PgOwnership {
 impl Ownership for PgOwnership {
     fn owned(&self, consumer: &str, partitions: u32) -> watch::Receiver<Vec<Lease>> {
         let partitions = partitions.max(1);
-        let mut map = self.inner.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let rx = match map.get_mut(consumer) {
             Some(e) => {
                 e.partitions = partitions;
@@ -340,7 +348,12 @@ impl Inner {
             let share = partitions.div_ceil(members) as usize;
             let mut held = renewed;
             if held.len() > share {
-                let extra: Vec<u32> = held.keys().rev().take(held.len() - share).copied().collect();
+                let extra: Vec<u32> = held
+                    .keys()
+                    .rev()
+                    .take(held.len() - share)
+                    .copied()
+                    .collect();
                 for p in &extra {
                     held.remove(p);
                 }
@@ -481,8 +494,7 @@ async fn renew_loop(inner: Arc<Inner>) {
         let round = inner.round();
         match drop_on_deadline(&inner, round).await {
             Ok(()) => {
-                *inner.valid_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(started + keep);
+                *inner.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(started + keep);
                 metrics::gauge!("tributary_control_postgres_up", "role" => "leases").set(1.0);
             }
             Err(RoundError(e)) => {

@@ -92,10 +92,7 @@ pub fn default_node_id() -> String {
     let mut bytes = [0u8; 3];
     let _ = getrandom::fill(&mut bytes);
     let host: String = host.chars().take(60).collect();
-    format!(
-        "{host}-{:02x}{:02x}{:02x}",
-        bytes[0], bytes[1], bytes[2]
-    )
+    format!("{host}-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
 }
 
 /// What cluster mode adds to a node: leases and the destinations' registry.
@@ -114,12 +111,11 @@ pub struct ClusterParts {
 pub async fn open(config: &Config) -> anyhow::Result<(Arc<Control>, ClusterParts)> {
     let control_config = config.control.clone();
     let node_id = config.cluster.node_id.clone();
-    let control = tokio::task::spawn_blocking(move || {
-        Control::open_postgres(&control_config, &node_id)
-    })
-    .await
-    .context("opening the control database")?
-    .map_err(|e| anyhow::anyhow!("opening the control database: {e:?}"))?;
+    let control =
+        tokio::task::spawn_blocking(move || Control::open_postgres(&control_config, &node_id))
+            .await
+            .context("opening the control database")?
+            .map_err(|e| anyhow::anyhow!("opening the control database: {e:?}"))?;
     let cfg = pg::pg_config(config.control.url.trim(), &config.cluster.node_id)
         .map_err(anyhow::Error::msg)?;
     let pool = pg::pool(cfg, 8).map_err(anyhow::Error::msg)?;

@@ -39,8 +39,7 @@ pub fn validate_schema(schema: &str) -> Result<(), String> {
 /// `pg_stat_activity`, with a connect timeout and TCP keepalives (a peer that
 /// vanishes without closing the connection is noticed within a minute).
 pub fn pg_config(url: &str, node_id: &str) -> Result<tokio_postgres::Config, String> {
-    let mut cfg =
-        tokio_postgres::Config::from_str(url).map_err(|e| format!("control url: {e}"))?;
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| format!("control url: {e}"))?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(3));
     }

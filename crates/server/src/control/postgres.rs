@@ -25,9 +25,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::AsyncMessage;
 
-use super::{
-    ChangeSink, ControlConfig, ControlStore, LastEvent, Snapshot, Source, SourceType,
-};
+use super::{ChangeSink, ControlConfig, ControlStore, LastEvent, Snapshot, Source, SourceType};
 use crate::cluster::pg;
 use crate::error::{ApiError, Store};
 
@@ -166,7 +164,9 @@ impl PgControlStore {
         let pool = store.inner.pool.clone();
         store.block(async move {
             let mut client = pool.get().await.map_err(pool_error)?;
-            pg::migrate(&mut client, &schema).await.map_err(ApiError::from)
+            pg::migrate(&mut client, &schema)
+                .await
+                .map_err(ApiError::from)
         })?;
         Ok(store)
     }
@@ -200,11 +200,7 @@ impl PgControlStore {
                 &'t deadpool_postgres::Transaction<'t>,
                 String,
             ) -> std::pin::Pin<
-                Box<
-                    dyn std::future::Future<Output = Result<T, tokio_postgres::Error>>
-                        + Send
-                        + 't,
-                >,
+                Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
             > + Send
             + 'static,
     {
@@ -216,9 +212,12 @@ impl PgControlStore {
             let tx = client.transaction().await.map_err(ApiError::from)?;
             let out = f(&tx, schema).await.map_err(ApiError::from)?;
             if let Some(payload) = notify {
-                tx.execute("SELECT pg_notify($1, $2)", &[&channel.trim_matches('"'), &payload])
-                    .await
-                    .map_err(ApiError::from)?;
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&channel.trim_matches('"'), &payload],
+                )
+                .await
+                .map_err(ApiError::from)?;
             }
             tx.commit().await.map_err(ApiError::from)?;
             Ok(out)
@@ -229,8 +228,11 @@ impl PgControlStore {
         let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut h);
         let up = h.listening && h.last_error.is_none();
-        metrics::gauge!("tributary_control_postgres_up", "role" => "control")
-            .set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("tributary_control_postgres_up", "role" => "control").set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// The listener: LISTEN, reload, follow notifications; reconnect when the
@@ -456,8 +458,11 @@ impl ControlStore for PgControlStore {
         let id = id.to_string();
         self.transaction(Some("sources".into()), move |tx, schema| {
             Box::pin(async move {
-                tx.execute(&format!("DELETE FROM {schema}.sources WHERE id = $1"), &[&id])
-                    .await?;
+                tx.execute(
+                    &format!("DELETE FROM {schema}.sources WHERE id = $1"),
+                    &[&id],
+                )
+                .await?;
                 tx.execute(
                     &format!("DELETE FROM {schema}.unmapped_webhooks WHERE source_id = $1"),
                     &[&id],
@@ -515,12 +520,7 @@ impl ControlStore for PgControlStore {
         })
     }
 
-    fn record_unmapped(
-        &self,
-        source_id: &str,
-        entry: &Value,
-        keep: usize,
-    ) -> Result<(), ApiError> {
+    fn record_unmapped(&self, source_id: &str, entry: &Value, keep: usize) -> Result<(), ApiError> {
         let id = source_id.to_string();
         let entry = entry.to_string();
         self.transaction(None, move |tx, schema| {

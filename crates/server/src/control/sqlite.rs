@@ -183,12 +183,7 @@ impl ControlStore for SqliteStore {
         tx.commit().map_err(internal)
     }
 
-    fn record_unmapped(
-        &self,
-        source_id: &str,
-        entry: &Value,
-        keep: usize,
-    ) -> Result<(), ApiError> {
+    fn record_unmapped(&self, source_id: &str, entry: &Value, keep: usize) -> Result<(), ApiError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction().map_err(internal)?;
         tx.execute(

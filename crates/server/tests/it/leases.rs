@@ -66,7 +66,8 @@ impl Drop for Schema {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                if let Ok((c, conn)) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await {
+                if let Ok((c, conn)) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
                     let _ = c
                         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
@@ -86,11 +87,7 @@ fn settings(node: &str) -> LeaseSettings {
     }
 }
 
-async fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut ok: impl FnMut() -> bool,
-) -> Duration {
+async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !ok() {
         assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
@@ -133,11 +130,18 @@ async fn two_nodes_share_partitions_fairly_and_a_stalled_one_is_replaced_with_a_
     assert!(a.holds("warehouse", held).await.unwrap());
     assert!(!b.holds("warehouse", held).await.unwrap(), "not b's lease");
     let pos = Position::new("log-1", held.partition, 10);
-    assert!(registry.commit("warehouse", &pos, held.epoch).await.unwrap());
+    assert!(
+        registry
+            .commit("warehouse", &pos, held.epoch)
+            .await
+            .unwrap()
+    );
     a.halt();
-    let took = wait_for("node b takes every partition", Duration::from_secs(8), || {
-        parts(&rx_b).len() == 8
-    })
+    let took = wait_for(
+        "node b takes every partition",
+        Duration::from_secs(8),
+        || parts(&rx_b).len() == 8,
+    )
     .await;
     assert!(took <= Duration::from_secs(5), "takeover took {took:?}");
     let new = *rx_b
@@ -167,7 +171,12 @@ async fn two_nodes_share_partitions_fairly_and_a_stalled_one_is_replaced_with_a_
         10
     );
     assert!(b.holds("warehouse", new).await.unwrap());
-    assert!(registry.commit("warehouse", &pos.at(30), new.epoch).await.unwrap());
+    assert!(
+        registry
+            .commit("warehouse", &pos.at(30), new.epoch)
+            .await
+            .unwrap()
+    );
     assert!(
         !registry
             .commit("warehouse", &pos.at(40), held.epoch)
@@ -228,7 +237,10 @@ async fn a_node_that_cannot_renew_drops_its_leases_before_they_expire() {
     };
     let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
     let rx = a.owned("warehouse", 2);
-    wait_for("both partitions", Duration::from_secs(5), || parts(&rx).len() == 2).await;
+    wait_for("both partitions", Duration::from_secs(5), || {
+        parts(&rx).len() == 2
+    })
+    .await;
     // Renewals now fail (the tables are gone); the leases in the database would
     // have lasted 2 s from the last renewal.
     let broke = Instant::now();
@@ -247,9 +259,15 @@ async fn a_node_that_cannot_renew_drops_its_leases_before_they_expire() {
         "dropped {dropped:?} after renewals broke: later than the TTL"
     );
     assert!(
-        !a.holds("warehouse", Lease { partition: 0, epoch: 1 })
-            .await
-            .unwrap_or(false)
+        !a.holds(
+            "warehouse",
+            Lease {
+                partition: 0,
+                epoch: 1
+            }
+        )
+        .await
+        .unwrap_or(false)
     );
     // Renewals work again once the leases expired in the database: the node
     // competes again and wins them under new epochs.
@@ -260,8 +278,15 @@ async fn a_node_that_cannot_renew_drops_its_leases_before_they_expire() {
             s = schema.name
         ))
         .await;
-    wait_for("re-acquired", Duration::from_secs(6), || parts(&rx).len() == 2).await;
-    assert!(rx.borrow().iter().all(|l| l.epoch >= 2), "{:?}", rx.borrow());
+    wait_for("re-acquired", Duration::from_secs(6), || {
+        parts(&rx).len() == 2
+    })
+    .await;
+    assert!(
+        rx.borrow().iter().all(|l| l.epoch >= 2),
+        "{:?}",
+        rx.borrow()
+    );
     a.shutdown().await;
 }
 
@@ -272,31 +297,71 @@ async fn the_registry_keeps_positions_per_log_and_partition() {
     };
     let r = PgRegistry::new(schema.pool.clone(), &schema.name);
     assert_eq!(r.cursor("destination:x", "log", 0).await.unwrap(), None);
-    assert!(r.commit("destination:x", &Position::new("log", 0, 5), 1).await.unwrap());
-    assert!(r.commit("destination:x", &Position::new("log", 3, 7), 1).await.unwrap());
-    assert!(r.commit("destination:x", &Position::new("other", 0, 2), 1).await.unwrap());
-    assert!(r.commit("destination:y", &Position::new("log", 0, 9), 0).await.unwrap());
+    assert!(
+        r.commit("destination:x", &Position::new("log", 0, 5), 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        r.commit("destination:x", &Position::new("log", 3, 7), 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        r.commit("destination:x", &Position::new("other", 0, 2), 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        r.commit("destination:y", &Position::new("log", 0, 9), 0)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         r.cursor("destination:x", "log", 3).await.unwrap(),
         Some(Position::new("log", 3, 7))
     );
     // A higher epoch fences lower ones.
-    assert!(r.commit("destination:x", &Position::new("log", 0, 6), 2).await.unwrap());
-    assert!(!r.commit("destination:x", &Position::new("log", 0, 8), 1).await.unwrap());
-    assert_eq!(r.cursor("destination:x", "log", 0).await.unwrap().unwrap().seq, 6);
+    assert!(
+        r.commit("destination:x", &Position::new("log", 0, 6), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !r.commit("destination:x", &Position::new("log", 0, 8), 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        r.cursor("destination:x", "log", 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .seq,
+        6
+    );
     r.unpin("destination:x").await.unwrap();
     let list = r.list().await.unwrap();
     assert_eq!(list.len(), 4);
-    assert!(list.iter().filter(|c| c.name == "destination:x").all(|c| !c.pinned));
+    assert!(
+        list.iter()
+            .filter(|c| c.name == "destination:x")
+            .all(|c| !c.pinned)
+    );
     assert!(list.iter().any(|c| c.name == "destination:y" && c.pinned));
     // The next commit pins again.
-    assert!(r.commit("destination:x", &Position::new("log", 0, 7), 2).await.unwrap());
-    assert!(r
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|c| c.name == "destination:x" && c.position.partition == 0 && c.pinned));
+    assert!(
+        r.commit("destination:x", &Position::new("log", 0, 7), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        r.list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.name == "destination:x" && c.position.partition == 0 && c.pinned)
+    );
     r.remove("destination:x").await.unwrap();
     assert_eq!(r.cursor("destination:x", "log", 3).await.unwrap(), None);
     assert_eq!(r.list().await.unwrap().len(), 1);

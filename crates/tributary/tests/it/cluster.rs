@@ -35,9 +35,11 @@ async fn receiver() -> (String, Received) {
             Some(Value::Array(a)) => a.clone(),
             _ => vec![v],
         };
-        got.lock()
-            .unwrap()
-            .extend(items.iter().filter_map(|i| i["messageId"].as_str().map(String::from)));
+        got.lock().unwrap().extend(
+            items
+                .iter()
+                .filter_map(|i| i["messageId"].as_str().map(String::from)),
+        );
         "ok"
     }
     let app = axum::Router::new()
@@ -55,7 +57,11 @@ fn psql(url: &str, sql: &str) -> String {
         .arg(sql)
         .output()
         .expect("psql");
-    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -109,8 +115,10 @@ fn start_load(urls: Vec<String>, key: String) -> Load {
                 *n += 1;
                 let id = format!("m-u{user}-{n}");
                 ids.push(id.clone());
-                batch.push(json!({"type": "track", "event": "Step", "userId": format!("u{user}"),
-                    "messageId": id, "properties": {"n": *n}}));
+                batch.push(
+                    json!({"type": "track", "event": "Step", "userId": format!("u{user}"),
+                    "messageId": id, "properties": {"n": *n}}),
+                );
             }
             let url = &urls[round % urls.len()];
             round += 1;
@@ -165,8 +173,10 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
         .admin(
             Method::POST,
             "/destinations",
-            Some(json!({"type": "webhook", "name": "Hook", "source_ids": [src_id],
-                        "settings": {"url": hook}})),
+            Some(
+                json!({"type": "webhook", "name": "Hook", "source_ids": [src_id],
+                        "settings": {"url": hook}}),
+            ),
         )
         .await;
     assert_eq!(st, 201, "{dest}");
@@ -209,7 +219,11 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
     let failed = *load.failed.lock().unwrap();
     let acked_set: HashSet<&str> = acked.iter().map(String::as_str).collect();
     assert_eq!(acked.len(), acked_set.len());
-    assert!(acked.len() > 1000, "too little load got through: {}", acked.len());
+    assert!(
+        acked.len() > 1000,
+        "too little load got through: {}",
+        acked.len()
+    );
 
     // Exactly once in the warehouse: count = count distinct ⊇ the acked set.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -225,7 +239,11 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
             Instant::now() < deadline,
             "{} acked messages not loaded; node logs:\n{}",
             acked_set.iter().filter(|id| !set.contains(**id)).count(),
-            nodes.iter().map(|n| n.log()).collect::<Vec<_>>().join("\n----\n")
+            nodes
+                .iter()
+                .map(|n| n.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };

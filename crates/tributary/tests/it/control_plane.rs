@@ -19,7 +19,18 @@ use crate::warehouse::fresh_postgres_db;
 /// Runs one statement as the superuser in `db`; its trimmed output.
 fn psql(db: &str, sql: &str) -> String {
     let out = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+        ])
         .arg(sql)
         .output()
         .expect("psql");
@@ -104,7 +115,10 @@ async fn a_change_on_one_node_is_honoured_by_the_other_within_a_second() {
     let key1 = src["write_key"].as_str().unwrap().to_string();
     let seen = until_status(&b, &key1, 200, Duration::from_secs(5)).await;
     println!("new source usable on B after {seen:?}");
-    assert!(seen <= second, "B took {seen:?} to accept the new source's key");
+    assert!(
+        seen <= second,
+        "B took {seen:?} to accept the new source's key"
+    );
     let (st, listed) = b.admin(Method::GET, &format!("/sources/{id}"), None).await;
     assert_eq!(st, 200, "{listed}");
     assert_eq!(listed["schema"], "web");
@@ -153,7 +167,10 @@ async fn a_change_on_one_node_is_honoured_by_the_other_within_a_second() {
         .await;
     assert!(st == 204 || st == 200, "delete answered {st}");
     let gone = until_status(&b, &key3, 401, Duration::from_secs(5)).await;
-    assert!(gone <= second, "B took {gone:?} to forget the deleted source");
+    assert!(
+        gone <= second,
+        "B took {gone:?} to forget the deleted source"
+    );
     let (st, _) = b.admin(Method::GET, &format!("/sources/{id}"), None).await;
     assert_eq!(st, 404);
 
@@ -228,7 +245,10 @@ async fn ready_fails_while_the_control_database_is_unreachable_and_recovers() {
     };
     assert_eq!(body["store"], "control", "{body}");
     assert!(
-        body["reason"].as_str().unwrap_or("").contains("control database"),
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("control database"),
         "{body}"
     );
     let text = metrics().await;
@@ -269,7 +289,11 @@ async fn receiver() -> (String, Received) {
             _ => vec![v],
         };
         let mut g = got.lock().unwrap();
-        g.extend(items.iter().filter_map(|i| i["messageId"].as_str().map(String::from)));
+        g.extend(
+            items
+                .iter()
+                .filter_map(|i| i["messageId"].as_str().map(String::from)),
+        );
         "ok"
     }
     let app = axum::Router::new()
@@ -302,8 +326,10 @@ async fn a_destination_defined_on_one_node_is_served_and_delivered_by_the_other(
         .admin(
             Method::POST,
             "/destinations",
-            Some(json!({"type": "webhook", "name": "Hook", "source_ids": [id],
-                        "settings": {"url": hook}})),
+            Some(
+                json!({"type": "webhook", "name": "Hook", "source_ids": [id],
+                        "settings": {"url": hook}}),
+            ),
         )
         .await;
     assert_eq!(st, 201, "{dest}");

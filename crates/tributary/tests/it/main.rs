@@ -6,8 +6,8 @@
 
 mod activecampaign;
 mod browser;
-mod cluster;
 mod cli;
+mod cluster;
 mod config;
 mod control_plane;
 mod crash;

@@ -192,7 +192,13 @@ pub(super) async fn apply(
                 "UPDATE {state}.loader_state SET seq = $2, epoch = $5, updated_at = now()
                  WHERE consumer = $1 AND log_id = $3 AND log_partition = $4"
             ),
-            &[&CONSUMER, &(batch.last_seq as i64), &key.log_id, &partition, &epoch],
+            &[
+                &CONSUMER,
+                &(batch.last_seq as i64),
+                &key.log_id,
+                &partition,
+                &epoch,
+            ],
         )
         .await
         .map_err(classify)?;

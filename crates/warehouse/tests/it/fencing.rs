@@ -71,7 +71,9 @@ async fn a_loader_that_lost_its_lease_commits_nothing(h: &Harness) {
     let first = h
         .append(
             "src",
-            (0..5).map(|i| track(&format!("m-{i}"), "Tick", json!({}))).collect(),
+            (0..5)
+                .map(|i| track(&format!("m-{i}"), "Tick", json!({})))
+                .collect(),
         )
         .await;
     h.wait_loaded(&a, first).await;
@@ -86,7 +88,9 @@ async fn a_loader_that_lost_its_lease_commits_nothing(h: &Harness) {
     let second = h
         .append(
             "src",
-            (5..10).map(|i| track(&format!("m-{i}"), "Tick", json!({}))).collect(),
+            (5..10)
+                .map(|i| track(&format!("m-{i}"), "Tick", json!({})))
+                .collect(),
         )
         .await;
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -100,7 +104,10 @@ async fn a_loader_that_lost_its_lease_commits_nothing(h: &Harness) {
     let b = open_owned(h, FakeOwnership::granting(vec![lease(2)])).await;
     h.wait_loaded(&b, second).await;
     let rows = h
-        .rows(&b, &format!("select count(*), count(distinct id) from {table}"))
+        .rows(
+            &b,
+            &format!("select count(*), count(distinct id) from {table}"),
+        )
         .await;
     assert_eq!(rows[0][0].as_i64(), Some(10), "{rows:?}");
     assert_eq!(rows[0][1].as_i64(), Some(10), "{rows:?}");
