@@ -47,7 +47,7 @@ impl BatchGet<'_> {
 
     /// Up to `batch` messages on subjects matching `filter` stored at or after
     /// `from_ms` (stream time).
-    pub(super) async fn from_time(
+    pub(super) async fn since_time(
         &self,
         from_ms: i64,
         filter: &str,

@@ -658,7 +658,7 @@ impl EventLog for JetStreamLog {
                 }
                 None => {
                     self.batch_get()
-                        .from_time(from_ms.saturating_sub(SLACK_MS), &all, READ_BATCH)
+                        .since_time(from_ms.saturating_sub(SLACK_MS), &all, READ_BATCH)
                         .await?
                 }
             };
