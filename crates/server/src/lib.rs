@@ -23,9 +23,12 @@ pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod fate;
 pub mod files;
 pub mod ingest;
+pub mod live;
 pub mod ops;
+pub mod report;
 pub mod settings;
 pub mod shutdown;
 pub mod warehouse_api;
@@ -87,6 +90,9 @@ pub struct AppState {
     /// The cluster's leases, when this node is part of one (shut down last, so other
     /// nodes take over at once).
     pub leases: Option<Arc<cluster::PgOwnership>>,
+    /// The live event bus of the debugger (accepted, rejected and unmapped
+    /// messages as they happen; nothing durable).
+    pub live: Arc<live::Live>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -143,6 +149,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = admin::routes()
         .merge(destinations_api::routes())
         .merge(warehouse_api::routes())
+        .merge(report::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -315,6 +322,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         ownership,
         registry,
         leases,
+        live: Arc::new(live::Live::new()),
     }))
 }
 

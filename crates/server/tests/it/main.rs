@@ -191,5 +191,6 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
     state.log.close().await;
 }
 
+mod backends;
 mod leases;
 mod refusals;
