@@ -764,7 +764,8 @@ mod tests {
             &env(&[
                 ("TRIBUTARY_NOPE", "1"),
                 ("TRIBUTARY_LOG_NOPE", "1"),
-                ("TRIBUTARY_LOG", "1"),
+                // TRIBUTARY_LOG is the log's URL (a setting); its plural is not.
+                ("TRIBUTARY_LOGS", "1"),
                 ("TRIBUTARY_DATA_DIR_X", "1"),
                 ("TRIBUTARY_SERVER", "http://x"),
                 ("TRIBUTARY_TEST_REQUIRE", "all"),
@@ -777,7 +778,7 @@ mod tests {
             c.ignored_env,
             vec![
                 "TRIBUTARY_DATA_DIR_X",
-                "TRIBUTARY_LOG",
+                "TRIBUTARY_LOGS",
                 "TRIBUTARY_LOG_NOPE",
                 "TRIBUTARY_NOPE"
             ]
