@@ -417,6 +417,30 @@ impl Inner {
             } else {
                 self.publish(consumer, &held);
             }
+            // Released while this round ran: give back what the round renewed or
+            // took for it, so other nodes need not wait for the TTL.
+            let released = !self
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(consumer);
+            if released {
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE {s}.leases SET expires_at = '-infinity'
+                             WHERE consumer = $1 AND owner = $2"
+                        ),
+                        &[consumer, node],
+                    )
+                    .await?;
+                client
+                    .execute(
+                        &format!("DELETE FROM {s}.members WHERE consumer = $1 AND node_id = $2"),
+                        &[consumer, node],
+                    )
+                    .await?;
+            }
         }
         // Members that stopped long ago are only clutter.
         client

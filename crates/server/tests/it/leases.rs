@@ -196,6 +196,32 @@ async fn two_nodes_share_partitions_fairly_and_a_stalled_one_is_replaced_with_a_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_take_at_most_their_fair_share_of_sixteen_partitions() {
+    let Some(schema) = Schema::fresh("leases_three_nodes").await else {
+        return;
+    };
+    let nodes: Vec<PgOwnership> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| PgOwnership::start(schema.pool.clone(), &schema.name, settings(n)))
+        .collect();
+    let rxs: Vec<_> = nodes.iter().map(|n| n.owned("warehouse", 16)).collect();
+    wait_for(
+        "16 partitions spread as 6/6/4",
+        Duration::from_secs(10),
+        || {
+            let sizes: Vec<usize> = rxs.iter().map(|r| parts(r).len()).collect();
+            sizes.iter().sum::<usize>() == 16 && sizes.iter().all(|n| *n <= 6)
+        },
+    )
+    .await;
+    let all: BTreeSet<u32> = rxs.iter().flat_map(parts).collect();
+    assert_eq!(all.len(), 16, "every partition has exactly one owner");
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_consumer_passes_its_partitions_on_at_once() {
     let Some(schema) = Schema::fresh("leases_release").await else {
         return;
