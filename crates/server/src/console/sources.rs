@@ -388,9 +388,22 @@ pub(crate) async fn overview(
         (_, Some("rotated")) => Some("A new write key was issued. The old key no longer works."),
         (_, Some("enabled")) => Some("The source is enabled: it accepts events again."),
         (_, Some("disabled")) => Some("The source is disabled: its write key is refused (403)."),
+        (_, Some("sync_started")) => {
+            Some("The API backfill started. Its progress is below; reload to follow it.")
+        }
         _ => None,
     };
     let last_text = last_event_text(last.as_ref(), state.clock.now());
+    let sync_status = if s.settings.get("api").is_some() {
+        let control = state.control.clone();
+        let sid = s.id.clone();
+        tokio::task::spawn_blocking(move || crate::sync::status_of(&control, &sid))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
     let body = html! {
         h1 { (s.name) }
         @if let Some(n) = notice { p.notice role="status" { (n) } }
@@ -446,6 +459,24 @@ pub(crate) async fn overview(
                     dl.facts {
                         dt { "API URL" } dd { (api.get("url").and_then(Value::as_str).unwrap_or("")) }
                         dt { "Polls every" } dd { (api.get("poll_minutes").and_then(Value::as_u64).unwrap_or(15)) " minutes" }
+                        @if let Some(st) = &sync_status {
+                            dt { "State" } dd data-field="sync_state" { (sync_state_text(st)) }
+                            dt { "Campaigns" } dd { (st.campaigns_done) " of " (st.campaigns_total) " read" }
+                            dt { "Events stored" } dd { (st.events) }
+                            @if let Some(f) = st.finished_at { dt { "Last run finished" } dd { (f.format("%Y-%m-%d %H:%M UTC")) } }
+                            @if let Some(n) = st.next_poll_at { dt { "Next poll" } dd { (n.format("%Y-%m-%d %H:%M UTC")) } }
+                            @if let Some(e) = &st.error { dt { "Last error" } dd.error { (e) } }
+                        }
+                    }
+                    form method="post" action={ "/sources/" (s.id) } {
+                        input type="hidden" name="csrf" value=(signed.csrf);
+                        input type="hidden" name="action" value="sync";
+                        div.field {
+                            label for="sync-since" { "Backfill since (optional; default 60 days ago)" }
+                            input id="sync-since" name="since" type="date" aria-describedby="sync-since-hint";
+                            p.hint id="sync-since-hint" { "Reads every campaign sent since then: Delivered for each recipient without a bounce, opens, clicks, bounces, unsubscribes." }
+                        }
+                        button type="submit" { "Start backfill" }
                     }
                 }
             }
@@ -540,6 +571,12 @@ pub(crate) async fn action(
             tracing::info!(source = %s.id, "write key re-issued in the console");
             "rotated"
         }),
+        "sync" => {
+            let since = Some(form.get("since")).filter(|v| !v.trim().is_empty());
+            crate::sync::begin(&state, &id, since)
+                .await
+                .map(|_| "sync_started")
+        }
         "delete" => {
             return match state.control.delete(&id) {
                 Ok(()) => see_other("/sources"),
@@ -554,5 +591,15 @@ pub(crate) async fn action(
     match done {
         Ok(d) => see_other(&format!("/sources/{id}?done={d}")),
         Err(e) => error_page(&signed, e),
+    }
+}
+
+/// A sync state in words (never by colour alone).
+fn sync_state_text(st: &crate::sync::SyncStatus) -> &'static str {
+    match st.state {
+        crate::sync::SyncState::Idle if st.finished_at.is_none() => "Not run yet",
+        crate::sync::SyncState::Idle => "Idle (polling)",
+        crate::sync::SyncState::Running => "Running",
+        crate::sync::SyncState::Failed => "Failed",
     }
 }

@@ -300,14 +300,22 @@ struct StartSync {
 
 /// Parses `since`: RFC 3339, in the past.
 fn parse_since(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
-    let t = DateTime::parse_from_rfc3339(raw.trim())
+    let raw_t = raw.trim();
+    // An RFC 3339 time, or a date (the console's date field) read as its UTC midnight.
+    let t = DateTime::parse_from_rfc3339(raw_t)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            chrono::NaiveDate::parse_from_str(raw_t, "%Y-%m-%d")
+                .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        })
         .map_err(|_| {
             ApiError::bad(
                 "invalid_since",
-                format!("`since` {raw:?} is not an RFC 3339 time like \"2024-01-31T00:00:00Z\""),
+                format!(
+                    "`since` {raw:?} is not an RFC 3339 time like \"2024-01-31T00:00:00Z\" or a date like \"2024-01-31\""
+                ),
             )
-        })?
-        .with_timezone(&Utc);
+        })?;
     if t > now {
         return Err(ApiError::bad(
             "invalid_since",
@@ -347,12 +355,26 @@ async fn start_sync(
     } else {
         crate::admin::json_body(&body)?
     };
+    let status = begin(&state, &id, req.since.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(status)).into_response())
+}
+
+/// Starts a backfill of source `id` from `since` (RFC 3339 or a date; default 60
+/// days back), as `POST /api/v1/sources/{id}/sync` and the console's "Start backfill"
+/// do: 400 for a bad `since` or a source without API settings, 409 while a run is
+/// going. Returns once the run's start is durable; the run itself goes on in the
+/// background.
+pub async fn begin(
+    state: &Arc<AppState>,
+    id: &str,
+    since: Option<&str>,
+) -> Result<SyncStatus, ApiError> {
     let now = Utc::now();
-    let since = match req.since.as_deref() {
+    let since = match since {
         Some(s) => parse_since(s, now)?,
         None => now - chrono::Duration::days(DEFAULT_BACKFILL_DAYS),
     };
-    let (source, _) = api_source(&state, &id)?;
+    let (source, _) = api_source(state, id)?;
     let lock = state.sync.start_lock(&source.id);
     let _starting = lock.lock().await;
     let mut stored = load_async(&state.control, &source.id).await?;
@@ -382,8 +404,8 @@ async fn start_sync(
     };
     save_async(&state.control, &source.id, &stored).await?;
     tracing::info!(source = %source.id, since = %since, "api sync started");
-    state.sync.wake(&state, &source.id);
-    Ok((StatusCode::ACCEPTED, axum::Json(stored.status)).into_response())
+    state.sync.wake(state, &source.id);
+    Ok(stored.status)
 }
 
 async fn get_sync(
