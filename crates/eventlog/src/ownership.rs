@@ -119,7 +119,10 @@ mod tests {
         let rx = Sole.owned("warehouse", 3);
         let leases = rx.borrow().clone();
         assert_eq!(
-            leases.iter().map(|l| (l.partition, l.epoch)).collect::<Vec<_>>(),
+            leases
+                .iter()
+                .map(|l| (l.partition, l.epoch))
+                .collect::<Vec<_>>(),
             vec![(0, 0), (1, 0), (2, 0)]
         );
         assert!(Sole.holds("warehouse", leases[2]).await.unwrap());

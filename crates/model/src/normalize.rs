@@ -388,7 +388,11 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
             }
         },
     };
-    body.insert("type".into(), Value::String(call_type.as_str().into()));
+    // Re-inserting an equal value changes nothing (a key keeps its place), so the
+    // common case skips the allocation and the insert.
+    if !matches!(body.get("type"), Some(Value::String(s)) if s == call_type.as_str()) {
+        body.insert("type".into(), Value::String(call_type.as_str().into()));
+    }
 
     let id_err = |k: &str| {
         Rejection::new(
@@ -401,7 +405,9 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
     for (k, v) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
         match v {
             Some(s) => {
-                body.insert(k.into(), Value::String(s.clone()));
+                if !matches!(body.get(k), Some(Value::String(old)) if old == s) {
+                    body.insert(k.into(), Value::String(s.clone()));
+                }
             }
             None => {
                 body.remove(k);
@@ -501,7 +507,9 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         }
     }
     .unwrap_or_else(|| format!("api-{}", uuid::Uuid::now_v7().simple()));
-    body.insert("messageId".into(), Value::String(message_id.clone()));
+    if !matches!(body.get("messageId"), Some(Value::String(old)) if *old == message_id) {
+        body.insert("messageId".into(), Value::String(message_id.clone()));
+    }
 
     // Timestamps (segment-spec §1.8): an incoming `timestamp` becomes
     // `originalTimestamp`; `timestamp` is recomputed.
