@@ -29,6 +29,7 @@ use tributary_model::{CallType, Normalized};
 use crate::AppState;
 use crate::control::{LastEvent, Source};
 use crate::error::ApiError;
+use crate::live::{LiveKind, LiveReason, NewLiveEvent};
 
 /// The write key from `Authorization: Basic base64(key:)` or `base64(key)`.
 pub fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
@@ -130,6 +131,26 @@ pub async fn reserve_more<'a>(
     }
 }
 
+/// Shows a refused message of `source` in the debugger (a no-op when nobody
+/// watches). `body` is the message as sent, when it could be read.
+pub fn publish_rejected(
+    state: &AppState,
+    source_id: &str,
+    code: &str,
+    message: &str,
+    body: impl FnOnce() -> Value,
+) {
+    if !state.live.watched() {
+        return;
+    }
+    let mut e = NewLiveEvent::from_body(source_id, LiveKind::Rejected, state.clock.now(), body());
+    e.reason = Some(LiveReason {
+        code: code.to_string(),
+        message: message.to_string(),
+    });
+    state.live.publish(e);
+}
+
 /// What an append did.
 pub struct Appended {
     /// Messages stored.
@@ -164,6 +185,15 @@ pub async fn append(
             .to_string(),
         message_id: last.message_id.clone(),
     });
+    // The debugger's entries, built only when someone watches (see `live`).
+    let live: Vec<Value> = if state.live.watched() {
+        messages
+            .iter()
+            .map(|n| Value::Object(n.body.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut identities = Vec::new();
     let records: Vec<NewRecord> = messages
         .into_iter()
@@ -218,6 +248,17 @@ pub async fn append(
             .map_err(|e| ApiError::Internal(e.to_string()))??;
     }
     state.control.set_last_event(&source.id, last_event);
+    if !live.is_empty() {
+        let at = state.clock.now();
+        for body in live {
+            state.live.publish(NewLiveEvent::from_body(
+                &source.id,
+                LiveKind::Accepted,
+                at,
+                body,
+            ));
+        }
+    }
     Ok(Appended { stored, duplicates })
 }
 

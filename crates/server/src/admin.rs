@@ -267,6 +267,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/sources/{id}/write-key", post(rotate_key))
         .route("/sources/{id}/events", get(source_events))
+        .route("/sources/{id}/events/stream", get(crate::live::api_stream))
+        .route(
+            "/sources/{id}/events/{message_id}",
+            get(crate::fate::fate_route),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
 }

@@ -134,6 +134,26 @@ pub async fn tracking(
         Some(s) => s,
         None => authenticate(&state, raw.write_key.as_deref(), KeyPlace::Tracking)?,
     };
+    // The messages as sent, for the debugger's rejected entries (only when watched).
+    let sent: Vec<Value> = if state.live.watched() {
+        raw.items
+            .iter()
+            .map(|i| {
+                let mut v = i.as_ref().cloned().unwrap_or(Value::Null);
+                if let Value::Object(o) = &mut v {
+                    // The write key is a secret: never shown, as it is never stored.
+                    o.remove("writeKey");
+                    if let Some(call) = raw.call_type {
+                        o.entry("type")
+                            .or_insert_with(|| Value::String(call.as_str().into()));
+                    }
+                }
+                v
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let results = raw.normalize_all(received_at, peer_ip, |obj| prepare(&state, &source, obj));
     let total = results.len();
     let mut accepted = Vec::with_capacity(total);
@@ -143,6 +163,13 @@ pub async fn tracking(
             Ok(n) => accepted.push(n),
             Err(r) => {
                 count_rejection(&r);
+                crate::accept::publish_rejected(
+                    &state,
+                    &source.id,
+                    r.code.as_str(),
+                    &r.message,
+                    || sent.get(i).cloned().unwrap_or(Value::Null),
+                );
                 if ep != Endpoint::Batch {
                     return Err(ApiError::bad(r.code.as_str(), r.message));
                 }

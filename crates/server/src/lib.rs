@@ -22,9 +22,12 @@ pub mod conn;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
+pub mod fate;
 pub mod files;
 pub mod ingest;
+pub mod live;
 pub mod ops;
+pub mod report;
 pub mod settings;
 pub mod shutdown;
 pub mod warehouse_api;
@@ -75,6 +78,9 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// The live event bus of the debugger (accepted, rejected and unmapped
+    /// messages as they happen; nothing durable).
+    pub live: Arc<live::Live>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -125,6 +131,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = admin::routes()
         .merge(destinations_api::routes())
         .merge(warehouse_api::routes())
+        .merge(report::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -239,6 +246,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        live: Arc::new(live::Live::new()),
     }))
 }
 

@@ -23,6 +23,7 @@ use crate::AppState;
 use crate::accept::{KeyPlace, append, authenticate, basic_auth_key, reserve};
 use crate::control::LastEvent;
 use crate::error::{ApiError, Checked};
+use crate::live::{LiveKind, NewLiveEvent};
 
 /// Largest webhook body accepted (ActiveCampaign's are a few KiB).
 const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
@@ -59,6 +60,17 @@ pub async fn activecampaign_keyed(
     handle(state, Some(key), request).await
 }
 
+/// The form fields of a webhook body, as strings (empty when it is not a form).
+fn form_fields(bytes: &[u8]) -> serde_json::Map<String, Value> {
+    tributary_activecampaign::parse_form(bytes)
+        .map(|p| {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn label(raw_type: &str) -> String {
     let t: String = raw_type
         .chars()
@@ -87,7 +99,15 @@ async fn handle(
             WebhookError::Parse(_) => "invalid_form",
             WebhookError::Map(_) => "invalid_webhook",
         };
-        ApiError::bad(code, e.to_string())
+        let message = e.to_string();
+        crate::accept::publish_rejected(
+            &state,
+            &source.id,
+            code,
+            &message,
+            || json!({"fields": form_fields(&bytes)}),
+        );
+        ApiError::bad(code, message)
     })?;
     let received_at = state.clock.now();
     let received = tributary_model::normalize::format_ts(received_at);
@@ -96,14 +116,7 @@ async fn handle(
         Mapped::Unmapped => {
             metrics::counter!("tributary_activecampaign_unmapped_total", "type" => label(&webhook.raw_type))
                 .increment(1);
-            let fields: serde_json::Map<String, Value> =
-                tributary_activecampaign::parse_form(&bytes)
-                    .map(|p| {
-                        p.iter()
-                            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+            let fields = form_fields(&bytes);
             let entry = json!({
                 "type": "unmapped",
                 "activecampaign_type": webhook.raw_type,
@@ -112,9 +125,17 @@ async fn handle(
             });
             let control = state.control.clone();
             let source_id = source.id.clone();
+            let live = state.live.watched().then(|| entry.clone());
             tokio::task::spawn_blocking(move || control.record_unmapped(&source_id, &entry))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
+            if let Some(body) = live {
+                let mut e =
+                    NewLiveEvent::from_body(&source.id, LiveKind::Unmapped, received_at, body);
+                e.event = Some(webhook.raw_type.clone());
+                e.call_type = None;
+                state.live.publish(e);
+            }
             state.control.set_last_event(
                 &source.id,
                 LastEvent {
@@ -141,8 +162,18 @@ async fn handle(
         received_at,
         ..Default::default()
     };
+    let sent = state.live.watched().then(|| Value::Object(message.clone()));
     let normalized = normalize(Value::Object(message), &ctx).map_err(|r| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);
+        if let Some(body) = sent {
+            crate::accept::publish_rejected(
+                &state,
+                &source.id,
+                r.code.as_str(),
+                &r.message,
+                || body,
+            );
+        }
         ApiError::bad(r.code.as_str(), r.message)
     })?;
     let last = LastEvent {

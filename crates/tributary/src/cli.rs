@@ -689,3 +689,145 @@ pub async fn sql(conn: Conn, sql: String, format: SqlFormat) -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// `tributary report …`.
+#[derive(Subcommand)]
+pub enum ReportCmd {
+    /// Per campaign of an ActiveCampaign source: delivered, bounced, opened,
+    /// clicked, unsubscribed, spam, the rates and the links, with the definitions.
+    Email {
+        /// Source id.
+        source: String,
+        /// Start (inclusive): RFC 3339 time or YYYY-MM-DD.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive): RFC 3339 time or YYYY-MM-DD.
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+/// Percent with one decimal, `—` for a rate that has no denominator.
+fn percent(v: &Value) -> String {
+    match v.as_f64() {
+        Some(f) => format!("{:.1}%", f * 100.0),
+        None => "\u{2014}".into(),
+    }
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters kept).
+fn query_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Runs `tributary report …` against `/api/v1/reports/…`.
+pub async fn report(conn: Conn, cmd: ReportCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn)?;
+    match cmd {
+        ReportCmd::Email { source, from, to } => {
+            let mut path = format!("/reports/email?source={}", query_value(&source));
+            if let Some(f) = from {
+                path.push_str(&format!("&from={}", query_value(&f)));
+            }
+            if let Some(t) = to {
+                path.push_str(&format!("&to={}", query_value(&t)));
+            }
+            let out = c.call(reqwest::Method::GET, &path, None).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            print_email_report(&out);
+        }
+    }
+    Ok(())
+}
+
+fn print_email_report(out: &Value) {
+    let campaigns: Vec<&Value> = out["campaigns"].as_array().into_iter().flatten().collect();
+    if campaigns.is_empty() {
+        println!("no email events loaded for this source yet");
+    } else {
+        let rows: Vec<Vec<String>> = campaigns
+            .iter()
+            .map(|c| {
+                let n = |k: &str| text(&c[k]);
+                vec![
+                    n("campaign_id"),
+                    n("campaign_name"),
+                    n("delivered"),
+                    n("bounced"),
+                    n("opened"),
+                    n("clicked"),
+                    n("unsubscribed"),
+                    n("spam"),
+                    percent(&c["open_rate"]),
+                    percent(&c["click_rate"]),
+                    percent(&c["click_to_open_rate"]),
+                    percent(&c["bounce_rate"]),
+                    percent(&c["unsubscribe_rate"]),
+                    percent(&c["spam_rate"]),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "CAMPAIGN",
+                "NAME",
+                "DELIVERED",
+                "BOUNCED",
+                "OPENED",
+                "CLICKED",
+                "UNSUBSCRIBED",
+                "SPAM",
+                "OPEN",
+                "CLICK",
+                "CTOR",
+                "BOUNCE",
+                "UNSUB",
+                "SPAM%",
+            ],
+            &rows,
+        );
+        for c in &campaigns {
+            let links: Vec<Vec<String>> = c["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    vec![
+                        text(&l["url"]),
+                        text(&l["clicks"]),
+                        text(&l["unique_clickers"]),
+                    ]
+                })
+                .collect();
+            if links.is_empty() {
+                continue;
+            }
+            println!();
+            println!(
+                "links of campaign {} ({})",
+                text(&c["campaign_id"]),
+                text(&c["campaign_name"])
+            );
+            print_table(&["URL", "CLICKS", "UNIQUE CLICKERS"], &links);
+        }
+    }
+    println!();
+    println!("definitions:");
+    if let Some(defs) = out["definitions"].as_object() {
+        let width = defs.keys().map(|k| k.chars().count()).max().unwrap_or(0);
+        for (k, v) in defs {
+            println!("  {k:<width$}  {}", text(v));
+        }
+    }
+}

@@ -92,6 +92,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::DestinationsCmd,
     },
+    /// Reports computed from the warehouse, e.g. `tributary report email SRC`.
+    Report {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        command: cli::ReportCmd,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,6 +126,7 @@ fn main() -> std::process::ExitCode {
             Command::Sources { conn, command } => cli::sources(conn, command).await,
             Command::Destinations { conn, command } => cli::destinations(conn, command).await,
             Command::Sql { conn, sql, format } => cli::sql(conn, sql, format).await,
+            Command::Report { conn, command } => cli::report(conn, command).await,
         }
     });
     match result {

@@ -141,6 +141,33 @@ impl Backend {
         }
     }
 
+    /// Columns of the given tables of `schema` (absent tables left out).
+    pub(crate) async fn columns(
+        &self,
+        schema: &str,
+        tables: &[String],
+    ) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError>
+    {
+        match self {
+            Backend::Sqlite(b) => b.columns(schema, tables).await,
+            Backend::Postgres(b) => b.columns(schema, tables).await,
+        }
+    }
+
+    /// Runs Tributary's own read-only statements on `schema` (built by
+    /// `crate::report` with every identifier quoted; on SQLite tables are
+    /// unqualified, on PostgreSQL schema-qualified).
+    pub(crate) async fn read_rows(
+        &self,
+        schema: &str,
+        sqls: Vec<String>,
+    ) -> Result<Vec<Vec<Vec<serde_json::Value>>>, WarehouseError> {
+        match self {
+            Backend::Sqlite(b) => b.read_rows(schema, sqls).await,
+            Backend::Postgres(b) => b.read_rows(sqls).await,
+        }
+    }
+
     pub(crate) async fn close(&self) {
         match self {
             Backend::Sqlite(b) => b.close().await,

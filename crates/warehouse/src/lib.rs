@@ -50,6 +50,7 @@ mod outcome;
 mod plan;
 mod postgres;
 pub mod query;
+pub mod report;
 mod sqlite;
 pub mod types;
 
@@ -469,6 +470,34 @@ impl Warehouse {
             query::guard::Refusal::NotAllowed(m) => WarehouseError::NotAllowed(m),
         })?;
         self.backend.query(sql, kind).await
+    }
+
+    /// The email report's counts of `schema` (DESIGN.md §5) for events whose
+    /// `timestamp` is in `[from, to)`; email tables not loaded yet count as empty.
+    pub async fn email_facts(
+        &self,
+        schema: &str,
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<report::EmailFacts, WarehouseError> {
+        if validate_schema_name(schema).is_err() {
+            return Err(WarehouseError::NotFound(format!("schema {schema:?}")));
+        }
+        report::email_facts(&self.backend, schema, from, to).await
+    }
+
+    /// Which of `tables` of `schema` hold the row `id` (a messageId), and what of it
+    /// went to `tributary_discards`.
+    pub async fn row_presence(
+        &self,
+        schema: &str,
+        tables: &[String],
+        id: &str,
+    ) -> Result<report::RowPresence, WarehouseError> {
+        if validate_schema_name(schema).is_err() {
+            return Err(WarehouseError::NotFound(format!("schema {schema:?}")));
+        }
+        report::row_presence(&self.backend, schema, tables, id).await
     }
 
     /// The loader's lag behind the log.

@@ -191,4 +191,5 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
     state.log.close().await;
 }
 
+mod backends;
 mod refusals;

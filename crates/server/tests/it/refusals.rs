@@ -21,7 +21,7 @@ use tributary_server::{Config, Parts, open_state_with, router};
 
 /// A log that stores nothing but acknowledges every append.
 #[derive(Default)]
-struct AckLog {
+pub(crate) struct AckLog {
     next: AtomicU64,
     head: Option<watch::Sender<u64>>,
 }

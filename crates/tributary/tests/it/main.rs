@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod poison;
 mod query_safety;
+mod report;
 mod retention;
 mod sdk;
 mod startup;

@@ -476,6 +476,22 @@ impl PostgresBackend {
         read::query(&self.query_role, sql, kind, limits).await
     }
 
+    pub(crate) async fn columns(
+        &self,
+        schema: &str,
+        tables: &[String],
+    ) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError>
+    {
+        read::columns(&self.read_pool, schema, tables).await
+    }
+
+    pub(crate) async fn read_rows(
+        &self,
+        sqls: Vec<String>,
+    ) -> Result<Vec<Vec<Vec<serde_json::Value>>>, WarehouseError> {
+        read::read_rows(&self.read_pool, &sqls, self.query_timeout).await
+    }
+
     pub(crate) fn close(&self) {
         self.load_pool.close();
         self.read_pool.close();

@@ -260,6 +260,51 @@ pub(super) async fn table(
     .await
 }
 
+/// Columns of the given tables of a warehouse schema (absent tables left out).
+pub(super) async fn columns(
+    pool: &Pool,
+    schema: &str,
+    tables: &[String],
+) -> Result<std::collections::HashMap<String, std::collections::HashSet<String>>, WarehouseError> {
+    with_client(pool, async |c| {
+        let rows = c
+            .query(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = ANY($2)
+                   AND EXISTS (SELECT 1 FROM pg_class d JOIN pg_namespace n
+                               ON n.oid = d.relnamespace
+                               WHERE n.nspname = $1 AND d.relname = 'tributary_discards')",
+                &[&schema, &tables],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut out: std::collections::HashMap<String, std::collections::HashSet<String>> =
+            std::collections::HashMap::new();
+        for r in rows {
+            out.entry(r.get(0)).or_default().insert(r.get(1));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Runs Tributary's own read-only statements (tables schema-qualified) in one
+/// read-only transaction each, and returns each one's rows as JSON.
+pub(super) async fn read_rows(
+    pool: &Pool,
+    sqls: &[String],
+    timeout: Duration,
+) -> Result<Vec<Vec<Vec<Value>>>, WarehouseError> {
+    with_client(pool, async |c| {
+        let mut out = Vec::with_capacity(sqls.len());
+        for sql in sqls {
+            out.push(run_read(c, sql, timeout, usize::MAX).await?.rows);
+        }
+        Ok(out)
+    })
+    .await
+}
+
 /// Runs Tributary's own read (table browsing) in a read-only transaction that is
 /// always rolled back.
 async fn run_read(

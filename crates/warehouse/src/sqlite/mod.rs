@@ -379,6 +379,24 @@ impl SqliteBackend {
         read::run(move || read::query(&dir, &sql, limits, &runtime)).await
     }
 
+    pub(crate) async fn columns(
+        &self,
+        schema: &str,
+        tables: &[String],
+    ) -> Result<HashMap<String, std::collections::HashSet<String>>, WarehouseError> {
+        let (dir, schema, tables) = (self.dir.clone(), schema.to_string(), tables.to_vec());
+        read::run(move || read::columns(&dir, &schema, &tables)).await
+    }
+
+    pub(crate) async fn read_rows(
+        &self,
+        schema: &str,
+        sqls: Vec<String>,
+    ) -> Result<Vec<Vec<Vec<serde_json::Value>>>, WarehouseError> {
+        let (dir, schema) = (self.dir.clone(), schema.to_string());
+        read::run(move || read::read_rows(&dir, &schema, &sqls)).await
+    }
+
     pub(crate) async fn close(&self) {
         let writer = self.writer.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -531,6 +531,58 @@ fn cut_value(v: ValueRef<'_>, cap: usize) -> (ValueRef<'_>, bool) {
     }
 }
 
+/// Columns of the given tables of a schema (tables that do not exist are left
+/// out; a schema without a file has none).
+pub(super) fn columns(
+    dir: &Path,
+    schema: &str,
+    tables: &[String],
+) -> Result<std::collections::HashMap<String, HashSet<String>>, WarehouseError> {
+    let path = schema_path(dir, schema);
+    let mut out = std::collections::HashMap::new();
+    if !path.exists() {
+        return Ok(out);
+    }
+    let conn = open_ro(&path).map_err(unavailable)?;
+    for t in tables {
+        let cols = table_columns(&conn, t).map_err(unavailable)?;
+        if !cols.is_empty() {
+            out.insert(t.clone(), cols.into_iter().map(|(n, _)| n).collect());
+        }
+    }
+    Ok(out)
+}
+
+/// Runs Tributary's own read-only statements on a schema file (tables unqualified)
+/// and returns each one's rows as JSON. An absent schema file has no rows.
+pub(super) fn read_rows(
+    dir: &Path,
+    schema: &str,
+    sqls: &[String],
+) -> Result<Vec<Vec<Vec<Value>>>, WarehouseError> {
+    let path = schema_path(dir, schema);
+    if !path.exists() {
+        return Ok(sqls.iter().map(|_| Vec::new()).collect());
+    }
+    let conn = open_ro(&path).map_err(unavailable)?;
+    let mut out = Vec::with_capacity(sqls.len());
+    for sql in sqls {
+        let mut stmt = conn.prepare(sql).map_err(unavailable)?;
+        let n = stmt.column_count();
+        let mut rows = stmt.query([]).map_err(unavailable)?;
+        let mut result = Vec::new();
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let mut values = Vec::with_capacity(n);
+            for i in 0..n {
+                values.push(json_value(row.get_ref(i).map_err(unavailable)?, None));
+            }
+            result.push(values);
+        }
+        out.push(result);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
