@@ -29,6 +29,7 @@ use crate::api::{
     ReplayOutcome, ReplayRequest,
 };
 use crate::config::{DestinationConfig, Start};
+use crate::definitions::Definitions;
 use crate::error::DestinationError;
 use crate::filter::Selector;
 use crate::options::EngineOptions;
@@ -48,6 +49,12 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
+    /// Where definitions live: `store` when embedded, the control database in a
+    /// cluster.
+    defs: Arc<dyn Definitions>,
+    /// The definition version (`updated_at_ms`) each running worker was started
+    /// from, so [`Engine::sync_definitions`] can tell what changed elsewhere.
+    versions: std::sync::Mutex<HashMap<String, i64>>,
     log: Arc<dyn EventLog>,
     options: EngineOptions,
     workers: Mutex<HashMap<String, WorkerHandle>>,
@@ -125,11 +132,29 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
     ) -> Result<Engine, DestinationError> {
+        Engine::open_with(db_path, log, options, None).await
+    }
+
+    /// [`Engine::open`], with destination definitions kept in `definitions` (the
+    /// cluster's control database) instead of the engine's file; statistics, dead
+    /// letters and markers stay in the file at `db_path`.
+    pub async fn open_with(
+        db_path: PathBuf,
+        log: Arc<dyn EventLog>,
+        options: EngineOptions,
+        definitions: Option<Arc<dyn Definitions>>,
+    ) -> Result<Engine, DestinationError> {
         crate::sink::install_crypto_provider();
         let store = Store::open(&db_path).await?;
+        let defs: Arc<dyn Definitions> = match definitions {
+            Some(d) => d,
+            None => Arc::new(store.clone()),
+        };
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                defs,
+                versions: std::sync::Mutex::new(HashMap::new()),
                 log,
                 options,
                 workers: Mutex::new(HashMap::new()),
@@ -137,7 +162,7 @@ impl Engine {
                 closed: AtomicBool::new(false),
             }),
         };
-        let rows = engine.inner.store.destinations().await?;
+        let rows = engine.inner.defs.list().await?;
         engine.reconcile_consumers(&rows).await;
         let mut workers = engine.inner.workers.lock().await;
         for row in rows.iter().filter(|r| r.enabled) {
@@ -178,6 +203,11 @@ impl Engine {
     fn spawn_worker(&self, row: &DestinationRow) -> Result<WorkerHandle, DestinationError> {
         let config = parse_config(row)?;
         let sink = config.build()?;
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(row.id.clone(), row.updated_at_ms);
         Ok(WorkerHandle::spawn(
             row.id.clone(),
             sink,
@@ -198,8 +228,8 @@ impl Engine {
 
     async fn row(&self, id: &str) -> Result<DestinationRow, DestinationError> {
         self.inner
-            .store
-            .destination(id)
+            .defs
+            .get(id)
             .await?
             .ok_or(DestinationError::NotFound)
     }
@@ -322,7 +352,7 @@ impl Engine {
         }
         // Build first so a sink that cannot be built is never stored.
         config.build()?;
-        self.inner.store.insert_destination(row.clone()).await?;
+        self.inner.defs.insert(row.clone()).await?;
         if row.enabled {
             let worker = self.spawn_worker(&row)?;
             self.inner
@@ -358,7 +388,7 @@ impl Engine {
 
     /// Every destination, oldest first, with statistics.
     pub async fn list(&self) -> Result<Vec<DestinationView>, DestinationError> {
-        let rows = self.inner.store.destinations().await?;
+        let rows = self.inner.defs.list().await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             out.push(self.view(row).await?);
@@ -409,7 +439,9 @@ impl Engine {
         if let Some(old) = old {
             old.stop().await;
         }
-        self.inner.store.update_destination(row.clone()).await?;
+        if !self.inner.defs.update(row.clone()).await? {
+            return Err(DestinationError::NotFound);
+        }
         if !row.enabled {
             // A disabled destination does not hold the log back (see module docs).
             self.inner.log.unpin(&consumer_name(&row.id)).await?;
@@ -434,9 +466,11 @@ impl Engine {
         if let Some(old) = old {
             old.stop().await;
         }
-        if !self.inner.store.delete_destination(id).await? {
+        if !self.inner.defs.delete(id).await? {
             return Err(DestinationError::NotFound);
         }
+        self.inner.store.forget(id).await?;
+        self.forget_version(id);
         if let Err(e) = self.inner.log.remove_consumer(&consumer_name(id)).await {
             tracing::warn!(destination = %id, error = %e, "cannot remove the destination's cursor from the log");
         }
@@ -539,6 +573,70 @@ impl Engine {
             }
         }
         Ok(seqs)
+    }
+
+    fn forget_version(&self, id: &str) {
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Makes this node's workers match the stored definitions after another node
+    /// changed them (cluster mode): a new enabled destination gets a worker, a
+    /// changed one restarts from its cursor, a disabled or deleted one stops (its
+    /// cursor is unpinned or removed as if the change had been made here). Returns
+    /// how many workers it started, restarted or stopped.
+    pub async fn sync_definitions(&self) -> Result<usize, DestinationError> {
+        let _changes = self.inner.changes.lock().await;
+        self.check_open()?;
+        let rows = self.inner.defs.list().await?;
+        let versions = self
+            .inner
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let running: Vec<String> = self.inner.workers.lock().await.keys().cloned().collect();
+        let mut changed = 0;
+        for id in &running {
+            let keep = rows
+                .iter()
+                .find(|r| &r.id == id)
+                .is_some_and(|r| r.enabled && versions.get(id) == Some(&r.updated_at_ms));
+            if keep {
+                continue;
+            }
+            let old = self.inner.workers.lock().await.remove(id);
+            if let Some(old) = old {
+                old.stop().await;
+                changed += 1;
+            }
+            self.forget_version(id);
+            if !rows.iter().any(|r| &r.id == id)
+                && let Err(e) = self.inner.store.forget(id).await
+            {
+                tracing::warn!(destination = %id, error = %e.detail(), "cannot drop a deleted destination's statistics");
+            }
+        }
+        self.reconcile_consumers(&rows).await;
+        for row in rows.iter().filter(|r| r.enabled) {
+            if self.inner.workers.lock().await.contains_key(&row.id) {
+                continue;
+            }
+            match self.spawn_worker(row) {
+                Ok(w) => {
+                    self.inner.workers.lock().await.insert(row.id.clone(), w);
+                    changed += 1;
+                    tracing::info!(destination = %row.id, "destination changed elsewhere: worker (re)started");
+                }
+                Err(e) => {
+                    tracing::error!(destination = %row.id, error = %e.detail(), "cannot start destination");
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Stops every worker gracefully (requests on the wire finish, cursors are

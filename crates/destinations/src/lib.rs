@@ -21,6 +21,7 @@
 pub mod activecampaign;
 mod api;
 mod config;
+pub mod definitions;
 mod engine;
 mod error;
 mod filter;
@@ -39,6 +40,7 @@ pub use api::{
     ReplayOutcome, ReplayRequest,
 };
 pub use config::{DestinationConfig, REDACTED, Start, TYPES};
+pub use definitions::{Definitions, DestinationRow};
 pub use engine::{Engine, MAX_DEAD_LETTER_LIMIT};
 pub use error::DestinationError;
 pub use filter::{CALL_TYPES, Filters};

@@ -27,17 +27,24 @@ use crate::api::DeadLetter;
 use crate::error::DestinationError;
 use crate::filter::Filters;
 
-/// A stored destination.
-#[derive(Debug, Clone)]
-pub(crate) struct DestinationRow {
+/// A stored destination definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationRow {
+    /// Stable id (`dst_…`).
     pub id: String,
+    /// Name.
     pub name: String,
     /// `DestinationConfig` as JSON.
     pub config: String,
+    /// The sources it takes events from.
     pub source_ids: Vec<String>,
+    /// Which events it takes.
     pub filters: Filters,
+    /// Whether it delivers.
     pub enabled: bool,
+    /// Creation time, ms since the Unix epoch.
     pub created_at_ms: i64,
+    /// Last change, ms since the Unix epoch (also the version nodes compare).
     pub updated_at_ms: i64,
 }
 
@@ -274,6 +281,28 @@ impl Store {
             }
             tx.commit()?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Drops what this file keeps about a destination besides its definition
+    /// (statistics, dead letters, markers).
+    pub(crate) async fn forget(&self, id: &str) -> Result<(), DestinationError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            for table in ["destinations", "stats", "dead_letters", "batches"] {
+                let col = if table == "destinations" {
+                    "id"
+                } else {
+                    "dest_id"
+                };
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE {col} = ?1"),
+                    params![id],
+                )?;
+            }
+            tx.commit()
         })
         .await
     }

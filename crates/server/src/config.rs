@@ -71,6 +71,13 @@ pub struct Config {
     pub ignored_env: Vec<String>,
     /// Connection timeouts and limits (`[http]`, `TRIBUTARY_HTTP_<FIELD>`).
     pub http: crate::conn::HttpConfig,
+    /// Where sources, keys and identities live (`[control]`,
+    /// `TRIBUTARY_CONTROL_<FIELD>`; `TRIBUTARY_CONTROL=postgres://…` selects the
+    /// cluster's shared control database).
+    pub control: crate::control::ControlConfig,
+    /// This node in a cluster: its id and partition leases (`[cluster]`,
+    /// `TRIBUTARY_CLUSTER_<FIELD>`; used with a PostgreSQL control database).
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// Size limits of the Tracking API (segment-spec §1.3).
@@ -103,6 +110,8 @@ impl Default for Config {
             destinations: EngineOptions::default(),
             ignored_env: Vec::new(),
             http: crate::conn::HttpConfig::default(),
+            control: crate::control::ControlConfig::default(),
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }
@@ -210,7 +219,10 @@ pub const ALIASES: &[Alias] = &[
 ];
 
 /// Documented short variable names: (variable, dotted setting).
-pub const SHORT_NAMES: &[(&str, &str)] = &[("TRIBUTARY_WAREHOUSE", "warehouse.url")];
+pub const SHORT_NAMES: &[(&str, &str)] = &[
+    ("TRIBUTARY_WAREHOUSE", "warehouse.url"),
+    ("TRIBUTARY_CONTROL", "control.url"),
+];
 
 /// `TRIBUTARY_*` variables (or prefixes) read by other parts (the CLI, CI, the test
 /// harnesses): never warned about.
@@ -406,6 +418,11 @@ impl Config {
         }
         config.ignored_env = ignored;
         config.log.path = config.data_dir.join("events.db");
+        config.control.validate().map_err(ConfigError::Invalid)?;
+        config.cluster.validate().map_err(ConfigError::Invalid)?;
+        if config.cluster.node_id.trim().is_empty() {
+            config.cluster.node_id = crate::cluster::default_node_id();
+        }
         if config.limits.max_inflight_bytes < config.limits.max_batch_bytes {
             return Err(ConfigError::Invalid(
                 "limits.max_inflight_bytes must be at least limits.max_batch_bytes".into(),
@@ -460,6 +477,11 @@ impl Config {
     /// Event log retention.
     pub fn log_retention(&self) -> Duration {
         self.log.retention
+    }
+
+    /// Whether this node is part of a cluster (a PostgreSQL control database).
+    pub fn is_cluster(&self) -> bool {
+        self.control.is_postgres()
     }
 }
 
@@ -726,6 +748,47 @@ mod tests {
                 "TRIBUTARY_NOPE"
             ]
         );
+    }
+
+    #[test]
+    fn control_and_cluster_sections_follow_the_one_rule() {
+        let c = Config::load(None, &HashMap::new()).unwrap();
+        assert!(!c.is_cluster());
+        assert_eq!(c.control.schema, "tributary_control");
+        assert!(!c.cluster.node_id.is_empty(), "a node id is chosen at load");
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_CONTROL", "postgres://u@127.0.0.1:5432/db"),
+                ("TRIBUTARY_CONTROL_SCHEMA", "ctl_a"),
+                ("TRIBUTARY_CONTROL_RELOAD_INTERVAL", "250ms"),
+                ("TRIBUTARY_CLUSTER_NODE_ID", "node-a"),
+                ("TRIBUTARY_CLUSTER_LEASE_TTL", "3s"),
+                ("TRIBUTARY_CLUSTER_RENEW_INTERVAL", "500ms"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.is_cluster());
+        assert_eq!(c.control.url, "postgres://u@127.0.0.1:5432/db");
+        assert_eq!(c.control.schema, "ctl_a");
+        assert_eq!(c.control.reload_interval, Duration::from_millis(250));
+        assert_eq!(c.cluster.node_id, "node-a");
+        assert_eq!(c.cluster.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.cluster.renew_interval, Duration::from_millis(500));
+        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
+        let (_d, p) =
+            file("[control]\nurl = \"postgres://x@h/db\"\n[cluster]\nlease_ttl = \"10s\"\n");
+        let c = Config::load(Some(&p), &HashMap::new()).unwrap();
+        assert!(c.is_cluster());
+        assert_eq!(c.cluster.lease_ttl, Duration::from_secs(10));
+        for bad in [
+            ("TRIBUTARY_CONTROL", "mysql://x"),
+            ("TRIBUTARY_CONTROL_SCHEMA", "Bad-Name"),
+            ("TRIBUTARY_CLUSTER_RENEW_INTERVAL", "4s"),
+        ] {
+            let e = Config::load(None, &env(&[bad])).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid(_)), "{bad:?}: {e}");
+        }
     }
 
     #[test]

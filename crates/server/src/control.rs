@@ -1,7 +1,20 @@
 //! Control-plane state: sources, their write keys and settings, the last event each
 //! source received, and the email → userId map used to resolve ActiveCampaign
-//! recipients. Kept in `<data-dir>/control.db` (SQLite, WAL) with an in-memory copy
-//! for the hot path.
+//! recipients. Kept behind one storage trait ([`ControlStore`]): embedded, in
+//! `<data-dir>/control.db` (SQLite, WAL, [`SqliteStore`]); in cluster mode in a
+//! PostgreSQL schema shared by every node (`TRIBUTARY_CONTROL=postgres://…`,
+//! [`PgControlStore`]). Either way an in-memory copy serves the hot path.
+//!
+//! **Cluster: every node sees a change within a second.** The PostgreSQL store
+//! sends a `NOTIFY` in the same transaction as each change of a source (committed
+//! together, delivered on commit); every node `LISTEN`s and reloads its copy when
+//! told, reloads it on every (re)connection (notifications sent while a node was
+//! disconnected are lost), and reloads sources every `control.reload_interval`
+//! (default 1 s) anyway. A reload that raced a local change is discarded (the
+//! change's own notification brings a fresh one), so a node never goes back to an
+//! older copy than what it wrote itself. Identities learnt on one node travel in
+//! their notification's payload and are fully reloaded on reconnection and every
+//! 30 reload intervals.
 //!
 //! Write keys are 192-bit random secrets. Ingest looks them up by their SHA-256 in
 //! a hash map and then compares the stored key in constant time, so neither the
@@ -14,8 +27,8 @@
 //! log. A failed flush re-queues what it could not write.
 //!
 //! **Identities are durable before the 200.** The email → userId map learnt from an
-//! `identify` is written to `control.db` (one transaction per request, `synchronous =
-//! FULL`, so committed = fsynced) after the log append and before the answer: a
+//! `identify` is written to the control store (one transaction per request; SQLite
+//! with `synchronous = FULL`, so committed = fsynced) after the log append and before the answer: a
 //! crash right after the 200 cannot lose it. Only new or changed pairs are written,
 //! so a request repeating known identities costs no fsync. Chosen over rebuilding the
 //! map from the log at start because it needs nothing from the log's read API or its
@@ -31,17 +44,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgControlStore;
+pub use sqlite::SqliteStore;
 
 /// Kinds of source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,10 +152,144 @@ fn key_hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// `[control]`: where control-plane state lives (`TRIBUTARY_CONTROL_<FIELD>`;
+/// `TRIBUTARY_CONTROL` is the URL).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Empty (the default): `<data_dir>/control.db`. `postgres://…`: the cluster's
+    /// shared control database (sources, keys, identities, leases, destinations'
+    /// positions).
+    pub url: String,
+    /// The PostgreSQL schema that holds the control tables (default
+    /// `tributary_control`), created on first start.
+    pub schema: String,
+    /// How often every node reloads sources from PostgreSQL even without a
+    /// notification (default `1s`).
+    #[serde(with = "tributary_model::duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            url: String::new(),
+            schema: "tributary_control".into(),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// Whether the control plane is the cluster's PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        let u = self.url.trim();
+        u.starts_with("postgres://") || u.starts_with("postgresql://")
+    }
+
+    /// Checks the URL's scheme and the schema name.
+    pub fn validate(&self) -> Result<(), String> {
+        let u = self.url.trim();
+        if !u.is_empty() && !self.is_postgres() {
+            return Err(format!(
+                "control.url must be empty (embedded) or postgres://…, not {:?}",
+                u.split(':').next().unwrap_or("")
+            ));
+        }
+        crate::cluster::pg::validate_schema(&self.schema)?;
+        if self.reload_interval.is_zero() {
+            return Err("control.reload_interval must be more than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything the hot path keeps in memory, as read from a store.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every source with its stored last event.
+    pub sources: Vec<(Source, Option<LastEvent>)>,
+    /// Every email → userId pair, when asked for.
+    pub identities: Option<Vec<(String, String)>>,
+}
+
+/// Where control-plane state is stored. Calls are blocking (they may wait for a
+/// database): call them off the async runtime, as [`Control`]'s callers do for the
+/// write paths. Every write is committed when it returns `Ok`.
+pub trait ControlStore: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+    /// Reads every source (and the identities when `identities`).
+    fn load(&self, identities: bool) -> Result<Snapshot, ApiError>;
+    /// Stores a new source (a taken schema or key → `Conflict`).
+    fn insert_source(&self, source: &Source) -> Result<(), ApiError>;
+    /// Stores a source's name, key, enabled flag and settings (`NotFound` when it
+    /// is gone).
+    fn update_source(&self, source: &Source) -> Result<(), ApiError>;
+    /// Deletes a source and its unmapped webhooks.
+    fn delete_source(&self, id: &str) -> Result<(), ApiError>;
+    /// Upserts email → userId pairs in one transaction (emails unique in `pairs`).
+    fn write_identities(&self, pairs: &[(String, String)]) -> Result<(), ApiError>;
+    /// Stores sources' last events (display state: `(source id, JSON)`).
+    fn write_last_events(&self, events: &[(String, String)]) -> Result<(), ApiError>;
+    /// Keeps an unmapped webhook, dropping the source's entries beyond the newest
+    /// `keep`.
+    fn record_unmapped(&self, source_id: &str, entry: &Value, keep: usize) -> Result<(), ApiError>;
+    /// The newest `limit` unmapped webhooks of a source, newest first.
+    fn unmapped(&self, source_id: &str, limit: usize) -> Result<Vec<Value>, ApiError>;
+    /// Whether a source with this id is stored.
+    fn exists(&self, id: &str) -> Result<bool, ApiError>;
+    /// `Err(reason)` while the store cannot be reached (for `/ready`).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Starts telling `sink` about changes made elsewhere (other nodes); a store
+    /// that only this process writes has none to tell.
+    fn watch(&self, sink: Weak<dyn ChangeSink>) {
+        let _ = sink;
+    }
+}
+
+/// What a reload read against: the local write generations when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadToken {
+    sources: u64,
+    identities: u64,
+}
+
+/// Receives changes made by other nodes ([`Control`] implements it).
+pub trait ChangeSink: Send + Sync {
+    /// Taken before a reload reads the store.
+    fn reload_token(&self) -> ReloadToken;
+    /// Replaces the in-memory copy with `snapshot`, unless a local change happened
+    /// since `token` was taken or is happening now (then that change's notification
+    /// brings a newer reload). Must not block: it runs on the store's own thread.
+    fn apply(&self, token: ReloadToken, snapshot: Snapshot);
+    /// Identities another node learnt.
+    fn learn_identities(&self, pairs: Vec<(String, String)>);
+    /// Something else changed (`destinations`), or the listener reconnected and
+    /// anything may have; must not block.
+    fn notified(&self, topic: &str) {
+        let _ = topic;
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     by_id: HashMap<String, Arc<Source>>,
     by_key: HashMap<[u8; 32], Arc<Source>>,
+}
+
+impl Cache {
+    fn of(sources: impl IntoIterator<Item = Source>) -> Cache {
+        let mut cache = Cache::default();
+        for s in sources {
+            let s = Arc::new(s);
+            cache.by_key.insert(key_hash(&s.write_key), s.clone());
+            cache.by_id.insert(s.id.clone(), s);
+        }
+        cache
+    }
 }
 
 /// Unmapped webhooks kept per source for the debugger.
@@ -143,128 +297,74 @@ pub const UNMAPPED_KEPT: usize = 100;
 
 /// The control-plane store.
 pub struct Control {
-    conn: Mutex<Connection>,
+    store: Box<dyn ControlStore>,
+    /// Orders local writes with each other and with reloads.
+    writes: Mutex<()>,
+    sources_gen: AtomicU64,
+    identities_gen: AtomicU64,
     cache: RwLock<Cache>,
     last_events: Mutex<HashMap<String, LastEvent>>,
     dirty_events: Mutex<HashSet<String>>,
     identities: RwLock<HashMap<String, String>>,
     dirty_identities: Mutex<HashMap<String, String>>,
+    destination_changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
-fn row_to_source(r: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
-    let kind: String = r.get(1)?;
-    let settings: String = r.get(6)?;
-    let created: String = r.get(7)?;
-    Ok(Source {
-        id: r.get(0)?,
-        kind: SourceType::parse(&kind).unwrap_or(SourceType::Http),
-        name: r.get(2)?,
-        schema: r.get(3)?,
-        write_key: r.get(4)?,
-        enabled: r.get::<_, i64>(5)? != 0,
-        settings: serde_json::from_str(&settings).unwrap_or(Value::Object(Default::default())),
-        created_at: DateTime::parse_from_rfc3339(&created)
-            .map(|t| t.with_timezone(&Utc))
-            .unwrap_or_default(),
-    })
-}
-
-/// Upserts identities in one transaction (committed = fsynced, see `open`).
-fn write_identities(conn: &mut Connection, ids: &[(String, String)]) -> Result<(), ApiError> {
-    let tx = conn.transaction().map_err(internal)?;
-    let now = Utc::now().to_rfc3339();
-    for (email, uid) in ids {
-        tx.execute(
-            "INSERT INTO identities (email, user_id, updated_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (email) DO UPDATE SET user_id = excluded.user_id, updated_at = excluded.updated_at",
-            params![email, uid, now],
-        )
-        .map_err(internal)?;
-    }
-    tx.commit().map_err(internal)
-}
-
-const SOURCE_COLS: &str = "id, type, name, schema, write_key, enabled, settings, created_at";
-
 impl Control {
     /// Opens (or creates) `control.db` in `dir` and loads the caches.
     pub fn open(dir: &Path) -> Result<Control, ApiError> {
-        let conn = Connection::open(dir.join("control.db")).map_err(internal)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(internal)?;
-        // Identities and unmapped webhooks are acknowledged only once committed.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(internal)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(internal)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS sources (
-                id TEXT PRIMARY KEY, type TEXT NOT NULL, name TEXT NOT NULL,
-                schema TEXT NOT NULL UNIQUE, write_key TEXT NOT NULL UNIQUE,
-                enabled INTEGER NOT NULL, settings TEXT NOT NULL, created_at TEXT NOT NULL,
-                last_event TEXT);
-             CREATE TABLE IF NOT EXISTS identities (
-                email TEXT PRIMARY KEY, user_id TEXT NOT NULL, updated_at TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS unmapped_webhooks (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, source_id TEXT NOT NULL,
-                entry TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS unmapped_webhooks_source
-                ON unmapped_webhooks (source_id, id);",
-        )
-        .map_err(internal)?;
+        Control::with_store(Box::new(SqliteStore::open(&dir.join("control.db"))?))
+    }
+
+    /// Connects to the cluster's control database (`config.url`, schema created
+    /// when missing), loads the caches and starts following other nodes' changes.
+    /// Connections are named after `node_id` (`application_name`).
+    pub fn open_postgres(config: &ControlConfig, node_id: &str) -> Result<Arc<Control>, ApiError> {
+        let store = PgControlStore::connect(config, node_id)?;
+        let control = Arc::new(Control::with_store(Box::new(store))?);
+        let weak: Weak<Control> = Arc::downgrade(&control);
+        control.store.watch(weak);
+        Ok(control)
+    }
+
+    /// A control plane on `store`, caches loaded.
+    pub fn with_store(store: Box<dyn ControlStore>) -> Result<Control, ApiError> {
         let control = Control {
-            conn: Mutex::new(conn),
+            store,
+            writes: Mutex::new(()),
+            sources_gen: AtomicU64::new(0),
+            identities_gen: AtomicU64::new(0),
             cache: RwLock::new(Cache::default()),
             last_events: Mutex::new(HashMap::new()),
             dirty_events: Mutex::new(HashSet::new()),
             identities: RwLock::new(HashMap::new()),
             dirty_identities: Mutex::new(HashMap::new()),
+            destination_changes: tokio::sync::watch::channel(0).0,
         };
-        control.reload()?;
+        let token = control.reload_token();
+        let snapshot = control.store.load(true)?;
+        control.apply(token, snapshot);
         Ok(control)
     }
 
-    fn reload(&self) -> Result<(), ApiError> {
-        let conn = self.conn.lock().map_err(internal)?;
-        let mut st = conn
-            .prepare(&format!("SELECT {SOURCE_COLS}, last_event FROM sources"))
-            .map_err(internal)?;
-        let rows = st
-            .query_map([], |r| {
-                let le: Option<String> = r.get(8)?;
-                Ok((row_to_source(r)?, le))
-            })
-            .map_err(internal)?;
-        let mut cache = Cache::default();
-        let mut last = HashMap::new();
-        for row in rows {
-            let (s, le) = row.map_err(internal)?;
-            if let Some(le) = le.and_then(|t| serde_json::from_str::<LastEvent>(&t).ok()) {
-                last.insert(s.id.clone(), le);
-            }
-            let s = Arc::new(s);
-            cache.by_key.insert(key_hash(&s.write_key), s.clone());
-            cache.by_id.insert(s.id.clone(), s);
-        }
-        let mut ids = HashMap::new();
-        let mut st = conn
-            .prepare("SELECT email, user_id FROM identities")
-            .map_err(internal)?;
-        for row in st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(internal)?
-        {
-            let (e, u) = row.map_err(internal)?;
-            ids.insert(e, u);
-        }
-        *self.cache.write().map_err(internal)? = cache;
-        *self.last_events.lock().map_err(internal)? = last;
-        *self.identities.write().map_err(internal)? = ids;
-        Ok(())
+    /// `sqlite` (embedded) or `postgres` (cluster).
+    pub fn kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    /// `Err(reason)` while the control database cannot be reached (`/ready`).
+    pub fn health(&self) -> Result<(), String> {
+        self.store.health()
+    }
+
+    /// Changes whenever the control database says destinations may have changed
+    /// elsewhere (cluster mode; never changes when embedded).
+    pub fn destination_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.destination_changes.subscribe()
     }
 
     /// Finds the source a write key belongs to. Lookup is by the key's SHA-256 and
@@ -319,56 +419,45 @@ impl Control {
             settings,
             created_at: Utc::now(),
         };
-        let conn = self.conn.lock().map_err(internal)?;
-        let mut cache = self.cache.write().map_err(internal)?;
-        if cache.by_id.values().any(|s| s.schema == schema) {
+        let _w = self.writes.lock().map_err(internal)?;
+        if self
+            .cache
+            .read()
+            .map_err(internal)?
+            .by_id
+            .values()
+            .any(|s| s.schema == schema)
+        {
             return Err(ApiError::Conflict(format!(
                 "schema {schema:?} is already used by another source"
             )));
         }
-        conn.execute(
-            &format!("INSERT INTO sources ({SOURCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-            params![
-                source.id,
-                kind.as_str(),
-                source.name,
-                source.schema,
-                source.write_key,
-                1,
-                source.settings.to_string(),
-                source.created_at.to_rfc3339()
-            ],
-        )
-        .map_err(ApiError::from)?;
+        self.store.insert_source(&source)?;
         let s = Arc::new(source);
+        let mut cache = self.cache.write().map_err(internal)?;
         cache.by_key.insert(key_hash(&s.write_key), s.clone());
         cache.by_id.insert(s.id.clone(), s.clone());
+        self.sources_gen.fetch_add(1, Ordering::AcqRel);
         Ok(s)
     }
 
     fn replace(&self, updated: Source) -> Result<Arc<Source>, ApiError> {
-        let conn = self.conn.lock().map_err(internal)?;
-        let mut cache = self.cache.write().map_err(internal)?;
-        let old = cache
+        let _w = self.writes.lock().map_err(internal)?;
+        let old = self
+            .cache
+            .read()
+            .map_err(internal)?
             .by_id
             .get(&updated.id)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("no source {:?}", updated.id)))?;
-        conn.execute(
-            "UPDATE sources SET name = ?2, write_key = ?3, enabled = ?4, settings = ?5 WHERE id = ?1",
-            params![
-                updated.id,
-                updated.name,
-                updated.write_key,
-                updated.enabled as i64,
-                updated.settings.to_string()
-            ],
-        )
-        .map_err(ApiError::from)?;
+        self.store.update_source(&updated)?;
+        let mut cache = self.cache.write().map_err(internal)?;
         cache.by_key.remove(&key_hash(&old.write_key));
         let s = Arc::new(updated);
         cache.by_key.insert(key_hash(&s.write_key), s.clone());
         cache.by_id.insert(s.id.clone(), s.clone());
+        self.sources_gen.fetch_add(1, Ordering::AcqRel);
         Ok(s)
     }
 
@@ -396,7 +485,8 @@ impl Control {
         self.replace(s)
     }
 
-    /// Issues a new write key; the old one stops working at once.
+    /// Issues a new write key; the old one stops working at once (on every node
+    /// within a second in cluster mode).
     pub fn rotate_key(&self, id: &str) -> Result<Arc<Source>, ApiError> {
         let mut s = (*self
             .source(id)
@@ -408,20 +498,18 @@ impl Control {
 
     /// Deletes a source (its events stay in the log until retention removes them).
     pub fn delete(&self, id: &str) -> Result<(), ApiError> {
-        let conn = self.conn.lock().map_err(internal)?;
-        let mut cache = self.cache.write().map_err(internal)?;
-        let old = cache
-            .by_id
-            .remove(id)
-            .ok_or_else(|| ApiError::NotFound(format!("no source {id:?}")))?;
-        cache.by_key.remove(&key_hash(&old.write_key));
-        conn.execute("DELETE FROM sources WHERE id = ?1", params![id])
-            .map_err(ApiError::from)?;
-        conn.execute(
-            "DELETE FROM unmapped_webhooks WHERE source_id = ?1",
-            params![id],
-        )
-        .map_err(ApiError::from)?;
+        let _w = self.writes.lock().map_err(internal)?;
+        if self.source(id).is_none() {
+            return Err(ApiError::NotFound(format!("no source {id:?}")));
+        }
+        self.store.delete_source(id)?;
+        {
+            let mut cache = self.cache.write().map_err(internal)?;
+            if let Some(old) = cache.by_id.remove(id) {
+                cache.by_key.remove(&key_hash(&old.write_key));
+            }
+        }
+        self.sources_gen.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut l) = self.last_events.lock() {
             l.remove(id);
         }
@@ -450,11 +538,11 @@ impl Control {
     }
 
     /// Remembers email → userId pairs (emails compared case-insensitively; later pairs
-    /// win) and commits the new or changed ones to `control.db` in one fsynced
-    /// transaction before returning. Blocking: call it off the async runtime. On a
-    /// failed write the pairs are still used in memory and stay queued for
-    /// [`Control::flush`], and the error is returned so the caller does not
-    /// acknowledge.
+    /// win) and commits the new or changed ones to the control store in one
+    /// durable transaction before returning. Blocking: call it off the async
+    /// runtime. On a failed write the pairs are still used in memory and stay
+    /// queued for [`Control::flush`], and the error is returned so the caller does
+    /// not acknowledge.
     pub fn remember_identities(&self, pairs: &[(String, String)]) -> Result<(), ApiError> {
         let mut changed: Vec<(String, String)> = Vec::new();
         {
@@ -473,13 +561,14 @@ impl Control {
         if changed.is_empty() {
             return Ok(());
         }
-        // The connection lock orders concurrent writers: memory and disk agree on
+        // The write lock orders concurrent writers: memory and the store agree on
         // which of two racing identifies came last.
-        let mut conn = self.conn.lock().map_err(internal)?;
-        let written = write_identities(&mut conn, &changed);
+        let _w = self.writes.lock().map_err(internal)?;
+        let written = self.store.write_identities(&changed);
         if let Ok(mut m) = self.identities.write() {
             m.extend(changed.iter().cloned());
         }
+        self.identities_gen.fetch_add(1, Ordering::AcqRel);
         if written.is_err()
             && let Ok(mut d) = self.dirty_identities.lock()
         {
@@ -498,7 +587,7 @@ impl Control {
     }
 
     /// Writes changed last events (and identities whose synchronous write failed)
-    /// to the database. What it cannot write is queued again for the next flush,
+    /// to the store. What it cannot write is queued again for the next flush,
     /// unless a newer value was queued meanwhile.
     pub fn flush(&self) -> Result<(), ApiError> {
         let dirty: Vec<String> = self
@@ -540,20 +629,12 @@ impl Control {
                 })
                 .collect()
         };
-        let mut conn = self.conn.lock().map_err(internal)?;
-        {
-            let tx = conn.transaction().map_err(internal)?;
-            for (id, text) in events {
-                tx.execute(
-                    "UPDATE sources SET last_event = ?2 WHERE id = ?1",
-                    params![id, text],
-                )
-                .map_err(internal)?;
-            }
-            tx.commit().map_err(internal)?;
+        if !events.is_empty() {
+            self.store.write_last_events(&events)?;
         }
         if !ids.is_empty() {
-            write_identities(&mut conn, ids)?;
+            let _w = self.writes.lock().map_err(internal)?;
+            self.store.write_identities(ids)?;
         }
         Ok(())
     }
@@ -561,59 +642,86 @@ impl Control {
     /// Keeps an unmapped webhook for the debugger (durably, before returning), and
     /// drops the source's entries beyond the newest [`UNMAPPED_KEPT`]. Blocking.
     pub fn record_unmapped(&self, source_id: &str, entry: &Value) -> Result<(), ApiError> {
-        let mut conn = self.conn.lock().map_err(internal)?;
-        let tx = conn.transaction().map_err(internal)?;
-        tx.execute(
-            "INSERT INTO unmapped_webhooks (source_id, entry) VALUES (?1, ?2)",
-            params![source_id, entry.to_string()],
-        )
-        .map_err(internal)?;
-        tx.execute(
-            "DELETE FROM unmapped_webhooks WHERE source_id = ?1 AND id <= (
-                SELECT id FROM unmapped_webhooks WHERE source_id = ?1
-                ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            params![source_id, UNMAPPED_KEPT as i64],
-        )
-        .map_err(internal)?;
-        tx.commit().map_err(internal)
+        self.store.record_unmapped(source_id, entry, UNMAPPED_KEPT)
     }
 
     /// The kept unmapped webhooks of a source, newest first.
     pub fn unmapped(&self, source_id: &str) -> Result<Vec<Value>, ApiError> {
-        let conn = self.conn.lock().map_err(internal)?;
-        let mut st = conn
-            .prepare_cached(
-                "SELECT entry FROM unmapped_webhooks WHERE source_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(internal)?;
-        let rows = st
-            .query_map(params![source_id, UNMAPPED_KEPT as i64], |r| {
-                r.get::<_, String>(0)
-            })
-            .map_err(internal)?;
-        let mut out = Vec::new();
-        for row in rows {
-            if let Ok(v) = serde_json::from_str(&row.map_err(internal)?) {
-                out.push(v);
-            }
-        }
-        Ok(out)
+        self.store.unmapped(source_id, UNMAPPED_KEPT)
     }
 
     /// Whether a source with this id exists in the database (bypassing the cache).
     pub fn exists_in_db(&self, id: &str) -> bool {
-        self.conn
-            .lock()
-            .ok()
-            .and_then(|c| {
-                c.query_row("SELECT 1 FROM sources WHERE id = ?1", params![id], |_| {
-                    Ok(())
-                })
-                .optional()
-                .ok()
-                .flatten()
-            })
-            .is_some()
+        self.store.exists(id).unwrap_or(false)
+    }
+}
+
+impl ChangeSink for Control {
+    fn reload_token(&self) -> ReloadToken {
+        ReloadToken {
+            sources: self.sources_gen.load(Ordering::Acquire),
+            identities: self.identities_gen.load(Ordering::Acquire),
+        }
+    }
+
+    fn apply(&self, token: ReloadToken, snapshot: Snapshot) {
+        // Never wait for a local write here: it may be waiting for the very store
+        // thread that delivers this snapshot. A write in progress makes the
+        // snapshot stale anyway, and its own notification brings the next one.
+        let Ok(_w) = self.writes.try_lock() else {
+            return;
+        };
+        if self.sources_gen.load(Ordering::Acquire) == token.sources {
+            let mut stored = Vec::with_capacity(snapshot.sources.len());
+            let mut sources = Vec::with_capacity(snapshot.sources.len());
+            for (s, le) in snapshot.sources {
+                if let Some(le) = le {
+                    stored.push((s.id.clone(), le));
+                }
+                sources.push(s);
+            }
+            let cache = Cache::of(sources);
+            if let (Ok(mut l), Ok(dirty)) = (self.last_events.lock(), self.dirty_events.lock()) {
+                // Ours, not yet flushed, wins; otherwise the newer of ours and the
+                // stored one (another node's).
+                for (id, le) in stored {
+                    if dirty.contains(&id) {
+                        continue;
+                    }
+                    let newer = l.get(&id).is_none_or(|m| m.received_at < le.received_at);
+                    if newer {
+                        l.insert(id, le);
+                    }
+                }
+                l.retain(|id, _| cache.by_id.contains_key(id));
+            }
+            if let Ok(mut c) = self.cache.write() {
+                *c = cache;
+            }
+        }
+        if let Some(ids) = snapshot.identities
+            && self.identities_gen.load(Ordering::Acquire) == token.identities
+        {
+            let mut map: HashMap<String, String> = ids.into_iter().collect();
+            if let Ok(d) = self.dirty_identities.lock() {
+                map.extend(d.iter().map(|(e, u)| (e.clone(), u.clone())));
+            }
+            if let Ok(mut m) = self.identities.write() {
+                *m = map;
+            }
+        }
+    }
+
+    fn learn_identities(&self, pairs: Vec<(String, String)>) {
+        if let Ok(mut m) = self.identities.write() {
+            m.extend(pairs);
+        }
+    }
+
+    fn notified(&self, topic: &str) {
+        if topic == "destinations" {
+            self.destination_changes.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -729,9 +837,9 @@ mod tests {
     fn a_failed_write_keeps_the_identity_queued_for_the_next_flush() {
         let dir = tempfile::tempdir().unwrap();
         let c = Control::open(dir.path()).unwrap();
-        c.conn
-            .lock()
-            .unwrap()
+        // Another connection to the file, as an operator's tool would be.
+        let other = rusqlite::Connection::open(dir.path().join("control.db")).unwrap();
+        other
             .execute_batch("ALTER TABLE identities RENAME TO identities_away")
             .unwrap();
         assert!(c.remember_identity("ann@example.com", "u1").is_err());
@@ -740,9 +848,7 @@ mod tests {
             Some("u1")
         );
         assert!(c.flush().is_err(), "table still missing");
-        c.conn
-            .lock()
-            .unwrap()
+        other
             .execute_batch("ALTER TABLE identities_away RENAME TO identities")
             .unwrap();
         c.flush().unwrap();

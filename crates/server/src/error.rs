@@ -200,6 +200,35 @@ impl From<rusqlite::Error> for ApiError {
     }
 }
 
+/// Errors of the PostgreSQL control database: a unique violation is a conflict
+/// (409), a full disk 507, a lost or refused connection and the server's own
+/// "cannot serve now" classes (08, 53, 57) a 503, anything else a 500.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        let detail = crate::cluster::pg::error_text(&e);
+        let Some(code) = e.code() else {
+            // No SQLSTATE: the connection itself failed or closed.
+            return ApiError::unavailable(Store::Control, detail);
+        };
+        if *code == SqlState::UNIQUE_VIOLATION {
+            ApiError::Conflict("conflicts with an existing entry".into())
+        } else if *code == SqlState::DISK_FULL {
+            ApiError::StorageFull {
+                store: Store::Control,
+                detail,
+            }
+        } else if ["08", "53", "57"]
+            .iter()
+            .any(|c| code.code().starts_with(c))
+        {
+            ApiError::unavailable(Store::Control, detail)
+        } else {
+            ApiError::Internal(detail)
+        }
+    }
+}
+
 impl From<tributary_warehouse::WarehouseError> for ApiError {
     fn from(e: tributary_warehouse::WarehouseError) -> Self {
         use tributary_warehouse::WarehouseError;

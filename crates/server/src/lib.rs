@@ -17,6 +17,7 @@ pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -78,6 +79,17 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// Which partitions of which consumer this node may consume: [`Sole`] (every
+    /// partition) when embedded, PostgreSQL leases in cluster mode.
+    ///
+    /// [`Sole`]: tributary_eventlog::Sole
+    pub ownership: Arc<dyn tributary_eventlog::Ownership>,
+    /// Where destinations commit their positions in cluster mode (the control
+    /// database, epoch-fenced); `None` when embedded (the log keeps them).
+    pub registry: Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+    /// The cluster's leases, when this node is part of one (shut down last, so other
+    /// nodes take over at once).
+    pub leases: Option<Arc<cluster::PgOwnership>>,
     /// The live event bus of the debugger (accepted, rejected and unmapped
     /// messages as they happen; nothing durable).
     pub live: Arc<live::Live>,
@@ -165,6 +177,8 @@ pub async fn open_state(config: Config) -> anyhow::Result<Arc<AppState>> {
 
 /// [`open_state`], with some parts given instead of opened.
 pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc<AppState>> {
+    // First: the control plane's and the leases' gauges are set from the start.
+    ops::install_metrics();
     // Files 0600, dirs 0700 from here on, and what exists already narrowed.
     let warehouse_dir = config
         .warehouse_url()
@@ -172,10 +186,25 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
     let extra: Vec<&Path> = warehouse_dir.as_deref().into_iter().collect();
     files::make_private(&config.data_dir, &extra)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let control = Arc::new(
-        Control::open(&config.data_dir)
-            .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
-    );
+    let (control, cluster) = if config.is_cluster() {
+        let (control, cluster) = cluster::open(&config).await?;
+        (control, Some(cluster))
+    } else {
+        let control = Arc::new(
+            Control::open(&config.data_dir)
+                .map_err(|e| anyhow::anyhow!("opening control state: {e:?}"))?,
+        );
+        (control, None)
+    };
+    let definitions = cluster.as_ref().map(|c| c.definitions.clone());
+    let (ownership, registry, leases): (
+        Arc<dyn tributary_eventlog::Ownership>,
+        Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+        _,
+    ) = match cluster {
+        Some(c) => (c.leases.clone(), Some(c.registry), Some(c.leases)),
+        None => (Arc::new(tributary_eventlog::Sole), None, None),
+    };
     let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
         log
     } else if config.bench_null_log {
@@ -191,10 +220,11 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         )
     };
     ops::install_metrics();
-    let destinations = tributary_destinations::Engine::open(
+    let destinations = tributary_destinations::Engine::open_with(
         config.data_dir.join("destinations.db"),
         log.clone(),
         config.destinations.clone(),
+        definitions,
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
@@ -246,6 +276,9 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        ownership,
+        registry,
+        leases,
         live: Arc::new(live::Live::new()),
     }))
 }
@@ -274,10 +307,34 @@ fn spawn_control_flusher(state: &AppState) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Cluster mode: follows destination changes made on other nodes — at once when
+/// the control database notifies, and every `control.reload_interval` anyway.
+fn spawn_destination_sync(state: &Arc<AppState>) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut changes = state.control.destination_changes();
+        let mut tick = tokio::time::interval(state.config.control.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.wait() => return,
+                _ = tick.tick() => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+            if let Err(e) = state.destinations.sync_definitions().await {
+                tracing::debug!(error = %e.detail(), "cannot follow destination changes yet");
+            }
+        }
+    });
+}
+
 /// Starts the background stages on the state's shutdown token; the returned task
 /// finishes once every stage has stopped after the token triggered.
 pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     let flusher = spawn_control_flusher(state);
+    if state.config.is_cluster() {
+        spawn_destination_sync(state);
+    }
     let state = state.clone();
     tokio::spawn(async move {
         state.shutdown.wait().await;
@@ -289,6 +346,11 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
         };
         tokio::join!(destinations, warehouse);
         let _ = flusher.await;
+        // Consumers have stopped and committed: hand their partitions over now
+        // rather than after the lease TTL.
+        if let Some(leases) = &state.leases {
+            leases.shutdown().await;
+        }
     })
 }
 

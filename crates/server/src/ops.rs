@@ -166,9 +166,17 @@ pub(crate) async fn log_degraded(
         .collect()
 }
 
-/// `GET /ready`: the log can be read; reports its head and size, and `degraded`
+/// `GET /ready`: the control store is reachable (cluster: its PostgreSQL) and the
+/// log can be read; reports its head and size, and `degraded`
 /// with reasons when data was lost (see [`log_degraded`]).
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(reason) = state.control.health() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "reason": reason, "store": "control"})),
+        )
+            .into_response();
+    }
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
     match state.log.stats().await {
         Ok(s) => {

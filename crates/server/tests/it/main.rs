@@ -192,4 +192,6 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
 }
 
 mod backends;
+mod control_pg;
+mod leases;
 mod refusals;

@@ -8,6 +8,7 @@ mod activecampaign;
 mod browser;
 mod cli;
 mod config;
+mod control_plane;
 mod crash;
 mod destinations;
 mod diskfull;
