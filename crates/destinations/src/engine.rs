@@ -62,6 +62,8 @@ struct Inner {
     /// has two workers, without holding `workers` while a worker drains.
     changes: Mutex<()>,
     closed: AtomicBool,
+    /// Cluster mode: partition leases, and each partition owner's dedupe window.
+    ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
 }
 
 impl Drop for Inner {
@@ -132,7 +134,7 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
     ) -> Result<Engine, DestinationError> {
-        Engine::open_with(db_path, log, options, None).await
+        Engine::open_owned_with(db_path, log, options, None, None).await
     }
 
     /// [`Engine::open`], with destination definitions kept in `definitions` (the
@@ -143,6 +145,21 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
         definitions: Option<Arc<dyn Definitions>>,
+    ) -> Result<Engine, DestinationError> {
+        Engine::open_owned_with(db_path, log, options, definitions, None).await
+    }
+
+    /// [`Engine::open_with`] for a partitioned log: with `ownership` (leases and each
+    /// partition owner's dedupe window), each destination runs one worker per log
+    /// partition this node owns (module `worker`), sending and committing only
+    /// under its lease, and skipping a `(source, messageId)` seen in the partition
+    /// within the window.
+    pub async fn open_owned_with(
+        db_path: PathBuf,
+        log: Arc<dyn EventLog>,
+        options: EngineOptions,
+        definitions: Option<Arc<dyn Definitions>>,
+        ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
     ) -> Result<Engine, DestinationError> {
         crate::sink::install_crypto_provider();
         let store = Store::open(&db_path).await?;
@@ -160,6 +177,7 @@ impl Engine {
                 workers: Mutex::new(HashMap::new()),
                 changes: Mutex::new(()),
                 closed: AtomicBool::new(false),
+                ownership,
             }),
         };
         let rows = engine.inner.defs.list().await?;
@@ -208,6 +226,18 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(row.id.clone(), row.updated_at_ms);
+        if let Some((ownership, window)) = &self.inner.ownership {
+            return Ok(WorkerHandle::spawn_owned(
+                row.id.clone(),
+                sink,
+                selector(row, &config),
+                self.inner.options.clone(),
+                self.inner.store.clone(),
+                self.inner.log.clone(),
+                ownership.clone(),
+                *window,
+            ));
+        }
         Ok(WorkerHandle::spawn(
             row.id.clone(),
             sink,

@@ -26,7 +26,6 @@ mod engine;
 mod error;
 mod filter;
 mod options;
-mod ratelimit;
 pub mod retry;
 pub mod segment;
 mod sink;

@@ -243,6 +243,7 @@ mod tests {
             _ => None,
         };
         Record {
+            partition: 0,
             seq: 1,
             source_id: "s".into(),
             message_id: "m1".into(),

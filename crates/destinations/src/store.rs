@@ -624,6 +624,7 @@ impl Store {
                         Ok((
                             r.get::<_, i64>(0)?,
                             Record {
+                                partition: 0,
                                 seq: r.get::<_, i64>(1)? as u64,
                                 source_id: r.get(2)?,
                                 message_id: r.get(3)?,
@@ -694,6 +695,7 @@ mod tests {
 
     fn record(seq: u64) -> Arc<Record> {
         Arc::new(Record {
+            partition: 0,
             seq,
             source_id: "s".into(),
             message_id: format!("m{seq}"),

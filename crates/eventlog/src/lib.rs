@@ -36,10 +36,15 @@
 //! - `append` either makes the whole batch durable or returns an error and
 //!   stores none of it.
 
+mod config;
 mod dedupe;
+#[cfg(feature = "jetstream")]
+pub mod jetstream;
+pub mod memory;
 #[cfg(feature = "bench")]
 pub mod null;
 pub mod ownership;
+pub mod partition;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -47,9 +52,14 @@ use serde::{Deserialize, Serialize};
 
 pub use tributary_model::CallType;
 
+pub use config::LogConfig;
+#[cfg(feature = "jetstream")]
+pub use jetstream::JetStreamLog;
+pub use memory::MemoryRegistry;
 #[cfg(feature = "bench")]
 pub use null::NullLog;
 pub use ownership::{ConsumerRegistry, Lease, Ownership, Sole};
+pub use partition::{PartitionDedupe, partition_of};
 pub use sqlite::{SqliteLog, SqliteLogConfig};
 
 /// A message to append: already validated and normalized by ingest.
@@ -77,8 +87,11 @@ pub struct NewRecord {
 /// A message as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// Position in the log; strictly increasing.
+    /// Position in the log; strictly increasing within its partition.
     pub seq: u64,
+    /// The partition the record is in (0 in the embedded log).
+    #[serde(default)]
+    pub partition: u32,
     /// The source (by id) the message arrived on.
     pub source_id: String,
     /// Segment `messageId`.
@@ -99,10 +112,9 @@ pub struct Record {
 }
 
 impl Record {
-    /// This record's position in `log_id`'s partition 0 (the embedded log has no
-    /// other).
+    /// This record's position in its partition of log `log_id`.
     pub fn position_in(&self, log_id: &str) -> Position {
-        Position::new(log_id, 0, self.seq)
+        Position::new(log_id, self.partition, self.seq)
     }
 }
 
@@ -204,6 +216,9 @@ pub async fn read_checked(
     after: &Position,
     limit: usize,
 ) -> Result<ReadOutcome, LogError> {
+    if !log.dense() {
+        return log.read_checked_sparse(after, limit).await;
+    }
     let records = log.read(after, limit).await?;
     let expected = after.seq + 1;
     let caught_up = records.is_empty() && *log.subscribe().borrow() <= after.seq;
@@ -365,4 +380,47 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Flushes and stops accepting appends; pending appends complete first.
     async fn close(&self);
+
+    /// Whether sequence numbers are dense within a partition (every number from the
+    /// first retained to the head is a record of that partition). True for the
+    /// embedded log; false for JetStream, whose numbers are the stream's, shared by
+    /// all partitions. [`read_checked`] detects gaps by density when true and asks
+    /// [`EventLog::read_checked_sparse`] when false.
+    fn dense(&self) -> bool {
+        true
+    }
+
+    /// [`read_checked`] for a log whose sequence numbers are not dense per
+    /// partition. Only called when [`EventLog::dense`] is false; the default reads
+    /// without gap detection.
+    async fn read_checked_sparse(
+        &self,
+        after: &Position,
+        limit: usize,
+    ) -> Result<ReadOutcome, LogError> {
+        Ok(ReadOutcome {
+            records: self.read(after, limit).await?,
+            gap: None,
+        })
+    }
+
+    /// Commits `position` for `consumer` under lease `epoch` (fencing): `Ok(false)`,
+    /// and nothing stored, when a higher epoch already committed for that partition
+    /// — the caller lost its lease and must stop. The embedded log has no leases:
+    /// it commits as [`EventLog::commit`] and returns true.
+    async fn commit_fenced(
+        &self,
+        consumer: &str,
+        position: &Position,
+        epoch: u64,
+    ) -> Result<bool, LogError> {
+        let _ = epoch;
+        self.commit(consumer, position).await?;
+        Ok(true)
+    }
+
+    /// Whether this log is reachable right now (`/ready`); the embedded log always is.
+    async fn healthy(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }

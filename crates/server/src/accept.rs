@@ -157,6 +157,8 @@ pub struct Appended {
     pub stored: usize,
     /// Messages already in the log (acknowledged, not stored again).
     pub duplicates: usize,
+    /// Per message, in order: `true` when it was stored, `false` for a duplicate.
+    pub new: Vec<bool>,
 }
 
 /// Appends normalized messages of one source durably, then updates the source's last
@@ -172,6 +174,7 @@ pub async fn append(
         return Ok(Appended {
             stored: 0,
             duplicates: 0,
+            new: Vec::new(),
         });
     };
     let last_event = last_event_override.unwrap_or_else(|| LastEvent {
@@ -259,7 +262,15 @@ pub async fn append(
             ));
         }
     }
-    Ok(Appended { stored, duplicates })
+    let new = statuses
+        .iter()
+        .map(|s| !matches!(s, AppendStatus::Duplicate))
+        .collect();
+    Ok(Appended {
+        stored,
+        duplicates,
+        new,
+    })
 }
 
 #[cfg(test)]

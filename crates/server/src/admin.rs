@@ -70,7 +70,7 @@ pub fn source_view(state: &AppState, s: &Source) -> Value {
         "schema": s.schema,
         "write_key": s.write_key,
         "enabled": s.enabled,
-        "settings": s.settings,
+        "settings": crate::sync::redact_settings(&s.settings),
         "created_at": s.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "webhook_url": format!("{}/v1/webhooks/activecampaign?writeKey={}", state.config.public_url(), s.write_key),
         "last_event": last_event,
@@ -81,6 +81,12 @@ pub fn source_view(state: &AppState, s: &Source) -> Value {
         } else {
             "waiting"
         });
+        if crate::sync::api_settings(s).is_some() {
+            v["sync"] = crate::sync::status_of(&state.control, &s.id)
+                .ok()
+                .and_then(|st| serde_json::to_value(st).ok())
+                .unwrap_or(Value::Null);
+        }
     }
     v
 }
@@ -104,7 +110,9 @@ struct PatchSource {
     settings: Option<Value>,
 }
 
-fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
+/// Checks a source's `settings` for its type (the rule the admin API and the console
+/// share).
+pub fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
     if !settings.is_object() {
         return Err(ApiError::bad(
             "invalid_settings",
@@ -124,7 +132,8 @@ fn check_settings(kind: SourceType, settings: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+/// Checks a source's display name: 1 to 200 characters, not only blanks.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad(
             "invalid_name",
@@ -152,6 +161,11 @@ async fn create_source(
     check_name(&req.name)?;
     let settings = req.settings.unwrap_or_else(|| json!({}));
     check_settings(kind, &settings)?;
+    let settings = if kind == SourceType::Activecampaign {
+        crate::sync::check_settings(None, settings).await?
+    } else {
+        settings
+    };
     let s = state
         .control
         .create(kind, req.name.trim(), &req.schema, settings)?;
@@ -194,14 +208,20 @@ async fn patch_source(
     if let Some(n) = &req.name {
         check_name(n)?;
     }
-    if let Some(v) = &req.settings {
-        check_settings(s.kind, v)?;
+    let mut settings = req.settings;
+    if let Some(v) = settings.take() {
+        check_settings(s.kind, &v)?;
+        settings = Some(if s.kind == SourceType::Activecampaign {
+            crate::sync::check_settings(Some(&s), v).await?
+        } else {
+            v
+        });
     }
     let s = state.control.patch(
         &id,
         req.name.map(|n| n.trim().to_string()),
         req.enabled,
-        req.settings,
+        settings,
     )?;
     Ok(axum::Json(source_view(&state, &s)))
 }

@@ -56,8 +56,9 @@ pub struct Config {
     pub bench_null_log: bool,
     /// Request size limits (`TRIBUTARY_LIMITS_<FIELD>`).
     pub limits: Limits,
-    /// The event log (`TRIBUTARY_LOG_<FIELD>`, e.g. `TRIBUTARY_LOG_RETENTION=36h`);
-    /// its `path` is always `<data_dir>/events.db`.
+    /// The event log (`TRIBUTARY_LOG_<FIELD>`, e.g. `TRIBUTARY_LOG_RETENTION=36h`;
+    /// `TRIBUTARY_LOG` is the URL: empty for the embedded log, whose `path` is always
+    /// `<data_dir>/events.db`, or `nats://h1:4222,h2:4222` for JetStream).
     pub log: SqliteLogConfig,
     /// The warehouse (`TRIBUTARY_WAREHOUSE_<FIELD>`; `TRIBUTARY_WAREHOUSE` is the
     /// URL). An empty `url` means `sqlite://<data_dir>/warehouse`; `off` disables
@@ -221,6 +222,7 @@ pub const ALIASES: &[Alias] = &[
 /// Documented short variable names: (variable, dotted setting).
 pub const SHORT_NAMES: &[(&str, &str)] = &[
     ("TRIBUTARY_WAREHOUSE", "warehouse.url"),
+    ("TRIBUTARY_LOG", "log.url"),
     ("TRIBUTARY_CONTROL", "control.url"),
 ];
 
@@ -231,6 +233,7 @@ const NOT_SERVER_SETTINGS: &[&str] = &[
     "TRIBUTARY_TEST_",
     "TRIBUTARY_VENV",
     "TRIBUTARY_NODE_PREFIX",
+    "TRIBUTARY_NATS_VENV",
 ];
 
 /// The one rule: the variable of a dotted setting (`log.retention` →
@@ -611,6 +614,37 @@ mod tests {
     }
 
     #[test]
+    fn tributary_log_selects_jetstream_and_its_fields_follow_the_one_rule() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TRIBUTARY_LOG", "nats://127.0.0.1:4301,127.0.0.1:4302"),
+                ("TRIBUTARY_LOG_PARTITIONS", "8"),
+                ("TRIBUTARY_LOG_REPLICAS", "1"),
+                ("TRIBUTARY_LOG_STREAM", "EVENTS"),
+                ("TRIBUTARY_LOG_PUBLISH_RETRY", "20s"),
+                ("TRIBUTARY_LOG_DUPLICATE_WINDOW", "5m"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.log.is_jetstream());
+        assert_eq!(
+            c.log.nats_servers(),
+            vec!["nats://127.0.0.1:4301", "nats://127.0.0.1:4302"]
+        );
+        assert_eq!((c.log.partitions, c.log.replicas), (8, 1));
+        assert_eq!(c.log.stream, "EVENTS");
+        assert_eq!(c.log.publish_retry, Duration::from_secs(20));
+        assert_eq!(c.log.duplicate_window, Duration::from_secs(300));
+        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
+        let (_d, p) = file("[log]\nurl = \"nats://h:4222\"\npartitions = 4\n");
+        let c = Config::load(Some(&p), &env(&[])).unwrap();
+        assert_eq!((c.log.url.as_str(), c.log.partitions), ("nats://h:4222", 4));
+        // The default stays embedded.
+        assert!(!Config::load(None, &env(&[])).unwrap().log.is_jetstream());
+    }
+
+    #[test]
     fn every_duration_form_reads_in_toml_and_env() {
         for (text, want) in [
             ("500ms", Duration::from_millis(500)),
@@ -730,7 +764,8 @@ mod tests {
             &env(&[
                 ("TRIBUTARY_NOPE", "1"),
                 ("TRIBUTARY_LOG_NOPE", "1"),
-                ("TRIBUTARY_LOG", "1"),
+                // TRIBUTARY_LOG is the log's URL (a setting); its plural is not.
+                ("TRIBUTARY_LOGS", "1"),
                 ("TRIBUTARY_DATA_DIR_X", "1"),
                 ("TRIBUTARY_SERVER", "http://x"),
                 ("TRIBUTARY_TEST_REQUIRE", "all"),
@@ -743,7 +778,7 @@ mod tests {
             c.ignored_env,
             vec![
                 "TRIBUTARY_DATA_DIR_X",
-                "TRIBUTARY_LOG",
+                "TRIBUTARY_LOGS",
                 "TRIBUTARY_LOG_NOPE",
                 "TRIBUTARY_NOPE"
             ]

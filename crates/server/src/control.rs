@@ -41,6 +41,10 @@
 //! [`UNMAPPED_KEPT`] per source, written before the webhook's 200, so the debugger
 //! shows them after a restart. They are never in the event log: no consumer has to
 //! skip them.
+//!
+//! **API sync state** (checkpoint and status per ActiveCampaign source) is in
+//! `api_sync`, written by [`Control::save_sync_state`] after each durable append of
+//! a page, so a killed sync resumes after its last stored page.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -226,7 +230,7 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Stores a source's name, key, enabled flag and settings (`NotFound` when it
     /// is gone).
     fn update_source(&self, source: &Source) -> Result<(), ApiError>;
-    /// Deletes a source and its unmapped webhooks.
+    /// Deletes a source, its unmapped webhooks and its API sync state.
     fn delete_source(&self, id: &str) -> Result<(), ApiError>;
     /// Upserts email → userId pairs in one transaction (emails unique in `pairs`).
     fn write_identities(&self, pairs: &[(String, String)]) -> Result<(), ApiError>;
@@ -239,6 +243,10 @@ pub trait ControlStore: Send + Sync + 'static {
     fn unmapped(&self, source_id: &str, limit: usize) -> Result<Vec<Value>, ApiError>;
     /// Whether a source with this id is stored.
     fn exists(&self, id: &str) -> Result<bool, ApiError>;
+    /// The ActiveCampaign API sync's state of a source (JSON text), if any.
+    fn sync_state(&self, source_id: &str) -> Result<Option<String>, ApiError>;
+    /// Replaces the API sync state of a source; committed when it returns `Ok`.
+    fn save_sync_state(&self, source_id: &str, state: &str) -> Result<(), ApiError>;
     /// `Err(reason)` while the store cannot be reached (for `/ready`).
     fn health(&self) -> Result<(), String> {
         Ok(())
@@ -648,6 +656,20 @@ impl Control {
     /// The kept unmapped webhooks of a source, newest first.
     pub fn unmapped(&self, source_id: &str) -> Result<Vec<Value>, ApiError> {
         self.store.unmapped(source_id, UNMAPPED_KEPT)
+    }
+
+    /// The API sync's durable state of a source (its checkpoint and status, as the
+    /// sync wrote it with [`Control::save_sync_state`]), if any. Blocking.
+    pub fn sync_state(&self, source_id: &str) -> Result<Option<Value>, ApiError> {
+        let text = self.store.sync_state(source_id)?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Replaces the API sync state of a source; durable (committed, fsynced) when it
+    /// returns `Ok`, so a checkpoint written after an append survives a crash.
+    /// Blocking.
+    pub fn save_sync_state(&self, source_id: &str, state: &Value) -> Result<(), ApiError> {
+        self.store.save_sync_state(source_id, &state.to_string())
     }
 
     /// Whether a source with this id exists in the database (bypassing the cache).

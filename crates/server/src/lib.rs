@@ -20,6 +20,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod control;
 pub mod destinations_api;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod ops;
 pub mod report;
 pub mod settings;
 pub mod shutdown;
+pub mod sync;
 pub mod warehouse_api;
 pub mod webhook;
 
@@ -79,6 +81,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The one shutdown token of the server and its stages.
     pub shutdown: Shutdown,
+    /// The ActiveCampaign API sync's per-source tasks.
+    pub sync: sync::Syncer,
     /// Which partitions of which consumer this node may consume: [`Sole`] (every
     /// partition) when embedded, PostgreSQL leases in cluster mode.
     ///
@@ -103,6 +107,12 @@ pub struct Parts {
     pub log: Option<Arc<dyn EventLog>>,
     /// A clock instead of the system clock.
     pub clock: Option<Arc<dyn Clock>>,
+    /// Where the JetStream log keeps consumer positions (cluster mode: the control
+    /// database's registry). Without one, positions are kept in memory.
+    pub registry: Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
+    /// Who owns which partition of each consumer (cluster mode: PostgreSQL
+    /// leases). Without one this node owns every partition ([`tributary_eventlog::Sole`]).
+    pub ownership: Option<Arc<dyn tributary_eventlog::Ownership>>,
 }
 
 /// Reads `TRIBUTARY_ADMIN_TOKEN` (via config) or `<data-dir>/admin-token`, creating
@@ -143,6 +153,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = admin::routes()
         .merge(destinations_api::routes())
         .merge(warehouse_api::routes())
+        .merge(sync::routes())
         .merge(report::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -163,6 +174,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(ingest::tracking).options(ops::preflight),
         )
         .nest("/api/v1", api)
+        .merge(console::router())
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
@@ -212,6 +224,16 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         tributary_eventlog::bench_log().context(
             "TRIBUTARY_BENCH_NULL_LOG: this build has no bench log (build it with the bench crate)",
         )?
+    } else if config.log.is_jetstream() {
+        let registry = parts.registry.clone().or_else(|| registry.clone()).unwrap_or_else(|| {
+            tracing::warn!("jetstream log without a control database: consumer positions are kept in memory only");
+            Arc::new(tributary_eventlog::MemoryRegistry::default())
+        });
+        Arc::new(
+            tributary_eventlog::JetStreamLog::open(config.log.clone(), registry)
+                .await
+                .context("opening the JetStream event log (log.url)")?,
+        )
     } else {
         Arc::new(
             SqliteLog::open(config.log_config())
@@ -220,11 +242,28 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         )
     };
     ops::install_metrics();
-    let destinations = tributary_destinations::Engine::open_with(
+    // Who consumes which partition. Cluster leases apply to a shared (JetStream)
+    // log only: nodes with an embedded log each consume their own. A partitioned log
+    // without leases is consumed whole by this node (`Sole`, epoch 0). The embedded
+    // log has one partition and keeps the unpartitioned consumers.
+    let consumer_ownership: Option<Arc<dyn tributary_eventlog::Ownership>> =
+        parts.ownership.clone().or_else(|| {
+            if leases.is_some() && config.log.is_jetstream() {
+                Some(ownership.clone())
+            } else if log.partitions() > 1 {
+                Some(Arc::new(tributary_eventlog::Sole) as Arc<dyn tributary_eventlog::Ownership>)
+            } else {
+                None
+            }
+        });
+    let destinations = tributary_destinations::Engine::open_owned_with(
         config.data_dir.join("destinations.db"),
         log.clone(),
         config.destinations.clone(),
         definitions,
+        consumer_ownership
+            .clone()
+            .map(|o| (o, config.log.retention)),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
@@ -241,11 +280,21 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
                 let control = control.clone();
                 move |id: &str| control.schema_of(id)
             };
-            Some(Arc::new(
-                tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog))
+            let warehouse = match consumer_ownership.clone() {
+                None => {
+                    tributary_warehouse::Warehouse::open(wc, log.clone(), Arc::new(catalog)).await
+                }
+                Some(ownership) => {
+                    tributary_warehouse::Warehouse::open_owned(
+                        wc,
+                        log.clone(),
+                        Arc::new(catalog),
+                        ownership,
+                    )
                     .await
-                    .context("opening the warehouse")?,
-            ))
+                }
+            };
+            Some(Arc::new(warehouse.context("opening the warehouse")?))
         }
     };
     // Last, so a configuration that fails to open (e.g. a bad TRIBUTARY_WAREHOUSE)
@@ -276,6 +325,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         keyless_budget: Arc::new(tokio::sync::Semaphore::new(keyless)),
         clock: parts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         shutdown: Shutdown::new(),
+        sync: sync::Syncer::default(),
         ownership,
         registry,
         leases,
@@ -337,7 +387,9 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     }
     let state = state.clone();
     tokio::spawn(async move {
+        sync::start(&state).await;
         state.shutdown.wait().await;
+        state.sync.join().await;
         let destinations = state.destinations.shutdown();
         let warehouse = async {
             if let Some(w) = &state.warehouse {

@@ -178,6 +178,13 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             .into_response();
     }
     let warehouse = state.warehouse.as_ref().map(|w| w.lag());
+    if let Err(e) = state.log.healthy().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "reason": e.to_string()})),
+        )
+            .into_response();
+    }
     match state.log.stats().await {
         Ok(s) => {
             let reasons =

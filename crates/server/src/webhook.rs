@@ -81,6 +81,29 @@ fn label(raw_type: &str) -> String {
     if t.is_empty() { "empty".into() } else { t }
 }
 
+/// What a mapped ActiveCampaign message becomes before its append, on every path
+/// (webhook and API sync): the identity rule (a configured contact field already set
+/// `userId`; otherwise an earlier identify with this email, on any source, gives it)
+/// then ingest's normalization.
+pub fn prepare(
+    state: &AppState,
+    mut message: serde_json::Map<String, Value>,
+    email: Option<&str>,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Result<tributary_model::Normalized, ApiError> {
+    if !message.contains_key("userId")
+        && let Some(uid) = email.and_then(|e| state.control.user_id_for_email(e))
+    {
+        message.insert("userId".into(), Value::String(uid));
+        message.remove("anonymousId");
+    }
+    let ctx = NormalizeContext {
+        received_at,
+        ..Default::default()
+    };
+    normalize(Value::Object(message), &ctx).map_err(|r| ApiError::bad(r.code.as_str(), r.message))
+}
+
 async fn handle(
     state: Arc<AppState>,
     key: Option<String>,
@@ -111,7 +134,7 @@ async fn handle(
     })?;
     let received_at = state.clock.now();
     let received = tributary_model::normalize::format_ts(received_at);
-    let (mut message, email) = match webhook.mapped {
+    let (message, email) = match webhook.mapped {
         Mapped::Track { message, email } | Mapped::Identify { message, email } => (message, email),
         Mapped::Unmapped => {
             metrics::counter!("tributary_activecampaign_unmapped_total", "type" => label(&webhook.raw_type))
@@ -148,33 +171,12 @@ async fn handle(
             return Ok(axum::Json(json!({"success": true, "mapped": false})).into_response());
         }
     };
-    // Identity: a configured contact field already set userId; otherwise an earlier
-    // identify with this email (on any source) gives it.
-    if !message.contains_key("userId")
-        && let Some(uid) = email
-            .as_deref()
-            .and_then(|e| state.control.user_id_for_email(e))
-    {
-        message.insert("userId".into(), Value::String(uid));
-        message.remove("anonymousId");
-    }
-    let ctx = NormalizeContext {
-        received_at,
-        ..Default::default()
-    };
     let sent = state.live.watched().then(|| Value::Object(message.clone()));
-    let normalized = normalize(Value::Object(message), &ctx).map_err(|r| {
+    let normalized = prepare(&state, message, email.as_deref(), received_at).inspect_err(|e| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);
-        if let Some(body) = sent {
-            crate::accept::publish_rejected(
-                &state,
-                &source.id,
-                r.code.as_str(),
-                &r.message,
-                || body,
-            );
+        if let (Some(body), ApiError::BadRequest { code, message, .. }) = (sent, e) {
+            crate::accept::publish_rejected(&state, &source.id, code, message, || body);
         }
-        ApiError::bad(r.code.as_str(), r.message)
     })?;
     let last = LastEvent {
         event: Some(webhook.raw_type.clone()),

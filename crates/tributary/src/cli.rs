@@ -85,6 +85,74 @@ pub enum SourcesCmd {
         /// Source id.
         id: String,
     },
+    /// Backfill ActiveCampaign's API into the source (it polls from then on): needs
+    /// `settings.api` = {"url","key"} from ActiveCampaign's Settings → Developer.
+    Sync {
+        /// Source id.
+        id: String,
+        /// Read campaigns sent since then: RFC 3339 (`2024-01-31T00:00:00Z`) or a
+        /// date (`2024-01-31`, midnight UTC). Default: 60 days back.
+        #[arg(long)]
+        since: Option<String>,
+        /// Wait for the backfill to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// `--since` as the API takes it: RFC 3339 as given, a bare date as midnight UTC.
+fn since_arg(raw: &str) -> String {
+    let t = raw.trim();
+    if t.len() == 10 && t.as_bytes().get(4) == Some(&b'-') && t.as_bytes().get(7) == Some(&b'-') {
+        format!("{t}T00:00:00Z")
+    } else {
+        t.to_string()
+    }
+}
+
+/// A one-line progress bar for a sync status (`[#####-----] 3/6 campaigns, 120 events`).
+fn progress_line(st: &Value) -> String {
+    let done = st["campaigns_done"].as_u64().unwrap_or(0);
+    let total = st["campaigns_total"].as_u64().unwrap_or(0);
+    let events = st["events"].as_u64().unwrap_or(0);
+    const WIDTH: u64 = 30;
+    let filled = (done.min(total) * WIDTH).checked_div(total).unwrap_or(0) as usize;
+    format!(
+        "[{}{}] {done}/{total} campaigns, {events} events",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled)
+    )
+}
+
+/// Polls `GET …/sync` until the run is no longer running, drawing the progress bar
+/// on stderr (redrawn in place on a terminal, one line per change otherwise).
+async fn wait_for_sync(c: &Client, id: &str) -> anyhow::Result<Value> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let st = c
+            .call(reqwest::Method::GET, &format!("/sources/{id}/sync"), None)
+            .await?;
+        let line = progress_line(&st);
+        if line != last {
+            let mut err = std::io::stderr().lock();
+            if tty {
+                let _ = write!(err, "\r{line}");
+            } else {
+                let _ = writeln!(err, "{line}");
+            }
+            let _ = err.flush();
+            last = line;
+        }
+        if st["state"] != "running" {
+            if tty {
+                eprintln!();
+            }
+            return Ok(st);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// An authenticated admin-API client.
@@ -209,6 +277,16 @@ fn print_source(s: &Value) {
         ),
         _ => println!("last event:  none yet"),
     }
+    if let Some(st) = s.get("sync").filter(|v| v.is_object()) {
+        let get = |k: &str| st.get(k).map(text).unwrap_or_default();
+        println!("api sync:    {} {}", get("state"), progress_line(st));
+        println!("  since:     {}", get("since"));
+        println!("  finished:  {}", get("finished_at"));
+        println!("  next poll: {}", get("next_poll_at"));
+        if st.get("error").is_some_and(|e| !e.is_null()) {
+            println!("  error:     {}", get("error"));
+        }
+    }
 }
 
 /// Runs a `sources` subcommand.
@@ -293,6 +371,40 @@ pub async fn sources(conn: Conn, cmd: SourcesCmd) -> anyhow::Result<()> {
                 Some(json!({"enabled": false})),
             )
             .await?
+        }
+        SourcesCmd::Sync { id, since, wait } => {
+            let body = match since {
+                Some(s) => json!({"since": since_arg(&s)}),
+                None => json!({}),
+            };
+            let started = c
+                .call(Method::POST, &format!("/sources/{id}/sync"), Some(body))
+                .await?;
+            if !wait {
+                if !conn.json {
+                    println!(
+                        "sync started (since {}); follow it with `tributary sources show {id}`",
+                        text(&started["since"])
+                    );
+                    return Ok(());
+                }
+                started
+            } else {
+                let st = wait_for_sync(&c, &id).await?;
+                if st["state"] == "failed" {
+                    bail!("sync failed: {}", text(&st["error"]));
+                }
+                if !conn.json {
+                    println!(
+                        "sync finished: {} campaigns, {} events; next poll at {}",
+                        text(&st["campaigns_total"]),
+                        text(&st["events"]),
+                        text(&st["next_poll_at"])
+                    );
+                    return Ok(());
+                }
+                st
+            }
         }
         SourcesCmd::Delete { id } => {
             c.call(Method::DELETE, &format!("/sources/{id}"), None)

@@ -212,6 +212,7 @@ mod tests {
             },
             head,
             hint,
+            epoch: None,
         };
         // The log that loaded up to 500 (its copy may lag one batch).
         assert!(claim(800, 500).adopts_legacy(500));

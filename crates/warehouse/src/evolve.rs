@@ -185,6 +185,9 @@ pub struct LoadBatch {
     pub last_seq: u64,
     /// Load time (`uuid_ts`).
     pub loaded_at: DateTime<Utc>,
+    /// The lease the batch commits under (cluster mode); `None`: the backend's
+    /// claimed position row, unfenced (embedded mode).
+    pub fence: Option<crate::outcome::Fence>,
 }
 
 #[cfg(test)]
@@ -272,6 +275,7 @@ pub fn prepare<S: AsRef<str>>(
         schemas,
         last_seq,
         loaded_at,
+        fence: None,
     }
 }
 

@@ -47,6 +47,7 @@ mod evolve;
 mod loader;
 pub mod naming;
 mod outcome;
+mod partitioned;
 mod plan;
 mod postgres;
 pub mod query;
@@ -383,6 +384,51 @@ impl Warehouse {
             shared.clone(),
         );
         let task = tokio::spawn(loader.run(stop_rx));
+        Ok(Warehouse {
+            backend,
+            log,
+            shared,
+            stop,
+            task: tokio::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// [`Warehouse::open`] for a cluster: the loader runs one reader per partition
+    /// this node owns through `ownership` (consumer `warehouse`), each committing its
+    /// partition's position with the lease epoch, so a node that lost a lease commits
+    /// nothing (module `partitioned`).
+    pub async fn open_owned(
+        config: WarehouseConfig,
+        log: Arc<dyn EventLog>,
+        catalog: Arc<dyn SchemaCatalog>,
+        ownership: Arc<dyn tributary_eventlog::Ownership>,
+    ) -> Result<Warehouse, WarehouseError> {
+        if config.batch_max == 0 {
+            return Err(WarehouseError::InvalidConfig(
+                "batch_max must be at least 1".into(),
+            ));
+        }
+        let backend = Arc::new(Backend::open(&config).await?);
+        let shared = Arc::new(Shared::new(log.subscribe()));
+        let (stop, stop_rx) = watch::channel(false);
+        let make = {
+            let (log, backend, shared) = (log.clone(), backend.clone(), shared.clone());
+            move || {
+                Loader::new(
+                    log.clone(),
+                    catalog.clone(),
+                    backend.clone(),
+                    config.clone(),
+                    shared.clone(),
+                )
+            }
+        };
+        let task = tokio::spawn(partitioned::supervise(
+            ownership,
+            log.clone(),
+            make,
+            stop_rx,
+        ));
         Ok(Warehouse {
             backend,
             log,

@@ -65,12 +65,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
-use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
+use tributary_eventlog::{EventLog, Gap, Lease, Position, Record, read_checked};
 
 use crate::backend::Backend;
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
 use crate::naming::validate_schema_name;
-use crate::outcome::{CONSUMER, Claim, LoadError, StateKey};
+use crate::outcome::{CONSUMER, Claim, Fence, LoadError, StateKey};
 use crate::plan::{Names, Planned, Skip, plan_record_with};
 use crate::{HealthState, Lag, SchemaCatalog, WarehouseConfig, WarehouseHealth};
 
@@ -253,6 +253,10 @@ pub(crate) struct Loader {
     known: HashMap<String, SchemaState>,
     /// The next batch, read and built while the previous one committed.
     ahead: Option<Ahead>,
+    /// The log partition this loader reads (0 in the embedded mode).
+    partition: u32,
+    /// The lease epoch it commits under (cluster mode); `None`: unfenced.
+    epoch: Option<u64>,
 }
 
 /// The records after position `after`, read (and if possible built) while the batch
@@ -454,7 +458,29 @@ impl Loader {
             shared,
             known: HashMap::new(),
             ahead: None,
+            partition: 0,
+            epoch: None,
         }
+    }
+
+    /// This loader for one partition under a lease: it reads only that partition,
+    /// claims the position row for the lease's epoch at start and commits every
+    /// batch fenced by it (module `crate::partitioned`).
+    pub(crate) fn for_lease(mut self, lease: Lease) -> Self {
+        self.partition = lease.partition;
+        self.epoch = Some(lease.epoch);
+        self
+    }
+
+    /// The fence of this loader's commits, when it holds a lease.
+    fn fence(&self) -> Option<Fence> {
+        self.epoch.map(|epoch| Fence {
+            key: StateKey {
+                log_id: self.log.log_id().to_string(),
+                partition: self.partition,
+            },
+            epoch,
+        })
     }
 
     pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -553,6 +579,7 @@ impl Loader {
                         schemas: Vec::new(),
                         last_seq: gap.to,
                         loaded_at: Utc::now(),
+                        fence: None,
                     };
                     if self.commit(past).await.is_ok() {
                         cursor = cursor.at(gap.to);
@@ -589,9 +616,9 @@ impl Loader {
     /// committed), so retention keeps every record the warehouse may still need.
     /// Returns the log's copy.
     async fn estimate_position(&self) -> Position {
-        let hint = match self.log.cursor(CONSUMER, 0).await {
+        let hint = match self.log.cursor(CONSUMER, self.partition).await {
             Ok(p) => p,
-            Err(_) => self.log.start(0),
+            Err(_) => self.log.start(self.partition),
         };
         if let Err(e) = self.log.commit(CONSUMER, &hint).await {
             tracing::warn!(error = %e, "could not register the warehouse with the event log");
@@ -625,11 +652,16 @@ impl Loader {
                 },
                 head: *self.shared.head.borrow(),
                 hint: hint.seq,
+                epoch: self.epoch,
             };
             match self.backend.init(&claim).await {
                 Ok(seq) => {
                     self.shared.succeeded();
                     return Some(seq);
+                }
+                Err(LoadError::Fenced(e)) => {
+                    tracing::info!(partition = self.partition, error = %e, "warehouse partition owned by a newer lease; not loading it");
+                    return None;
                 }
                 Err(e) => {
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
@@ -725,7 +757,7 @@ impl Loader {
         let mut candidates: Vec<Record> =
             records.iter().filter(|r| r.seq > after).cloned().collect();
         let from = after.max(read_end);
-        let from = Position::new(self.log.log_id(), 0, from);
+        let from = Position::new(self.log.log_id(), self.partition, from);
         if let Ok(more) = self.log.read(&from, self.config.batch_max).await {
             candidates.extend(more);
         }
@@ -752,7 +784,10 @@ impl Loader {
         };
         let n = light.len();
         let batch = match self.build(Arc::new(light), 0..n).await {
-            Ok(b) => b,
+            Ok(mut b) => {
+                b.fence = self.fence();
+                b
+            }
             Err(e) => {
                 self.known.clear();
                 tracing::debug!(error = %e, "express lane: cannot build; the regular pass will load these records");
@@ -808,6 +843,10 @@ impl Loader {
             };
             match result {
                 Ok(()) => return Ok(()),
+                Err(LoadError::Fenced(e)) => {
+                    tracing::warn!(partition = self.partition, error = %e, "warehouse partition taken over by a newer lease; this loader stops");
+                    return Err(ChunkError::Stopped);
+                }
                 Err(LoadError::TooLarge(e)) if chunk.len() > 1 => {
                     self.known.clear();
                     metrics::counter!("tributary_warehouse_load_errors_total").increment(1);
@@ -845,7 +884,7 @@ impl Loader {
     /// cache is then exactly that (no `already_loaded`, no failure in between).
     async fn commit_and_build_ahead(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
         self.ahead = None;
-        let after = self.log.start(0).at(batch.last_seq);
+        let after = self.log.start(self.partition).at(batch.last_seq);
         let head = *self.shared.head.borrow();
         let max = self.config.batch_max;
         if head.saturating_sub(after.seq) < max as u64 {
@@ -895,11 +934,21 @@ impl Loader {
     }
 
     /// Commits a batch and adopts its schema changes.
-    async fn commit(&mut self, batch: LoadBatch) -> Result<(), LoadError> {
+    async fn commit(&mut self, mut batch: LoadBatch) -> Result<(), LoadError> {
         let started = Instant::now();
         let last_seq = batch.last_seq;
         let changes = schema_changes(&batch);
+        batch.fence = self.fence();
         let stats = self.backend.apply(batch).await?;
+        if stats.fenced {
+            self.known.clear();
+            metrics::counter!("tributary_warehouse_fenced_commits_total").increment(1);
+            return Err(LoadError::Fenced(format!(
+                "commit of partition {} at epoch {} refused",
+                self.partition,
+                self.epoch.unwrap_or(0)
+            )));
+        }
         if stats.already_loaded {
             // Another loader (or an earlier attempt) committed it; the cache may be
             // behind that loader's DDL.
@@ -917,7 +966,7 @@ impl Loader {
         // warehouse's own copy is authoritative, so a failure here is harmless.
         if let Err(e) = self
             .log
-            .commit(CONSUMER, &self.log.start(0).at(last_seq))
+            .commit(CONSUMER, &self.log.start(self.partition).at(last_seq))
             .await
         {
             tracing::debug!(error = %e, "could not record the warehouse position in the log");
@@ -961,6 +1010,7 @@ impl Loader {
             let batch = rejection_batch(schema, record, error, now);
             match self.commit(batch).await {
                 Ok(()) => return true,
+                Err(LoadError::Fenced(_)) => return false,
                 Err(e) => {
                     self.known.clear();
                     let delay = self.retry_after(&e, attempt, "could not record a refused record");
@@ -1121,6 +1171,7 @@ fn rejection_batch(
         schemas,
         last_seq: record.seq,
         loaded_at: now,
+        fence: None,
     }
 }
 
@@ -1153,6 +1204,7 @@ mod tests {
                     "timestamp": "2026-11-27T05:10:54.023Z",
                 });
                 Record {
+                    partition: 0,
                     seq: seq + 1,
                     source_id: "src".into(),
                     message_id: format!("t-1-{seq:08}"),
@@ -1234,6 +1286,7 @@ mod tests {
     #[test]
     fn a_batch_of_many_event_names_is_cut_into_parts_of_bounded_tables() {
         let record = |seq: u64, source: &str, event: &str| Record {
+            partition: 0,
             seq,
             source_id: source.into(),
             message_id: format!("m-{seq}"),
@@ -1267,6 +1320,7 @@ mod tests {
     #[test]
     fn a_refused_record_becomes_a_discard_that_moves_the_position() {
         let record = Record {
+            partition: 0,
             seq: 42,
             source_id: "src".into(),
             message_id: "m-42".into(),

@@ -33,6 +33,18 @@ impl StateKey {
     }
 }
 
+/// The lease a loader commits under (cluster mode): the position row it writes and
+/// its epoch. A backend refuses (rolls back) a commit whose epoch is lower than the
+/// one recorded for that row, inside the load transaction, so a loader that lost its
+/// lease — a stalled node waking up — commits nothing once the new owner claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fence {
+    /// The position row (log and partition).
+    pub key: StateKey,
+    /// The lease's epoch.
+    pub epoch: u64,
+}
+
 /// What a backend needs at start to find (or adopt) the loader's position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Claim {
@@ -42,6 +54,10 @@ pub(crate) struct Claim {
     pub head: u64,
     /// The log's own copy of the warehouse position (written after every commit).
     pub hint: u64,
+    /// The lease epoch this loader holds (cluster mode): recorded on the position
+    /// row at init so older holders are fenced from then on; init fails with
+    /// [`LoadError::Fenced`] when a newer epoch is already recorded.
+    pub epoch: Option<u64>,
 }
 
 impl Claim {
@@ -74,6 +90,9 @@ pub(crate) enum LoadError {
     /// privileges): retrying soon will not help; it heals when an operator fixes it.
     #[error("configuration: {0}")]
     Config(String),
+    /// A newer lease holder has committed this partition: this loader must stop.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl LoadError {
@@ -85,6 +104,7 @@ impl LoadError {
             LoadError::Permanent(m) => LoadError::Permanent(with(m)),
             LoadError::TooLarge(m) => LoadError::TooLarge(with(m)),
             LoadError::Config(m) => LoadError::Config(with(m)),
+            LoadError::Fenced(m) => LoadError::Fenced(with(m)),
         }
     }
 }
@@ -98,4 +118,6 @@ pub(crate) struct ApplyStats {
     pub discards: u64,
     /// The batch had been committed before (position already past it).
     pub already_loaded: bool,
+    /// Refused and rolled back: a newer lease epoch owns the position.
+    pub fenced: bool,
 }

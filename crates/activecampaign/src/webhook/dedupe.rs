@@ -21,6 +21,8 @@
 //!   when ActiveCampaign sends no `contact[id]`. (v1 had no email: v2 changed every
 //!   ActiveCampaign `messageId`; events stored under v1 ids do not dedupe against
 //!   redeliveries hashed with v2.)
+//! - A bounce is hashed with an empty date (the mapping passes none): a message
+//!   bounces once per recipient, and the API knows only the bounce's date.
 //! - `date_time` is hashed as the UTC instant when it parses, so `07:04:13-06:00` and
 //!   `13:04:13Z` are the same event (hashed in [`segment_timestamp`] form); otherwise the
 //!   trimmed raw text is hashed.

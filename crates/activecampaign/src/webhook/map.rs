@@ -14,6 +14,13 @@
 //! | `subscribe`, `update`, `contact_tag_added`, `contact_tag_removed` | identify | — |
 //! | no `type`, but `contact[id]` or `contact[email]`: an automation "Webhook" action ([`AUTOMATION_TYPE`]) | identify | — |
 //! | anything else | [`Mapped::Unmapped`] | — |
+//! | — (API only, [`map_activity`]) | track | `Email Delivered` |
+//!
+//! **One mapping for webhooks and the API.** [`map_activity`] turns an API-reported
+//! [`Activity`] into the pairs the webhook for the same event would carry
+//! ([`Activity::to_pairs`]) and maps them here, so both paths give the same event
+//! name, properties, identity and `messageId`. A webhook cannot claim a delivery: no
+//! `type` maps to `Email Delivered`.
 //!
 //! An automation "Webhook" action posts the contact's fields (`contact[...]`, custom
 //! fields as `contact[fields][<perstag>]`) and the automation id as `seriesid`, with no
@@ -63,8 +70,8 @@ use super::dedupe::DedupeKey;
 use super::form::FormPairs;
 use super::time::{parse_date_time, segment_timestamp};
 use crate::segment::{
-    EMAIL_BOUNCED, EMAIL_LINK_CLICKED, EMAIL_MARKED_AS_SPAM, EMAIL_OPENED, EMAIL_UNSUBSCRIBED,
-    looks_like_email,
+    EMAIL_BOUNCED, EMAIL_DELIVERED, EMAIL_LINK_CLICKED, EMAIL_MARKED_AS_SPAM, EMAIL_OPENED,
+    EMAIL_UNSUBSCRIBED, looks_like_email,
 };
 
 /// `reply` → this track event (not in Segment's Email spec).
@@ -204,6 +211,8 @@ enum Kind {
     Forward,
     Share,
     Sent,
+    /// Only from the API ([`map_activity`]): webhooks have no per-recipient delivery.
+    Delivered,
     Subscribe,
     Update,
     TagAdded,
@@ -260,6 +269,17 @@ pub fn map_webhook(pairs: &FormPairs, settings: &Settings) -> Result<Webhook, Ma
             mapped: Mapped::Unmapped,
         });
     };
+    map_kind(pairs, settings, raw_type, kind)
+}
+
+/// The one mapping both paths share: `pairs` in the webhook's form, `kind` already
+/// decided (from `type` for webhooks, from the report for the API).
+fn map_kind(
+    pairs: &FormPairs,
+    settings: &Settings,
+    raw_type: &str,
+    kind: Kind,
+) -> Result<Webhook, MapError> {
     let contact = Contact::read(pairs);
     let identity =
         identity(pairs, settings, &contact, kind).ok_or_else(|| MapError::NoIdentity {
@@ -378,6 +398,7 @@ fn event_name(kind: Kind, pairs: &FormPairs) -> &'static str {
         Kind::Forward => EMAIL_FORWARDED,
         Kind::Share => EMAIL_SHARED,
         Kind::Sent => EMAIL_CAMPAIGN_SENT,
+        Kind::Delivered => EMAIL_DELIVERED,
         // Identify kinds have no event; callers never ask.
         Kind::Subscribe | Kind::Update | Kind::TagAdded | Kind::TagRemoved | Kind::Automation => "",
     }
@@ -414,8 +435,21 @@ fn dedupe_key<'a>(
                 extra.push(v);
             }
         }
-        Kind::Open | Kind::Click | Kind::Bounce | Kind::Reply | Kind::Forward | Kind::Sent => {}
+        Kind::Open
+        | Kind::Click
+        | Kind::Bounce
+        | Kind::Reply
+        | Kind::Forward
+        | Kind::Sent
+        | Kind::Delivered => {}
     }
+    // A message bounces once per recipient: the bounce is keyed without its time, so
+    // a webhook bounce (exact time) and the API's (v1 gives only the date) are one row.
+    let date_time = if kind == Kind::Bounce {
+        ""
+    } else {
+        pairs.get("date_time").unwrap_or("")
+    };
     DedupeKey {
         raw_type,
         contact_id: get("contact[id]"),
@@ -423,7 +457,7 @@ fn dedupe_key<'a>(
         campaign_id: get("campaign[id]"),
         message_id: get("campaign[message][id]"),
         link_id: get("link[id]"),
-        date_time: pairs.get("date_time").unwrap_or(""),
+        date_time,
         extra,
     }
 }
@@ -683,6 +717,155 @@ fn user_id_field_key(setting: &str) -> Option<String> {
     field_key(s)
 }
 
+/// `raw_type` (and dedupe type) of an API-reported delivery ([`ActivityKind::Delivered`]).
+pub const DELIVERED_TYPE: &str = "delivered";
+
+/// The per-recipient activities ActiveCampaign's API reports (see [`map_activity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActivityKind {
+    /// A recipient without a bounce: `Email Delivered` at the campaign's send time.
+    Delivered,
+    /// `campaign_report_open_list`: `Email Opened`.
+    Open,
+    /// `campaign_report_link_list`: `Email Link Clicked`.
+    Click,
+    /// `campaign_report_bounce_list`: `Email Bounced`.
+    Bounce,
+    /// `campaign_report_unsubscription_list`: `Email Unsubscribed`, or `Email Marked
+    /// as Spam` by the webhook rule ([`is_spam_complaint`]) on the reason.
+    Unsubscribe,
+    /// `campaign_report_forward_list`: `Email Forwarded`.
+    Forward,
+}
+
+impl ActivityKind {
+    /// The webhook `type` this activity is the API's view of.
+    pub fn raw_type(self) -> &'static str {
+        match self {
+            ActivityKind::Delivered => DELIVERED_TYPE,
+            ActivityKind::Open => "open",
+            ActivityKind::Click => "click",
+            ActivityKind::Bounce => "bounce",
+            ActivityKind::Unsubscribe => "unsubscribe",
+            ActivityKind::Forward => "forward",
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            ActivityKind::Delivered => Kind::Delivered,
+            ActivityKind::Open => Kind::Open,
+            ActivityKind::Click => Kind::Click,
+            ActivityKind::Bounce => Kind::Bounce,
+            ActivityKind::Unsubscribe => Kind::Unsubscribe,
+            ActivityKind::Forward => Kind::Forward,
+        }
+    }
+}
+
+/// One recipient's email activity as ActiveCampaign's API reports it. Absent values
+/// are `None`; values are used trimmed, as in a webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activity {
+    /// What happened.
+    pub kind: ActivityKind,
+    /// When (already read in the account's time zone), or `None` when unknown.
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `subscriberid` (= a webhook's `contact[id]`).
+    pub contact_id: Option<String>,
+    /// The recipient email.
+    pub email: Option<String>,
+    /// The campaign id.
+    pub campaign_id: Option<String>,
+    /// The campaign name.
+    pub campaign_name: Option<String>,
+    /// The campaign type (`single`, …).
+    pub campaign_type: Option<String>,
+    /// The campaign's message id (`email_id`).
+    pub message_id: Option<String>,
+    /// The message subject (`email_subject`).
+    pub subject: Option<String>,
+    /// The link id (clicks).
+    pub link_id: Option<String>,
+    /// The link URL (clicks).
+    pub link_url: Option<String>,
+    /// `hard` / `soft` (bounces).
+    pub bounce_type: Option<String>,
+    /// The SMTP code (bounces), e.g. `5.1.1`.
+    pub bounce_code: Option<String>,
+    /// The bounce description.
+    pub bounce_description: Option<String>,
+    /// The unsubscribe reason.
+    pub reason: Option<String>,
+    /// Forward count (forwards).
+    pub forward_count: Option<String>,
+}
+
+impl Activity {
+    /// An activity of `kind` with every other part absent.
+    pub fn new(kind: ActivityKind) -> Activity {
+        Activity {
+            kind,
+            at: None,
+            contact_id: None,
+            email: None,
+            campaign_id: None,
+            campaign_name: None,
+            campaign_type: None,
+            message_id: None,
+            subject: None,
+            link_id: None,
+            link_url: None,
+            bounce_type: None,
+            bounce_code: None,
+            bounce_description: None,
+            reason: None,
+            forward_count: None,
+        }
+    }
+
+    /// The activity in the webhook's own form: the pairs ActiveCampaign would post
+    /// for the same event, so both paths go through one mapping.
+    pub fn to_pairs(&self) -> FormPairs {
+        let mut p: Vec<(String, String)> = vec![("type".into(), self.kind.raw_type().into())];
+        let mut put = |k: &str, v: &Option<String>| {
+            if let Some(v) = v.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+                p.push((k.to_owned(), v.to_owned()));
+            }
+        };
+        put("date_time", &self.at.map(segment_timestamp));
+        put("contact[id]", &self.contact_id);
+        put("contact[email]", &self.email);
+        put("campaign[id]", &self.campaign_id);
+        put("campaign[name]", &self.campaign_name);
+        put("campaign[type]", &self.campaign_type);
+        put("campaign[message][id]", &self.message_id);
+        put("campaign[message][subject]", &self.subject);
+        put("link[id]", &self.link_id);
+        put("link[url]", &self.link_url);
+        put("bounce[type]", &self.bounce_type);
+        put("bounce[code]", &self.bounce_code);
+        put("bounce[description]", &self.bounce_description);
+        put("unsubscribe[reason]", &self.reason);
+        put("forward[count]", &self.forward_count);
+        FormPairs(p)
+    }
+}
+
+/// Maps an API-reported activity to the Segment message the webhook for the same
+/// event would give: same event name, properties, identity and `messageId` (it goes
+/// through the same mapping, from [`Activity::to_pairs`]). Deliveries, which have no
+/// webhook, map the same way as `Email Delivered`.
+pub fn map_activity(activity: &Activity, settings: &Settings) -> Result<Webhook, MapError> {
+    let pairs = activity.to_pairs();
+    map_kind(
+        &pairs,
+        settings,
+        activity.kind.raw_type(),
+        activity.kind.kind(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -837,5 +1020,54 @@ mod tests {
         assert_eq!(s.user_id_field.as_deref(), Some("32"));
         let s: Settings = serde_json::from_value(json!({})).unwrap();
         assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn api_open_is_the_same_message_as_the_webhook_open() {
+        let form = "type=open&date_time=2024-02-28T07%3A04%3A13-06%3A00&campaign%5Bid%5D=42\
+            &campaign%5Bname%5D=March&campaign%5Bmessage%5D%5Bid%5D=17\
+            &campaign%5Bmessage%5D%5Bsubject%5D=Spring&contact%5Bid%5D=36\
+            &contact%5Bemail%5D=ann%40example.com&initiated_from=public";
+        let hook = map_webhook(
+            &crate::parse_form(form.as_bytes()).unwrap(),
+            &Settings::default(),
+        )
+        .unwrap();
+        let mut a = Activity::new(ActivityKind::Open);
+        a.at = parse_date_time("2024-02-28 13:04:13Z");
+        a.contact_id = Some("36".into());
+        a.email = Some("ann@example.com".into());
+        a.campaign_id = Some("42".into());
+        a.campaign_name = Some("March".into());
+        a.message_id = Some("17".into());
+        a.subject = Some("Spring".into());
+        let api = map_activity(&a, &Settings::default()).unwrap();
+        let (h, m) = (hook.message().unwrap(), api.message().unwrap());
+        for k in ["messageId", "event", "anonymousId", "timestamp"] {
+            assert_eq!(h[k], m[k], "{k}");
+        }
+        assert_eq!(h["context"]["traits"], m["context"]["traits"]);
+        assert_eq!(m["properties"]["email_subject"], "Spring");
+    }
+
+    #[test]
+    fn api_delivery_and_spam_unsubscribe() {
+        let mut a = Activity::new(ActivityKind::Delivered);
+        a.email = Some("bob@example.com".into());
+        a.campaign_id = Some("7".into());
+        let w = map_activity(&a, &Settings::default()).unwrap();
+        assert_eq!(w.mapped.event(), Some(EMAIL_DELIVERED));
+        assert_eq!(w.raw_type, DELIVERED_TYPE);
+        let mut u = Activity::new(ActivityKind::Unsubscribe);
+        u.email = Some("bob@example.com".into());
+        u.reason = Some("This is spam".into());
+        let w = map_activity(&u, &Settings::default()).unwrap();
+        assert_eq!(w.mapped.event(), Some(EMAIL_MARKED_AS_SPAM));
+        // A webhook cannot claim a delivery.
+        let p = pairs(&[("type", "delivered"), ("contact[email]", "a@example.com")]);
+        assert_eq!(
+            map_webhook(&p, &Settings::default()).unwrap().mapped,
+            Mapped::Unmapped
+        );
     }
 }

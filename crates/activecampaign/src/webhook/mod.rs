@@ -19,12 +19,12 @@ mod time;
 pub use dedupe::{DedupeKey, MESSAGE_ID_PREFIX};
 pub use form::{FormPairs, MAX_PAIRS, ParseError, parse_form};
 pub use map::{
-    AUTOMATION_TYPE, CAMPAIGN_ANONYMOUS_ID_PREFIX, CONTACT_ANONYMOUS_ID_PREFIX,
-    EMAIL_CAMPAIGN_SENT, EMAIL_FORWARDED, EMAIL_REPLIED, EMAIL_SHARED, INTEGRATION_NAME,
-    LIBRARY_NAME, LIBRARY_VERSION, MapError, Mapped, Settings, Webhook, is_spam_complaint,
-    map_webhook,
+    AUTOMATION_TYPE, Activity, ActivityKind, CAMPAIGN_ANONYMOUS_ID_PREFIX,
+    CONTACT_ANONYMOUS_ID_PREFIX, DELIVERED_TYPE, EMAIL_CAMPAIGN_SENT, EMAIL_FORWARDED,
+    EMAIL_REPLIED, EMAIL_SHARED, INTEGRATION_NAME, LIBRARY_NAME, LIBRARY_VERSION, MapError, Mapped,
+    Settings, Webhook, is_spam_complaint, map_activity, map_webhook,
 };
-pub use time::{parse_date_time, segment_timestamp};
+pub use time::{parse_date_time, parse_date_time_in, segment_timestamp};
 
 /// Either way a webhook body can be refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,12 +7,13 @@
 //!
 //! Invariants:
 //! - An offset, when present, is always applied: the result is the same instant in UTC.
-//! - A naive date-time is read as UTC; a bare date as midnight UTC.
+//! - A naive date-time is read as UTC ([`parse_date_time`]) or in a given offset
+//!   ([`parse_date_time_in`], the API's account time zone); a bare date as midnight there.
 //! - Zero dates, empty strings, garbage and instants outside 1970-01-01 ..= 9999-12-31
 //!   give `None` (the caller then omits `timestamp`, and ingest uses the receive time).
 //! - [`segment_timestamp`] always renders `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 
 /// Date-time layouts carrying an offset, tried after RFC 3339.
 const WITH_OFFSET: [&str; 2] = ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"];
@@ -27,6 +28,12 @@ const NAIVE: [&str; 4] = [
 /// Parses an ActiveCampaign date into a UTC instant; see the module docs for the
 /// accepted forms. Never panics.
 pub fn parse_date_time(raw: &str) -> Option<DateTime<Utc>> {
+    parse_date_time_in(raw, FixedOffset::east_opt(0)?)
+}
+
+/// [`parse_date_time`], reading naive date-times and bare dates in `zone` (the
+/// account's UTC offset) instead of UTC. An offset in the text still wins.
+pub fn parse_date_time_in(raw: &str, zone: FixedOffset) -> Option<DateTime<Utc>> {
     let s = raw.trim();
     if s.is_empty() || s.len() > 64 || s.starts_with("0000-00-00") {
         return None;
@@ -43,13 +50,13 @@ pub fn parse_date_time(raw: &str) -> Option<DateTime<Utc>> {
             NAIVE
                 .iter()
                 .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-                .map(|t| Utc.from_utc_datetime(&t))
-        })
-        .or_else(|| {
-            NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|t| Utc.from_utc_datetime(&t))
+                .or_else(|| {
+                    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                        .ok()
+                        .and_then(|d| d.and_hms_opt(0, 0, 0))
+                })
+                .and_then(|t| zone.from_local_datetime(&t).single())
+                .map(|t| t.with_timezone(&Utc))
         })?;
     let lo = Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).single()?;
     let hi = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single()?;
@@ -127,6 +134,26 @@ mod tests {
             ts(" 2024-03-07 ").as_deref(),
             Some("2024-03-07T00:00:00.000Z")
         );
+    }
+
+    #[test]
+    fn reads_naive_in_the_account_offset_but_keeps_explicit_offsets() {
+        let cdt = FixedOffset::west_opt(5 * 3600).unwrap();
+        let at = |s: &str| parse_date_time_in(s, cdt).map(segment_timestamp);
+        assert_eq!(
+            at("2024-02-28 04:36:09").as_deref(),
+            Some("2024-02-28T09:36:09.000Z")
+        );
+        assert_eq!(
+            at("2024-03-07").as_deref(),
+            Some("2024-03-07T05:00:00.000Z")
+        );
+        assert_eq!(
+            at("2024-02-28T04:36:09+00:00").as_deref(),
+            Some("2024-02-28T04:36:09.000Z")
+        );
+        assert_eq!(at("0000-00-00 00:00:00"), None);
+        assert_eq!(at("0000-00-00"), None);
     }
 
     #[test]

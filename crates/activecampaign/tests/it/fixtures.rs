@@ -161,10 +161,9 @@ fn bounce_becomes_email_bounced_with_type_code_description() {
     assert_eq!(m["event"], "Email Bounced");
     assert_eq!(m["timestamp"], "2024-02-28T12:59:40.000Z");
     assert_eq!(m["properties"], Value::Object(props));
-    assert_eq!(
-        m["messageId"],
-        id("bounce", "", "2024-02-28T06:59:40-06:00", vec![])
-    );
+    // A message bounces once per recipient: the key has no time, so the API's
+    // bounce (v1 gives only its date) is the same event.
+    assert_eq!(m["messageId"], id("bounce", "", "", vec![]));
 }
 
 #[test]

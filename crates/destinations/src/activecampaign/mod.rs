@@ -33,9 +33,9 @@ use tokio::time::Instant;
 
 pub use config::ActivecampaignSettings;
 
-use crate::ratelimit::{self, RateLimiter};
 use crate::retry::DeliveryError;
 use crate::sink::{Item, SendReport, Sink, execute, http_client};
+use tributary_activecampaign::api::ratelimit::{self, RateLimiter};
 
 /// Requests in flight per ActiveCampaign destination (the rate limiter paces them).
 const MAX_IN_FLIGHT: usize = 2;

@@ -157,6 +157,12 @@ fn deliver<'a>(
                 });
             }
             attempt += 1;
+            if !shared.holds().await {
+                // The lease moved: the next owner sends these.
+                return Err(Abandoned {
+                    maybe_delivered: last_maybe,
+                });
+            }
             let res = tokio::select! {
                 r = shared.sink.send(items) => r,
                 _ = stop.wait_for(|p| *p >= ABORT) => {

@@ -37,6 +37,23 @@
 //! after the cursor (retention or the size cap deleted them first) are a gap:
 //! an error line, `tributary_log_gap_records_total{consumer}` and the
 //! destination's stats — never skipped silently.
+//!
+//! **Cluster mode (partitions and leases).** With an [`Ownership`] (PostgreSQL
+//! leases), a destination runs one worker per log partition this node owns
+//! ([`WorkerHandle::spawn_owned`]): each reads only its partition, in order, so one
+//! user's events (always in one partition) still reach the receiver in order. Before
+//! each send the batch task checks [`Ownership::holds`]; the cursor is committed with
+//! the lease epoch ([`EventLog::commit_fenced`], the control database's registry),
+//! and a refused commit or a lost lease stops that partition's worker: its batches
+//! not yet ended are re-sent by the next owner (at least once). Dedupe beyond
+//! JetStream's window: each partition worker keeps a [`PartitionDedupe`] index in
+//! memory (messages received within `dedupe_window`, default the 7-day log
+//! retention) and skips a repeated `(source, messageId)`; the index is rebuilt from
+//! the log itself when a worker takes a partition (its retained records up to the
+//! committed cursor), so it moves with ownership and needs no storage of its own.
+//! Replays (dead letters, `POST /replay`) are run by one of this node's partition
+//! workers. Delivery markers (`crate::store`) stay in this node's file: after a
+//! takeover the new owner re-sends what was in flight (counted as redelivered).
 mod delivery;
 mod schedule;
 
@@ -48,7 +65,9 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tributary_eventlog::{EventLog, Gap, Position, Record, read_checked};
+use tributary_eventlog::{
+    EventLog, Gap, Lease, Ownership, PartitionDedupe, Position, Record, read_checked,
+};
 
 use crate::filter::Selector;
 use crate::options::EngineOptions;
@@ -115,6 +134,22 @@ pub(crate) struct Shared {
     pub log: Arc<dyn EventLog>,
     pub live: Arc<LiveStats>,
     pub stop: watch::Sender<u8>,
+    /// The lease this worker sends and commits under (cluster mode).
+    pub lease: Option<(Arc<dyn Ownership>, Lease)>,
+}
+
+impl Shared {
+    /// Whether this worker may still send and commit: true without a lease; with
+    /// one, whether it is still held (a failed check counts as lost).
+    pub(crate) async fn holds(&self) -> bool {
+        match &self.lease {
+            None => true,
+            Some((ownership, lease)) => ownership
+                .holds(&self.consumer, *lease)
+                .await
+                .unwrap_or(false),
+        }
+    }
 }
 
 impl Shared {
@@ -160,21 +195,53 @@ impl WorkerHandle {
             log,
             live: Arc::new(LiveStats::default()),
             stop,
+            lease: None,
         });
-        let worker = Worker {
-            shared: shared.clone(),
-            sched: Scheduler::default(),
-            outstanding: BTreeSet::new(),
-            read_pos: 0,
-            committed: log_start,
-            recovery: Recovery::default(),
-            jobs: VecDeque::new(),
-            tasks: JoinSet::new(),
-            inflight: HashMap::new(),
-            head_rx,
-            log_closed: false,
-        };
+        let worker = Worker::new(shared.clone(), log_start, head_rx, None);
         let join = tokio::spawn(worker.run(cmd_rx, stop_rx));
+        WorkerHandle {
+            commands,
+            shared,
+            join,
+        }
+    }
+
+    /// Starts a destination in cluster mode: one worker per partition this node
+    /// owns through `ownership` (consumer `destination:<id>`), each under its lease;
+    /// workers start and stop as leases come and go. `dedupe_window` bounds each
+    /// partition's dedupe index.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn spawn_owned(
+        id: String,
+        sink: Arc<dyn Sink>,
+        selector: Selector,
+        options: EngineOptions,
+        store: Store,
+        log: Arc<dyn EventLog>,
+        ownership: Arc<dyn Ownership>,
+        dedupe_window: Duration,
+    ) -> WorkerHandle {
+        let (stop, stop_rx) = watch::channel(RUNNING);
+        let (commands, cmd_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            consumer: format!("destination:{id}"),
+            id,
+            sink,
+            selector,
+            options,
+            store,
+            log,
+            live: Arc::new(LiveStats::default()),
+            stop,
+            lease: None,
+        });
+        let join = tokio::spawn(supervise(
+            shared.clone(),
+            ownership,
+            dedupe_window,
+            cmd_rx,
+            stop_rx,
+        ));
         WorkerHandle {
             commands,
             shared,
@@ -209,6 +276,121 @@ impl WorkerHandle {
     }
 }
 
+/// One partition's worker as the supervisor sees it.
+struct PartitionWorker {
+    lease: Lease,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<ReplayJob>,
+    join: JoinHandle<()>,
+}
+
+/// Runs a worker per owned partition of `dest` until the destination stops: leases
+/// won start one (under the lease, with a dedupe index rebuilt from the log), leases
+/// lost stop it; replays go to one of them; the destination's stop phases are passed
+/// on to every one.
+async fn supervise(
+    dest: Arc<Shared>,
+    ownership: Arc<dyn Ownership>,
+    dedupe_window: Duration,
+    mut commands: mpsc::UnboundedReceiver<ReplayJob>,
+    mut stop: watch::Receiver<u8>,
+) {
+    let mut owned = ownership.owned(&dest.consumer, dest.log.partitions());
+    let mut running: std::collections::BTreeMap<u32, PartitionWorker> = Default::default();
+    let mut changes_end = false;
+    loop {
+        let leases = owned.borrow_and_update().clone();
+        let gone: Vec<u32> = running
+            .iter()
+            .filter(|(_, w)| !leases.contains(&w.lease) || w.join.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            if let Some(w) = running.remove(&p) {
+                tracing::info!(destination = %dest.id, partition = p, "destination lease lost; stopping the partition's worker");
+                let _ = w.shared.stop.send_replace(DRAINING);
+                tokio::spawn(async move {
+                    let _ = w.join.await;
+                });
+            }
+        }
+        if *stop.borrow() == RUNNING {
+            for lease in &leases {
+                if running.contains_key(&lease.partition) {
+                    continue;
+                }
+                tracing::info!(destination = %dest.id, partition = lease.partition, epoch = lease.epoch, "destination lease won; delivering the partition");
+                let (pstop, pstop_rx) = watch::channel(RUNNING);
+                let (ptx, prx) = mpsc::unbounded_channel();
+                let shared = Arc::new(Shared {
+                    id: dest.id.clone(),
+                    consumer: dest.consumer.clone(),
+                    sink: dest.sink.clone(),
+                    selector: dest.selector.clone(),
+                    options: dest.options.clone(),
+                    store: dest.store.clone(),
+                    log: dest.log.clone(),
+                    live: dest.live.clone(),
+                    stop: pstop,
+                    lease: Some((ownership.clone(), *lease)),
+                });
+                let start = dest.log.start(lease.partition);
+                let head_rx = dest.log.subscribe();
+                let worker = Worker::new(
+                    shared.clone(),
+                    start,
+                    head_rx,
+                    Some(PartitionDedupe::new(dedupe_window)),
+                );
+                running.insert(
+                    lease.partition,
+                    PartitionWorker {
+                        lease: *lease,
+                        shared,
+                        commands: ptx,
+                        join: tokio::spawn(worker.run(prx, pstop_rx)),
+                    },
+                );
+            }
+        }
+        let phase = *stop.borrow();
+        if phase != RUNNING {
+            for w in running.values() {
+                let _ = w.shared.stop.send_replace(phase);
+            }
+            if phase >= ABORT || running.values().all(|w| w.join.is_finished()) {
+                break;
+            }
+        }
+        tokio::select! {
+            r = owned.changed(), if !changes_end => {
+                if r.is_err() {
+                    changes_end = true;
+                }
+            }
+            job = commands.recv() => {
+                if let Some(job) = job {
+                    match running.values().next() {
+                        Some(w) => {
+                            let _ = w.commands.send(job);
+                        }
+                        None => tracing::warn!(destination = %dest.id, "replay dropped: this node owns no partition of the destination"),
+                    }
+                }
+            }
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    for (_, w) in running {
+        let _ = w.shared.stop.send_replace((*stop.borrow()).max(DRAINING));
+        let _ = w.join.await;
+    }
+    if let Err(e) = ownership.release(&dest.consumer).await {
+        tracing::warn!(destination = %dest.id, error = %e, "cannot release destination leases");
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     sched: Scheduler,
@@ -224,9 +406,37 @@ struct Worker {
     inflight: HashMap<tokio::task::Id, Vec<Item>>,
     head_rx: watch::Receiver<u64>,
     log_closed: bool,
+    /// Cluster mode: messages this partition's owner has seen (dedupe beyond
+    /// JetStream's window), rebuilt from the log at start.
+    dedupe: Option<PartitionDedupe>,
+    /// Cluster mode: the lease was found lost or a commit was refused.
+    lost: bool,
 }
 
 impl Worker {
+    fn new(
+        shared: Arc<Shared>,
+        start: Position,
+        head_rx: watch::Receiver<u64>,
+        dedupe: Option<PartitionDedupe>,
+    ) -> Worker {
+        Worker {
+            shared,
+            sched: Scheduler::default(),
+            outstanding: BTreeSet::new(),
+            read_pos: 0,
+            committed: start,
+            recovery: Recovery::default(),
+            jobs: VecDeque::new(),
+            tasks: JoinSet::new(),
+            inflight: HashMap::new(),
+            head_rx,
+            log_closed: false,
+            dedupe,
+            lost: false,
+        }
+    }
+
     async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<ReplayJob>,
@@ -240,7 +450,7 @@ impl Worker {
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if *stop.borrow() != RUNNING {
+            if *stop.borrow() != RUNNING || self.lost {
                 break;
             }
             self.load_deferred().await;
@@ -286,11 +496,50 @@ impl Worker {
     /// Reads the cursor and the recovery markers; false if stopped meanwhile.
     async fn start(&mut self, stop: &mut watch::Receiver<u8>) -> bool {
         loop {
-            let res = self.shared.log.cursor(&self.shared.consumer, 0).await;
+            let res = self
+                .shared
+                .log
+                .cursor(&self.shared.consumer, self.committed.partition)
+                .await;
             match res {
                 Ok(c) => {
                     // Enabled again: hold records back from retention from here on.
-                    if let Err(e) = self.shared.log.commit(&self.shared.consumer, &c).await {
+                    if let Some((_, lease)) = &self.shared.lease {
+                        match self
+                            .shared
+                            .log
+                            .commit_fenced(&self.shared.consumer, &c, lease.epoch)
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::info!(destination = %self.shared.id, partition = lease.partition, "partition owned by a newer lease; not delivering it");
+                                return false;
+                            }
+                            Err(e) => {
+                                tracing::warn!(destination = %self.shared.id, error = %e, "cannot pin destination cursor");
+                            }
+                        }
+                        if let Some(d) = &self.dedupe {
+                            let window = d.window();
+                            match PartitionDedupe::rebuild(self.shared.log.as_ref(), &c, window)
+                                .await
+                            {
+                                Ok(index) => {
+                                    tracing::info!(destination = %self.shared.id, partition = lease.partition, messages = index.len(), "dedupe index rebuilt from the log");
+                                    self.dedupe = Some(index);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(destination = %self.shared.id, error = %e, "cannot rebuild the dedupe index; retrying");
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                        _ = stop.changed() => return false,
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                    } else if let Err(e) = self.shared.log.commit(&self.shared.consumer, &c).await {
                         tracing::warn!(destination = %self.shared.id, error = %e, "cannot pin destination cursor");
                     }
                     self.read_pos = c.seq;
@@ -348,6 +597,13 @@ impl Worker {
         let seq = r.seq;
         self.read_pos = self.read_pos.max(seq);
         if self.recovery.done.remove(&seq) {
+            return;
+        }
+        if let Some(d) = &mut self.dedupe
+            && !d.observe(&r)
+        {
+            metrics::counter!("tributary_destination_duplicates_skipped_total").increment(1);
+            tracing::debug!(destination = %self.shared.id, seq, message_id = %r.message_id, "repeated message skipped");
             return;
         }
         let maybe_dup = self.recovery.maybe.remove(&seq);
@@ -618,13 +874,30 @@ impl Worker {
             return;
         }
         let position = self.committed.at(wm);
-        match self
-            .shared
-            .log
-            .commit(&self.shared.consumer, &position)
-            .await
-        {
-            Ok(()) => {
+        let result = match &self.shared.lease {
+            None => self
+                .shared
+                .log
+                .commit(&self.shared.consumer, &position)
+                .await
+                .map(|()| true),
+            Some((_, lease)) => {
+                if self.shared.holds().await {
+                    self.shared
+                        .log
+                        .commit_fenced(&self.shared.consumer, &position, lease.epoch)
+                        .await
+                } else {
+                    Ok(false)
+                }
+            }
+        };
+        match result {
+            Ok(false) => {
+                tracing::warn!(destination = %self.shared.id, partition = position.partition, "destination lease lost; the partition's worker stops without committing");
+                self.lost = true;
+            }
+            Ok(true) => {
                 self.committed = position;
                 self.shared.live.cursor.store(wm, Ordering::Relaxed);
                 if let Err(e) = self.shared.store.prune_batches(&self.shared.id, wm).await {

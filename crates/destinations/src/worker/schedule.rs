@@ -153,6 +153,7 @@ mod tests {
             json!({"type":"track","event":"E","userId":user,"messageId":format!("m{seq}")});
         Item::from_record(
             Record {
+                partition: 0,
                 seq,
                 source_id: "s".into(),
                 message_id: format!("m{seq}"),

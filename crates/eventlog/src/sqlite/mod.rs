@@ -32,7 +32,6 @@ mod read;
 mod tests;
 mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +40,7 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use crate::config::LogConfig;
 use crate::{
     AppendStatus, ConsumerState, EventLog, LogError, LogStats, NewRecord, Position, Record,
 };
@@ -48,57 +48,9 @@ use checkpoint::Checkpointer;
 use open::{open_reader, open_writer};
 use writer::{ConsumerChange, Request, Retention, writer_loop};
 
-/// Settings of the embedded log. Deserializes as the `[log]` section of the server's
-/// configuration (durations in `tributary_model::duration` syntax); `path` is set by
-/// the server from its data directory.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SqliteLogConfig {
-    /// The database file (created if absent).
-    #[serde(skip)]
-    pub path: PathBuf,
-    /// How long records are kept; also the dedupe window. Default 7 days.
-    #[serde(with = "tributary_model::duration")]
-    pub retention: Duration,
-    /// Append requests that may wait for the writer before callers are told the
-    /// log is saturated. Default 4096.
-    pub queue_capacity: usize,
-    /// How long an append may wait for room in the queue before `Saturated`.
-    /// Default 2 s.
-    #[serde(with = "tributary_model::duration")]
-    pub enqueue_timeout: Duration,
-    /// Most records one group commit takes. Default 50,000.
-    pub max_group_records: usize,
-    /// Read connections in the pool. Default 4.
-    pub readers: usize,
-    /// How often the writer deletes records older than `retention` (also while no
-    /// appends arrive). Default 60 s.
-    #[serde(with = "tributary_model::duration")]
-    pub prune_interval: Duration,
-    /// Hard cap on the database's used size in bytes; past it the oldest records
-    /// are deleted even if a consumer has not read them (each such loss is
-    /// reported). `None` (the default): no cap, age and consumers decide.
-    pub max_bytes: Option<u64>,
-    /// How often the checkpointer copies the WAL into the database. Default 100 ms.
-    #[serde(with = "tributary_model::duration")]
-    pub checkpoint_interval: Duration,
-}
-
-impl Default for SqliteLogConfig {
-    fn default() -> Self {
-        Self {
-            path: PathBuf::from("events.db"),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            queue_capacity: 4096,
-            enqueue_timeout: Duration::from_secs(2),
-            max_group_records: 50_000,
-            readers: 4,
-            prune_interval: Duration::from_secs(60),
-            max_bytes: None,
-            checkpoint_interval: Duration::from_millis(100),
-        }
-    }
-}
+/// The embedded log's settings: the `[log]` section ([`LogConfig`]), of which it reads
+/// the SQLite fields.
+pub type SqliteLogConfig = LogConfig;
 
 /// The embedded, SQLite-backed [`EventLog`].
 pub struct SqliteLog {

@@ -20,6 +20,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         )
     })?;
     Ok(Record {
+        partition: 0,
         seq: row.get::<_, i64>(0)? as u64,
         source_id: row.get(1)?,
         message_id: row.get(2)?,

@@ -98,7 +98,7 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The control schema's tables: sources, identities, unmapped webhooks,
+/// The control schema's tables: sources, identities, unmapped webhooks, API sync state,
 /// destination definitions (the control plane), leases and members (ownership), positions (the destinations'
 /// consumer registry).
 const TABLES: &str = "
@@ -113,6 +113,9 @@ CREATE TABLE IF NOT EXISTS {s}.identities (
 CREATE TABLE IF NOT EXISTS {s}.unmapped_webhooks (
     id bigserial PRIMARY KEY, source_id text NOT NULL, entry text NOT NULL);
 CREATE INDEX IF NOT EXISTS unmapped_webhooks_source ON {s}.unmapped_webhooks (source_id, id);
+CREATE TABLE IF NOT EXISTS {s}.api_sync (
+    source_id text PRIMARY KEY, state text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE IF NOT EXISTS {s}.leases (
     consumer text NOT NULL, partition integer NOT NULL, owner text NOT NULL,
     epoch bigint NOT NULL, expires_at timestamptz NOT NULL,

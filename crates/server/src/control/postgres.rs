@@ -467,6 +467,11 @@ impl ControlStore for PgControlStore {
                     &format!("DELETE FROM {schema}.unmapped_webhooks WHERE source_id = $1"),
                     &[&id],
                 )
+                .await?;
+                tx.execute(
+                    &format!("DELETE FROM {schema}.api_sync WHERE source_id = $1"),
+                    &[&id],
+                )
                 .await
                 .map(|_| ())
             })
@@ -566,6 +571,41 @@ impl ControlStore for PgControlStore {
             .iter()
             .filter_map(|t| serde_json::from_str(t).ok())
             .collect())
+    }
+
+    fn sync_state(&self, source_id: &str) -> Result<Option<String>, ApiError> {
+        let id = source_id.to_string();
+        self.transaction(None, move |tx, schema| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!("SELECT state FROM {schema}.api_sync WHERE source_id = $1"),
+                        &[&id],
+                    )
+                    .await?;
+                Ok(row.map(|r| r.get(0)))
+            })
+        })
+    }
+
+    fn save_sync_state(&self, source_id: &str, state: &str) -> Result<(), ApiError> {
+        let id = source_id.to_string();
+        let state = state.to_string();
+        self.transaction(None, move |tx, schema| {
+            Box::pin(async move {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {schema}.api_sync (source_id, state, updated_at)
+                         VALUES ($1, $2, now())
+                         ON CONFLICT (source_id) DO UPDATE
+                         SET state = excluded.state, updated_at = excluded.updated_at"
+                    ),
+                    &[&id, &state],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
     }
 
     fn exists(&self, id: &str) -> Result<bool, ApiError> {

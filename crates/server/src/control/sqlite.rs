@@ -61,7 +61,9 @@ impl SqliteStore {
                 id INTEGER PRIMARY KEY AUTOINCREMENT, source_id TEXT NOT NULL,
                 entry TEXT NOT NULL);
              CREATE INDEX IF NOT EXISTS unmapped_webhooks_source
-                ON unmapped_webhooks (source_id, id);",
+                ON unmapped_webhooks (source_id, id);
+             CREATE TABLE IF NOT EXISTS api_sync (
+                source_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at TEXT NOT NULL);",
         )
         .map_err(internal)?;
         Ok(SqliteStore {
@@ -152,6 +154,31 @@ impl ControlStore for SqliteStore {
             params![id],
         )
         .map_err(ApiError::from)?;
+        conn.execute("DELETE FROM api_sync WHERE source_id = ?1", params![id])
+            .map_err(ApiError::from)?;
+        Ok(())
+    }
+
+    fn sync_state(&self, source_id: &str) -> Result<Option<String>, ApiError> {
+        self.conn()?
+            .query_row(
+                "SELECT state FROM api_sync WHERE source_id = ?1",
+                params![source_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(internal)
+    }
+
+    fn save_sync_state(&self, source_id: &str, state: &str) -> Result<(), ApiError> {
+        self.conn()?
+            .execute(
+                "INSERT INTO api_sync (source_id, state, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source_id) DO UPDATE SET state = excluded.state,
+                 updated_at = excluded.updated_at",
+                params![source_id, state, Utc::now().to_rfc3339()],
+            )
+            .map_err(internal)?;
         Ok(())
     }
 

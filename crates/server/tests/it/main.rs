@@ -192,6 +192,7 @@ async fn ingest_stamps_received_at_from_the_states_clock() {
 }
 
 mod backends;
+mod console;
 mod control_pg;
 mod leases;
 mod refusals;

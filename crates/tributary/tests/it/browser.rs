@@ -178,3 +178,177 @@ async fn settings_point_analytics_js_at_the_public_url() {
     assert_eq!(v["integrations"].as_object().unwrap().len(), 1, "{v}");
     assert_eq!(v["plan"], serde_json::json!({}));
 }
+
+/// `axe-core` too, for the console's accessibility checks.
+fn console_browser_available() -> Result<(), String> {
+    browser_available()?;
+    let p = node_modules().join("axe-core/package.json");
+    if !p.is_file() {
+        return Err(format!(
+            "axe-core is not installed ({} missing); {INSTALL_HINT}",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Where the console test saves its screenshots: `TRIBUTARY_TEST_OUTPUT` or a
+/// folder in the system temp dir (printed by the test).
+fn screenshot_dir() -> PathBuf {
+    std::env::var_os("TRIBUTARY_TEST_OUTPUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tributary-console-screenshots")
+}
+
+fn check_console_flow(name: &str, f: &Value) {
+    let v = |k: &str| &f[k];
+    assert!(
+        v("violations").as_array().is_some_and(|a| a.is_empty()),
+        "{name}: axe-core found serious or critical violations: {:#}",
+        v("violations")
+    );
+    assert!(
+        v("overflow").as_array().is_some_and(|a| a.is_empty()),
+        "{name}: pages scroll sideways: {}",
+        v("overflow")
+    );
+    assert!(
+        v("focus").as_array().is_some_and(|a| a.is_empty()),
+        "{name}: focus not visible on {}",
+        v("focus")
+    );
+}
+
+#[tokio::test]
+async fn the_console_flow_works_in_a_real_browser_at_1280_and_390_px_and_by_keyboard() {
+    let test = "the_console_flow_works_in_a_real_browser_at_1280_and_390_px_and_by_keyboard";
+    if !service_available(test, console_browser_available()) {
+        return;
+    }
+    let s = Server::start();
+    let out_dir = screenshot_dir();
+    eprintln!("console screenshots: {}", out_dir.display());
+    let fixtures = format!(
+        "{}/../activecampaign/tests/fixtures",
+        crate::harness::manifest_dir()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new("node")
+            .arg(format!(
+                "{}/tests/browser/console.js",
+                crate::harness::manifest_dir()
+            ))
+            .arg(&s.url)
+            .arg(&s.token)
+            .arg(&fixtures)
+            .arg(&out_dir)
+            .env("NODE_PATH", node_modules())
+            .env("TRIBUTARY_TEST_CHROMIUM", chromium())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser run finishes within five minutes")
+    .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let run: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "driver prints JSON ({e}):\n{stdout}\n{stderr}\nserver log:\n{}",
+            s.log()
+        )
+    });
+    assert!(
+        out.status.success() && run["error"].is_null(),
+        "browser run failed: {}\n{stderr}\nrun so far: {run:#}\nserver log:\n{}",
+        run["error"].as_str().unwrap_or(""),
+        s.log()
+    );
+    for (name, f) in [("1280 px", &run["wide"]), ("390 px", &run["narrow"])] {
+        check_console_flow(name, f);
+        let ctx = format!("{name}: {f:#}");
+        assert!(f["liveValidation"].as_str().unwrap().len() > 5, "{ctx}");
+        assert!(f["writeKey"].as_str().unwrap().starts_with("wk_"), "{ctx}");
+        assert!(
+            f["webhookUrl"].as_str().unwrap().ends_with(&format!(
+                "/v1/webhooks/activecampaign?writeKey={}",
+                f["writeKey"].as_str().unwrap()
+            )),
+            "{ctx}"
+        );
+        assert!(
+            f["lastEventBefore"].as_str().unwrap().contains("Waiting"),
+            "{ctx}"
+        );
+        assert_eq!(f["webhookStatus"], 200, "{ctx}");
+        assert!(
+            f["lastEventAfter"].as_str().unwrap().starts_with("open · "),
+            "{ctx}"
+        );
+        assert_eq!(f["statusAfter"], "Receiving", "{ctx}");
+        assert_eq!(f["newCounter"], "1 new", "{ctx}");
+        assert_eq!(f["rowsWhilePaused"], 0, "paused feed holds new rows: {ctx}");
+        assert_eq!(f["rejectedStatus"], 400, "{ctx}");
+        assert!(
+            f["rejectedRow"].as_str().unwrap().contains("rejected"),
+            "{ctx}"
+        );
+        assert_eq!(f["expandedJson"], true, "{ctx}");
+        assert_eq!(f["filteredRows"], 1, "{ctx}");
+        assert!(f["fate"].as_str().unwrap().contains("seq "), "{ctx}");
+        assert_eq!(f["oldKeyStatus"], 401, "the old key is refused: {ctx}");
+        assert_eq!(f["newKeyStatus"], 200, "{ctx}");
+        assert!(f["destinationDelivered"].as_u64().unwrap() >= 1, "{ctx}");
+        assert!(f["sqlRows"].as_u64().unwrap() >= 3, "{ctx}");
+        let csv = f["csv"].as_str().unwrap();
+        assert!(
+            csv.starts_with("event_text,n\r\n") && csv.contains("Email Opened,1"),
+            "{ctx}"
+        );
+        let r = &f["report"];
+        assert_eq!(r["campaign"], "March newsletter", "{ctx}");
+        assert_eq!(
+            (
+                r["delivered"].as_u64(),
+                r["opened"].as_u64(),
+                r["clicked"].as_u64()
+            ),
+            (Some(2), Some(1), Some(1)),
+            "{ctx}"
+        );
+        assert_eq!(
+            (r["bounced"].as_u64(), r["spam"].as_u64()),
+            (Some(0), Some(0)),
+            "{ctx}"
+        );
+        assert_eq!(f["reportHasChart"], true, "{ctx}");
+        assert_eq!(f["reportHasDefinitions"], true, "{ctx}");
+        assert!(
+            f["afterSignOut"].as_str().unwrap().contains("/login"),
+            "{ctx}"
+        );
+        assert!(
+            f["console"].as_array().unwrap().is_empty(),
+            "console errors (CSP?): {ctx}"
+        );
+        assert!(!f["screenshots"].as_array().unwrap().is_empty());
+    }
+    let k = &run["keyboard"];
+    check_console_flow("keyboard", k);
+    for step in [
+        "skipLinkFirst",
+        "rotated",
+        "destinationCreated",
+        "sqlResult",
+        "reportReached",
+        "signedOut",
+    ] {
+        assert_eq!(k[step], true, "keyboard flow step {step}: {k:#}");
+    }
+    assert!(
+        run["received"].as_u64().unwrap() >= 2,
+        "the receiver got the events: {run:#}"
+    );
+}

@@ -4,9 +4,11 @@
 //! Tests that need an outside service (Python, Node, PostgreSQL) print `SKIP …` with
 //! the reason when it is absent, and fail instead when `TRIBUTARY_TEST_REQUIRE=all`.
 
+mod ac_api;
 mod activecampaign;
 mod browser;
 mod cli;
+mod cluster;
 mod config;
 mod control_plane;
 mod crash;
@@ -20,5 +22,6 @@ mod report;
 mod retention;
 mod sdk;
 mod startup;
+mod sync;
 mod tracking;
 mod warehouse;

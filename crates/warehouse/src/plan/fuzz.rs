@@ -12,6 +12,7 @@ use super::{Names, plan_msg, plan_record_with};
 #[doc(hidden)]
 pub fn fuzz_plan_differential(payload: &str) -> Result<(), String> {
     let record = Record {
+        partition: 0,
         seq: 1,
         source_id: "src".into(),
         message_id: "m".into(),

@@ -6,6 +6,7 @@ use serde_json::json;
 
 fn record(seq: u64, payload: Value) -> Record {
     Record {
+        partition: 0,
         seq,
         source_id: "src".into(),
         message_id: payload["messageId"].as_str().unwrap_or("m").to_string(),

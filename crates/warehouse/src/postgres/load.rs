@@ -45,19 +45,27 @@ pub(super) async fn apply(
     let tx = client.transaction().await.map_err(classify)?;
     let lock = if ahead { "" } else { " FOR UPDATE" };
     let partition = key.partition as i32;
-    let position: i64 = tx
+    let row = tx
         .query_one(
             &format!(
-                "SELECT seq FROM {state}.loader_state
+                "SELECT seq, epoch FROM {state}.loader_state
                  WHERE consumer = $1 AND log_id = $2 AND log_partition = $3{lock}"
             ),
             &[&CONSUMER, &key.log_id, &partition],
         )
         .await
-        .map_err(classify)?
-        .get(0);
-    let position = position.max(0) as u64;
+        .map_err(classify)?;
+    let position = row.get::<_, i64>(0).max(0) as u64;
+    let recorded_epoch = row.get::<_, i64>(1).max(0) as u64;
     let mut stats = ApplyStats::default();
+    if let Some(fence) = &batch.fence
+        && recorded_epoch > fence.epoch
+    {
+        // A newer lease holder claimed this partition: this loader is a zombie.
+        tx.rollback().await.map_err(classify)?;
+        stats.fenced = true;
+        return Ok(stats);
+    }
     if !ahead && position >= batch.last_seq {
         tx.rollback().await.map_err(classify)?;
         stats.already_loaded = !batch.schemas.is_empty();
@@ -178,12 +186,19 @@ pub(super) async fn apply(
         }
     }
     if !ahead {
+        let epoch = batch.fence.as_ref().map_or(recorded_epoch, |f| f.epoch) as i64;
         tx.execute(
             &format!(
-                "UPDATE {state}.loader_state SET seq = $2, updated_at = now()
+                "UPDATE {state}.loader_state SET seq = $2, epoch = $5, updated_at = now()
                  WHERE consumer = $1 AND log_id = $3 AND log_partition = $4"
             ),
-            &[&CONSUMER, &(batch.last_seq as i64), &key.log_id, &partition],
+            &[
+                &CONSUMER,
+                &(batch.last_seq as i64),
+                &key.log_id,
+                &partition,
+                &epoch,
+            ],
         )
         .await
         .map_err(classify)?;

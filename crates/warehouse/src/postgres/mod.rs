@@ -211,6 +211,12 @@ const MIGRATIONS: &[(i32, &str)] = &[
          ALTER TABLE {state}.loader_state DROP CONSTRAINT loader_state_pkey;
          ALTER TABLE {state}.loader_state ADD PRIMARY KEY (consumer, log_id, log_partition)",
     ),
+    // Cluster mode: the lease epoch of the last holder that claimed or committed the
+    // row; a commit under a lower one is refused (fencing).
+    (
+        3,
+        "ALTER TABLE {state}.loader_state ADD COLUMN epoch bigint NOT NULL DEFAULT 0",
+    ),
 ];
 
 fn build_pool(cfg: tokio_postgres::Config, size: usize) -> Result<Pool, WarehouseError> {
@@ -392,6 +398,26 @@ impl PostgresBackend {
                 }
             }
         };
+        if let Some(epoch) = claim.epoch {
+            // Claim the row for this lease: older holders are fenced from now on.
+            let claimed = tx
+                .execute(
+                    &format!(
+                        "UPDATE {state}.loader_state SET epoch = $4
+                         WHERE consumer = $1 AND log_id = $2 AND log_partition = $3 AND epoch <= $4"
+                    ),
+                    &[&CONSUMER, &key.log_id, &partition, &(epoch as i64)],
+                )
+                .await
+                .map_err(classify)?;
+            if claimed == 0 {
+                tx.rollback().await.map_err(classify)?;
+                return Err(LoadError::Fenced(format!(
+                    "partition {} claimed by a newer lease than epoch {epoch}",
+                    key.partition
+                )));
+            }
+        }
         tx.commit().await.map_err(classify)?;
         *self.key.write().unwrap_or_else(|p| p.into_inner()) = key.clone();
         Ok(seq.max(0) as u64)
@@ -436,7 +462,10 @@ impl PostgresBackend {
         ahead: bool,
     ) -> Result<ApplyStats, LoadError> {
         let mut client = self.load_pool.get().await.map_err(pool_error)?;
-        let key = self.key.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let key = match &batch.fence {
+            Some(f) => f.key.clone(),
+            None => self.key.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
         let result = load::apply(&mut client, &self.state(), &key, &batch, ahead).await;
         if matches!(result, Err(LoadError::Transient(_))) {
             // The session may be broken; do not return it to the pool.

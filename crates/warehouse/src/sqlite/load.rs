@@ -27,19 +27,37 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
     let mut stats = ApplyStats::default();
     let loaded_at = format_timestamp(&batch.loaded_at);
     let mut all_loaded_before = true;
-    let consumer = w.consumer.clone();
+    let consumer = match &batch.fence {
+        Some(f) => f.key.sqlite_consumer(),
+        None => w.consumer.clone(),
+    };
+    let epoch = batch.fence.as_ref().map(|f| f.epoch);
+    if let Some(epoch) = epoch {
+        // The claim a newer holder recorded at its start (state file).
+        let state = w.state(dir).map_err(classify)?;
+        if recorded_epoch(state, "loader_state", &consumer).map_err(classify)? > epoch {
+            stats.fenced = true;
+            return Ok(stats);
+        }
+    }
     for schema in &batch.schemas {
         let conn = w.schema(dir, &schema.schema).map_err(classify)?;
         let fresh = apply_schema(
             conn,
             &consumer,
             schema,
-            batch.last_seq,
+            (batch.last_seq, epoch),
             &loaded_at,
             &mut stats,
         )
         .map_err(classify)?;
-        all_loaded_before &= !fresh;
+        match fresh {
+            Some(fresh) => all_loaded_before &= !fresh,
+            None => {
+                stats.fenced = true;
+                return Ok(stats);
+            }
+        }
     }
     let state = w.state(dir).map_err(classify)?;
     state
@@ -54,16 +72,54 @@ pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<Appl
     Ok(stats)
 }
 
-/// Loads one schema's part of the batch; false when the file was already past it.
+/// The row of `table` that records the lease epoch of `consumer`'s position (cluster
+/// mode): `<consumer>#epoch`, its `seq` the epoch. Kept beside the positions so no
+/// table changes shape.
+pub(super) fn fence_row(consumer: &str) -> String {
+    format!("{consumer}#epoch")
+}
+
+/// The epoch recorded for `consumer` in `table` (0 when none).
+pub(super) fn recorded_epoch(
+    conn: &rusqlite::Connection,
+    table: &str,
+    consumer: &str,
+) -> rusqlite::Result<u64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            &format!("SELECT seq FROM {table} WHERE consumer = ?1"),
+            [fence_row(consumer)],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, |s| s.max(0) as u64))
+}
+
+/// Loads one schema's part of the batch; `Some(false)` when the file was already past
+/// it, `None` (rolled back) when a newer lease epoch than `epoch` committed to it.
 fn apply_schema(
     conn: &mut rusqlite::Connection,
     consumer: &str,
     load: &SchemaLoad,
-    last_seq: u64,
+    (last_seq, epoch): (u64, Option<u64>),
     loaded_at: &str,
     stats: &mut ApplyStats,
-) -> rusqlite::Result<bool> {
+) -> rusqlite::Result<Option<bool>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(epoch) = epoch {
+        if recorded_epoch(&tx, &quote(STATE_TABLE), consumer)? > epoch {
+            return Ok(None);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (consumer, seq, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq",
+                quote(STATE_TABLE)
+            ),
+            rusqlite::params![fence_row(consumer), epoch as i64, loaded_at],
+        )?;
+    }
     let position: u64 = tx
         .query_row(
             &format!("SELECT seq FROM {} WHERE consumer = ?1", quote(STATE_TABLE)),
@@ -76,7 +132,7 @@ fn apply_schema(
             e => Err(e),
         })?;
     if position >= last_seq {
-        return Ok(false);
+        return Ok(Some(false));
     }
 
     let mut identifies_inserted: HashSet<String> = HashSet::new();
@@ -132,7 +188,7 @@ fn apply_schema(
         rusqlite::params![consumer, last_seq as i64, loaded_at],
     )?;
     tx.commit()?;
-    Ok(true)
+    Ok(Some(true))
 }
 
 fn column_list(columns: &[(String, ColumnType)]) -> String {

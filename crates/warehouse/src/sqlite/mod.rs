@@ -323,6 +323,25 @@ impl SqliteBackend {
                     "warehouse position from before log ids adopted by this log");
                 seq = Some(legacy);
             }
+            if let Some(epoch) = claim.epoch {
+                let conn = w.state(&dir).map_err(classify)?;
+                if load::recorded_epoch(conn, "loader_state", &key).map_err(classify)? > epoch {
+                    return Err(LoadError::Fenced(format!(
+                        "partition {} claimed by a newer lease than epoch {epoch}",
+                        claim.key.partition
+                    )));
+                }
+                conn.execute(
+                    "INSERT INTO loader_state (consumer, seq, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq",
+                    rusqlite::params![
+                        load::fence_row(&key),
+                        epoch as i64,
+                        format_timestamp(&Utc::now())
+                    ],
+                )
+                .map_err(classify)?;
+            }
             w.consumer = key;
             Ok(seq.unwrap_or(0))
         })

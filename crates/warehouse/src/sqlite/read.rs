@@ -121,7 +121,19 @@ pub(super) fn status(
     let state = dir.join(super::STATE_FILE);
     let last_load_at = if state.exists() {
         let conn = open_ro(&state).map_err(unavailable)?;
+        // The loader creates the file before its table: until the table exists
+        // there was no load (a status read in between must not fail).
+        let has_table: bool = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'loader_state'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
         // The newest load of any log this warehouse has loaded.
+        if !has_table {
+            return Ok((schemas, None));
+        }
         conn.query_row("SELECT MAX(updated_at) FROM loader_state", [], |r| {
             r.get::<_, Option<String>>(0)
         })
