@@ -1,13 +1,15 @@
 //! The `ingest` bench: starts `tributary serve` as a separate process (once with the
-//! durable log, once with the no-op log), creates sources, drives each load from this
-//! process over loopback, samples the server from `/proc` and `/metrics`, and checks at
-//! the end that what the server acknowledged is what it stored.
+//! durable log, once with the no-op log), then the parse-only reference server
+//! ([`crate::reference`]: same HTTP stack, key check and JSON parse, nothing stored),
+//! creates sources, drives each load from this process over loopback, samples the
+//! server from `/proc` and `/metrics`, and checks at the end that what the server
+//! acknowledged is what it stored.
 //!
 //! Phases, per server: `/v1/batch` (100 events of ~500 B per request), `/v1/track`
 //! (one event per request), ActiveCampaign webhooks (one event per request), each
 //! closed loop at full speed; then `/v1/track` open loop at half the durable server's
 //! maximum `/v1/track` rate, for acknowledgement latency and steady-state RSS. Only one
-//! server runs at a time, so the two never compete for the cores.
+//! server runs at a time, so they never compete for the cores.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +40,8 @@ pub struct Options {
     pub latency_rate: Option<f64>,
     /// Skip the no-op-log baseline.
     pub no_baseline: bool,
+    /// Skip the parse-only reference server.
+    pub no_reference: bool,
     /// The `tributary` binary; default next to this executable.
     pub server_bin: Option<PathBuf>,
     /// Where the temporary data dirs go.
@@ -255,6 +259,9 @@ pub async fn run(opts: Options, command: String, client_threads: usize) -> anyho
     runs.push(durable);
     if !opts.no_baseline {
         runs.push(run_server(&opts, &snapshot, LogMode::Null, rate).await?);
+    }
+    if !opts.no_reference {
+        runs.push(run_server(&opts, &snapshot, LogMode::Reference, rate).await?);
     }
     Ok(Report {
         command,
@@ -587,7 +594,7 @@ async fn check(server: &Server, mode: LogMode, phases: &[Phase]) -> anyhow::Resu
                 ready["log"]["bytes"].as_u64(),
             )
         }
-        LogMode::Null => (None, None),
+        LogMode::Null | LogMode::Reference => (None, None),
     };
     let within = |n: u64| n >= acked && n <= acked + uncertain;
     let ok = within(accepted_metric) && log_records.is_none_or(|r| r == accepted_metric);

@@ -13,20 +13,33 @@
 //! memory; it prints a markdown report (or JSON) and checks that every acknowledged
 //! event was stored. Progress goes to stderr, the report to stdout.
 //!
+//! `ingest` also runs the parse-only reference server (the same HTTP stack, the
+//! Basic-auth check and a `serde_json::Value` parse, nothing stored) and reports every
+//! figure against it. `sustained` runs ingest with the default SQLite warehouse and
+//! reports fully-loaded events/s and the highest offered rate the warehouse keeps up
+//! with; `instructions` counts instructions per event under callgrind.
+//!
 //! `log` measures the embedded event log alone, in process (no HTTP): its append
 //! ceiling for a given concurrency, records per append and message-id shape.
 
 mod delivery;
 mod http;
 mod ingest;
+mod instructions;
 mod load;
 mod logbench;
 mod machine;
 mod payload;
 mod pipeline;
+mod reference;
 mod report;
 mod server;
+mod sustained;
 mod warehouse;
+
+/// The same allocator as the product, for the parse-only reference server it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +64,24 @@ enum Command {
     Warehouse(warehouse::Args),
     /// Webhook delivery throughput and latency.
     Delivery(delivery::Args),
+    /// Ingest and the SQLite warehouse end to end: fully-loaded events/s and the
+    /// highest offered rate the warehouse keeps up with.
+    Sustained(sustained::Args),
+    /// Instructions per event under callgrind (repeatable on a busy machine).
+    Instructions(instructions::Args),
+    /// The parse-only reference server the benches start (not for direct use).
+    #[command(hide = true)]
+    ReferenceServer(ReferenceArgs),
+}
+
+#[derive(clap::Args)]
+struct ReferenceArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// The one write key it accepts.
+    #[arg(long)]
+    write_key: String,
 }
 
 #[derive(clap::Args)]
@@ -105,6 +136,9 @@ struct IngestArgs {
     /// Skip the no-op-log baseline server.
     #[arg(long)]
     no_baseline: bool,
+    /// Skip the parse-only reference server.
+    #[arg(long)]
+    no_reference: bool,
     /// The `tributary` binary (default: next to this executable).
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -160,6 +194,27 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sustained(a) => match sustained::main(a, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Instructions(a) => match instructions::main(a, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ReferenceServer(a) => match reference::serve(a.listen, a.write_key) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tributary-bench reference-server: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -258,6 +313,7 @@ fn ingest_main(a: IngestArgs, command: String) -> anyhow::Result<bool> {
         event_bytes: a.event_bytes,
         latency_rate: a.latency_rate.filter(|r| *r > 0.0),
         no_baseline: a.no_baseline,
+        no_reference: a.no_reference,
         server_bin: a.server_bin,
         tmp_dir: a.tmp_dir.unwrap_or_else(std::env::temp_dir),
         timeout: Duration::from_secs_f64(a.timeout.max(0.1)),

@@ -29,6 +29,9 @@ pub enum LogMode {
     Durable,
     /// `TRIBUTARY_BENCH_NULL_LOG=1`: a log that keeps nothing (the baseline).
     Null,
+    /// Not Tributary: the bench's parse-only reference server
+    /// ([`crate::reference`]) — HTTP, the key check and a JSON parse, nothing else.
+    Reference,
 }
 
 impl LogMode {
@@ -37,6 +40,7 @@ impl LogMode {
         match self {
             LogMode::Durable => "durable",
             LogMode::Null => "no-op",
+            LogMode::Reference => "parse-only reference",
         }
     }
 }
@@ -50,8 +54,12 @@ pub struct Server {
     pub pid: u32,
     token: String,
     log_path: PathBuf,
+    mode: LogMode,
     _dir: tempfile::TempDir,
 }
+
+/// The write key of the parse-only reference server.
+const REFERENCE_KEY: &str = "bench-reference-key";
 
 /// Finds the `tributary` binary next to this executable, or at `explicit`.
 pub fn locate_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -94,6 +102,29 @@ impl Server {
         warehouse: bool,
         extra_env: &[(String, String)],
     ) -> anyhow::Result<Server> {
+        Server::start_wrapped(
+            bin,
+            parent,
+            mode,
+            warehouse,
+            extra_env,
+            &[],
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// [`Server::start`] with the server's command line prefixed by `wrapper` (e.g.
+    /// `valgrind --tool=callgrind …`) and `health_limit` to become healthy.
+    pub async fn start_wrapped(
+        bin: &Path,
+        parent: &Path,
+        mode: LogMode,
+        warehouse: bool,
+        extra_env: &[(String, String)],
+        wrapper: &[String],
+        health_limit: Duration,
+    ) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix("tributary-bench-")
             .tempdir_in(parent)
@@ -103,18 +134,38 @@ impl Server {
         let token = format!("bench-admin-{port}-{}", std::process::id());
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(bin);
+        let program = if mode == LogMode::Reference {
+            std::env::current_exe().context("finding the bench executable")?
+        } else {
+            bin.to_path_buf()
+        };
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("TRIBUTARY_") {
                 cmd.env_remove(k);
             }
         }
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .env("TRIBUTARY_ADMIN_TOKEN", &token)
+        if mode == LogMode::Reference {
+            cmd.arg("reference-server")
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--write-key")
+                .arg(REFERENCE_KEY);
+        } else {
+            cmd.arg("serve")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .arg("--listen")
+                .arg(addr.to_string());
+        }
+        cmd.env("TRIBUTARY_ADMIN_TOKEN", &token)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -138,9 +189,10 @@ impl Server {
             pid,
             token,
             log_path,
+            mode,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + health_limit;
         loop {
             if let Ok((200, _)) = http::once(addr, "GET", "/health", &[], b"").await {
                 return Ok(server);
@@ -153,7 +205,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the server was not healthy after 30 s:\n{}",
+                    "the server was not healthy after {health_limit:?}:\n{}",
                     server.log_tail()
                 );
             }
@@ -180,6 +232,9 @@ impl Server {
         name: &str,
         schema: &str,
     ) -> anyhow::Result<String> {
+        if self.mode == LogMode::Reference {
+            return Ok(REFERENCE_KEY.to_string());
+        }
         let body = json!({"type": kind, "name": name, "schema": schema}).to_string();
         let auth = format!("Bearer {}", self.token);
         let (status, resp) = http::once(

@@ -303,7 +303,7 @@ pub struct Args {
     #[arg(long, default_value_t = 500)]
     load_batch_events: u64,
     /// Events per transaction of the raw COPY baseline (the loader's default batch_max).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 4_000)]
     copy_batch_events: usize,
     /// A URL of an existing database on the PostgreSQL server (used to create and
     /// drop the per-run databases).

@@ -86,13 +86,72 @@ pub struct RawBody {
 #[derive(Deserialize)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    batch: Option<&'a RawValue>,
+    batch: Option<Items<'a>>,
     #[serde(rename = "sentAt")]
     sent_at: Option<Value>,
     context: Option<Value>,
     integrations: Option<Value>,
     #[serde(rename = "writeKey")]
     write_key: Option<Value>,
+}
+
+/// The `batch` member, split into its messages' raw JSON in the same pass that
+/// parses the body (one scan of the bytes instead of two); anything but an array is
+/// [`Items::NotArray`].
+enum Items<'a> {
+    Array(Vec<&'a RawValue>),
+    NotArray,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Items<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Items<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Items<'a>, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                    items.push(raw);
+                }
+                Ok(Items::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Items<'a>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Items::NotArray)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+            fn visit_unit<E>(self) -> Result<Items<'a>, E> {
+                Ok(Items::NotArray)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 fn key_of(v: Option<&Value>) -> Option<String> {
@@ -133,7 +192,8 @@ pub fn parse_body(
     let write_key = key_of(parsed.write_key.as_ref());
     let raw_items: Vec<&RawValue> = match parsed.batch {
         None => return Err(BodyError::NoBatch),
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| BodyError::BatchNotArray)?,
+        Some(Items::NotArray) => return Err(BodyError::BatchNotArray),
+        Some(Items::Array(items)) => items,
     };
     if raw_items.is_empty() {
         return Err(BodyError::EmptyBatch);
@@ -231,6 +291,12 @@ mod tests {
         assert_eq!(p(b"nope").code(), "invalid_json");
         assert_eq!(p(b"{}"), BodyError::NoBatch);
         assert_eq!(p(br#"{"batch":{}}"#), BodyError::BatchNotArray);
+        assert_eq!(p(br#"{"batch":{"a":[1]}}"#), BodyError::BatchNotArray);
+        assert_eq!(p(br#"{"batch":"x"}"#), BodyError::BatchNotArray);
+        assert_eq!(p(br#"{"batch":7}"#), BodyError::BatchNotArray);
+        assert_eq!(p(br#"{"batch":true}"#), BodyError::BatchNotArray);
+        assert_eq!(p(br#"{"batch":null}"#), BodyError::NoBatch);
+        assert_eq!(p(br#"{"batch":[1,}"#).code(), "invalid_json");
         assert_eq!(p(br#"{"batch":[]}"#), BodyError::EmptyBatch);
         assert_eq!(p(br#"{"batch":[1,2,3,4]}"#).code(), "too_many_messages");
         assert_eq!(

@@ -17,6 +17,30 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc v3).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    /// mimalloc's option setter (linked from the static mimalloc the allocator uses).
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+}
+
+/// Freed memory goes back to the OS after 100 ms instead of mimalloc v3's 1 s: under
+/// a warehouse backlog every batch's rows are freed at once, and holding them a
+/// second kept ~25 MiB more resident (issue #15: 136 → 114 MiB at the same load).
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn bound_allocator_retention() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: `mi_option_set` only stores an integer option, is thread-safe in
+        // mimalloc, and is called with a valid option index of the linked version.
+        #[allow(unsafe_code)]
+        unsafe {
+            mi_option_set(MI_OPTION_PURGE_DELAY, 100)
+        };
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tributary",
@@ -78,6 +102,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    bound_allocator_retention();
     let _ = rustls::crypto::ring::default_provider().install_default();
     logging::init(|| LossyStderr);
     let args = Args::parse();

@@ -105,7 +105,10 @@ pub struct WarehouseConfig {
     /// Loads happen at most this often (default 1 s) unless `batch_max` records wait.
     #[serde(with = "tributary_model::duration")]
     pub batch_interval: Duration,
-    /// Most records per load (default 10,000).
+    /// Most records per load (default 4,000). Under a backlog the loader holds two
+    /// batches (one committing, the next built ahead) at ~4.5 KiB per record of
+    /// planned and typed rows, so this bounds the warehouse's memory: 10,000 took
+    /// the server to ~200 MiB at saturation (issue #15).
     pub batch_max: usize,
     /// Longest a read-only query may run (default 30 s).
     #[serde(with = "tributary_model::duration")]
@@ -129,7 +132,7 @@ impl WarehouseConfig {
         WarehouseConfig {
             url: url.into(),
             batch_interval: Duration::from_secs(1),
-            batch_max: 10_000,
+            batch_max: 4_000,
             query_timeout: Duration::from_secs(30),
             query_max_rows: 10_000,
             query_max_bytes: 16 * 1024 * 1024,

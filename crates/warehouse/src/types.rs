@@ -269,8 +269,10 @@ pub fn format_timestamp(t: &DateTime<Utc>) -> String {
     if !(0..=9999).contains(&year) {
         return t.to_rfc3339_opts(SecondsFormat::Millis, true);
     }
-    format!(
-        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+    // Every timestamp cell of every row is bound as this text: written digit by
+    // digit (the profile showed `format!` here as an eighth of the loader's CPU).
+    tributary_model::normalize::utc_millis_text(
+        year as u32,
         t.month(),
         t.day(),
         t.hour(),
