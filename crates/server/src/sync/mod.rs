@@ -430,11 +430,22 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn since_must_be_rfc3339_in_the_past() {
+    fn since_must_be_rfc3339_or_a_date_in_the_past() {
         let now: DateTime<Utc> = "2024-03-01T00:00:00Z".parse().unwrap();
         assert!(parse_since("2024-01-01T00:00:00Z", now).is_ok());
         assert!(parse_since("2024-01-01T00:00:00-05:00", now).is_ok());
-        for bad in ["yesterday", "2024-01-01", "", "2025-01-01T00:00:00Z"] {
+        // A date (the console's date field) is its UTC midnight.
+        assert_eq!(
+            parse_since("2024-01-01", now).unwrap(),
+            "2024-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        for bad in [
+            "yesterday",
+            "2024-13-01",
+            "",
+            "2025-01-01T00:00:00Z",
+            "2025-01-01",
+        ] {
             assert!(parse_since(bad, now).is_err(), "{bad:?}");
         }
     }
