@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::harness::Server;
 
 /// Runs `tributary ARGS` against `s`; panics unless it succeeds; returns stdout.
-async fn cli(s: &Server, args: &[&str]) -> String {
+pub(crate) async fn cli(s: &Server, args: &[&str]) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(args)
         .env("TRIBUTARY_SERVER", &s.url)

@@ -12,6 +12,7 @@ use axum::routing::post;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::cli::cli;
 use crate::harness::{Server, client, key_id};
 
 fn fixture(name: &str) -> String {
@@ -319,23 +320,6 @@ async fn email_report_counts_a_known_mix_on_postgresql() {
     assert_email_report(&s, &source).await;
     s.stop();
     crate::query_safety::drop_postgres_db(&url);
-}
-
-/// Runs `tributary ARGS` against `s`; panics unless it succeeds; returns stdout.
-async fn cli(s: &Server, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(args)
-        .env("TRIBUTARY_SERVER", &s.url)
-        .env("TRIBUTARY_ADMIN_TOKEN", &s.token)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tributary {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A receiver on 127.0.0.1 answering every POST with `status` and `body`.
