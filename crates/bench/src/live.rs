@@ -298,7 +298,9 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
     let idle = Server::start(&bin, &tmp, LogMode::Durable, false, &[]).await?;
     let idle_key = idle.create_source("http", "bench", "bench").await?;
     let watched = Server::start(&bin, &tmp, LogMode::Durable, false, &[]).await?;
-    let (source_id, watched_key) = watched.create_source_with_id("http", "bench", "bench").await?;
+    let (source_id, watched_key) = watched
+        .create_source_with_id("http", "bench", "bench")
+        .await?;
 
     // The watchers: their own thread and runtime, like browsers elsewhere.
     let seen = Arc::new(Seen {
@@ -311,9 +313,8 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
     let watchers = {
         let seen = seen.clone();
         let n = a.watchers;
-        std::thread::Builder::new()
-            .name("watchers".into())
-            .spawn(move || -> anyhow::Result<()> {
+        std::thread::Builder::new().name("watchers".into()).spawn(
+            move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -334,7 +335,8 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
                     }
                 });
                 Ok(())
-            })?
+            },
+        )?
     };
     // Every watcher is subscribed before the first load: the server counts them.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -359,11 +361,20 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
     let (mut idle_runs, mut watched_runs) = (Vec::new(), Vec::new());
     for round in 0..a.rounds {
         wait_quiet(quiet).await;
-        let r = load_once(&idle, &idle_key, &a, &format!("i{round}"), round as u64 * 10_000, None).await;
+        let r = load_once(
+            &idle,
+            &idle_key,
+            &a,
+            &format!("i{round}"),
+            round as u64 * 10_000,
+            None,
+        )
+        .await;
         progress(format!(
-            "round {}: 0 watchers   {:>9.0} events/s, {:.2} µs CPU/event, server {:.2} cores, others {:.2} cores",
+            "round {}: 0 watchers   {:>9.0} events/s ({} acknowledged), {:.2} µs CPU/event, server {:.2} cores, others {:.2} cores",
             round + 1,
             r.events_per_sec,
+            r.acked,
             r.cpu_us_per_event,
             r.server_cores,
             r.other_cores
@@ -398,7 +409,10 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
     let _ = watchers.join();
     idle.stop().await?;
     watched.stop().await?;
-    anyhow::ensure!(ended == 0, "{ended} watchers lost their stream during the bench");
+    anyhow::ensure!(
+        ended == 0,
+        "{ended} watchers lost their stream during the bench"
+    );
 
     let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
     let (ie, we) = (
@@ -430,7 +444,10 @@ async fn run(a: Args, command: String) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("## Live debugger cost: `/v1/batch` with 0 and {} SSE watchers\n", a.watchers);
+    println!(
+        "## Live debugger cost: `/v1/batch` with 0 and {} SSE watchers\n",
+        a.watchers
+    );
     println!("`{command}`  ");
     println!("{}  ", machine.describe());
     println!(

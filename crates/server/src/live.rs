@@ -29,8 +29,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -531,8 +531,8 @@ pub fn sse(
             }
         },
     );
-    let stream = futures::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>))
-        .chain(live);
+    let stream =
+        futures::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(live);
     axum::response::Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")

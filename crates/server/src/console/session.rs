@@ -490,7 +490,10 @@ mod tests {
     #[test]
     fn sign_in_is_limited_per_address_within_the_window() {
         let limit = SignInLimit::new(3, Duration::from_millis(200));
-        let (a, b) = (Some("10.0.0.1".parse().unwrap()), Some("10.0.0.2".parse().unwrap()));
+        let (a, b) = (
+            Some("10.0.0.1".parse().unwrap()),
+            Some("10.0.0.2".parse().unwrap()),
+        );
         for _ in 0..2 {
             limit.failed(a);
         }

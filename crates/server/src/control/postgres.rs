@@ -674,7 +674,10 @@ impl ControlStore for PgControlStore {
                 ))
                 .await
                 .map_err(ApiError::from)?;
-            let row = client.query_opt(&st, &[&hash]).await.map_err(ApiError::from)?;
+            let row = client
+                .query_opt(&st, &[&hash])
+                .await
+                .map_err(ApiError::from)?;
             Ok(row.map(|r| r.get(0)))
         })
     }

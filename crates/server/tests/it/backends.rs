@@ -241,19 +241,28 @@ async fn a_batch_is_streamed_message_by_message_with_its_rejections_and_resumes_
     assert_eq!(rejected[0].data["body"]["userId"], "u2", "as sent");
     let accepted: Vec<&Sse> = got.iter().filter(|e| e.event == "accepted").collect();
     assert_eq!(
-        accepted.iter().map(|e| e.data["message_id"].as_str().unwrap()).collect::<Vec<_>>(),
+        accepted
+            .iter()
+            .map(|e| e.data["message_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         vec!["b-0", "b-1", "b-3", "b-4"],
         "in order, one event per message"
     );
     let ids: Vec<u64> = accepted.iter().map(|e| e.id).collect();
-    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "consecutive ids: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive ids: {ids:?}"
+    );
     for e in &accepted {
         assert_eq!(e.data["id"], e.id, "the JSON carries the SSE id");
         assert_eq!(e.data["call_type"], "identify");
         assert_eq!(e.data["source_id"], src.id.as_str());
         let uid = e.data["user_id"].as_str().unwrap();
         assert_eq!(e.data["email"], format!("{uid}@example.com"));
-        assert_eq!(e.data["body"]["traits"]["name"], "<b>x</b>\n\"q\"", "raw body intact");
+        assert_eq!(
+            e.data["body"]["traits"]["name"], "<b>x</b>\n\"q\"",
+            "raw body intact"
+        );
         assert!(e.data["body"]["receivedAt"].is_string(), "normalized body");
     }
     // A reconnect from the middle of the batch gets the rest of it only.

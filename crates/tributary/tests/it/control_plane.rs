@@ -451,8 +451,7 @@ async fn console_get(s: &Server, path: &str, cookie: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends_it_on_both() {
-    let test =
-        "a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends_it_on_both";
+    let test = "a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends_it_on_both";
     let Some(url) = fresh_postgres_db(test) else {
         return;
     };
@@ -464,7 +463,10 @@ async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends
     let cookie = console_sign_in(&a).await;
     let id = cookie.split_once('=').unwrap().1.to_string();
     // The control database holds the id's SHA-256, never the id.
-    let stored = psql(&db, "SELECT id_hash FROM tributary_control.console_sessions");
+    let stored = psql(
+        &db,
+        "SELECT id_hash FROM tributary_control.console_sessions",
+    );
     assert_eq!(stored.lines().count(), 1, "{stored}");
     assert!(!stored.contains(&id), "the session id itself is stored");
     assert_eq!(stored.len(), 64, "{stored}");
@@ -479,7 +481,12 @@ async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends
 
     // Made on A, honoured on B at once (no copy to wait for).
     assert_eq!(console_get(&a, "/sources", &cookie).await.0, 200);
-    assert_eq!(console_get(&b, "/sources", &cookie).await.0, 200, "log:\n{}", b.log());
+    assert_eq!(
+        console_get(&b, "/sources", &cookie).await.0,
+        200,
+        "log:\n{}",
+        b.log()
+    );
 
     // Sign out on B: A refuses the session on its next request.
     let page = browser()
@@ -513,7 +520,10 @@ async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends
     assert_eq!(st, 303, "A still honours a session signed out on B");
     assert!(loc.starts_with("/login"), "{loc}");
     assert_eq!(
-        psql(&db, "SELECT count(*) FROM tributary_control.console_sessions"),
+        psql(
+            &db,
+            "SELECT count(*) FROM tributary_control.console_sessions"
+        ),
         "0"
     );
 
@@ -527,7 +537,10 @@ async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends
     assert_eq!(console_get(&b, "/sources", &old).await.0, 303);
     let fresh = console_sign_in(&a).await;
     assert_eq!(
-        psql(&db, "SELECT count(*) FROM tributary_control.console_sessions"),
+        psql(
+            &db,
+            "SELECT count(*) FROM tributary_control.console_sessions"
+        ),
         "1",
         "the expired row was pruned"
     );
