@@ -46,6 +46,17 @@ pub const RING: usize = 1000;
 const CHANNEL: usize = 64;
 /// How long the ring keeps filling after the last watcher left.
 pub const LINGER: Duration = Duration::from_secs(30);
+/// The most messages one live stream sends per [`CAP_WINDOW`]. A person reads a
+/// few rows a second; 200 a second is more than any eye follows and still a
+/// sample that shows what arrives (Segment's debugger and RudderStack's live events
+/// also show a sample under load). Above it a stream skips whole messages, tells
+/// the client how many (an SSE `skipped` event) and encodes nothing it skips, so
+/// ten watchers cost ingest at most 10 × 200 messages a second, whatever the rate.
+/// Filters apply before the cap: a stream filtered to one user sees all of that
+/// user's messages unless that user alone sends more than this.
+pub const CAP: usize = 200;
+/// The window of [`CAP`].
+pub const CAP_WINDOW: Duration = Duration::from_secs(1);
 
 /// What happened to a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -183,33 +194,11 @@ impl LiveBatch {
 
     fn frames(&self) -> &Frames {
         self.frames.get_or_init(|| {
-            use std::io::Write as _;
-            let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "\"\"".into());
-            let at = at.trim_matches('"');
+            let at = self.at_text();
             let mut out: Vec<u8> = Vec::with_capacity(self.items.len() * 1024);
             let mut ends = Vec::with_capacity(self.items.len());
-            for (i, item) in self.items.iter().enumerate() {
-                let id = self.first_id + i as u64;
-                let _ = write!(out, "id: {id}\nevent: {}\ndata: ", self.kind.as_str());
-                let head = Head {
-                    id,
-                    source_id: &self.source_id,
-                    kind: self.kind,
-                    at,
-                    item,
-                };
-                // `{…}` of the fields, then `,"body":` and the body's text inside the
-                // same object. Compact JSON has no line breaks: one `data:` line.
-                let _ = serde_json::to_writer(&mut out, &head);
-                out.pop();
-                out.extend_from_slice(b",\"body\":");
-                match &item.body {
-                    LiveBody::Text(t) => out.extend_from_slice(t.as_bytes()),
-                    LiveBody::Value(v) => {
-                        let _ = serde_json::to_writer(&mut out, v);
-                    }
-                }
-                out.extend_from_slice(b"}\n\n");
+            for i in 0..self.items.len() {
+                self.write_item(i, &at, &mut out);
                 ends.push(out.len());
             }
             Frames {
@@ -217,6 +206,60 @@ impl LiveBatch {
                 ends,
             }
         })
+    }
+
+    fn at_text(&self) -> String {
+        let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "\"\"".into());
+        at.trim_matches('"').to_string()
+    }
+
+    /// Appends the SSE event of item `i` to `out`.
+    fn write_item(&self, i: usize, at: &str, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        let item = &self.items[i];
+        let id = self.first_id + i as u64;
+        let _ = write!(out, "id: {id}\nevent: {}\ndata: ", self.kind.as_str());
+        let head = Head {
+            id,
+            source_id: &self.source_id,
+            kind: self.kind,
+            at,
+            item,
+        };
+        // `{…}` of the fields, then `,"body":` and the body's text inside the
+        // same object. Compact JSON has no line breaks: one `data:` line.
+        let _ = serde_json::to_writer(&mut *out, &head);
+        out.pop();
+        out.extend_from_slice(b",\"body\":");
+        match &item.body {
+            LiveBody::Text(t) => out.extend_from_slice(t.as_bytes()),
+            LiveBody::Value(v) => {
+                let _ = serde_json::to_writer(&mut *out, v);
+            }
+        }
+        out.extend_from_slice(b"}\n\n");
+    }
+
+    /// The SSE text of the items at `idx` (increasing indexes): slices of the
+    /// shared text when it is already encoded, else only these items encoded.
+    fn text_of(&self, idx: &[usize]) -> bytes::Bytes {
+        if idx.len() == self.items.len() {
+            return self.text_after(0);
+        }
+        if let Some(f) = self.frames.get() {
+            let mut out = Vec::new();
+            for &i in idx {
+                let start = if i == 0 { 0 } else { f.ends[i - 1] };
+                out.extend_from_slice(&f.text[start..f.ends[i]]);
+            }
+            return out.into();
+        }
+        let at = self.at_text();
+        let mut out = Vec::with_capacity(idx.len() * 1024);
+        for &i in idx {
+            self.write_item(i, &at, &mut out);
+        }
+        out.into()
     }
 
     /// The SSE text of the items with an id above `after` (shared, not copied).
@@ -481,58 +524,234 @@ pub fn last_event_id(headers: &axum::http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// What one live stream shows: the debugger's filters, applied on the server
+/// before [`CAP`] (the same rules as the console's filter form: `event`, `who`
+/// are case-insensitive substrings; `type` and `status` exact), and `after`, a
+/// `Last-Event-ID` for clients that reopen a stream themselves (the header wins).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct StreamQuery {
+    /// Part of the event name.
+    #[serde(default)]
+    pub event: String,
+    /// `track`, `identify`, …, or `webhook` (unmapped ActiveCampaign types).
+    #[serde(default, rename = "type")]
+    pub call_type: String,
+    /// Part of the userId, email, anonymousId or messageId.
+    #[serde(default)]
+    pub who: String,
+    /// `accepted`, `rejected` or `unmapped`.
+    #[serde(default)]
+    pub status: String,
+    /// Resume after this id.
+    #[serde(default)]
+    pub after: String,
+}
+
+/// The filter of a stream, its needles lower-cased once.
+#[derive(Debug, Clone, Default)]
+pub struct LiveFilter {
+    event: String,
+    call_type: String,
+    who: String,
+    status: String,
+}
+
+impl StreamQuery {
+    /// The filter and the resume id; a 400 for an `after` or `status` that cannot be.
+    pub fn parse(self) -> Result<(LiveFilter, Option<u64>), crate::error::ApiError> {
+        let after = match self.after.trim() {
+            "" => None,
+            a => Some(a.parse::<u64>().map_err(|_| {
+                crate::error::ApiError::bad(
+                    "invalid_after",
+                    format!("after must be an event id (a whole number), not {a:?}"),
+                )
+            })?),
+        };
+        if !["", "accepted", "rejected", "unmapped"].contains(&self.status.as_str()) {
+            return Err(crate::error::ApiError::bad(
+                "invalid_status",
+                format!(
+                    "status must be accepted, rejected or unmapped, not {:?}",
+                    self.status
+                ),
+            ));
+        }
+        Ok((
+            LiveFilter {
+                event: self.event.to_lowercase(),
+                call_type: self.call_type,
+                who: self.who.to_lowercase(),
+                status: self.status,
+            },
+            after,
+        ))
+    }
+}
+
+impl LiveFilter {
+    fn is_empty(&self) -> bool {
+        self.event.is_empty()
+            && self.call_type.is_empty()
+            && self.who.is_empty()
+            && self.status.is_empty()
+    }
+
+    fn matches(&self, kind: LiveKind, item: &LiveItem) -> bool {
+        let has = |hay: &Option<String>, needle: &str| {
+            hay.as_deref()
+                .is_some_and(|h| h.to_lowercase().contains(needle))
+        };
+        let call_type = match kind {
+            LiveKind::Unmapped => Some("webhook"),
+            _ => item.call_type.as_deref(),
+        };
+        (self.status.is_empty() || self.status == kind.as_str())
+            && (self.call_type.is_empty() || call_type == Some(self.call_type.as_str()))
+            && (self.event.is_empty() || has(&item.event, &self.event))
+            && (self.who.is_empty()
+                || has(&item.user_id, &self.who)
+                || has(&item.email, &self.who)
+                || has(&item.anonymous_id, &self.who)
+                || has(&item.message_id, &self.who))
+    }
+}
+
+/// One stream's view of the bus: its source and filter, the resume point, and
+/// the cap's window.
+struct Tap {
+    source: String,
+    filter: LiveFilter,
+    /// Items up to this id were sent before (a resume).
+    after: u64,
+    window_start: tokio::time::Instant,
+    /// Items sent in this window.
+    sent: usize,
+    /// Items skipped in this window, and the id of the last one.
+    skipped: u64,
+    last_skipped: u64,
+}
+
+impl Tap {
+    fn new(source: String, filter: LiveFilter, after: u64) -> Tap {
+        Tap {
+            source,
+            filter,
+            after,
+            window_start: tokio::time::Instant::now(),
+            sent: 0,
+            skipped: 0,
+            last_skipped: 0,
+        }
+    }
+
+    /// When the window with skipped items ends (its notice is due then).
+    fn notice_due(&self) -> Option<tokio::time::Instant> {
+        (self.skipped > 0).then(|| self.window_start + CAP_WINDOW)
+    }
+
+    /// Starts a new window if this one is over, returning the skipped notice of
+    /// the old one, if it skipped anything.
+    fn roll(&mut self, now: tokio::time::Instant) -> Option<bytes::Bytes> {
+        if now < self.window_start + CAP_WINDOW {
+            return None;
+        }
+        self.window_start = now;
+        self.sent = 0;
+        if self.skipped == 0 {
+            return None;
+        }
+        let n = std::mem::take(&mut self.skipped);
+        // The notice carries the last skipped id: a client that reconnects resumes
+        // after what it was told it did not get, so nothing comes twice.
+        Some(bytes::Bytes::from(format!(
+            "id: {}\nevent: skipped\ndata: {{\"skipped\":{n},\"cap\":{CAP},\"window_ms\":{}}}\n\n",
+            self.last_skipped,
+            CAP_WINDOW.as_millis()
+        )))
+    }
+
+    /// What this stream sends of `b`: nothing (another source, filtered out, or
+    /// over the cap), the shared text of the whole batch, or the items it has room
+    /// for, after a due skipped notice. Items it skips are counted, not encoded.
+    fn take(&mut self, b: &LiveBatch, now: tokio::time::Instant) -> Option<bytes::Bytes> {
+        let notice = self.roll(now);
+        let text = if b.source_id != self.source || b.last_id() <= self.after {
+            None
+        } else {
+            self.items_of(b)
+        };
+        match (notice, text) {
+            (None, t) => t,
+            (n, None) => n,
+            (Some(n), Some(t)) => {
+                let mut out = Vec::with_capacity(n.len() + t.len());
+                out.extend_from_slice(&n);
+                out.extend_from_slice(&t);
+                Some(out.into())
+            }
+        }
+    }
+
+    fn items_of(&mut self, b: &LiveBatch) -> Option<bytes::Bytes> {
+        let room = CAP - self.sent;
+        let n = b.items.len();
+        if self.filter.is_empty() && self.after < b.first_id {
+            // The common case, no per-item work: all of it, or none of it.
+            if n <= room {
+                self.sent += n;
+                return Some(b.text_after(0));
+            }
+            if room == 0 {
+                self.skipped += n as u64;
+                self.last_skipped = b.last_id();
+                return None;
+            }
+        }
+        let mut idx = Vec::with_capacity(n.min(room));
+        for (i, item) in b.items.iter().enumerate() {
+            let id = b.first_id + i as u64;
+            if id <= self.after || !self.filter.matches(b.kind, item) {
+                continue;
+            }
+            if idx.len() < room {
+                idx.push(i);
+            } else {
+                self.skipped += 1;
+                self.last_skipped = id;
+            }
+        }
+        self.sent += idx.len();
+        (!idx.is_empty()).then(|| b.text_of(&idx))
+    }
+}
+
 /// The live stream of one source as a `text/event-stream` response, resuming
 /// after `last_id` (the client's `Last-Event-ID`): first what the ring holds after
 /// it, then every new entry, with a `: keep-alive` comment after [`KEEP_ALIVE`]
-/// without entries. Each batch of the bus goes out as its shared, once-encoded
-/// SSE text (a batch of 500 messages is one buffer for every watcher, not 500
-/// encodings per watcher), so a watcher's cost is a source comparison and a
-/// write per batch. A client that falls more than the channel's capacity behind
-/// gets a comment saying how many batches it missed; it never holds ingest up. The
-/// stream ends when the server shuts down, so it never holds a graceful shutdown
-/// up. Used by the API route and by the console's.
+/// without entries. Only messages that pass `filter` are sent, at most [`CAP`] per
+/// [`CAP_WINDOW`]; beyond it whole messages are skipped and the stream sends a
+/// `skipped` event (`{"skipped":N,"cap":200,"window_ms":1000}`, with the last
+/// skipped id as its `id`) when the window ends. A batch sent whole goes out as
+/// its shared, once-encoded SSE text (a batch of 100 messages is one buffer for
+/// every watcher); a batch skipped whole is never encoded. A client that falls
+/// more than the channel's capacity behind gets a comment saying how many
+/// batches it missed; it never holds ingest up. The stream ends when the server
+/// shuts down, so it never holds a graceful shutdown up. Used by the API route
+/// and by the console's.
 pub fn sse(
     state: &crate::AppState,
     source_id: &str,
     last_id: Option<u64>,
+    filter: LiveFilter,
 ) -> axum::response::Response {
-    use futures::StreamExt as _;
-    let after = state.live.resume_point(last_id);
-    let (past, rx) = state.live.subscribe_after(last_id);
-    let source = source_id.to_string();
-    let mut first: Vec<bytes::Bytes> = past
-        .iter()
-        .filter(|b| b.source_id == source)
-        .map(|b| b.text_after(after))
-        .collect();
-    // An opening comment, so clients (and proxies) see the stream start at once.
-    first.push(bytes::Bytes::from_static(b": stream open\n\n"));
-    let shutdown = state.shutdown.clone();
-    let guard = WatcherGauge::new();
-    let live = futures::stream::unfold(
-        (rx, shutdown, source, guard),
-        |(mut rx, shutdown, source, guard)| async move {
-            loop {
-                let next = tokio::select! {
-                    r = tokio::time::timeout(KEEP_ALIVE, rx.recv()) => r,
-                    _ = shutdown.wait() => return None,
-                };
-                let chunk = match next {
-                    Err(_) => bytes::Bytes::from_static(b": keep-alive\n\n"),
-                    Ok(Ok(b)) if b.source_id == source => b.text_after(0),
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(broadcast::error::RecvError::Lagged(k))) => {
-                        bytes::Bytes::from(format!(": missed {k} batches of entries\n\n"))
-                    }
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return None,
-                };
-                let chunk: Result<bytes::Bytes, std::convert::Infallible> = Ok(chunk);
-                return Some((chunk, (rx, shutdown, source, guard)));
-            }
-        },
+    let stream = stream(
+        &state.live,
+        source_id,
+        last_id,
+        filter,
+        state.shutdown.clone(),
     );
-    let stream =
-        futures::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(live);
     axum::response::Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -540,6 +759,62 @@ pub fn sse(
         .header("x-accel-buffering", "no")
         .body(axum::body::Body::from_stream(stream))
         .unwrap_or_default()
+}
+
+/// The body of [`sse`], chunk by chunk.
+pub fn stream(
+    live: &Live,
+    source_id: &str,
+    last_id: Option<u64>,
+    filter: LiveFilter,
+    shutdown: crate::shutdown::Shutdown,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static {
+    let after = live.resume_point(last_id);
+    let (past, rx) = live.subscribe_after(last_id);
+    let past: VecDeque<Arc<LiveBatch>> = past.into();
+    let tap = Tap::new(source_id.to_string(), filter, after);
+    let guard = WatcherGauge::new();
+    // An opening comment, so clients (and proxies) see the stream start at once.
+    let open = Some(bytes::Bytes::from_static(b": stream open\n\n"));
+    futures::stream::unfold(
+        (rx, shutdown, tap, past, open, guard),
+        |(mut rx, shutdown, mut tap, mut past, mut open, guard)| async move {
+            loop {
+                if let Some(o) = open.take() {
+                    return Some((Ok(o), (rx, shutdown, tap, past, open, guard)));
+                }
+                let now = tokio::time::Instant::now();
+                if let Some(b) = past.pop_front() {
+                    match tap.take(&b, now) {
+                        Some(c) => return Some((Ok(c), (rx, shutdown, tap, past, open, guard))),
+                        None => continue,
+                    }
+                }
+                let deadline = tap.notice_due().unwrap_or(now + KEEP_ALIVE);
+                let next = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, rx.recv()) => r,
+                    _ = shutdown.wait() => return None,
+                };
+                let now = tokio::time::Instant::now();
+                let chunk = match next {
+                    Err(_) => match tap.roll(now) {
+                        Some(notice) => notice,
+                        None if tap.skipped > 0 => continue,
+                        None => bytes::Bytes::from_static(b": keep-alive\n\n"),
+                    },
+                    Ok(Ok(b)) => match tap.take(&b, now) {
+                        Some(c) => c,
+                        None => continue,
+                    },
+                    Ok(Err(broadcast::error::RecvError::Lagged(k))) => {
+                        bytes::Bytes::from(format!(": missed {k} batches of entries\n\n"))
+                    }
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                };
+                return Some((Ok(chunk), (rx, shutdown, tap, past, open, guard)));
+            }
+        },
+    )
 }
 
 /// `tributary_live_watchers`: open live streams, counted up when a stream starts
@@ -566,6 +841,9 @@ pub async fn api_stream(
     crate::error::Checked(axum::extract::Path(id)): crate::error::Checked<
         axum::extract::Path<String>,
     >,
+    crate::error::Checked(axum::extract::Query(q)): crate::error::Checked<
+        axum::extract::Query<StreamQuery>,
+    >,
     headers: axum::http::HeaderMap,
 ) -> Result<axum::response::Response, crate::error::ApiError> {
     if state.control.source(&id).is_none() {
@@ -573,7 +851,8 @@ pub async fn api_stream(
             "no source with id {id:?}"
         )));
     }
-    Ok(sse(&state, &id, last_event_id(&headers)))
+    let (filter, after) = q.parse()?;
+    Ok(sse(&state, &id, last_event_id(&headers).or(after), filter))
 }
 
 #[cfg(test)]
@@ -707,5 +986,164 @@ mod tests {
         let (past, _) = live.subscribe_after(None);
         let kept: usize = past.iter().map(|b| b.items.len()).sum();
         assert!((RING..RING + 300).contains(&kept), "{kept} messages kept");
+    }
+
+    /// Reads `s` for `d`, returning the accepted ids it sent and the skipped counts.
+    async fn read_for(
+        s: &mut (impl futures::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Unpin),
+        d: Duration,
+    ) -> (Vec<u64>, Vec<u64>) {
+        use futures::StreamExt as _;
+        let (mut ids, mut skipped) = (Vec::new(), Vec::new());
+        let end = tokio::time::Instant::now() + d;
+        while let Ok(Some(Ok(c))) = tokio::time::timeout_at(end, s.next()).await {
+            let text = String::from_utf8(c.to_vec()).unwrap();
+            for ev in text.split("\n\n").filter(|e| !e.is_empty()) {
+                if ev.contains("event: accepted") {
+                    let id = ev.strip_prefix("id: ").unwrap().lines().next().unwrap();
+                    ids.push(id.parse().unwrap());
+                } else if ev.contains("event: skipped") {
+                    let data = ev.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                    let v: Value = serde_json::from_str(data).unwrap();
+                    assert_eq!(v["cap"], CAP);
+                    skipped.push(v["skipped"].as_u64().unwrap());
+                }
+            }
+        }
+        (ids, skipped)
+    }
+
+    fn user_item(n: usize, user: &str) -> LiveItem {
+        LiveItem {
+            user_id: Some(user.into()),
+            ..text_item(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fast_producer_is_capped_per_second_with_a_skipped_count() {
+        let live = Arc::new(Live::new());
+        let shutdown = crate::shutdown::Shutdown::new();
+        let mut s = Box::pin(stream(
+            &live,
+            "s",
+            None,
+            LiveFilter::default(),
+            shutdown.clone(),
+        ));
+        let producer = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                // 100 batches of 50 in ~0.5 s: 10,000 messages a second.
+                for b in 0..100 {
+                    live.publish_batch(
+                        "s",
+                        LiveKind::Accepted,
+                        Utc::now(),
+                        (0..50).map(|i| text_item(b * 50 + i)).collect(),
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let (ids, skipped) = read_for(&mut s, Duration::from_millis(2500)).await;
+        producer.await.unwrap();
+        let sent = ids.len() as u64;
+        let skipped: u64 = skipped.iter().sum();
+        assert!(sent <= 3 * CAP as u64, "{sent} sent in < 3 windows");
+        assert!(sent >= CAP as u64, "the first window is full: {sent}");
+        assert_eq!(
+            sent + skipped,
+            5000,
+            "every message sent or counted as skipped"
+        );
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+        // A resume after the last skipped id replays nothing of what was skipped.
+        let last = live.next_id.load(Ordering::Relaxed) - 1;
+        let mut again = Box::pin(stream(
+            &live,
+            "s",
+            Some(last),
+            LiveFilter::default(),
+            shutdown,
+        ));
+        let (ids, _) = read_for(&mut again, Duration::from_millis(200)).await;
+        assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn a_filtered_stream_is_not_capped_by_others_traffic() {
+        let live = Arc::new(Live::new());
+        let shutdown = crate::shutdown::Shutdown::new();
+        let (filter, _) = StreamQuery {
+            who: "ALICE".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let mut mine = Box::pin(stream(&live, "s", None, filter, shutdown.clone()));
+        let mut all = Box::pin(stream(&live, "s", None, LiveFilter::default(), shutdown));
+        // 3,000 messages in one window, 150 (under the cap) of alice among them.
+        let mut alice = Vec::new();
+        for b in 0..30 {
+            let items: Vec<LiveItem> = (0..100)
+                .map(|i| user_item(b * 100 + i, if i % 20 == 0 { "alice" } else { "bob" }))
+                .collect();
+            let first = live
+                .publish_batch("s", LiveKind::Accepted, Utc::now(), items)
+                .unwrap();
+            alice.extend((0..100).step_by(20).map(|i| first + i));
+        }
+        let ((mine_ids, mine_skipped), (all_ids, all_skipped)) = tokio::join!(
+            read_for(&mut mine, Duration::from_millis(1300)),
+            read_for(&mut all, Duration::from_millis(1300)),
+        );
+        // The unfiltered stream is capped; the filtered one gets every one of
+        // alice's, and only hers.
+        assert_eq!(all_ids.len(), CAP);
+        assert_eq!(all_skipped.iter().sum::<u64>(), 3000 - CAP as u64);
+        assert_eq!(mine_ids, alice, "all of alice's and only hers");
+        assert!(mine_skipped.is_empty(), "{mine_skipped:?}");
+    }
+
+    #[tokio::test]
+    async fn a_filtered_view_of_one_user_sees_all_of_them_under_load() {
+        let live = Arc::new(Live::new());
+        let shutdown = crate::shutdown::Shutdown::new();
+        let (filter, _) = StreamQuery {
+            who: "carol".into(),
+            status: "accepted".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let mut mine = Box::pin(stream(&live, "s", None, filter, shutdown));
+        let mut carol = Vec::new();
+        for b in 0..50 {
+            let items: Vec<LiveItem> = (0..100)
+                .map(|i| user_item(b * 100 + i, if i == 7 { "Carol" } else { "dave" }))
+                .collect();
+            let first = live
+                .publish_batch("s", LiveKind::Accepted, Utc::now(), items)
+                .unwrap();
+            carol.push(first + 7);
+        }
+        let (ids, skipped) = read_for(&mut mine, Duration::from_millis(300)).await;
+        assert_eq!(ids, carol, "all 50 of carol's among 5,000");
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn bad_stream_queries_are_refused() {
+        let q = StreamQuery {
+            after: "x1".into(),
+            ..Default::default()
+        };
+        assert!(q.parse().is_err());
+        let q = StreamQuery {
+            status: "lost".into(),
+            ..Default::default()
+        };
+        assert!(q.parse().is_err());
     }
 }

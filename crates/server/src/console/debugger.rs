@@ -173,6 +173,7 @@ pub(crate) async fn page(
                 button #pause type="button" aria-pressed="false" { "Pause" }
                 span #live-state role="status" aria-live="polite" { "Connecting…" }
                 span #new-count role="status" aria-live="polite" {}
+                span #skipped-count role="status" aria-live="polite" {}
             }
             p.hint { "Rejected messages appear in the live feed only: they were never stored." }
             div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" {
@@ -232,13 +233,18 @@ pub(crate) async fn stream(
     State(state): State<Arc<AppState>>,
     _signed: Signed,
     Path(id): Path<String>,
+    crate::error::Checked(Query(q)): crate::error::Checked<Query<crate::live::StreamQuery>>,
     headers: HeaderMap,
 ) -> Response {
     if state.control.source(&id).is_none() {
         return ApiError::NotFound(format!("no source with id {id:?}")).into_response();
     }
-    let mut resp =
-        crate::live::sse(&state, &id, crate::live::last_event_id(&headers)).into_response();
+    let (filter, after) = match q.parse() {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let last_id = crate::live::last_event_id(&headers).or(after);
+    let mut resp = crate::live::sse(&state, &id, last_id, filter).into_response();
     resp.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp

@@ -124,7 +124,16 @@ if (live) {
       r.hidden = !matches(r, f)
     })
   }
-  form.addEventListener('input', applyFilters)
+  // The server filters too, before its cap of events per second per stream, so a
+  // view of one user sees all of that user's events under load: a changed filter
+  // reopens the stream after the last id seen.
+  let lastId = ''
+  let reopen
+  form.addEventListener('input', () => {
+    applyFilters()
+    clearTimeout(reopen)
+    reopen = setTimeout(connect, 400)
+  })
   function el(tag, text, cls) {
     const e = document.createElement(tag)
     if (text !== undefined) e.textContent = text
@@ -172,6 +181,7 @@ if (live) {
     while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(tbody.rows.length - 1)
   }
   function onEntry(msg) {
+    if (msg.lastEventId) lastId = msg.lastEventId
     let e
     try { e = JSON.parse(msg.data) } catch (err) { return }
     if (paused) {
@@ -189,8 +199,27 @@ if (live) {
       countEl.textContent = ''
     }
   })
-  const src = new EventSource(live.dataset.stream)
-  ;['accepted', 'rejected', 'unmapped'].forEach((k) => src.addEventListener(k, onEntry))
-  src.onopen = () => { stateEl.textContent = 'Live' }
-  src.onerror = () => { stateEl.textContent = 'Reconnecting…' }
+  const skippedEl = $('#skipped-count')
+  let skipped = 0
+  function onSkipped(msg) {
+    if (msg.lastEventId) lastId = msg.lastEventId
+    let s
+    try { s = JSON.parse(msg.data) } catch (err) { return }
+    skipped += s.skipped
+    skippedEl.textContent = skipped + ' events not shown (over ' + s.cap + '/s)'
+  }
+  let src
+  function connect() {
+    if (src) src.close()
+    const f = filters()
+    const q = new URLSearchParams()
+    Object.entries(f).forEach(([k, v]) => { if (v) q.set(k, v) })
+    if (lastId) q.set('after', lastId)
+    src = new EventSource(live.dataset.stream + (q.toString() ? '?' + q : ''))
+    ;['accepted', 'rejected', 'unmapped'].forEach((k) => src.addEventListener(k, onEntry))
+    src.addEventListener('skipped', onSkipped)
+    src.onopen = () => { stateEl.textContent = 'Live' }
+    src.onerror = () => { stateEl.textContent = 'Reconnecting…' }
+  }
+  connect()
 }
