@@ -215,9 +215,21 @@ struct Row {
     kind: Kind,
     nodes: usize,
     max: LoadResult,
+    /// Events/s at full speed: of the measured window, or of the whole phase when
+    /// the window saw too few answers (see [`whole_phase`](Row::whole_phase)).
+    eps: f64,
+    /// Events acknowledged over the span `cpu` covers.
+    events: u64,
+    /// Requests took so long (seconds) that fewer than [`MIN_ANSWERS`] per connection
+    /// completed in the window: figures are over the whole phase instead (start to
+    /// the last answer), which the warm-up's missing steady state distorts less.
+    whole_phase: bool,
     cpu: Cpu,
     half: Option<(f64, LoadResult)>,
 }
+
+/// Answers per connection the measured window must see for its figures to be used.
+const MIN_ANSWERS: usize = 4;
 
 /// What a setup acknowledged against what its log stored.
 #[derive(Debug, Clone)]
@@ -326,18 +338,45 @@ impl Ctx {
             shape.warmup,
             shape.duration
         ));
+        let first = snap(&node_pids, &nats_pids);
         let sampler = tokio::spawn(sample(
-            node_pids,
-            nats_pids,
+            node_pids.clone(),
+            nats_pids.clone(),
             shape.warmup,
             shape.duration,
         ));
-        let max = load::run_spread(addrs, self.template(addrs[0], key, &format!("{tag}m")), shape, 0).await;
-        let cpu = sampler.await.unwrap_or_default();
-        let events = max.window_events.max(1) as f64;
+        let max = load::run_spread(
+            addrs,
+            self.template(addrs[0], key, &format!("{tag}m")),
+            shape,
+            0,
+        )
+        .await;
+        let whole = first.until(&snap(&node_pids, &nats_pids));
+        let window = sampler.await.unwrap_or_default();
+        let whole_phase = max.service.n < MIN_ANSWERS * shape.connections;
+        let (eps, rps, counted, cpu) = if whole_phase {
+            progress(format!(
+                "  only {} answers in the window (p50 {:.0} ms): figures over the whole phase",
+                max.service.n, max.service.p50
+            ));
+            (
+                max.total.ok_events as f64 / whole.wall,
+                max.total.ok as f64 / whole.wall,
+                max.total.ok_events,
+                whole,
+            )
+        } else {
+            (
+                max.events_per_sec(),
+                max.requests_per_sec(),
+                max.window_events,
+                window,
+            )
+        };
+        let events = counted.max(1) as f64;
         progress(format!(
-            "  {:.0} events/s, p99 {:.1} ms; CPU µs/event: nodes {:.1}, NATS {:.1}, PostgreSQL {:.1}; cores: nodes {:.2}, NATS {:.2}, bench {:.2}, other {:.2}; non-200 {}, errors {}",
-            max.events_per_sec(),
+            "  {eps:.0} events/s, p99 {:.1} ms; CPU µs/event: nodes {:.1}, NATS {:.1}, PostgreSQL {:.1}; cores: nodes {:.2}, NATS {:.2}, bench {:.2}, other {:.2}; non-200 {}, errors {}",
             max.service.p99,
             cpu.nodes / events * 1e6,
             cpu.nats / events * 1e6,
@@ -358,10 +397,10 @@ impl Ctx {
                 cpu.other / cpu.wall
             ));
         }
-        let half = if self.a.no_latency || max.requests_per_sec() <= 0.0 {
+        let half = if self.a.no_latency || rps <= 0.0 {
             None
         } else {
-            let rate = (max.requests_per_sec() / 2.0).max(1.0);
+            let rate = (rps / 2.0).max(0.5);
             progress(format!("  open loop at {rate:.0} requests/s (half)"));
             let r = load::run_spread(
                 addrs,
@@ -384,6 +423,10 @@ impl Ctx {
             kind,
             nodes: addrs.len(),
             max,
+            eps,
+
+            events: counted,
+            whole_phase,
             cpu,
             half,
         })
@@ -398,8 +441,8 @@ fn acked_of(row: &Row, batch_events: u64) -> (u64, u64) {
     let mut uncertain = 0;
     for l in std::iter::once(&row.max).chain(row.half.as_ref().map(|(_, h)| h)) {
         acked += l.total.ok_events;
-        uncertain += l.total.error_events
-            + l.total.statuses.get(&503).copied().unwrap_or(0) * batch_events;
+        uncertain +=
+            l.total.error_events + l.total.statuses.get(&503).copied().unwrap_or(0) * batch_events;
     }
     (acked, uncertain)
 }
@@ -510,7 +553,14 @@ async fn run(mut a: Args, command: String) -> anyhow::Result<Report> {
         let server = Server::start(&ctx.bin, &ctx.tmp, LogMode::Durable, false, &[]).await?;
         let key = server.create_source("http", "bench", "bench").await?;
         let row = ctx
-            .measure(kind, &[server.addr], &key, vec![server.proc_id()], vec![], "e")
+            .measure(
+                kind,
+                &[server.addr],
+                &key,
+                vec![server.proc_id()],
+                vec![],
+                "e",
+            )
             .await?;
         let (acked, uncertain) = acked_of(&row, ctx.a.batch_events);
         let ready = server.ready().await?;
@@ -538,7 +588,14 @@ async fn run(mut a: Args, command: String) -> anyhow::Result<Report> {
         let mut reference = ctx.clone();
         reference.a.no_latency = true;
         let row = reference
-            .measure(kind, &[server.addr], &key, vec![server.proc_id()], vec![], "r")
+            .measure(
+                kind,
+                &[server.addr],
+                &key,
+                vec![server.proc_id()],
+                vec![],
+                "r",
+            )
             .await?;
         rows.push(row);
         server.stop().await?;
@@ -567,7 +624,7 @@ async fn run(mut a: Args, command: String) -> anyhow::Result<Report> {
         let max = rows
             .iter()
             .find(|row| row.kind == kind && row.nodes == n)
-            .map(|row| row.max.events_per_sec())
+            .map(|row| row.eps)
             .unwrap_or(0.0);
         Some(warehouse_setup(&ctx, kind, n, (max / 2.0).max(1000.0), &mut checks).await?)
     } else {
@@ -681,7 +738,10 @@ impl Setup {
                 node.addr,
                 "POST",
                 "/v1/track",
-                &[("Authorization", &auth), ("Content-Type", "application/json")],
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
                 body.as_bytes(),
             )
             .await
@@ -912,18 +972,21 @@ fn ratio(a: f64, b: Option<f64>) -> String {
     }
 }
 
-/// µs of CPU per acknowledged event in the window.
-fn per_event(secs: f64, r: &LoadResult) -> f64 {
-    if r.window_events == 0 {
+/// µs of CPU per acknowledged event of a row.
+fn per_event(secs: f64, row: &Row) -> f64 {
+    if row.events == 0 {
         return 0.0;
     }
-    secs / r.window_events as f64 * 1e6
+    secs / row.events as f64 * 1e6
 }
 
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let a = &r.args;
-    let _ = writeln!(s, "## Cluster benchmark: `/v1/batch` on JetStream vs the embedded log\n");
+    let _ = writeln!(
+        s,
+        "## Cluster benchmark: `/v1/batch` on JetStream vs the embedded log\n"
+    );
     let _ = writeln!(s, "- command: `{}`", r.command);
     if let Some(rev) = &r.revision {
         let _ = writeln!(s, "- source: commit `{rev}`");
@@ -958,31 +1021,31 @@ fn markdown(r: &Report) -> String {
         .rows
         .iter()
         .find(|x| x.kind == Kind::Embedded)
-        .map(|x| x.max.events_per_sec());
+        .map(|x| x.eps);
     let embedded_cpu = r
         .rows
         .iter()
         .find(|x| x.kind == Kind::Embedded)
-        .map(|x| per_event(x.cpu.nodes + x.cpu.nats, &x.max));
+        .map(|x| per_event(x.cpu.nodes + x.cpu.nats, x));
     let reference = r
         .rows
         .iter()
         .find(|x| x.kind == Kind::Reference)
-        .map(|x| x.max.events_per_sec());
+        .map(|x| x.eps);
     let _ = writeln!(
         s,
         "| log | nodes | events/s | × embedded | × reference | × 1 node | CPU µs/event: nodes + NATS = total | CPU × embedded | cores used: nodes / NATS / bench / other | p50 / p99 ms at half load (events/s) | non-200 / errors |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|");
     for row in &r.rows {
-        let eps = row.max.events_per_sec();
+        let eps = row.eps;
         let one = r
             .rows
             .iter()
             .find(|x| x.kind == row.kind && x.nodes == 1)
-            .map(|x| x.max.events_per_sec());
-        let nodes_us = per_event(row.cpu.nodes, &row.max);
-        let nats_us = per_event(row.cpu.nats, &row.max);
+            .map(|x| x.eps);
+        let nodes_us = per_event(row.cpu.nodes, row);
+        let nats_us = per_event(row.cpu.nats, row);
         let total_us = nodes_us + nats_us;
         let cpu_cell = match row.kind {
             Kind::JetStream { .. } => format!("{nodes_us:.1} + {nats_us:.1} = **{total_us:.1}**"),
@@ -1002,10 +1065,11 @@ fn markdown(r: &Report) -> String {
         let errors = row.max.total.errors + row.half.as_ref().map_or(0, |(_, h)| h.total.errors);
         let _ = writeln!(
             s,
-            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} / {:.2} | {} | {} / {} |",
+            "| {} | {} | **{}**{} | {} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} / {:.2} | {} | {} / {} |",
             row.kind.label(),
             row.nodes,
             thousands(eps),
+            if row.whole_phase { " †" } else { "" },
             if row.kind == Kind::Embedded {
                 "1".into()
             } else {
@@ -1033,6 +1097,14 @@ fn markdown(r: &Report) -> String {
             half,
             bad,
             errors
+        );
+    }
+    if r.rows.iter().any(|x| x.whole_phase) {
+        let _ = writeln!(
+            s,
+            "\n† Requests took seconds: fewer than {MIN_ANSWERS} answers per connection completed in the \
+             measured window, so this row's events/s and CPU are over the whole phase (first request to \
+             last answer) instead of the window."
         );
     }
     let _ = writeln!(
@@ -1073,8 +1145,9 @@ fn markdown(r: &Report) -> String {
             thousands(w.load.total.ok_events as f64),
             thousands(w.load.events_per_sec()),
             thousands(w.loaded_at_end as f64),
-            w.catch_up
-                .map_or("— not within 120 s".into(), |c| format!("{c:.1} s after it")),
+            w.catch_up.map_or("— not within 120 s".into(), |c| format!(
+                "{c:.1} s after it"
+            )),
             w.cpu.nodes / w.cpu.wall,
             w.cpu.nats / w.cpu.wall,
         );
@@ -1156,6 +1229,9 @@ mod tests {
             kind,
             nodes,
             max: result(events, 10),
+            eps: events as f64 / 10.0,
+            events,
+            whole_phase: false,
             cpu: Cpu {
                 wall: 10.0,
                 nodes: cpu_nodes,
@@ -1200,7 +1276,9 @@ mod tests {
         let md = markdown(&report);
         let line = |prefix: &str, nodes: &str| {
             md.lines()
-                .find(|l| l.starts_with(&format!("| {prefix}")) && l.contains(&format!(" | {nodes} | ")))
+                .find(|l| {
+                    l.starts_with(&format!("| {prefix}")) && l.contains(&format!(" | {nodes} | "))
+                })
                 .unwrap_or_else(|| panic!("no row {prefix} {nodes} in\n{md}"))
                 .to_string()
         };

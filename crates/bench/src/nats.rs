@@ -76,12 +76,7 @@ pub struct NatsCluster {
 }
 
 /// The configuration file of server `i` of `ports` (client, cluster route) ports.
-fn config_text(
-    i: usize,
-    ports: &[(u16, u16, u16)],
-    store: &Path,
-    sync_always: bool,
-) -> String {
+fn config_text(i: usize, ports: &[(u16, u16, u16)], store: &Path, sync_always: bool) -> String {
     let (port, route, http) = ports[i];
     let cluster = if ports.len() > 1 {
         let routes: Vec<String> = ports
@@ -151,10 +146,7 @@ impl NatsCluster {
                 child,
             });
         }
-        let mut cluster = NatsCluster {
-            servers,
-            _dir: dir,
-        };
+        let mut cluster = NatsCluster { servers, _dir: dir };
         cluster.wait_healthy(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -199,7 +191,10 @@ impl NatsCluster {
 
     /// The servers' pids as `/proc` path components.
     pub fn proc_ids(&self) -> Vec<String> {
-        self.servers.iter().map(|s| s.child.id().to_string()).collect()
+        self.servers
+            .iter()
+            .map(|s| s.child.id().to_string())
+            .collect()
     }
 
     /// The last lines of every server's log.
