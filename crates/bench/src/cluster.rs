@@ -424,7 +424,6 @@ impl Ctx {
             nodes: addrs.len(),
             max,
             eps,
-
             events: counted,
             whole_phase,
             cpu,
