@@ -197,6 +197,29 @@ pub struct ConsumerState {
     pub gap_at_ms: Option<i64>,
 }
 
+impl ConsumerState {
+    /// The entries of consumer `name` (one per partition in a partitioned log) as
+    /// one: the lowest position, pinned if any entry is, the losses summed and the
+    /// newest gap. `None` when the consumer has no entry.
+    pub fn merged(entries: Vec<ConsumerState>, name: &str) -> Option<ConsumerState> {
+        entries
+            .into_iter()
+            .filter(|c| c.name == name)
+            .reduce(|mut a, b| {
+                if b.position.seq < a.position.seq {
+                    a.position = b.position.clone();
+                }
+                a.pinned |= b.pinned;
+                a.dropped += b.dropped;
+                if b.gap.is_some() && b.gap_at_ms.unwrap_or(0) >= a.gap_at_ms.unwrap_or(0) {
+                    a.gap = b.gap;
+                    a.gap_at_ms = b.gap_at_ms;
+                }
+                a
+            })
+    }
+}
+
 /// What [`read_checked`] found after a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadOutcome {

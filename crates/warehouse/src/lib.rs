@@ -461,7 +461,7 @@ impl Warehouse {
             .consumers()
             .await
             .ok()
-            .and_then(|c| c.into_iter().find(|c| c.name == outcome::CONSUMER));
+            .and_then(|c| tributary_eventlog::ConsumerState::merged(c, outcome::CONSUMER));
         let logged = registry
             .as_ref()
             .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
