@@ -234,9 +234,16 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
             Arc::new(tributary_eventlog::MemoryRegistry::default())
         });
         let js = Arc::new(
-            tributary_eventlog::JetStreamLog::open(config.log.clone(), registry)
-                .await
-                .context("opening the JetStream event log (log.url)")?,
+            tributary_eventlog::JetStreamLog::open(
+                tributary_eventlog::LogConfig {
+                    // The same pruning cadence rule as the embedded log's.
+                    prune_interval: config.log_config().prune_interval,
+                    ..config.log.clone()
+                },
+                registry,
+            )
+            .await
+            .context("opening the JetStream event log (log.url)")?,
         );
         jetstream = Some(js.clone());
         js
