@@ -13,17 +13,14 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-#[path = "../../../eventlog/tests/it/nats.rs"]
-mod nats;
-
 use crate::ac_api::{Faults, StandIn};
+use crate::cluster::nats::{Nats, nats_server};
 use crate::harness::{Server, client};
 use crate::query_safety::drop_postgres_db;
 use crate::sync::{
     Expected, api_settings, assert_tables, create_ac_source, start_sync, sync_settles, sync_status,
 };
 use crate::warehouse::fresh_postgres_db;
-use nats::{Nats, nats_server};
 
 fn node(nats: &Nats, control: &str, warehouse: &str, id: &str, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
