@@ -197,7 +197,10 @@ impl Backend {
                     schema,
                     vec![format!(
                         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = {}",
-                        crate::report::literal(&format!("{}stats_meta", crate::stats::SQLITE_PREFIX))
+                        crate::report::literal(&format!(
+                            "{}stats_meta",
+                            crate::stats::SQLITE_PREFIX
+                        ))
                     )],
                 )
                 .await?;

@@ -557,7 +557,9 @@ impl Warehouse {
         &self,
         day: chrono::NaiveDate,
     ) -> Result<std::collections::HashMap<String, u64>, WarehouseError> {
-        self.backend.events_on(&day.format("%Y-%m-%d").to_string()).await
+        self.backend
+            .events_on(&day.format("%Y-%m-%d").to_string())
+            .await
     }
 
     /// Which of `tables` of `schema` hold the row `id` (a messageId), and what of it

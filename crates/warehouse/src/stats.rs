@@ -244,7 +244,11 @@ impl Scope {
     }
 
     /// Adds inserted rows to tables' counts and stamps their last load.
-    pub(crate) fn bump_tables(&self, counts: &[(String, u64)], loaded_at: &DateTime<Utc>) -> Option<String> {
+    pub(crate) fn bump_tables(
+        &self,
+        counts: &[(String, u64)],
+        loaded_at: &DateTime<Utc>,
+    ) -> Option<String> {
         if counts.is_empty() {
             return None;
         }
@@ -501,7 +505,10 @@ pub(crate) fn is_email_table(name: &str) -> bool {
 /// Whether a load's DDL on an email table changes what the raw report reads of
 /// older rows (a widened column, a new `campaign_id` or `timestamp`): then the email
 /// counters are recomputed from the raw tables.
-pub(crate) fn email_needs_rebuild(add: &[(String, crate::types::ColumnType)], widen: &[String]) -> bool {
+pub(crate) fn email_needs_rebuild(
+    add: &[(String, crate::types::ColumnType)],
+    widen: &[String],
+) -> bool {
     !widen.is_empty()
         || add
             .iter()

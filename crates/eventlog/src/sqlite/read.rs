@@ -104,9 +104,12 @@ impl SqliteLog {
                 "SELECT {COLUMNS} FROM events INDEXED BY events_received
                  WHERE received_at = ?1 AND source_id = ?2 AND message_id = ?3 LIMIT 1"
             ))?;
-            st.query_map(params![received_at_ms, source_id, message_id], row_to_record)?
-                .next()
-                .transpose()
+            st.query_map(
+                params![received_at_ms, source_id, message_id],
+                row_to_record,
+            )?
+            .next()
+            .transpose()
         })
         .await
     }

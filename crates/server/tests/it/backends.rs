@@ -420,7 +420,11 @@ async fn wait_loaded(state: &AppState) {
     let w = state.warehouse.as_ref().expect("warehouse");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while w.lag().events > 0 || w.lag().loaded_seq == 0 {
-        assert!(std::time::Instant::now() < deadline, "loader behind: {:?}", w.lag());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loader behind: {:?}",
+            w.lag()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -436,12 +440,15 @@ async fn the_fate_of_an_event_older_than_ten_thousand_newer_ones_is_found() {
         .create(SourceType::Http, "web", "web", json!({}))
         .unwrap();
     let app = router(state.clone());
-    let old = json!({"type": "track", "event": "Signed Up", "userId": "u-old", "messageId": "m-old"});
+    let old =
+        json!({"type": "track", "event": "Signed Up", "userId": "u-old", "messageId": "m-old"});
     batch(&app, &src.write_key, vec![old]).await;
     for b in 0..5 {
         let newer: Vec<Value> = (0..2001)
-            .map(|i| json!({"type": "track", "event": "Page Viewed", "userId": format!("u{i}"),
-                            "messageId": format!("m-{b}-{i}")}))
+            .map(|i| {
+                json!({"type": "track", "event": "Page Viewed", "userId": format!("u{i}"),
+                            "messageId": format!("m-{b}-{i}")})
+            })
             .collect();
         batch(&app, &src.write_key, newer).await;
     }
@@ -487,7 +494,13 @@ async fn the_fate_of_an_event_older_than_ten_thousand_newer_ones_is_found() {
         .unwrap()
         .iter()
         .find(|s| s["name"] == "web")
-        .and_then(|s| s["tables"].as_array().unwrap().iter().find(|t| t["name"] == "tracks"))
+        .and_then(|s| {
+            s["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "tracks")
+        })
         .cloned()
         .unwrap();
     assert_eq!(tracks["rows"], 10_006, "{tracks}");

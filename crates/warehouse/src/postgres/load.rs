@@ -164,7 +164,12 @@ pub(super) async fn apply(
                 email_rebuild |= email_needs_rebuild(&table.add, &table.widen);
                 email_tables.insert(
                     table.table.clone(),
-                    table.after.columns().iter().map(|(c, _)| c.clone()).collect(),
+                    table
+                        .after
+                        .columns()
+                        .iter()
+                        .map(|(c, _)| c.clone())
+                        .collect(),
                 );
                 new_ids.extend(
                     rows.iter()
@@ -230,10 +235,14 @@ pub(super) async fn apply(
             if email_rebuild {
                 let all = live_tables(&tx, &load.schema).await?;
                 statements.extend(
-                    scope.email_rebuild(&all.into_iter().filter(|(t, _)| is_email_table(t)).collect()),
+                    scope.email_rebuild(
+                        &all.into_iter().filter(|(t, _)| is_email_table(t)).collect(),
+                    ),
                 );
             } else if !new_ids.is_empty() {
-                tx.batch_execute(&scope.new_ids_ddl()).await.map_err(classify)?;
+                tx.batch_execute(&scope.new_ids_ddl())
+                    .await
+                    .map_err(classify)?;
                 tx.execute(
                     &format!(
                         "INSERT INTO {} SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",

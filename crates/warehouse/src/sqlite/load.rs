@@ -168,7 +168,12 @@ fn apply_schema(
             email_rebuild |= email_needs_rebuild(&table.add, &table.widen);
             email_tables.insert(
                 table.table.clone(),
-                table.after.columns().iter().map(|(n, _)| n.clone()).collect(),
+                table
+                    .after
+                    .columns()
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             );
             if new_ids.is_none() {
                 tx.execute_batch(&scope.new_ids_ddl())?;
@@ -176,7 +181,10 @@ fn apply_schema(
             }
         }
         let mut add_id = if email {
-            Some(tx.prepare(&format!("INSERT INTO {} (\"id\") VALUES (?1) ON CONFLICT DO NOTHING", scope.new_ids()))?)
+            Some(tx.prepare(&format!(
+                "INSERT INTO {} (\"id\") VALUES (?1) ON CONFLICT DO NOTHING",
+                scope.new_ids()
+            ))?)
         } else {
             None
         };

@@ -179,7 +179,10 @@ fn counters(
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
-            (r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, Option<String>>(2)?),
+            (
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, Option<String>>(2)?,
+            ),
         ))
     })?;
     Ok(Some(rows.collect::<Result<_, _>>()?))

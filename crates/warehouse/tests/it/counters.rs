@@ -33,7 +33,10 @@ async fn assert_counts_are_exact(h: &Harness, wh: &Warehouse, schema: &str) {
     assert!(!rows.is_empty(), "no tables in {schema}");
     for (table, (n, _)) in &rows {
         let raw = h.count(wh, &format!("{schema}.{table}")).await;
-        assert_eq!(*n, raw as u64, "{schema}.{table}: status {n}, count(*) {raw}");
+        assert_eq!(
+            *n, raw as u64,
+            "{schema}.{table}: status {n}, count(*) {raw}"
+        );
     }
 }
 
@@ -144,7 +147,10 @@ pub async fn counts_follow_loads_restarts_and_widening(h: &Harness) {
         .await;
     h.wait_loaded(&wh, last).await;
     let rows = status_rows(&wh, &shop).await;
-    assert_eq!(rows["order_completed"].0, 31, "widened table keeps its count");
+    assert_eq!(
+        rows["order_completed"].0, 31,
+        "widened table keeps its count"
+    );
     assert_eq!(rows["tracks"].0, 32);
     assert_eq!(rows["users"].0, 1);
     assert_counts_are_exact(h, &wh, &shop).await;
@@ -177,7 +183,14 @@ pub async fn counts_follow_loads_restarts_and_widening(h: &Harness) {
     wh.shutdown().await;
     let wh = h.open().await;
     assert_eq!(status_rows(&wh, &shop).await, before);
-    assert_eq!(wh.events_on(day).await.expect("events_on").get(&shop).copied(), Some(34));
+    assert_eq!(
+        wh.events_on(day)
+            .await
+            .expect("events_on")
+            .get(&shop)
+            .copied(),
+        Some(34)
+    );
     assert_counts_are_exact(h, &wh, &shop).await;
     wh.shutdown().await;
 }
@@ -221,7 +234,13 @@ pub async fn email_report_from_counters_equals_the_raw_tables(h: &Harness) {
     let last = h
         .append(
             "ac",
-            vec![email("w-1", "Email Opened", Some("anon1@example.com"), json!(2.5), "2026-11-21T01:00:00.000Z")],
+            vec![email(
+                "w-1",
+                "Email Opened",
+                Some("anon1@example.com"),
+                json!(2.5),
+                "2026-11-21T01:00:00.000Z",
+            )],
         )
         .await;
     h.wait_loaded(&wh, last).await;
@@ -244,9 +263,10 @@ async fn sqlite_counts_follow_loads_restarts_and_widening() {
 
 #[tokio::test]
 async fn postgres_counts_follow_loads_restarts_and_widening() {
-    with_postgres("postgres_counts_follow_loads_restarts_and_widening", async |h| {
-        counts_follow_loads_restarts_and_widening(&h).await
-    })
+    with_postgres(
+        "postgres_counts_follow_loads_restarts_and_widening",
+        async |h| counts_follow_loads_restarts_and_widening(&h).await,
+    )
     .await;
 }
 
@@ -257,9 +277,10 @@ async fn sqlite_email_report_from_counters_equals_the_raw_tables() {
 
 #[tokio::test]
 async fn postgres_email_report_from_counters_equals_the_raw_tables() {
-    with_postgres("postgres_email_report_from_counters_equals_the_raw_tables", async |h| {
-        email_report_from_counters_equals_the_raw_tables(&h).await
-    })
+    with_postgres(
+        "postgres_email_report_from_counters_equals_the_raw_tables",
+        async |h| email_report_from_counters_equals_the_raw_tables(&h).await,
+    )
     .await;
 }
 
@@ -286,7 +307,8 @@ async fn sqlite_a_schema_loaded_before_the_counters_is_counted_from_its_rows() {
         .expect("names");
     assert!(counters.len() >= 9, "{counters:?}");
     for t in &counters {
-        conn.execute_batch(&format!("DROP TABLE \"{t}\"")).expect("drop");
+        conn.execute_batch(&format!("DROP TABLE \"{t}\""))
+            .expect("drop");
     }
     drop(conn);
 
@@ -304,7 +326,11 @@ async fn sqlite_a_schema_loaded_before_the_counters_is_counted_from_its_rows() {
     // The report now reads the counters: they hold every campaign of the rows.
     let conn = rusqlite::Connection::open(&file).expect("open");
     let counted: i64 = conn
-        .query_row("SELECT count(DISTINCT campaign_id) FROM tributary__email_totals", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(DISTINCT campaign_id) FROM tributary__email_totals",
+            [],
+            |r| r.get(0),
+        )
         .expect("count");
     assert_eq!(counted, 3);
     drop(conn);
