@@ -160,12 +160,12 @@ pub(super) fn status(
     Ok((schemas, last_load_at))
 }
 
+/// Per table: its counted rows and last load.
+type Counted = std::collections::HashMap<String, (u64, Option<String>)>;
+
 /// The counted rows and last load of every table of a schema file, `None` when the
 /// file has no counters yet.
-fn counters(
-    conn: &Connection,
-    schema: &str,
-) -> rusqlite::Result<Option<std::collections::HashMap<String, (u64, Option<String>)>>> {
+fn counters(conn: &Connection, schema: &str) -> rusqlite::Result<Option<Counted>> {
     let scope = crate::stats::Scope::sqlite(schema);
     let has: i64 = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
