@@ -202,6 +202,82 @@ async fn the_live_stream_shows_accepted_and_rejected_messages_and_resumes_with_l
 }
 
 #[tokio::test]
+async fn a_batch_is_streamed_message_by_message_with_its_rejections_and_resumes_inside_it() {
+    let (state, _dir) = state().await;
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let app = router(state.clone());
+    let mut events = Events::open(&app, &src.id, None).await;
+    let batch: Vec<Value> = (0..5)
+        .map(|i| {
+            if i == 2 {
+                // No event name: refused, shown with its reason.
+                json!({"type": "track", "userId": "u2", "messageId": "b-2"})
+            } else {
+                json!({"type": "identify", "userId": format!("u{i}"), "messageId": format!("b-{i}"),
+                       "traits": {"email": format!("u{i}@example.com"), "name": "<b>x</b>\n\"q\""}})
+            }
+        })
+        .collect();
+    let body = json!({"writeKey": src.write_key, "batch": batch}).to_string();
+    let req = Request::post("/v1/batch")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(events.next().await);
+    }
+    let rejected: Vec<&Sse> = got.iter().filter(|e| e.event == "rejected").collect();
+    assert_eq!(rejected.len(), 1, "{got:?}");
+    assert_eq!(rejected[0].data["message_id"], "b-2");
+    assert!(rejected[0].data["body"].get("writeKey").is_none());
+    assert_eq!(rejected[0].data["body"]["userId"], "u2", "as sent");
+    let accepted: Vec<&Sse> = got.iter().filter(|e| e.event == "accepted").collect();
+    assert_eq!(
+        accepted
+            .iter()
+            .map(|e| e.data["message_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["b-0", "b-1", "b-3", "b-4"],
+        "in order, one event per message"
+    );
+    let ids: Vec<u64> = accepted.iter().map(|e| e.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive ids: {ids:?}"
+    );
+    for e in &accepted {
+        assert_eq!(e.data["id"], e.id, "the JSON carries the SSE id");
+        assert_eq!(e.data["call_type"], "identify");
+        assert_eq!(e.data["source_id"], src.id.as_str());
+        let uid = e.data["user_id"].as_str().unwrap();
+        assert_eq!(e.data["email"], format!("{uid}@example.com"));
+        assert_eq!(
+            e.data["body"]["traits"]["name"], "<b>x</b>\n\"q\"",
+            "raw body intact"
+        );
+        assert!(e.data["body"]["receivedAt"].is_string(), "normalized body");
+    }
+    // A reconnect from the middle of the batch gets the rest of it only.
+    drop(events);
+    let mut events = Events::open(&app, &src.id, Some(ids[1])).await;
+    let rest: Vec<String> = [events.next().await, events.next().await]
+        .iter()
+        .map(|e| e.data["message_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rest, vec!["b-3", "b-4"]);
+    drop(events);
+    close(&state).await;
+}
+
+#[tokio::test]
 async fn unmapped_activecampaign_types_are_in_the_live_stream() {
     let (state, _dir) = state().await;
     let src = state
