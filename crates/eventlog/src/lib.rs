@@ -363,6 +363,23 @@ pub trait EventLog: Send + Sync + 'static {
     /// Reads the newest `limit` records of one source, newest first (debugger).
     async fn latest(&self, source_id: &str, limit: usize) -> Result<Vec<Record>, LogError>;
 
+    /// The record of `message_id` of a source that was received at `received_at_ms`
+    /// (the debugger's fate, which learns the time from the event's warehouse row),
+    /// if the log still has it. The default reads that millisecond's records.
+    async fn find_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        let around = self
+            .read_range(received_at_ms, received_at_ms + 1, 0, 100_000)
+            .await?;
+        Ok(around
+            .into_iter()
+            .find(|r| r.source_id == source_id && r.message_id == message_id))
+    }
+
     /// Reads records of the given sources received in `[from_ms, to_ms)`, in
     /// sequence order, starting after `after` (replay).
     async fn read_range(
