@@ -24,6 +24,9 @@
 //! the local PostgreSQL for the control plane) beside the embedded log, and reports
 //! events/s, CPU per event and p99 at half load.
 //!
+//! `live` measures what the debugger's live stream costs ingest: `/v1/batch` on a
+//! server nobody watches against one with ten SSE watchers, and the ratio.
+//!
 //! `log` measures the embedded event log alone, in process (no HTTP): its append
 //! ceiling for a given concurrency, records per append and message-id shape.
 
@@ -32,6 +35,7 @@ mod delivery;
 mod http;
 mod ingest;
 mod instructions;
+mod live;
 mod load;
 mod logbench;
 mod machine;
@@ -79,6 +83,9 @@ enum Command {
     /// Cluster mode: `/v1/batch` on 1, 2, 3 nodes over NATS JetStream (R1/R3, with and
     /// without `sync_interval: always`) against the embedded log.
     Cluster(cluster::Args),
+    /// What the debugger's live stream costs ingest: `/v1/batch` with 0 and with
+    /// N SSE watchers, and their ratio.
+    Live(live::Args),
     /// The parse-only reference server the benches start (not for direct use).
     #[command(hide = true)]
     ReferenceServer(ReferenceArgs),
@@ -217,6 +224,13 @@ fn main() -> ExitCode {
         Command::Cluster(a) => match cluster::main(a, command) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Live(a) => match live::main(a, command) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tributary-bench: {e:#}");
                 ExitCode::FAILURE
