@@ -681,12 +681,12 @@ impl Worker {
     fn accept_live(&mut self, r: Record) {
         let seq = r.seq;
         self.read_pos = self.read_pos.max(seq);
+        // Observed even when it ended before (a later repeat of it is a repeat).
+        let repeated = self.dedupe.as_mut().is_some_and(|d| !d.observe(&r));
         if self.recovery.done.remove(&seq) {
             return;
         }
-        if let Some(d) = &mut self.dedupe
-            && !d.observe(&r)
-        {
+        if repeated {
             metrics::counter!("tributary_destination_duplicates_skipped_total").increment(1);
             tracing::debug!(destination = %self.shared.id, seq, message_id = %r.message_id, "repeated message skipped");
             return;

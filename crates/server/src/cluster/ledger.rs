@@ -8,7 +8,9 @@
 //!   ended (`done`), the node that sent it and when the row last changed;
 //! - `delivery_stats`: the counts of every node, one row per destination.
 //!
-//! **Every write is fenced by the lease epoch, under a lock.** A write first takes a
+//! **Every write is fenced by the lease epoch, under a lock.** A write is one
+//! statement (never a transaction held open across round trips: a node stopped
+//! between two statements would hold the lock and block the takeover) that takes a
 //! `FOR SHARE` lock on the partition's lease row *with the writer's epoch* — a marker
 //! for a new batch also needs the lease unexpired. The grant that passes the
 //! partition to another node updates that row, so it waits for writes in progress
@@ -133,73 +135,58 @@ impl Ledger for PgLedger {
         counts: &BatchCounts,
     ) -> Result<bool, DestinationError> {
         let s = &self.schema;
-        let mut client = self.pool.get().await.map_err(failed)?;
-        let tx = client.transaction().await.map_err(failed)?;
-        let lease = tx
-            .query_opt(
+        let client = self.pool.get().await.map_err(failed)?;
+        let anything = counts.delivered + counts.redelivered + counts.skipped > 0
+            || counts.success_ms.is_some()
+            || counts.error.is_some();
+        // One statement, so the lease row's lock is never held across a round trip
+        // (a node stopped between statements would block the takeover).
+        let row = client
+            .query_one(
                 &format!(
-                    "SELECT 1 FROM {s}.leases
-                     WHERE consumer = $1 AND partition = $2 AND epoch = $3 FOR SHARE"
-                ),
-                &[
-                    &consumer(&key.dest),
-                    &(key.partition as i32),
-                    &(key.epoch as i64),
-                ],
-            )
-            .await
-            .map_err(failed)?;
-        if lease.is_none() {
-            return Ok(false);
-        }
-        if marked {
-            tx.execute(
-                &format!(
-                    "UPDATE {s}.delivery_markers SET done = true, updated_at = clock_timestamp()
-                     WHERE dest_id = $1 AND partition = $2 AND epoch = $3 AND batch_id = $4"
+                    "WITH lease AS (
+                        SELECT 1 FROM {s}.leases
+                        WHERE consumer = $8 AND partition = $2 AND epoch = $3 FOR SHARE),
+                     marker AS (
+                        UPDATE {s}.delivery_markers SET done = true, updated_at = clock_timestamp()
+                        WHERE $9 AND dest_id = $1 AND partition = $2 AND epoch = $3 AND batch_id = $4
+                          AND EXISTS (SELECT 1 FROM lease)
+                        RETURNING 1),
+                     counted AS (
+                        INSERT INTO {s}.delivery_stats AS t
+                            (dest_id, delivered, redelivered, skipped, last_success_at, last_error, last_error_at)
+                        SELECT $1::text, $5::bigint, $6::bigint, $7::bigint, $10::bigint, $11::text, $12::bigint
+                        WHERE $13 AND EXISTS (SELECT 1 FROM lease)
+                        ON CONFLICT (dest_id) DO UPDATE SET
+                            delivered = t.delivered + excluded.delivered,
+                            redelivered = t.redelivered + excluded.redelivered,
+                            skipped = t.skipped + excluded.skipped,
+                            last_success_at = COALESCE(excluded.last_success_at, t.last_success_at),
+                            last_error = COALESCE(excluded.last_error, t.last_error),
+                            last_error_at = COALESCE(excluded.last_error_at, t.last_error_at)
+                        RETURNING 1)
+                     SELECT EXISTS (SELECT 1 FROM lease),
+                            (SELECT count(*) FROM marker), (SELECT count(*) FROM counted)"
                 ),
                 &[
                     &key.dest,
                     &(key.partition as i32),
                     &(key.epoch as i64),
                     &(key.id as i64),
-                ],
-            )
-            .await
-            .map_err(failed)?;
-        }
-        let anything = counts.delivered + counts.redelivered + counts.skipped > 0
-            || counts.success_ms.is_some()
-            || counts.error.is_some();
-        if anything {
-            tx.execute(
-                &format!(
-                    "INSERT INTO {s}.delivery_stats AS t
-                        (dest_id, delivered, redelivered, skipped, last_success_at, last_error, last_error_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (dest_id) DO UPDATE SET
-                        delivered = t.delivered + excluded.delivered,
-                        redelivered = t.redelivered + excluded.redelivered,
-                        skipped = t.skipped + excluded.skipped,
-                        last_success_at = COALESCE(excluded.last_success_at, t.last_success_at),
-                        last_error = COALESCE(excluded.last_error, t.last_error),
-                        last_error_at = COALESCE(excluded.last_error_at, t.last_error_at)"
-                ),
-                &[
-                    &key.dest,
                     &(counts.delivered as i64),
                     &(counts.redelivered as i64),
                     &(counts.skipped as i64),
+                    &consumer(&key.dest),
+                    &marked,
                     &counts.success_ms,
                     &counts.error.as_ref().map(|e| e.0.as_str()),
                     &counts.error.as_ref().map(|e| e.1),
+                    &anything,
                 ],
             )
             .await
             .map_err(failed)?;
-        }
-        tx.commit().await.map_err(failed)?;
-        Ok(true)
+        Ok(row.get::<_, bool>(0))
     }
 
     async fn batch_abandoned(&self, key: &BatchKey) -> Result<(), DestinationError> {

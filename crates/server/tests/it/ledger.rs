@@ -149,6 +149,7 @@ async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
     let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
     let la = PgLedger::new(schema.pool.clone(), &schema.name, "node-a");
     let held = lease_of(&a.owned(consumer, 1), "node a").await;
+    assert!(la.batch_started(&key(held, 1), &[1]).await.unwrap());
     a.halt();
     // Another node's grant, still uncommitted, has moved the lease on.
     let mut grant = schema.pool.get().await.unwrap();
@@ -164,17 +165,29 @@ async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
     )
     .await
     .unwrap();
-    let write = tokio::spawn(async move {
-        la.batch_started(&key(held, 1), &[1]).await.unwrap()
+    let la = std::sync::Arc::new(la);
+    let l1 = la.clone();
+    let start = tokio::spawn(async move { l1.batch_started(&key(held, 2), &[2]).await.unwrap() });
+    let l2 = la.clone();
+    let end = tokio::spawn(async move {
+        l2.batch_finished(&key(held, 1), true, &delivered(1, 0))
+            .await
+            .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!write.is_finished(), "the marker write must wait for the grant");
+    assert!(!start.is_finished(), "the marker write must wait for the grant");
+    assert!(!end.is_finished(), "the batch end must wait for the grant");
     tx.commit().await.unwrap();
-    assert!(!write.await.unwrap(), "refused once the grant committed");
+    assert!(!start.await.unwrap(), "refused once the grant committed");
+    assert!(!end.await.unwrap(), "refused once the grant committed");
+    assert_eq!(la.tally("dst_1").await.unwrap(), Default::default());
     let client = schema.pool.get().await.unwrap();
     let n: i64 = client
         .query_one(
-            &format!("SELECT count(*) FROM \"{}\".delivery_markers", schema.name),
+            &format!(
+                "SELECT count(*) FROM \"{}\".delivery_markers WHERE done OR batch_id = 2",
+                schema.name
+            ),
             &[],
         )
         .await

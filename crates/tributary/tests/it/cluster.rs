@@ -265,16 +265,19 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
         }
     }
 
+    let started = Instant::now();
     let load = start_load(nodes.iter().map(|n| n.url.clone()).collect(), key.clone());
     tokio::time::sleep(Duration::from_secs(4)).await;
     // A node dies mid-load and comes back.
     nodes[1].kill();
+    println!("node 1 killed at {}ms", started.elapsed().as_millis());
     tokio::time::sleep(Duration::from_secs(3)).await;
     nodes[1].restart();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The stream leader dies mid-load (~8 s of election, retried within the bound).
     let leader = nats.stream_leader("TRIBUTARY").expect("a stream leader");
     nats.kill(leader);
+    println!("stream leader killed at {}ms", started.elapsed().as_millis());
     tokio::time::sleep(Duration::from_secs(12)).await;
     nats.restart(leader);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -459,9 +462,38 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
         loaded.len(),
         received.len()
     );
+    if duplicates > 0 {
+        // What the duplicates were, for the record (and for a failure below).
+        let got = rx.got.lock().unwrap().clone();
+        let mut times: HashMap<&str, Vec<String>> = HashMap::new();
+        for d in &got {
+            times.entry(d.message_id.as_str()).or_default().push(format!(
+                "{}ms{}",
+                d.at.duration_since(started).as_millis(),
+                if d.from_watched { " (stalled node)" } else { "" }
+            ));
+        }
+        let mut twice: Vec<_> = times.iter().filter(|(_, t)| t.len() > 1).collect();
+        twice.sort();
+        println!(
+            "duplicates (stall {}ms..{}ms): {twice:?}",
+            stopped_at.duration_since(started).as_millis(),
+            woke_at.duration_since(started).as_millis()
+        );
+    }
     assert!(
         duplicates <= redelivered,
-        "{duplicates} duplicate deliveries but only {redelivered} counted as redelivered"
+        "{duplicates} duplicate deliveries but only {redelivered} counted as redelivered; node logs:\n{}",
+        nodes
+            .iter()
+            .map(|n| n
+                .log()
+                .lines()
+                .filter(|l| l.contains("in flight") || l.contains("refused") || l.contains("lease"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
     assert!(
         redelivered <= bound,
