@@ -30,9 +30,9 @@ use crate::api::{
 };
 use crate::config::{DestinationConfig, Start};
 use crate::definitions::Definitions;
-use crate::ledger::Ledger;
 use crate::error::DestinationError;
 use crate::filter::Selector;
+use crate::ledger::Ledger;
 use crate::options::EngineOptions;
 use crate::sink::Item;
 use crate::store::{DestinationRow, Store, ms_to_time};

@@ -2,7 +2,9 @@
 //! Tracking APIs and ActiveCampaign.
 //!
 //! The [`Engine`] owns a SQLite file of its own (destination configurations, dead
-//! letters, statistics, delivery markers) and runs one worker per enabled
+//! letters, statistics, delivery markers — in cluster mode the definitions, markers
+//! and statistics are in the control database instead, see [`Definitions`] and
+//! [`Ledger`]) and runs one worker per enabled
 //! destination. Each worker reads the event log from its own cursor
 //! (`destination:<id>`), delivers in order per user with bounded concurrency, retries
 //! retriable failures with exponential backoff and full jitter, and keeps what can

@@ -7,8 +7,10 @@
 //! skipped or dead-lettered). An event is never passed by the cursor before its
 //! outcome is durable, so a crash can only re-send, never lose. Events that ended
 //! above the watermark are recorded per batch in the engine's store (see
-//! [`crate::store`]), so after a crash only the batches that were actually in flight
-//! are sent again — and those are counted as `redelivered`.
+//! [`crate::store`]; in cluster mode the shared [`crate::ledger`]), so after a crash
+//! or a takeover only the batches that were actually in flight are sent again — and
+//! those are counted as `redelivered` (as is a retry after an attempt that may have
+//! arrived).
 //!
 //! **Ordering.** Events are queued per user (userId, else anonymousId). A user with
 //! a batch in flight (or in retry backoff) is *busy*: its later events wait, so one
@@ -52,8 +54,20 @@
 //! the log itself when a worker takes a partition (its retained records up to the
 //! committed cursor), so it moves with ownership and needs no storage of its own.
 //! Replays (dead letters, `POST /replay`) are run by one of this node's partition
-//! workers. Delivery markers (`crate::store`) stay in this node's file: after a
-//! takeover the new owner re-sends what was in flight (counted as redelivered).
+//! workers.
+//!
+//! **Cluster mode: duplicates bounded by what was in flight.** The delivery markers
+//! and statistics live in the control database ([`crate::ledger::Ledger`]), keyed by
+//! partition and lease epoch and written fenced by the lease: a batch's marker is
+//! written before it is sent (refused: the batch is not sent and the worker stops),
+//! and its end marks it done with its counts (refused: the next owner sends it
+//! again). A partition's next owner reads its predecessors' markers above the
+//! committed cursor, skips what ended and re-sends what was in flight, counted as
+//! `redelivered` — so a change of owner doubles at most `max_in_flight × max_batch`
+//! events of the partition. Before every attempt the batch task checks the lease
+//! again when the previous check took longer than a second, so a node that was
+//! stopped (SIGSTOP) past its lease learns it before it sends. Dead letters stay in
+//! this node's file.
 mod delivery;
 mod schedule;
 

@@ -20,9 +20,7 @@
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
-use tributary_destinations::{
-    BatchCounts, BatchKey, DestinationError, Ledger, Recovery, Tally,
-};
+use tributary_destinations::{BatchCounts, BatchKey, DestinationError, Ledger, Recovery, Tally};
 
 use super::pg;
 
@@ -235,7 +233,10 @@ impl Ledger for PgLedger {
         Ok(Recovery::from_markers(
             rows.iter().map(|r| {
                 let seqs: Vec<i64> = r.get(1);
-                (r.get::<_, bool>(0), seqs.into_iter().map(|q| q as u64).collect())
+                (
+                    r.get::<_, bool>(0),
+                    seqs.into_iter().map(|q| q as u64).collect(),
+                )
             }),
             cursor,
         ))

@@ -111,7 +111,13 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
     let rec = lb.recovery("dst_1", new.partition, 4).await.unwrap();
     assert_eq!((rec.done, rec.maybe), (set(&[]), set(&[5])));
     // Another partition's markers are its own.
-    assert!(lb.recovery("dst_1", new.partition + 1, 0).await.unwrap().maybe.is_empty());
+    assert!(
+        lb.recovery("dst_1", new.partition + 1, 0)
+            .await
+            .unwrap()
+            .maybe
+            .is_empty()
+    );
 
     assert!(lb.batch_started(&key(new, 1), &[4, 5]).await.unwrap());
     assert!(
@@ -126,13 +132,21 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
     assert!(rec.maybe.is_empty());
 
     // Pruned at the committed cursor; forgotten with the destination.
-    lb.prune("dst_1", new.partition, new.epoch, 5).await.unwrap();
+    lb.prune("dst_1", new.partition, new.epoch, 5)
+        .await
+        .unwrap();
     let rec = lb.recovery("dst_1", new.partition, 0).await.unwrap();
     assert!(rec.done.is_empty() && rec.maybe.is_empty());
     assert!(lb.batch_started(&key(new, 2), &[9]).await.unwrap());
     lb.forget("dst_1").await.unwrap();
     assert_eq!(lb.tally("dst_1").await.unwrap(), Default::default());
-    assert!(lb.recovery("dst_1", new.partition, 0).await.unwrap().maybe.is_empty());
+    assert!(
+        lb.recovery("dst_1", new.partition, 0)
+            .await
+            .unwrap()
+            .maybe
+            .is_empty()
+    );
     b.shutdown().await;
 }
 
@@ -175,7 +189,10 @@ async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!start.is_finished(), "the marker write must wait for the grant");
+    assert!(
+        !start.is_finished(),
+        "the marker write must wait for the grant"
+    );
     assert!(!end.is_finished(), "the batch end must wait for the grant");
     tx.commit().await.unwrap();
     assert!(!start.await.unwrap(), "refused once the grant committed");

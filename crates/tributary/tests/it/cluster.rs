@@ -61,9 +61,8 @@ fn connection_of(pid: u32, port: u16) -> bool {
     let Some(inode) = inode else { return false };
     let target = format!("socket:[{inode}]");
     std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|dir| {
-        dir.flatten().any(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == target.as_str())
-        })
+        dir.flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == target.as_str()))
     })
 }
 
@@ -85,16 +84,13 @@ async fn receiver() -> (String, Receiver) {
             Some(Value::Array(a)) => a.clone(),
             _ => vec![v],
         };
-        rx.got
-            .lock()
-            .unwrap()
-            .extend(items.iter().filter_map(|i| {
-                Some(Delivery {
-                    message_id: i["messageId"].as_str()?.to_string(),
-                    at,
-                    from_watched,
-                })
-            }));
+        rx.got.lock().unwrap().extend(items.iter().filter_map(|i| {
+            Some(Delivery {
+                message_id: i["messageId"].as_str()?.to_string(),
+                at,
+                from_watched,
+            })
+        }));
         "ok"
     }
     let app = axum::Router::new()
@@ -277,7 +273,10 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
     // The stream leader dies mid-load (~8 s of election, retried within the bound).
     let leader = nats.stream_leader("TRIBUTARY").expect("a stream leader");
     nats.kill(leader);
-    println!("stream leader killed at {}ms", started.elapsed().as_millis());
+    println!(
+        "stream leader killed at {}ms",
+        started.elapsed().as_millis()
+    );
     tokio::time::sleep(Duration::from_secs(12)).await;
     nats.restart(leader);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -324,7 +323,10 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
                    AND updated_at > '{db_stopped_at}'"
             ),
         );
-        assert_eq!(written, "0", "the stale node wrote delivery markers after its stall");
+        assert_eq!(
+            written, "0",
+            "the stale node wrote delivery markers after its stall"
+        );
         if regained_at.is_none() {
             let new_leases = psql(
                 &control,
@@ -467,11 +469,18 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
         let got = rx.got.lock().unwrap().clone();
         let mut times: HashMap<&str, Vec<String>> = HashMap::new();
         for d in &got {
-            times.entry(d.message_id.as_str()).or_default().push(format!(
-                "{}ms{}",
-                d.at.duration_since(started).as_millis(),
-                if d.from_watched { " (stalled node)" } else { "" }
-            ));
+            times
+                .entry(d.message_id.as_str())
+                .or_default()
+                .push(format!(
+                    "{}ms{}",
+                    d.at.duration_since(started).as_millis(),
+                    if d.from_watched {
+                        " (stalled node)"
+                    } else {
+                        ""
+                    }
+                ));
         }
         let mut twice: Vec<_> = times.iter().filter(|(_, t)| t.len() > 1).collect();
         twice.sort();
@@ -535,7 +544,10 @@ async fn three_nodes_load_once_and_deliver_in_order_through_kills_and_a_stall() 
         )
         .parse()
         .unwrap();
-        assert!(epoch > *e, "partition {p}: position still at the stale epoch {e}");
+        assert!(
+            epoch > *e,
+            "partition {p}: position still at the stale epoch {e}"
+        );
     }
     println!(
         "stalled node: held {stale:?}, {before} deliveries before its stall, none after it woke \
