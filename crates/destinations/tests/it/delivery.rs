@@ -654,7 +654,11 @@ async fn a_retry_after_a_timed_out_attempt_is_counted_as_redelivered() {
     })
     .await;
     let dest = h
-        .create("webhook", "hook", json!({"url": rx.url("/"), "timeout": 0.3}))
+        .create(
+            "webhook",
+            "hook",
+            json!({"url": rx.url("/"), "timeout": 0.3}),
+        )
         .await;
     h.append(vec![track("u", 0)]).await;
     wait_for(Duration::from_secs(10), "delivered", || async {
