@@ -212,6 +212,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         (control, None)
     };
     let definitions = cluster.as_ref().map(|c| c.definitions.clone());
+    let ledger = cluster.as_ref().map(|c| c.ledger.clone());
     let (ownership, registry, leases): (
         Arc<dyn tributary_eventlog::Ownership>,
         Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
@@ -277,6 +278,8 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         consumer_ownership
             .clone()
             .map(|o| (o, config.log.retention)),
+        // The shared ledger only where partitions are leased (a JetStream log).
+        ledger.filter(|_| leases.is_some() && config.log.is_jetstream()),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
