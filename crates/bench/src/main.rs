@@ -19,6 +19,9 @@
 //! reports fully-loaded events/s and the highest offered rate the warehouse keeps up
 //! with; `instructions` counts instructions per event under callgrind.
 //!
+//! `live` measures what the debugger's live stream costs ingest: `/v1/batch` on a
+//! server nobody watches against one with ten SSE watchers, and the ratio.
+//!
 //! `log` measures the embedded event log alone, in process (no HTTP): its append
 //! ceiling for a given concurrency, records per append and message-id shape.
 
@@ -26,6 +29,7 @@ mod delivery;
 mod http;
 mod ingest;
 mod instructions;
+mod live;
 mod load;
 mod logbench;
 mod machine;
@@ -69,6 +73,9 @@ enum Command {
     Sustained(sustained::Args),
     /// Instructions per event under callgrind (repeatable on a busy machine).
     Instructions(instructions::Args),
+    /// What the debugger's live stream costs ingest: `/v1/batch` with 0 and with
+    /// N SSE watchers, and their ratio.
+    Live(live::Args),
     /// The parse-only reference server the benches start (not for direct use).
     #[command(hide = true)]
     ReferenceServer(ReferenceArgs),
@@ -198,6 +205,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Sustained(a) => match sustained::main(a, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Live(a) => match live::main(a, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tributary-bench: {e:#}");

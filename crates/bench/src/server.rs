@@ -52,7 +52,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Its process id.
     pub pid: u32,
-    token: String,
+    /// Its admin token (bearer auth of `/api/v1`).
+    pub token: String,
     log_path: PathBuf,
     mode: LogMode,
     _dir: tempfile::TempDir,
@@ -223,6 +224,42 @@ impl Server {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Creates a source through the admin API and returns its id and write key.
+    pub async fn create_source_with_id(
+        &self,
+        kind: &str,
+        name: &str,
+        schema: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let body = json!({"type": kind, "name": name, "schema": schema}).to_string();
+        let auth = format!("Bearer {}", self.token);
+        let (status, resp) = http::once(
+            self.addr,
+            "POST",
+            "/api/v1/sources",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .await
+        .context("POST /api/v1/sources")?;
+        if status != 201 && status != 200 {
+            bail!(
+                "creating a source answered {status}: {}",
+                String::from_utf8_lossy(&resp)
+            );
+        }
+        let v: Value = serde_json::from_slice(&resp).context("source JSON")?;
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .with_context(|| format!("the created source has no {k}"))
+        };
+        Ok((field("id")?, field("write_key")?))
     }
 
     /// Creates a source through the admin API and returns its write key.

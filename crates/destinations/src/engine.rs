@@ -313,7 +313,7 @@ impl Engine {
             .consumers()
             .await
             .ok()
-            .and_then(|c| c.into_iter().find(|c| c.name == consumer));
+            .and_then(|c| tributary_eventlog::ConsumerState::merged(c, &consumer));
         let logged = registry
             .as_ref()
             .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));

@@ -29,7 +29,7 @@ use tributary_model::{CallType, Normalized};
 use crate::AppState;
 use crate::control::{LastEvent, Source};
 use crate::error::ApiError;
-use crate::live::{LiveKind, LiveReason, NewLiveEvent};
+use crate::live::{LiveBody, LiveItem, LiveKind, LiveReason, NewLiveEvent, email_of};
 
 /// The write key from `Authorization: Basic base64(key:)` or `base64(key)`.
 pub fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
@@ -188,15 +188,13 @@ pub async fn append(
             .to_string(),
         message_id: last.message_id.clone(),
     });
-    // The debugger's entries, built only when someone watches (see `live`).
-    let live: Vec<Value> = if state.live.watched() {
-        messages
-            .iter()
-            .map(|n| Value::Object(n.body.clone()))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // The debugger's entries, built only when someone watches (see `live`): the
+    // JSON text encoded for the log and the row's fields, no clone of the body.
+    let watched = state.live.watched();
+    let mut live: Vec<LiveItem> = Vec::new();
+    if watched {
+        live.reserve_exact(messages.len());
+    }
     let mut identities = Vec::new();
     let records: Vec<NewRecord> = messages
         .into_iter()
@@ -209,6 +207,21 @@ pub async fn append(
             {
                 identities.push((email.clone(), uid.clone()));
             }
+            // Serialized straight into a byte buffer: `Value`'s `Display` goes
+            // through `fmt` per string and cost twice as much (issue #15 profile).
+            let payload = serde_json::to_string(&n.body).unwrap_or_default();
+            if watched {
+                live.push(LiveItem {
+                    event: n.event.clone(),
+                    call_type: Some(n.call_type.as_str().to_string()),
+                    message_id: Some(n.message_id.clone()).filter(|m| !m.is_empty()),
+                    user_id: n.user_id.clone(),
+                    anonymous_id: n.anonymous_id.clone(),
+                    email: email_of(&n.body),
+                    reason: None,
+                    body: LiveBody::Text(payload.clone()),
+                });
+            }
             NewRecord {
                 source_id: source.id.clone(),
                 message_id: n.message_id,
@@ -217,9 +230,7 @@ pub async fn append(
                 user_id: n.user_id,
                 anonymous_id: n.anonymous_id,
                 received_at_ms: n.received_at_ms,
-                // Serialized straight into a byte buffer: `Value`'s `Display` goes
-                // through `fmt` per string and cost twice as much (issue #15 profile).
-                payload: serde_json::to_string(&n.body).unwrap_or_default(),
+                payload,
             }
         })
         .collect();
@@ -252,15 +263,9 @@ pub async fn append(
     }
     state.control.set_last_event(&source.id, last_event);
     if !live.is_empty() {
-        let at = state.clock.now();
-        for body in live {
-            state.live.publish(NewLiveEvent::from_body(
-                &source.id,
-                LiveKind::Accepted,
-                at,
-                body,
-            ));
-        }
+        state
+            .live
+            .publish_batch(&source.id, LiveKind::Accepted, state.clock.now(), live);
     }
     let new = statuses
         .iter()

@@ -57,6 +57,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -150,6 +151,18 @@ pub fn new_write_key() -> String {
 /// A new admin token: 256 random bits, URL-safe.
 pub fn new_admin_token() -> String {
     format!("adm_{}", random_token(32))
+}
+
+/// How a console session id is stored: its SHA-256 in hex, so a copy of the
+/// control database does not hold a usable session.
+pub fn session_hash(id: &str) -> String {
+    use std::fmt::Write as _;
+    Sha256::digest(id.as_bytes())
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// The key of a write key in the lookup map: SipHash-1-3 under a random 128-bit key
@@ -256,6 +269,14 @@ pub trait ControlStore: Send + Sync + 'static {
     fn sync_state(&self, source_id: &str) -> Result<Option<String>, ApiError>;
     /// Replaces the API sync state of a source; committed when it returns `Ok`.
     fn save_sync_state(&self, source_id: &str, state: &str) -> Result<(), ApiError>;
+    /// Stores a console session under `hash` (the SHA-256 of its id, hex; the id
+    /// itself is never stored) with its CSRF token, expiring `ttl` from now, and
+    /// deletes expired sessions on the way.
+    fn create_session(&self, hash: &str, csrf: &str, ttl: Duration) -> Result<(), ApiError>;
+    /// The CSRF token of the unexpired session stored under `hash`.
+    fn session(&self, hash: &str) -> Result<Option<String>, ApiError>;
+    /// Deletes the session stored under `hash` (sign-out).
+    fn delete_session(&self, hash: &str) -> Result<(), ApiError>;
     /// `Err(reason)` while the store cannot be reached (for `/ready`).
     fn health(&self) -> Result<(), String> {
         Ok(())
@@ -366,6 +387,22 @@ impl Control {
         let snapshot = control.store.load(true)?;
         control.apply(token, snapshot);
         Ok(control)
+    }
+
+    /// Starts a console session: stores the hash of `id` with `csrf`, expiring
+    /// after `ttl` (blocking: call it off the runtime).
+    pub fn create_session(&self, id: &str, csrf: &str, ttl: Duration) -> Result<(), ApiError> {
+        self.store.create_session(&session_hash(id), csrf, ttl)
+    }
+
+    /// The CSRF token of an unexpired console session (blocking).
+    pub fn session(&self, id: &str) -> Result<Option<String>, ApiError> {
+        self.store.session(&session_hash(id))
+    }
+
+    /// Ends a console session on every node (blocking).
+    pub fn delete_session(&self, id: &str) -> Result<(), ApiError> {
+        self.store.delete_session(&session_hash(id))
     }
 
     /// `sqlite` (embedded) or `postgres` (cluster).

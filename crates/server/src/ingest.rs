@@ -134,25 +134,35 @@ pub async fn tracking(
         Some(s) => s,
         None => authenticate(&state, raw.write_key.as_deref(), KeyPlace::Tracking)?,
     };
-    // The messages as sent, for the debugger's rejected entries (only when watched).
-    let sent: Vec<Value> = if state.live.watched() {
-        raw.items
-            .iter()
-            .map(|i| {
-                let mut v = i.as_ref().cloned().unwrap_or(Value::Null);
-                if let Value::Object(o) = &mut v {
-                    // The write key is a secret: never shown, as it is never stored.
-                    o.remove("writeKey");
-                    if let Some(call) = raw.call_type {
-                        o.entry("type")
-                            .or_insert_with(|| Value::String(call.as_str().into()));
-                    }
-                }
-                v
-            })
-            .collect()
-    } else {
-        Vec::new()
+    // The messages as sent, for the debugger's rejected entries: read again from
+    // the request's bytes only when a message is refused while someone watches,
+    // so valid messages cost the debugger nothing here.
+    let sent_call_type = raw.call_type;
+    let mut sent: Option<Vec<Value>> = None;
+    let mut sent_item = |i: usize| -> Value {
+        let items = sent.get_or_insert_with(|| {
+            parse_body(&bytes, sent_call_type, body_limits)
+                .map(|raw| {
+                    raw.items
+                        .into_iter()
+                        .map(|i| {
+                            let mut v = i.unwrap_or(Value::Null);
+                            if let Value::Object(o) = &mut v {
+                                // The write key is a secret: never shown, as it is
+                                // never stored.
+                                o.remove("writeKey");
+                                if let Some(call) = sent_call_type {
+                                    o.entry("type")
+                                        .or_insert_with(|| Value::String(call.as_str().into()));
+                                }
+                            }
+                            v
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        items.get(i).cloned().unwrap_or(Value::Null)
     };
     let results = raw.normalize_all(received_at, peer_ip, |obj| prepare(&state, &source, obj));
     let total = results.len();
@@ -168,7 +178,7 @@ pub async fn tracking(
                     &source.id,
                     r.code.as_str(),
                     &r.message,
-                    || sent.get(i).cloned().unwrap_or(Value::Null),
+                    || sent_item(i),
                 );
                 if ep != Endpoint::Batch {
                     return Err(ApiError::bad(r.code.as_str(), r.message));

@@ -12,11 +12,16 @@
 //!
 //! Cost: when nobody watches (no receiver, and the last one left more than
 //! [`LINGER`] ago), [`Live::watched`] is two atomic loads and ingest builds no entry
-//! and allocates nothing for the bus. While someone watches, each entry is built once
-//! and shared (`Arc`) by every receiver and the ring.
+//! and allocates nothing for the bus. While someone watches, one append is one
+//! entry of the bus ([`LiveBatch`]): per message, ingest adds a copy of the JSON
+//! text it already encoded for the log and the row's few fields, never a clone of
+//! the message's `Value`; then one lock, one `Arc` and one channel send per batch.
+//! The SSE text of a batch is encoded once, by the first watcher that sends it, and
+//! shared by every other watcher (`Bytes`), so ten watchers cost one encoding and
+//! ten socket writes per batch.
 //!
-//! Resume: entries carry increasing ids (from 1, per process). The newest
-//! [`RING`] entries are kept, so a client that reconnects with `Last-Event-ID`
+//! Resume: messages carry increasing ids (from 1, per process; a batch's are
+//! consecutive). The newest batches holding [`RING`] messages are kept, so a client that reconnects with `Last-Event-ID`
 //! gets what it missed ([`Live::subscribe_after`]). The ring keeps filling for
 //! [`LINGER`] after the last watcher left, so a reconnect in that window loses
 //! nothing; ids restart with the process, and an id above the newest known one
@@ -24,8 +29,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -33,10 +38,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
-/// Entries kept for replay (`Last-Event-ID`).
+/// Messages kept for replay (`Last-Event-ID`): the ring holds the newest batches
+/// with at least this many messages.
 pub const RING: usize = 1000;
-/// Capacity of the broadcast channel per receiver before it lags.
-const CHANNEL: usize = 1024;
+/// Capacity of the broadcast channel, in batches, before a receiver lags (bounds
+/// what one slow watcher keeps alive: at most this many appends' messages).
+const CHANNEL: usize = 64;
 /// How long the ring keeps filling after the last watcher left.
 pub const LINGER: Duration = Duration::from_secs(30);
 
@@ -73,17 +80,9 @@ pub struct LiveReason {
     pub message: String,
 }
 
-/// One entry of the live stream.
+/// One message of a [`LiveBatch`]: what the debugger's row shows, and its JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LiveEvent {
-    /// Increasing per process, from 1; the SSE `id:`.
-    pub id: u64,
-    /// The source it arrived on.
-    pub source_id: String,
-    /// Accepted, rejected or unmapped.
-    pub kind: LiveKind,
-    /// When the server received it.
-    pub at: DateTime<Utc>,
+pub struct LiveItem {
     /// Track event name, page/screen name, or the ActiveCampaign type of an
     /// unmapped webhook.
     pub event: Option<String>,
@@ -102,55 +101,163 @@ pub struct LiveEvent {
     pub reason: Option<LiveReason>,
     /// The normalized Segment JSON (accepted), the message as sent when it could be
     /// read (rejected), or the webhook's fields (unmapped).
-    #[serde(serialize_with = "serialize_arc")]
-    pub body: Arc<Value>,
-    /// This entry as JSON, encoded once for every watcher ([`LiveEvent::json`]).
     #[serde(skip)]
-    json: std::sync::OnceLock<Arc<str>>,
+    pub body: LiveBody,
 }
 
-impl LiveEvent {
-    /// This entry as compact JSON; encoded on first use and shared by every
-    /// watcher after that, so ten watchers cost one encoding, not ten.
-    pub fn json(&self) -> Arc<str> {
-        self.json
-            .get_or_init(|| {
-                serde_json::to_string(self)
-                    .unwrap_or_else(|_| "{}".into())
-                    .into()
-            })
-            .clone()
+/// The JSON of a [`LiveItem`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveBody {
+    /// Already serialized (accepted messages: the text the log stored, so ingest
+    /// encodes nothing twice).
+    Text(String),
+    /// A value, encoded when the batch's frames are built.
+    Value(Value),
+}
+
+impl LiveBody {
+    /// The body as a value (tests, and callers that want to look inside).
+    pub fn to_value(&self) -> Value {
+        match self {
+            LiveBody::Text(t) => serde_json::from_str(t).unwrap_or(Value::Null),
+            LiveBody::Value(v) => v.clone(),
+        }
     }
 }
 
-fn serialize_arc<S: serde::Serializer>(v: &Arc<Value>, s: S) -> Result<S::Ok, S::Error> {
-    v.as_ref().serialize(s)
+/// One entry of the live bus: the messages one append (or one refusal) produced,
+/// all of one source and one kind, with consecutive ids from `first_id`. Ingest
+/// publishes one of these per request, not one per message; the SSE text of the
+/// whole batch is encoded once, on first use by a watcher (not on the ingest
+/// path), and shared by every watcher ([`LiveBatch::frames`]).
+#[derive(Debug)]
+pub struct LiveBatch {
+    /// The id of `items[0]`; item `i` has id `first_id + i`.
+    pub first_id: u64,
+    /// The source the messages arrived on.
+    pub source_id: String,
+    /// Accepted, rejected or unmapped.
+    pub kind: LiveKind,
+    /// When the server received them.
+    pub at: DateTime<Utc>,
+    /// The messages, in order.
+    pub items: Vec<LiveItem>,
+    frames: OnceLock<Frames>,
 }
 
-/// The fields of an entry; [`Live::publish`] adds the id.
+/// The SSE text of a batch: every item's event, back to back, and where each ends.
+#[derive(Debug)]
+struct Frames {
+    text: bytes::Bytes,
+    ends: Vec<usize>,
+}
+
+/// The JSON of one entry as the stream sends it (`body` appended as raw text).
+#[derive(Serialize)]
+struct Head<'a> {
+    id: u64,
+    source_id: &'a str,
+    kind: LiveKind,
+    at: &'a str,
+    #[serde(flatten)]
+    item: &'a LiveItem,
+}
+
+impl LiveBatch {
+    /// The id of the last item.
+    pub fn last_id(&self) -> u64 {
+        self.first_id + self.items.len().saturating_sub(1) as u64
+    }
+
+    /// Item `i` as the JSON object the stream sends (tests and tools).
+    pub fn json(&self, i: usize) -> Value {
+        let f = self.frames();
+        let start = if i == 0 { 0 } else { f.ends[i - 1] };
+        let frame = std::str::from_utf8(&f.text[start..f.ends[i]]).unwrap_or_default();
+        frame
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn frames(&self) -> &Frames {
+        self.frames.get_or_init(|| {
+            use std::io::Write as _;
+            let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "\"\"".into());
+            let at = at.trim_matches('"');
+            let mut out: Vec<u8> = Vec::with_capacity(self.items.len() * 1024);
+            let mut ends = Vec::with_capacity(self.items.len());
+            for (i, item) in self.items.iter().enumerate() {
+                let id = self.first_id + i as u64;
+                let _ = write!(out, "id: {id}\nevent: {}\ndata: ", self.kind.as_str());
+                let head = Head {
+                    id,
+                    source_id: &self.source_id,
+                    kind: self.kind,
+                    at,
+                    item,
+                };
+                // `{…}` of the fields, then `,"body":` and the body's text inside the
+                // same object. Compact JSON has no line breaks: one `data:` line.
+                let _ = serde_json::to_writer(&mut out, &head);
+                out.pop();
+                out.extend_from_slice(b",\"body\":");
+                match &item.body {
+                    LiveBody::Text(t) => out.extend_from_slice(t.as_bytes()),
+                    LiveBody::Value(v) => {
+                        let _ = serde_json::to_writer(&mut out, v);
+                    }
+                }
+                out.extend_from_slice(b"}\n\n");
+                ends.push(out.len());
+            }
+            Frames {
+                text: out.into(),
+                ends,
+            }
+        })
+    }
+
+    /// The SSE text of the items with an id above `after` (shared, not copied).
+    fn text_after(&self, after: u64) -> bytes::Bytes {
+        let f = self.frames();
+        if after < self.first_id {
+            return f.text.clone();
+        }
+        let skip = (after - self.first_id + 1) as usize;
+        match skip.checked_sub(1).and_then(|k| f.ends.get(k)) {
+            Some(&start) => f.text.slice(start..),
+            None => bytes::Bytes::new(),
+        }
+    }
+}
+
+/// The fields of a single entry (a rejected message, an unmapped webhook);
+/// [`Live::publish`] adds the id.
 #[derive(Debug, Clone)]
 pub struct NewLiveEvent {
-    /// See [`LiveEvent::source_id`].
+    /// See [`LiveBatch::source_id`].
     pub source_id: String,
-    /// See [`LiveEvent::kind`].
+    /// See [`LiveBatch::kind`].
     pub kind: LiveKind,
-    /// See [`LiveEvent::at`].
+    /// See [`LiveBatch::at`].
     pub at: DateTime<Utc>,
-    /// See [`LiveEvent::event`].
+    /// See [`LiveItem::event`].
     pub event: Option<String>,
-    /// See [`LiveEvent::call_type`].
+    /// See [`LiveItem::call_type`].
     pub call_type: Option<String>,
-    /// See [`LiveEvent::message_id`].
+    /// See [`LiveItem::message_id`].
     pub message_id: Option<String>,
-    /// See [`LiveEvent::user_id`].
+    /// See [`LiveItem::user_id`].
     pub user_id: Option<String>,
-    /// See [`LiveEvent::anonymous_id`].
+    /// See [`LiveItem::anonymous_id`].
     pub anonymous_id: Option<String>,
-    /// See [`LiveEvent::email`].
+    /// See [`LiveItem::email`].
     pub email: Option<String>,
-    /// See [`LiveEvent::reason`].
+    /// See [`LiveItem::reason`].
     pub reason: Option<LiveReason>,
-    /// See [`LiveEvent::body`].
+    /// See [`LiveItem::body`].
     pub body: Value,
 }
 
@@ -209,13 +316,20 @@ pub fn email_of(m: &Map<String, Value>) -> Option<String> {
 
 /// The in-process live bus (`state.live`).
 pub struct Live {
-    tx: broadcast::Sender<Arc<LiveEvent>>,
-    ring: Mutex<VecDeque<Arc<LiveEvent>>>,
+    tx: broadcast::Sender<Arc<LiveBatch>>,
+    /// The newest batches, holding at least [`RING`] messages when there are.
+    ring: Mutex<Ring>,
     next_id: AtomicU64,
     epoch: Instant,
     /// Milliseconds since `epoch` until which the ring keeps filling without
     /// receivers.
     linger_until_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct Ring {
+    batches: VecDeque<Arc<LiveBatch>>,
+    items: usize,
 }
 
 impl Default for Live {
@@ -230,7 +344,7 @@ impl Live {
         let (tx, _) = broadcast::channel(CHANNEL);
         Live {
             tx,
-            ring: Mutex::new(VecDeque::with_capacity(RING)),
+            ring: Mutex::new(Ring::default()),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
             linger_until_ms: AtomicU64::new(0),
@@ -256,22 +370,9 @@ impl Live {
         self.linger_until_ms.store(until, Ordering::Relaxed);
     }
 
-    /// Publishes an entry (a no-op when nobody watches); returns its id.
+    /// Publishes a single entry (a no-op when nobody watches); returns its id.
     pub fn publish(&self, e: NewLiveEvent) -> Option<u64> {
-        if self.tx.receiver_count() > 0 {
-            // While someone watches, keep the window open for their reconnect.
-            self.linger();
-        } else if !self.watched() {
-            return None;
-        }
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        // Ids are taken under the ring's lock, so the ring is in id order.
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(LiveEvent {
-            id,
-            source_id: e.source_id,
-            kind: e.kind,
-            at: e.at,
+        let item = LiveItem {
             event: e.event,
             call_type: e.call_type,
             message_id: e.message_id,
@@ -279,52 +380,88 @@ impl Live {
             anonymous_id: e.anonymous_id,
             email: e.email,
             reason: e.reason,
-            body: Arc::new(e.body),
-            json: std::sync::OnceLock::new(),
-        });
-        if ring.len() == RING {
-            ring.pop_front();
+            body: LiveBody::Value(e.body),
+        };
+        self.publish_batch(&e.source_id, e.kind, e.at, vec![item])
+    }
+
+    /// Publishes the messages of one append as one entry of the bus (a no-op when
+    /// nobody watches, or `items` is empty); returns the first id. The cost on the
+    /// caller's thread is one lock, one `Arc` and one channel send per batch.
+    pub fn publish_batch(
+        &self,
+        source_id: &str,
+        kind: LiveKind,
+        at: DateTime<Utc>,
+        items: Vec<LiveItem>,
+    ) -> Option<u64> {
+        if items.is_empty() {
+            return None;
         }
-        ring.push_back(entry.clone());
+        if self.tx.receiver_count() > 0 {
+            // While someone watches, keep the window open for their reconnect.
+            self.linger();
+        } else if !self.watched() {
+            return None;
+        }
+        let n = items.len();
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        // Ids are taken under the ring's lock, so the ring is in id order.
+        let first_id = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        let entry = Arc::new(LiveBatch {
+            first_id,
+            source_id: source_id.to_string(),
+            kind,
+            at,
+            items,
+            frames: OnceLock::new(),
+        });
+        ring.items += n;
+        ring.batches.push_back(entry.clone());
+        while let Some(front) = ring.batches.front() {
+            let len = front.items.len();
+            if ring.items - len < RING {
+                break;
+            }
+            ring.items -= len;
+            ring.batches.pop_front();
+        }
         let _ = self.tx.send(entry);
-        Some(id)
+        drop(ring);
+        Some(first_id)
     }
 
-    /// The ring's entries (oldest first) and a receiver of everything after them.
-    pub fn subscribe(&self) -> (Vec<LiveEvent>, broadcast::Receiver<LiveEvent>) {
-        let (past, rx) = self.subscribe_shared(None);
-        (
-            past.into_iter().map(|e| (*e).clone()).collect(),
-            Receiver::spawn_owned(rx),
-        )
-    }
-
-    /// The ring's entries after `last_id` (all of them when `None`, or when
-    /// `last_id` is not an id of this process) and a receiver of everything after
-    /// them. Entries are shared, not copied.
+    /// The ring's batches with an item after `last_id` (all of them when `None`,
+    /// or when `last_id` is not an id of this process) and a receiver of
+    /// everything after them. Batches are shared, not copied; the first may start
+    /// at or before `last_id` (the stream skips those items).
     pub fn subscribe_after(
         &self,
         last_id: Option<u64>,
-    ) -> (Vec<Arc<LiveEvent>>, broadcast::Receiver<Arc<LiveEvent>>) {
-        self.subscribe_shared(last_id)
-    }
-
-    fn subscribe_shared(
-        &self,
-        last_id: Option<u64>,
-    ) -> (Vec<Arc<LiveEvent>>, broadcast::Receiver<Arc<LiveEvent>>) {
+    ) -> (Vec<Arc<LiveBatch>>, broadcast::Receiver<Arc<LiveBatch>>) {
         self.linger();
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         // Subscribing under the lock: nothing is published between the copy and
         // the receiver, so nothing is missed or seen twice.
         let rx = self.tx.subscribe();
+        let after = self.resume_point(last_id);
+        let past = ring
+            .batches
+            .iter()
+            .filter(|b| b.last_id() > after)
+            .cloned()
+            .collect();
+        (past, rx)
+    }
+
+    /// The id after which a stream resumes: `last_id` when this process gave it,
+    /// else 0 (everything the ring holds).
+    fn resume_point(&self, last_id: Option<u64>) -> u64 {
         let newest = self.next_id.load(Ordering::Relaxed).saturating_sub(1);
-        let after = match last_id {
+        match last_id {
             Some(id) if id <= newest => id,
             _ => 0,
-        };
-        let past = ring.iter().filter(|e| e.id > after).cloned().collect();
-        (past, rx)
+        }
     }
 
     /// How many receivers are subscribed.
@@ -344,91 +481,58 @@ pub fn last_event_id(headers: &axum::http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Appends one entry as an SSE event: `id:` its id, `event:` its kind, `data:` its
-/// JSON (compact JSON has no line breaks, so it is one `data:` line).
-fn push_event(out: &mut Vec<u8>, e: &LiveEvent) {
-    use std::io::Write as _;
-    let _ = write!(out, "id: {}\nevent: {}\ndata: ", e.id, e.kind.as_str());
-    out.extend_from_slice(e.json().as_bytes());
-    out.extend_from_slice(b"\n\n");
-}
-
-/// Most entries written into one chunk of the stream.
-const CHUNK_ENTRIES: usize = 256;
-
 /// The live stream of one source as a `text/event-stream` response, resuming
 /// after `last_id` (the client's `Last-Event-ID`): first what the ring holds after
 /// it, then every new entry, with a `: keep-alive` comment after [`KEEP_ALIVE`]
-/// without entries. Entries that are ready together go out in one chunk (a batch
-/// of 500 messages is one write per watcher, not 500). A client that falls more
-/// than the channel's capacity behind gets a comment saying how many entries it
-/// missed. The stream ends when the server shuts down, so it never holds a graceful
-/// shutdown up. Used by the API route and by the console's.
+/// without entries. Each batch of the bus goes out as its shared, once-encoded
+/// SSE text (a batch of 500 messages is one buffer for every watcher, not 500
+/// encodings per watcher), so a watcher's cost is a source comparison and a
+/// write per batch. A client that falls more than the channel's capacity behind
+/// gets a comment saying how many batches it missed; it never holds ingest up. The
+/// stream ends when the server shuts down, so it never holds a graceful shutdown
+/// up. Used by the API route and by the console's.
 pub fn sse(
     state: &crate::AppState,
     source_id: &str,
     last_id: Option<u64>,
 ) -> axum::response::Response {
     use futures::StreamExt as _;
+    let after = state.live.resume_point(last_id);
     let (past, rx) = state.live.subscribe_after(last_id);
     let source = source_id.to_string();
-    let mut first = Vec::new();
-    for e in past.iter().filter(|e| e.source_id == source) {
-        push_event(&mut first, e);
-    }
+    let mut first: Vec<bytes::Bytes> = past
+        .iter()
+        .filter(|b| b.source_id == source)
+        .map(|b| b.text_after(after))
+        .collect();
     // An opening comment, so clients (and proxies) see the stream start at once.
-    first.extend_from_slice(b": stream open\n\n");
+    first.push(bytes::Bytes::from_static(b": stream open\n\n"));
     let shutdown = state.shutdown.clone();
+    let guard = WatcherGauge::new();
     let live = futures::stream::unfold(
-        (rx, shutdown, source),
-        |(mut rx, shutdown, source)| async move {
-            let mut out = Vec::new();
+        (rx, shutdown, source, guard),
+        |(mut rx, shutdown, source, guard)| async move {
             loop {
                 let next = tokio::select! {
                     r = tokio::time::timeout(KEEP_ALIVE, rx.recv()) => r,
                     _ = shutdown.wait() => return None,
                 };
-                match next {
-                    Err(_) => out.extend_from_slice(b": keep-alive\n\n"),
-                    Ok(Ok(e)) => {
-                        let mut n = 0;
-                        let mut item = Ok(e);
-                        loop {
-                            match item {
-                                Ok(e) if e.source_id == source => {
-                                    push_event(&mut out, &e);
-                                    n += 1;
-                                }
-                                Ok(_) => {}
-                                Err(broadcast::error::TryRecvError::Lagged(k)) => {
-                                    out.extend_from_slice(
-                                        format!(": missed {k} entries\n\n").as_bytes(),
-                                    );
-                                }
-                                Err(_) => break,
-                            }
-                            if n == CHUNK_ENTRIES {
-                                break;
-                            }
-                            item = rx.try_recv();
-                        }
-                    }
+                let chunk = match next {
+                    Err(_) => bytes::Bytes::from_static(b": keep-alive\n\n"),
+                    Ok(Ok(b)) if b.source_id == source => b.text_after(0),
+                    Ok(Ok(_)) => continue,
                     Ok(Err(broadcast::error::RecvError::Lagged(k))) => {
-                        out.extend_from_slice(format!(": missed {k} entries\n\n").as_bytes());
+                        bytes::Bytes::from(format!(": missed {k} batches of entries\n\n"))
                     }
                     Ok(Err(broadcast::error::RecvError::Closed)) => return None,
-                }
-                if !out.is_empty() {
-                    let chunk: Result<bytes::Bytes, std::convert::Infallible> = Ok(out.into());
-                    return Some((chunk, (rx, shutdown, source)));
-                }
+                };
+                let chunk: Result<bytes::Bytes, std::convert::Infallible> = Ok(chunk);
+                return Some((chunk, (rx, shutdown, source, guard)));
             }
         },
     );
-    let stream = futures::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(first))
-    })
-    .chain(live);
+    let stream =
+        futures::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(live);
     axum::response::Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -436,6 +540,23 @@ pub fn sse(
         .header("x-accel-buffering", "no")
         .body(axum::body::Body::from_stream(stream))
         .unwrap_or_default()
+}
+
+/// `tributary_live_watchers`: open live streams, counted up when a stream starts
+/// and down when it ends (the client left, or shutdown).
+struct WatcherGauge;
+
+impl WatcherGauge {
+    fn new() -> WatcherGauge {
+        metrics::gauge!("tributary_live_watchers").increment(1.0);
+        WatcherGauge
+    }
+}
+
+impl Drop for WatcherGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("tributary_live_watchers").decrement(1.0);
+    }
 }
 
 /// `GET /api/v1/sources/{id}/events/stream`: the source's live events as
@@ -455,30 +576,6 @@ pub async fn api_stream(
     Ok(sse(&state, &id, last_event_id(&headers)))
 }
 
-/// Turns a receiver of shared entries into one of owned entries (for
-/// [`Live::subscribe`]'s signature) with a small forwarding task.
-struct Receiver;
-
-impl Receiver {
-    fn spawn_owned(mut rx: broadcast::Receiver<Arc<LiveEvent>>) -> broadcast::Receiver<LiveEvent> {
-        let (tx, out) = broadcast::channel(CHANNEL);
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(e) => {
-                        if tx.send((*e).clone()).is_err() {
-                            break;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,11 +592,28 @@ mod tests {
         )
     }
 
+    fn text_item(n: usize) -> LiveItem {
+        LiveItem {
+            event: Some("Signed Up".into()),
+            call_type: Some("track".into()),
+            message_id: Some(format!("m{n}")),
+            user_id: Some("u\"1".into()),
+            anonymous_id: None,
+            email: None,
+            reason: None,
+            body: LiveBody::Text(format!(r#"{{"messageId":"m{n}","type":"track"}}"#)),
+        }
+    }
+
     #[test]
     fn nothing_is_kept_when_nobody_watches() {
         let live = Live::new();
         assert!(!live.watched());
         assert_eq!(live.publish(entry("s")), None);
+        assert_eq!(
+            live.publish_batch("s", LiveKind::Accepted, Utc::now(), vec![text_item(1)]),
+            None
+        );
         assert_eq!(live.watchers(), 0);
     }
 
@@ -509,20 +623,57 @@ mod tests {
         let (_, mut rx) = live.subscribe_after(None);
         let a = live.publish(entry("s")).unwrap();
         let b = live.publish(entry("s")).unwrap();
-        assert_eq!(rx.recv().await.unwrap().id, a);
-        assert_eq!(rx.recv().await.unwrap().id, b);
+        assert_eq!(rx.recv().await.unwrap().first_id, a);
+        assert_eq!(rx.recv().await.unwrap().first_id, b);
         let (past, _) = live.subscribe_after(Some(a));
-        assert_eq!(past.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b]);
+        assert_eq!(past.iter().map(|e| e.first_id).collect::<Vec<_>>(), vec![b]);
         // An id this process never gave (a restart): the whole ring.
         let (past, _) = live.subscribe_after(Some(999));
         assert_eq!(past.len(), 2);
         let e = &past[0];
-        assert_eq!(e.email.as_deref(), Some("a@example.com"));
-        assert_eq!(e.event.as_deref(), Some("Email Opened"));
-        assert_eq!(e.call_type.as_deref(), Some("track"));
-        let v = serde_json::to_value(&**e).unwrap();
+        assert_eq!(e.items[0].email.as_deref(), Some("a@example.com"));
+        assert_eq!(e.items[0].event.as_deref(), Some("Email Opened"));
+        assert_eq!(e.items[0].call_type.as_deref(), Some("track"));
+        let v = e.json(0);
+        assert_eq!(v["id"], a);
         assert_eq!(v["kind"], "accepted");
         assert_eq!(v["body"]["messageId"], "m1");
+    }
+
+    #[test]
+    fn a_batch_is_one_entry_with_consecutive_ids_and_one_shared_text() {
+        let live = Live::new();
+        let _rx = live.subscribe_after(None);
+        let first = live
+            .publish_batch(
+                "s",
+                LiveKind::Accepted,
+                Utc::now(),
+                (0..3).map(text_item).collect(),
+            )
+            .unwrap();
+        let (past, _) = live.subscribe_after(None);
+        assert_eq!(past.len(), 1, "one entry for the whole append");
+        let b = &past[0];
+        assert_eq!(b.last_id(), first + 2);
+        for i in 0..3 {
+            let v = b.json(i);
+            assert_eq!(v["id"], first + i as u64);
+            assert_eq!(v["source_id"], "s");
+            assert_eq!(v["message_id"], format!("m{i}"));
+            assert_eq!(v["user_id"], "u\"1", "fields are escaped");
+            assert_eq!(v["body"]["messageId"], format!("m{i}"), "raw body inside");
+            assert!(v["reason"].is_null());
+        }
+        // Every watcher gets the same buffer, not a copy.
+        let t1 = b.text_after(0);
+        let t2 = b.text_after(0);
+        assert_eq!(t1.as_ptr(), t2.as_ptr());
+        // A resume inside the batch sends the items after the id only.
+        let rest = String::from_utf8(b.text_after(first).to_vec()).unwrap();
+        assert!(rest.starts_with(&format!("id: {}\n", first + 1)), "{rest}");
+        assert_eq!(rest.matches("\n\n").count(), 2);
+        assert!(b.text_after(first + 2).is_empty());
     }
 
     #[test]
@@ -544,6 +695,17 @@ mod tests {
         }
         let (past, _) = live.subscribe_after(None);
         assert_eq!(past.len(), RING);
-        assert_eq!(past[0].id, 6);
+        assert_eq!(past[0].first_id, 6);
+        for _ in 0..10 {
+            live.publish_batch(
+                "s",
+                LiveKind::Accepted,
+                Utc::now(),
+                (0..300).map(text_item).collect(),
+            );
+        }
+        let (past, _) = live.subscribe_after(None);
+        let kept: usize = past.iter().map(|b| b.items.len()).sum();
+        assert!((RING..RING + 300).contains(&kept), "{kept} messages kept");
     }
 }

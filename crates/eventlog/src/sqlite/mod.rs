@@ -231,6 +231,15 @@ impl EventLog for SqliteLog {
         self.read_latest(source_id, limit).await
     }
 
+    async fn find_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        self.read_at(source_id, message_id, received_at_ms).await
+    }
+
     async fn read_range(
         &self,
         from_ms: i64,

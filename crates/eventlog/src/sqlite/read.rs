@@ -100,6 +100,30 @@ impl SqliteLog {
         .await
     }
 
+    /// The record of one source's `message_id` received at `received_at_ms`: a
+    /// lookup in `events_received` (the planner would otherwise walk the rowid).
+    pub(super) async fn read_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        let (source_id, message_id) = (source_id.to_string(), message_id.to_string());
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events INDEXED BY events_received
+                 WHERE received_at = ?1 AND source_id = ?2 AND message_id = ?3 LIMIT 1"
+            ))?;
+            st.query_map(
+                params![received_at_ms, source_id, message_id],
+                row_to_record,
+            )?
+            .next()
+            .transpose()
+        })
+        .await
+    }
+
     pub(super) async fn read_time_range(
         &self,
         from_ms: i64,

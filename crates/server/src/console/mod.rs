@@ -13,9 +13,11 @@
 //!
 //! **Auth**: the sign-in form takes the admin token (constant-time check) and sets a
 //! random session id cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over TLS); the
-//! token itself never leaves the server again. Sessions live in memory
-//! ([`session::Sessions`]): a restart signs everyone out, which is safe, and nothing
-//! durable depends on them. Every state-changing form checks `Sec-Fetch-Site` /
+//! token itself never leaves the server again. Sessions live in the control store
+//! (only the id's SHA-256; `control.db`, or the PostgreSQL control database in
+//! cluster mode, so one sign-in works on every node and a sign-out ends it on all
+//! of them), and sign-in is rate-limited per client address
+//! ([`session::Sessions`]). Every state-changing form checks `Sec-Fetch-Site` /
 //! `Origin` and a per-session CSRF token ([`session::check_form`]). `/api/v1` keeps
 //! bearer auth only: the cookie is never accepted there.
 //!

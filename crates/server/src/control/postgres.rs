@@ -117,6 +117,31 @@ async fn load(
     Ok(snapshot)
 }
 
+/// Console sessions, shared by every node: the SHA-256 of the session id (hex),
+/// never the id itself; expiry is the database's clock, so nodes agree on it.
+const SESSIONS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS {s}.console_sessions (
+    id_hash text PRIMARY KEY, csrf text NOT NULL, expires_at timestamptz NOT NULL);
+CREATE INDEX IF NOT EXISTS console_sessions_expiry ON {s}.console_sessions (expires_at);
+";
+
+/// Creates the sessions table when missing, under the same advisory lock as
+/// [`pg::migrate`] (nodes starting together).
+async fn migrate_sessions(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('tributary control ' || $1))",
+        &[&schema],
+    )
+    .await?;
+    tx.batch_execute(&SESSIONS_TABLE.replace("{s}", &format!("\"{schema}\"")))
+        .await?;
+    tx.commit().await
+}
+
 impl PgControlStore {
     /// Connects (schema created when missing). Fails with `Unavailable` when the
     /// database cannot be reached, so a node does not start half-configured.
@@ -165,6 +190,9 @@ impl PgControlStore {
         store.block(async move {
             let mut client = pool.get().await.map_err(pool_error)?;
             pg::migrate(&mut client, &schema)
+                .await
+                .map_err(ApiError::from)?;
+            migrate_sessions(&mut client, &schema)
                 .await
                 .map_err(ApiError::from)
         })?;
@@ -601,6 +629,66 @@ impl ControlStore for PgControlStore {
                          SET state = excluded.state, updated_at = excluded.updated_at"
                     ),
                     &[&id, &state],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+    }
+
+    fn create_session(&self, hash: &str, csrf: &str, ttl: Duration) -> Result<(), ApiError> {
+        let (hash, csrf) = (hash.to_string(), csrf.to_string());
+        let ttl_secs = ttl.as_secs_f64();
+        self.transaction(None, move |tx, schema| {
+            Box::pin(async move {
+                tx.execute(
+                    &format!("DELETE FROM {schema}.console_sessions WHERE expires_at <= now()"),
+                    &[],
+                )
+                .await?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {schema}.console_sessions (id_hash, csrf, expires_at)
+                         VALUES ($1, $2, now() + make_interval(secs => $3))"
+                    ),
+                    &[&hash, &csrf, &ttl_secs],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+    }
+
+    fn session(&self, hash: &str) -> Result<Option<String>, ApiError> {
+        let hash = hash.to_string();
+        let pool = self.inner.pool.clone();
+        let schema = self.inner.schema.clone();
+        // One statement on a pooled connection (no transaction round trips): it is
+        // asked on every console page.
+        self.block(async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let st = client
+                .prepare_cached(&format!(
+                    "SELECT csrf FROM {schema}.console_sessions
+                     WHERE id_hash = $1 AND expires_at > now()"
+                ))
+                .await
+                .map_err(ApiError::from)?;
+            let row = client
+                .query_opt(&st, &[&hash])
+                .await
+                .map_err(ApiError::from)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn delete_session(&self, hash: &str) -> Result<(), ApiError> {
+        let hash = hash.to_string();
+        self.transaction(None, move |tx, schema| {
+            Box::pin(async move {
+                tx.execute(
+                    &format!("DELETE FROM {schema}.console_sessions WHERE id_hash = $1"),
+                    &[&hash],
                 )
                 .await
                 .map(|_| ())

@@ -38,6 +38,15 @@ fn row_to_source(r: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
     })
 }
 
+/// Console sessions: the SHA-256 of the session id (hex), never the id itself.
+const SESSIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS console_sessions (
+    id_hash TEXT PRIMARY KEY, csrf TEXT NOT NULL, expires_at_ms INTEGER NOT NULL);
+ CREATE INDEX IF NOT EXISTS console_sessions_expiry ON console_sessions (expires_at_ms);";
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
 impl SqliteStore {
     /// Opens (or creates) the file at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, ApiError> {
@@ -66,6 +75,7 @@ impl SqliteStore {
                 source_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at TEXT NOT NULL);",
         )
         .map_err(internal)?;
+        conn.execute_batch(SESSIONS_TABLE).map_err(internal)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -245,6 +255,49 @@ impl ControlStore for SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    fn create_session(
+        &self,
+        hash: &str,
+        csrf: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), ApiError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(internal)?;
+        let now = now_ms();
+        tx.execute(
+            "DELETE FROM console_sessions WHERE expires_at_ms <= ?1",
+            params![now],
+        )
+        .map_err(internal)?;
+        tx.execute(
+            "INSERT INTO console_sessions (id_hash, csrf, expires_at_ms) VALUES (?1, ?2, ?3)",
+            params![hash, csrf, now.saturating_add(ttl.as_millis() as i64)],
+        )
+        .map_err(internal)?;
+        tx.commit().map_err(internal)
+    }
+
+    fn session(&self, hash: &str) -> Result<Option<String>, ApiError> {
+        self.conn()?
+            .prepare_cached(
+                "SELECT csrf FROM console_sessions WHERE id_hash = ?1 AND expires_at_ms > ?2",
+            )
+            .map_err(internal)?
+            .query_row(params![hash, now_ms()], |r| r.get(0))
+            .optional()
+            .map_err(internal)
+    }
+
+    fn delete_session(&self, hash: &str) -> Result<(), ApiError> {
+        self.conn()?
+            .execute(
+                "DELETE FROM console_sessions WHERE id_hash = ?1",
+                params![hash],
+            )
+            .map_err(internal)?;
+        Ok(())
     }
 
     fn exists(&self, id: &str) -> Result<bool, ApiError> {

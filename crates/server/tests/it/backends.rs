@@ -202,6 +202,82 @@ async fn the_live_stream_shows_accepted_and_rejected_messages_and_resumes_with_l
 }
 
 #[tokio::test]
+async fn a_batch_is_streamed_message_by_message_with_its_rejections_and_resumes_inside_it() {
+    let (state, _dir) = state().await;
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let app = router(state.clone());
+    let mut events = Events::open(&app, &src.id, None).await;
+    let batch: Vec<Value> = (0..5)
+        .map(|i| {
+            if i == 2 {
+                // No event name: refused, shown with its reason.
+                json!({"type": "track", "userId": "u2", "messageId": "b-2"})
+            } else {
+                json!({"type": "identify", "userId": format!("u{i}"), "messageId": format!("b-{i}"),
+                       "traits": {"email": format!("u{i}@example.com"), "name": "<b>x</b>\n\"q\""}})
+            }
+        })
+        .collect();
+    let body = json!({"writeKey": src.write_key, "batch": batch}).to_string();
+    let req = Request::post("/v1/batch")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(events.next().await);
+    }
+    let rejected: Vec<&Sse> = got.iter().filter(|e| e.event == "rejected").collect();
+    assert_eq!(rejected.len(), 1, "{got:?}");
+    assert_eq!(rejected[0].data["message_id"], "b-2");
+    assert!(rejected[0].data["body"].get("writeKey").is_none());
+    assert_eq!(rejected[0].data["body"]["userId"], "u2", "as sent");
+    let accepted: Vec<&Sse> = got.iter().filter(|e| e.event == "accepted").collect();
+    assert_eq!(
+        accepted
+            .iter()
+            .map(|e| e.data["message_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["b-0", "b-1", "b-3", "b-4"],
+        "in order, one event per message"
+    );
+    let ids: Vec<u64> = accepted.iter().map(|e| e.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive ids: {ids:?}"
+    );
+    for e in &accepted {
+        assert_eq!(e.data["id"], e.id, "the JSON carries the SSE id");
+        assert_eq!(e.data["call_type"], "identify");
+        assert_eq!(e.data["source_id"], src.id.as_str());
+        let uid = e.data["user_id"].as_str().unwrap();
+        assert_eq!(e.data["email"], format!("{uid}@example.com"));
+        assert_eq!(
+            e.data["body"]["traits"]["name"], "<b>x</b>\n\"q\"",
+            "raw body intact"
+        );
+        assert!(e.data["body"]["receivedAt"].is_string(), "normalized body");
+    }
+    // A reconnect from the middle of the batch gets the rest of it only.
+    drop(events);
+    let mut events = Events::open(&app, &src.id, Some(ids[1])).await;
+    let rest: Vec<String> = [events.next().await, events.next().await]
+        .iter()
+        .map(|e| e.data["message_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rest, vec!["b-3", "b-4"]);
+    drop(events);
+    close(&state).await;
+}
+
+#[tokio::test]
 async fn unmapped_activecampaign_types_are_in_the_live_stream() {
     let (state, _dir) = state().await;
     let src = state
@@ -402,5 +478,116 @@ async fn live_cost() {
         best(&watched),
         pct(&watched),
     );
+    close(&state).await;
+}
+
+async fn batch(app: &axum::Router, key: &str, messages: Vec<Value>) {
+    let body = json!({"writeKey": key, "batch": messages});
+    let req = Request::post("/v1/batch")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Waits until the warehouse loaded everything the log holds.
+async fn wait_loaded(state: &AppState) {
+    let w = state.warehouse.as_ref().expect("warehouse");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while w.lag().events > 0 || w.lag().loaded_seq == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loader behind: {:?}",
+            w.lag()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An event with more than the debugger's 10,000-event window of newer events of
+/// its source is still found, through its warehouse row; the sources list counts
+/// every event of today, not the newest 100.
+#[tokio::test]
+async fn the_fate_of_an_event_older_than_ten_thousand_newer_ones_is_found() {
+    let (state, _dir) = state().await;
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let app = router(state.clone());
+    let old =
+        json!({"type": "track", "event": "Signed Up", "userId": "u-old", "messageId": "m-old"});
+    batch(&app, &src.write_key, vec![old]).await;
+    for b in 0..5 {
+        let newer: Vec<Value> = (0..2001)
+            .map(|i| {
+                json!({"type": "track", "event": "Page Viewed", "userId": format!("u{i}"),
+                            "messageId": format!("m-{b}-{i}")})
+            })
+            .collect();
+        batch(&app, &src.write_key, newer).await;
+    }
+    wait_loaded(&state).await;
+    let (st, fate) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-old", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{fate}");
+    assert_eq!(fate["message_id"], "m-old");
+    assert_eq!(fate["stored"]["seq"], 1);
+    assert_eq!(fate["stored"]["event"], "Signed Up");
+    assert_eq!(fate["warehouse"]["state"], "loaded", "{fate}");
+    assert!(
+        fate["warehouse"]["tables"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("signed_up")),
+        "{fate}"
+    );
+    // The newest is found too (the same path), and an unknown id is still a 404.
+    let (st, _) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-4-2000", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-never", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // The warehouse page's counts and the API's agree with the load: 10,006 tracks.
+    let (st, wh) = get(&app, "/api/v1/warehouse", Some("t")).await;
+    assert_eq!(st, StatusCode::OK);
+    let tracks = wh["schemas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .and_then(|s| {
+            s["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "tracks")
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(tracks["rows"], 10_006, "{tracks}");
+    assert!(tracks["last_load_at"].is_string(), "{tracks}");
+    let events_today = state
+        .warehouse
+        .as_ref()
+        .unwrap()
+        .events_on(chrono::Utc::now().date_naive())
+        .await
+        .unwrap();
+    assert_eq!(events_today.get("web").copied(), Some(10_006));
     close(&state).await;
 }

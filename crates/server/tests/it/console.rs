@@ -954,3 +954,111 @@ async fn overview_shows_api_sync_state_and_starts_a_backfill() {
         "the run's state is shown in words"
     );
 }
+
+/// The rows of `console_sessions` in the embedded control store.
+fn stored_sessions(c: &Console) -> Vec<String> {
+    let db = rusqlite::Connection::open(c._dir.path().join("control.db")).unwrap();
+    let mut st = db
+        .prepare("SELECT id_hash FROM console_sessions ORDER BY id_hash")
+        .unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn sessions_are_stored_as_hashes_expire_and_expired_rows_are_pruned() {
+    let c = console().await;
+    let short = router_with(Arc::new(Sessions::new(Duration::from_millis(300))))
+        .with_state(c.state.clone());
+    let (cookie, _) = sign_in(&short).await;
+    let id = cookie.split_once('=').unwrap().1.to_string();
+    let rows = stored_sessions(&c);
+    assert_eq!(
+        rows,
+        vec![tributary_server::control::session_hash(&id)],
+        "only the id's hash is stored"
+    );
+    assert!(!rows[0].contains(&id) && rows[0].len() == 64);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let a = send(&short, get("/sources", &cookie)).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER, "expired");
+    assert!(a.location().starts_with("/login"), "{}", a.location());
+
+    // The next sign-in deletes the expired row; sign-out deletes its own.
+    let (cookie2, csrf2) = sign_in(&c.app).await;
+    let id2 = cookie2.split_once('=').unwrap().1.to_string();
+    assert_eq!(
+        stored_sessions(&c),
+        vec![tributary_server::control::session_hash(&id2)]
+    );
+    let a = send(&c.app, form("/logout", &cookie2, &[("csrf", &csrf2)])).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert!(stored_sessions(&c).is_empty(), "sign-out deletes the row");
+    assert_eq!(
+        send(&c.app, get("/sources", &cookie2)).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn a_session_survives_a_restart_of_the_console() {
+    // Sessions live in the control store, not in the router: a new router (a
+    // restarted process on the same data dir) still knows them.
+    let c = console().await;
+    let (cookie, _) = sign_in(&c.app).await;
+    let fresh = router(c.state.clone());
+    assert_eq!(
+        send(&fresh, get("/sources", &cookie)).await.status,
+        StatusCode::OK
+    );
+}
+
+fn login_from(addr: &str, token: &str) -> Request<Body> {
+    let mut req = form("/login", "", &[("token", token), ("next", "/sources")]);
+    let peer: std::net::SocketAddr = format!("{addr}:40000").parse().unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    req
+}
+
+#[tokio::test]
+async fn sign_in_is_rate_limited_per_client_address_with_retry_after() {
+    use tributary_server::console::session::SignInLimit;
+    let c = console().await;
+    let app = router_with(Arc::new(Sessions::with_limit(
+        Duration::from_secs(3600),
+        SignInLimit::new(3, Duration::from_secs(60)),
+    )))
+    .with_state(c.state.clone());
+    for _ in 0..2 {
+        let a = send(&app, login_from("10.1.1.1", "wrong")).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    }
+    let a = send(&app, login_from("10.1.1.1", "wrong")).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+    let retry: u64 = a.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(
+        a.body.contains("Too many wrong admin tokens") && a.body.contains("try again in 1 minute"),
+        "{}",
+        a.body
+    );
+    assert!(
+        a.body.contains("aria-invalid=\"true\""),
+        "the message is tied to the field"
+    );
+    // The right token is refused too while the address is paused: no cookie.
+    let a = send(&app, login_from("10.1.1.1", "adm_test_token")).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(a.headers.get(header::SET_COOKIE).is_none());
+    // Another address signs in.
+    let a = send(&app, login_from("10.2.2.2", "adm_test_token")).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
+    assert!(a.headers.get(header::SET_COOKIE).is_some());
+}

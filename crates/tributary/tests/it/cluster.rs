@@ -16,7 +16,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 #[path = "../../../eventlog/tests/it/nats.rs"]
-mod nats;
+pub(crate) mod nats;
 
 use crate::harness::{Server, client};
 use crate::query_safety::drop_postgres_db;

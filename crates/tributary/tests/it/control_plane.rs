@@ -404,3 +404,149 @@ async fn a_destination_defined_on_one_node_is_served_and_delivered_by_the_other(
     drop(b);
     drop_postgres_db(&url);
 }
+
+/// A browser-like client that keeps redirects to itself (`303` is the answer under
+/// test) and sends the cookie by hand.
+fn browser() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in to `s`'s console; the `name=value` of the session cookie.
+async fn console_sign_in(s: &Server) -> String {
+    let host = s.url.trim_start_matches("http://").to_string();
+    let resp = browser()
+        .post(format!("{}/login", s.url))
+        .header("origin", &s.url)
+        .header("host", host)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}&next=%2Fsources", s.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 303, "sign-in on {}", s.url);
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    set.split(';').next().unwrap().to_string()
+}
+
+/// `GET path` on `s` with `cookie`: status and `Location`.
+async fn console_get(s: &Server, path: &str, cookie: &str) -> (u16, String) {
+    let resp = browser()
+        .get(format!("{}{path}", s.url))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let loc = resp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (resp.status().as_u16(), loc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends_it_on_both() {
+    let test = "a_console_session_made_on_one_node_works_on_the_other_and_sign_out_ends_it_on_both";
+    let Some(url) = fresh_postgres_db(test) else {
+        return;
+    };
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let suffix = db.trim_start_matches("tributary_it_").to_string();
+    let a = node(&url, &format!("a-{suffix}"));
+    let b = node(&url, &format!("b-{suffix}"));
+
+    let cookie = console_sign_in(&a).await;
+    let id = cookie.split_once('=').unwrap().1.to_string();
+    // The control database holds the id's SHA-256, never the id.
+    let stored = psql(
+        &db,
+        "SELECT id_hash FROM tributary_control.console_sessions",
+    );
+    assert_eq!(stored.lines().count(), 1, "{stored}");
+    assert!(!stored.contains(&id), "the session id itself is stored");
+    assert_eq!(stored.len(), 64, "{stored}");
+    let n = psql(
+        &db,
+        &format!(
+            "SELECT count(*) FROM tributary_control.console_sessions
+             WHERE id_hash = encode(sha256('{id}'::bytea), 'hex')"
+        ),
+    );
+    assert_eq!(n, "1");
+
+    // Made on A, honoured on B at once (no copy to wait for).
+    assert_eq!(console_get(&a, "/sources", &cookie).await.0, 200);
+    assert_eq!(
+        console_get(&b, "/sources", &cookie).await.0,
+        200,
+        "log:\n{}",
+        b.log()
+    );
+
+    // Sign out on B: A refuses the session on its next request.
+    let page = browser()
+        .get(format!("{}/sources/new", b.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("forms carry the csrf token")
+        .to_string();
+    let host = b.url.trim_start_matches("http://").to_string();
+    let resp = browser()
+        .post(format!("{}/logout", b.url))
+        .header("origin", &b.url)
+        .header("host", host)
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 303);
+    let (st, loc) = console_get(&a, "/sources", &cookie).await;
+    assert_eq!(st, 303, "A still honours a session signed out on B");
+    assert!(loc.starts_with("/login"), "{loc}");
+    assert_eq!(
+        psql(
+            &db,
+            "SELECT count(*) FROM tributary_control.console_sessions"
+        ),
+        "0"
+    );
+
+    // An expired row is refused on every node and pruned by the next sign-in.
+    let old = console_sign_in(&b).await;
+    psql(
+        &db,
+        "UPDATE tributary_control.console_sessions SET expires_at = now() - interval '1 second'",
+    );
+    assert_eq!(console_get(&a, "/sources", &old).await.0, 303);
+    assert_eq!(console_get(&b, "/sources", &old).await.0, 303);
+    let fresh = console_sign_in(&a).await;
+    assert_eq!(
+        psql(
+            &db,
+            "SELECT count(*) FROM tributary_control.console_sessions"
+        ),
+        "1",
+        "the expired row was pruned"
+    );
+    assert_eq!(console_get(&b, "/sources", &fresh).await.0, 200);
+
+    drop(a);
+    drop(b);
+    drop_postgres_db(&url);
+}
