@@ -391,13 +391,16 @@ impl Engine {
             updated_at_ms: now,
         };
         // Where `start` says (default: the head; history is then the business of
-        // replay).
-        let initial = self.initial_cursor(req.start).await?;
-        let start = self.inner.log.start(0).at(initial);
-        self.inner
-            .log
-            .commit(&consumer_name(&row.id), &start)
-            .await?;
+        // replay) — in every partition: a partition without a committed position
+        // would start at its beginning and deliver its whole history.
+        for partition in 0..self.inner.log.partitions() {
+            let initial = self.initial_cursor(req.start, partition).await?;
+            let start = self.inner.log.start(partition).at(initial);
+            self.inner
+                .log
+                .commit(&consumer_name(&row.id), &start)
+                .await?;
+        }
         if !row.enabled {
             self.inner.log.unpin(&consumer_name(&row.id)).await?;
         }
@@ -420,12 +423,19 @@ impl Engine {
     /// after it): the head for [`Start::Now`], just before the oldest retained event
     /// for [`Start::Beginning`] (so pruned history is not reported as a gap), and for
     /// a time just before the first event received at or after it (the head when
-    /// none is).
-    async fn initial_cursor(&self, start: Start) -> Result<u64, DestinationError> {
+    /// none is). Sequence numbers of a partitioned log are the stream's (increasing
+    /// over all partitions), so the head and a time's first record hold for every
+    /// partition; the oldest retained record is per partition.
+    async fn initial_cursor(&self, start: Start, partition: u32) -> Result<u64, DestinationError> {
         let head = *self.inner.log.subscribe().borrow();
         Ok(match start {
             Start::Now => head,
-            Start::Beginning => self.inner.log.first_retained(0).await?.saturating_sub(1),
+            Start::Beginning => self
+                .inner
+                .log
+                .first_retained(partition)
+                .await?
+                .saturating_sub(1),
             Start::At(t) => {
                 let first = self
                     .inner

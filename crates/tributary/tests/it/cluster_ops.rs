@@ -189,6 +189,31 @@ async fn a_stopped_destination_shows_its_lag_and_holds_retention_until_it_catche
             && metric(&s, "tributary_consumer_lag_records", &consumer).await == Some(40.0)
     })
     .await;
+    // A destination created now starts at the head in every partition: no lag, no
+    // history delivered (a partition without a committed start would deliver all).
+    let (st, late) = s
+        .admin(
+            Method::POST,
+            "/destinations",
+            Some(
+                json!({"type": "webhook", "name": "late", "source_ids": [src["id"]],
+                "settings": {"url": url, "batch_size": 10}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 201, "{late}");
+    let late_consumer = format!("consumer=\"destination:{}\"", late["id"].as_str().unwrap());
+    until("the new destination's lag is reported", 10, || async {
+        metric(&s, "tributary_consumer_lag_records", &late_consumer)
+            .await
+            .is_some()
+    })
+    .await;
+    assert_eq!(
+        metric(&s, "tributary_consumer_lag_records", &late_consumer).await,
+        Some(0.0),
+        "a destination created after the events has nothing to deliver"
+    );
     // Past the retention age the log still holds what the destination has not
     // delivered, though the warehouse has loaded all of it.
     tokio::time::sleep(Duration::from_secs(4)).await;
