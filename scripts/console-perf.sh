@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Console page latency with a full log: a release server on a fresh data dir, 20
 # sources, 1,000,000 events appended through /v1/batch (spread over the sources), the
-# warehouse caught up; then every console page fetched N times with a session cookie
-# and its p50/p95/max printed. Not run by CI (it takes minutes); numbers go into the
-# README's Console section.
+# warehouse caught up; then every console page (and the API twins of the warehouse
+# and report pages) fetched N times, one after the other, from this second process
+# (curl) with a session cookie, and its p50/p95/max printed as a Markdown table,
+# beside the trivial `/health` as the baseline of the same run. The fate page asks
+# for the very first event of the log (under ~50,000 newer events of its source).
+# Not run by CI (it takes minutes); numbers go into the README's Console section.
 #
 #   cargo build --release -p tributary
 #   bash scripts/console-perf.sh [EVENTS] [REQUESTS_PER_PAGE]
@@ -12,7 +15,7 @@ EVENTS="${1:-1000000}"
 N="${2:-200}"
 BIN="${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-target}/release/tributary}"
 DIR="$(mktemp -d)"
-PORT="${PORT:-18099}"
+PORT="${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 URL="http://127.0.0.1:$PORT"
 TOKEN="perf-token"
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -39,15 +42,18 @@ names = ["Email Delivered", "Email Opened", "Email Link Clicked", "Page Viewed",
 def send(b):
     key = keys[b % len(keys)]
     batch = [{"type": "track", "event": names[(b + j) % len(names)], "anonymousId": f"user{(b * 7 + j) % 5000}@example.com",
-              "messageId": str(uuid.uuid4()), "properties": {"campaign_id": str(b % 30), "campaign_name": f"Campaign {b % 30}", "n": j}}
+              "messageId": "first-event" if b == 0 and j == 0 else str(uuid.uuid4()),
+              "properties": {"campaign_id": str(b % 30), "campaign_name": f"Campaign {b % 30}", "n": j,
+                             "link_url": f"https://shop.example.com/p/{j % 7}"}}
              for j in range(500)]
     body = json.dumps({"batch": batch}).encode()
     auth = base64.b64encode((key + ":").encode()).decode()
     req = urllib.request.Request(url + "/v1/batch", data=body, headers={"authorization": "Basic " + auth, "content-type": "application/json"})
     urllib.request.urlopen(req).read()
 t = time.time()
+send(0)  # the first event of the log (the fate page asks for it)
 with ThreadPoolExecutor(8) as ex:
-    list(ex.map(send, range(events // 500)))
+    list(ex.map(send, range(1, events // 500)))
 print(f"appended {events} events in {time.time() - t:.1f}s", file=sys.stderr)
 while True:
     st = admin("GET", "/warehouse")
@@ -59,12 +65,29 @@ PY
 
 COOKIES="$DIR/cookies"
 curl -fs -c "$COOKIES" -o /dev/null -H "Origin: $URL" --data-urlencode "token=$TOKEN" "$URL/login"
-SRC=$(curl -fs -H "Authorization: Bearer $TOKEN" "$URL/api/v1/sources" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
-echo "| page | p50 ms | p95 ms | max ms |"
-echo "|---|---:|---:|---:|"
-for page in / /sources /sources/new "/sources/$SRC" "/sources/$SRC/debugger" /destinations /destinations/new /warehouse "/reports/email?source=$SRC"; do
+SRC=$(curl -fs -H "Authorization: Bearer $TOKEN" "$URL/api/v1/sources" | python3 -c 'import json,sys; print([s for s in json.load(sys.stdin) if s["schema"] == "s0"][0]["id"])')
+AUTH="Authorization: Bearer $TOKEN"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $EVENTS events, 20 sources, $N requests per page, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| page | p50 ms | p95 ms | max ms | p95 / health p95 |"
+echo "|---|---:|---:|---:|---:|"
+measure() { # page, extra curl args…
+    local page="$1"; shift
     for _ in $(seq "$N"); do
-        curl -fs -b "$COOKIES" -o /dev/null -w '%{time_total}\n' "$URL$page"
-    done | sort -n | awk -v page="$page" '{ t[NR] = $1 * 1000 } END {
-        printf "| `%s` | %.1f | %.1f | %.1f |\n", page, t[int(NR * 0.5)], t[int(NR * 0.95)], t[NR] }'
+        curl -fs "$@" -o /dev/null -w '%{time_total}\n' "$URL$page"
+    done | sort -n | awk '{ t[NR] = $1 * 1000 } END { printf "%.1f %.1f %.1f\n", t[int(NR * 0.5)], t[int(NR * 0.95)], t[NR] }'
+}
+read -r H50 H95 HMAX < <(measure /health)
+printf '| `/health` (baseline) | %s | %s | %s | 1.0 |\n' "$H50" "$H95" "$HMAX"
+row() { # label, page, curl args…
+    local label="$1" page="$2"; shift 2
+    read -r P50 P95 PMAX < <(measure "$page" "$@")
+    printf '| `%s` | %s | %s | %s | %s |\n' "$label" "$P50" "$P95" "$PMAX" "$(awk -v a="$P95" -v b="$H95" 'BEGIN { printf "%.1f", (b > 0 ? a / b : 0) }')"
+}
+for page in / /sources /sources/new "/sources/$SRC" "/sources/$SRC/debugger" /destinations /destinations/new /warehouse \
+        /warehouse/s0/tracks "/reports/email?source=$SRC" "/sources/$SRC/debugger/fate?message_id=first-event"; do
+    row "$page" "$page" -b "$COOKIES"
 done
+row "GET /api/v1/warehouse" /api/v1/warehouse -H "$AUTH"
+row "GET /api/v1/reports/email" "/api/v1/reports/email?source=$SRC" -H "$AUTH"
+row "GET /api/v1/sources/…/events/first-event" "/api/v1/sources/$SRC/events/first-event" -H "$AUTH"

@@ -277,7 +277,7 @@ pub async fn run(opts: Options, command: String, client_threads: usize) -> anyho
 
 /// The revision of the source tree the bench was run from (best effort: the crate's
 /// directory under `cargo run`, else the current directory).
-fn revision() -> Option<String> {
+pub fn revision() -> Option<String> {
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
     let out = std::process::Command::new("git")
         .args([
@@ -295,7 +295,7 @@ fn revision() -> Option<String> {
     (out.status.success() && !text.is_empty()).then_some(text)
 }
 
-fn run_id() -> String {
+pub fn run_id() -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -303,7 +303,7 @@ fn run_id() -> String {
     format!("{}", ms % 100_000_000)
 }
 
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

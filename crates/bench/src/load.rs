@@ -196,6 +196,19 @@ pub async fn run(
     shape: Shape,
     first_conn: u64,
 ) -> LoadResult {
+    run_spread(&[addr], template, shape, first_conn).await
+}
+
+/// [`run`] against several servers: connection `c` talks to `addrs[c % addrs.len()]`
+/// (the open loop's schedule is shared, so the requests spread evenly too). Every
+/// server must accept the template's write key.
+pub async fn run_spread(
+    addrs: &[SocketAddr],
+    template: Arc<Template>,
+    shape: Shape,
+    first_conn: u64,
+) -> LoadResult {
+    assert!(!addrs.is_empty(), "run_spread needs at least one server");
     let begin = Instant::now();
     let window_start = begin + shape.warmup;
     let window_end = window_start + shape.duration;
@@ -205,7 +218,7 @@ pub async fn run(
         let template = template.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(worker(
-            addr,
+            addrs[c % addrs.len()],
             template,
             shape,
             first_conn + c as u64,

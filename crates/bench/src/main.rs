@@ -19,12 +19,18 @@
 //! reports fully-loaded events/s and the highest offered rate the warehouse keeps up
 //! with; `instructions` counts instructions per event under callgrind.
 //!
+//! `cluster` runs `/v1/batch` against 1, 2 and 3 nodes on NATS JetStream (R1 and R3,
+//! with and without `sync_interval: always`; it starts its own nats-servers and uses
+//! the local PostgreSQL for the control plane) beside the embedded log, and reports
+//! events/s, CPU per event and p99 at half load.
+//!
 //! `live` measures what the debugger's live stream costs ingest: `/v1/batch` on a
 //! server nobody watches against one with ten SSE watchers, and the ratio.
 //!
 //! `log` measures the embedded event log alone, in process (no HTTP): its append
 //! ceiling for a given concurrency, records per append and message-id shape.
 
+mod cluster;
 mod delivery;
 mod http;
 mod ingest;
@@ -33,6 +39,7 @@ mod live;
 mod load;
 mod logbench;
 mod machine;
+mod nats;
 mod payload;
 mod pipeline;
 mod reference;
@@ -73,6 +80,9 @@ enum Command {
     Sustained(sustained::Args),
     /// Instructions per event under callgrind (repeatable on a busy machine).
     Instructions(instructions::Args),
+    /// Cluster mode: `/v1/batch` on 1, 2, 3 nodes over NATS JetStream (R1/R3, with and
+    /// without `sync_interval: always`) against the embedded log.
+    Cluster(cluster::Args),
     /// What the debugger's live stream costs ingest: `/v1/batch` with 0 and with
     /// N SSE watchers, and their ratio.
     Live(live::Args),
@@ -206,6 +216,14 @@ fn main() -> ExitCode {
         },
         Command::Sustained(a) => match sustained::main(a, command) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tributary-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Cluster(a) => match cluster::main(a, command) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
             Err(e) => {
                 eprintln!("tributary-bench: {e:#}");
                 ExitCode::FAILURE

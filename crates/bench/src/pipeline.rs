@@ -479,7 +479,7 @@ pub struct CpuUse {
 }
 
 /// CPU seconds of every process whose name starts with `postgres`.
-fn postgres_cpu_secs() -> f64 {
+pub fn postgres_cpu_secs() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
     };

@@ -32,6 +32,7 @@ use crate::config::{DestinationConfig, Start};
 use crate::definitions::Definitions;
 use crate::error::DestinationError;
 use crate::filter::Selector;
+use crate::ledger::Ledger;
 use crate::options::EngineOptions;
 use crate::sink::Item;
 use crate::store::{DestinationRow, Store, ms_to_time};
@@ -64,6 +65,8 @@ struct Inner {
     closed: AtomicBool,
     /// Cluster mode: partition leases, and each partition owner's dedupe window.
     ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
+    /// Cluster mode: delivery markers and statistics shared by every node.
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 impl Drop for Inner {
@@ -134,7 +137,7 @@ impl Engine {
         log: Arc<dyn EventLog>,
         options: EngineOptions,
     ) -> Result<Engine, DestinationError> {
-        Engine::open_owned_with(db_path, log, options, None, None).await
+        Engine::open_owned_with(db_path, log, options, None, None, None).await
     }
 
     /// [`Engine::open`], with destination definitions kept in `definitions` (the
@@ -146,20 +149,24 @@ impl Engine {
         options: EngineOptions,
         definitions: Option<Arc<dyn Definitions>>,
     ) -> Result<Engine, DestinationError> {
-        Engine::open_owned_with(db_path, log, options, definitions, None).await
+        Engine::open_owned_with(db_path, log, options, definitions, None, None).await
     }
 
     /// [`Engine::open_with`] for a partitioned log: with `ownership` (leases and each
     /// partition owner's dedupe window), each destination runs one worker per log
     /// partition this node owns (module `worker`), sending and committing only
     /// under its lease, and skipping a `(source, messageId)` seen in the partition
-    /// within the window.
+    /// within the window. With a `ledger` (cluster mode: the control database), the
+    /// delivery markers and statistics live there instead of the file, written
+    /// fenced by each partition's lease (module [`crate::ledger`]), so a partition's
+    /// next owner re-sends only what was in flight; dead letters stay in the file.
     pub async fn open_owned_with(
         db_path: PathBuf,
         log: Arc<dyn EventLog>,
         options: EngineOptions,
         definitions: Option<Arc<dyn Definitions>>,
         ownership: Option<(Arc<dyn tributary_eventlog::Ownership>, std::time::Duration)>,
+        ledger: Option<Arc<dyn Ledger>>,
     ) -> Result<Engine, DestinationError> {
         crate::sink::install_crypto_provider();
         let store = Store::open(&db_path).await?;
@@ -178,6 +185,7 @@ impl Engine {
                 changes: Mutex::new(()),
                 closed: AtomicBool::new(false),
                 ownership,
+                ledger,
             }),
         };
         let rows = engine.inner.defs.list().await?;
@@ -236,6 +244,7 @@ impl Engine {
                 self.inner.log.clone(),
                 ownership.clone(),
                 *window,
+                self.inner.ledger.clone(),
             ));
         }
         Ok(WorkerHandle::spawn(
@@ -266,7 +275,19 @@ impl Engine {
 
     async fn view(&self, row: DestinationRow) -> Result<DestinationView, DestinationError> {
         let config = parse_config(&row)?;
-        let stored = self.inner.store.stats(&row.id).await?;
+        let mut stored = self.inner.store.stats(&row.id).await?;
+        if let Some(ledger) = &self.inner.ledger {
+            // Cluster mode: the counts of every node; dead letters are this node's.
+            let t = ledger.tally(&row.id).await?;
+            stored.delivered = t.delivered;
+            stored.redelivered = t.redelivered;
+            stored.skipped = t.skipped;
+            stored.last_success_ms = t.last_success_ms;
+            if t.last_error_ms >= stored.last_error_ms {
+                stored.last_error = t.last_error;
+                stored.last_error_ms = t.last_error_ms;
+            }
+        }
         let mut stats = DestinationStats {
             delivered: stored.delivered,
             redelivered: stored.redelivered,
@@ -313,7 +334,7 @@ impl Engine {
             .consumers()
             .await
             .ok()
-            .and_then(|c| c.into_iter().find(|c| c.name == consumer));
+            .and_then(|c| tributary_eventlog::ConsumerState::merged(c, &consumer));
         let logged = registry
             .as_ref()
             .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
@@ -370,13 +391,16 @@ impl Engine {
             updated_at_ms: now,
         };
         // Where `start` says (default: the head; history is then the business of
-        // replay).
-        let initial = self.initial_cursor(req.start).await?;
-        let start = self.inner.log.start(0).at(initial);
-        self.inner
-            .log
-            .commit(&consumer_name(&row.id), &start)
-            .await?;
+        // replay) — in every partition: a partition without a committed position
+        // would start at its beginning and deliver its whole history.
+        for partition in 0..self.inner.log.partitions() {
+            let initial = self.initial_cursor(req.start, partition).await?;
+            let start = self.inner.log.start(partition).at(initial);
+            self.inner
+                .log
+                .commit(&consumer_name(&row.id), &start)
+                .await?;
+        }
         if !row.enabled {
             self.inner.log.unpin(&consumer_name(&row.id)).await?;
         }
@@ -399,12 +423,19 @@ impl Engine {
     /// after it): the head for [`Start::Now`], just before the oldest retained event
     /// for [`Start::Beginning`] (so pruned history is not reported as a gap), and for
     /// a time just before the first event received at or after it (the head when
-    /// none is).
-    async fn initial_cursor(&self, start: Start) -> Result<u64, DestinationError> {
+    /// none is). Sequence numbers of a partitioned log are the stream's (increasing
+    /// over all partitions), so the head and a time's first record hold for every
+    /// partition; the oldest retained record is per partition.
+    async fn initial_cursor(&self, start: Start, partition: u32) -> Result<u64, DestinationError> {
         let head = *self.inner.log.subscribe().borrow();
         Ok(match start {
             Start::Now => head,
-            Start::Beginning => self.inner.log.first_retained(0).await?.saturating_sub(1),
+            Start::Beginning => self
+                .inner
+                .log
+                .first_retained(partition)
+                .await?
+                .saturating_sub(1),
             Start::At(t) => {
                 let first = self
                     .inner
@@ -500,6 +531,9 @@ impl Engine {
             return Err(DestinationError::NotFound);
         }
         self.inner.store.forget(id).await?;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.forget(id).await?;
+        }
         self.forget_version(id);
         if let Err(e) = self.inner.log.remove_consumer(&consumer_name(id)).await {
             tracing::warn!(destination = %id, error = %e, "cannot remove the destination's cursor from the log");

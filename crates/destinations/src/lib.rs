@@ -2,7 +2,9 @@
 //! Tracking APIs and ActiveCampaign.
 //!
 //! The [`Engine`] owns a SQLite file of its own (destination configurations, dead
-//! letters, statistics, delivery markers) and runs one worker per enabled
+//! letters, statistics, delivery markers — in cluster mode the definitions, markers
+//! and statistics are in the control database instead, see [`Definitions`] and
+//! [`Ledger`]) and runs one worker per enabled
 //! destination. Each worker reads the event log from its own cursor
 //! (`destination:<id>`), delivers in order per user with bounded concurrency, retries
 //! retriable failures with exponential backoff and full jitter, and keeps what can
@@ -25,6 +27,7 @@ pub mod definitions;
 mod engine;
 mod error;
 mod filter;
+pub mod ledger;
 mod options;
 pub mod retry;
 pub mod segment;
@@ -43,6 +46,7 @@ pub use definitions::{Definitions, DestinationRow};
 pub use engine::{Engine, MAX_DEAD_LETTER_LIMIT};
 pub use error::DestinationError;
 pub use filter::{CALL_TYPES, Filters};
+pub use ledger::{BatchCounts, BatchKey, Ledger, Recovery, Tally};
 pub use options::EngineOptions;
 pub use retry::{DeliveryError, FailureKind};
 pub use segment::SegmentSettings;

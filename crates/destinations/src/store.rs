@@ -14,7 +14,6 @@
 //! delivery can produce). Blocking SQLite calls run on the blocking pool, never on
 //! the async workers.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,14 +85,7 @@ pub(crate) struct BatchEnd {
     pub replayed_ok: Vec<i64>,
 }
 
-/// What a restarting worker must know about batches above its cursor.
-#[derive(Debug, Default)]
-pub(crate) struct Recovery {
-    /// Finished before the crash: not sent again.
-    pub done: HashSet<u64>,
-    /// In flight at the crash: sent again, counted as redelivered.
-    pub maybe: HashSet<u64>,
-}
+pub(crate) use crate::ledger::Recovery;
 
 /// Handle to the engine's SQLite file.
 #[derive(Clone)]
@@ -500,18 +492,11 @@ impl Store {
             let rows: Vec<(bool, String)> = st
                 .query_map(params![dest, cursor as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut rec = Recovery::default();
-            for (done, seqs) in rows {
-                for s in split_seqs(&seqs).filter(|s| *s > cursor) {
-                    if done {
-                        rec.done.insert(s);
-                    } else {
-                        rec.maybe.insert(s);
-                    }
-                }
-            }
-            rec.maybe.retain(|s| !rec.done.contains(s));
-            Ok(rec)
+            Ok(Recovery::from_markers(
+                rows.into_iter()
+                    .map(|(done, seqs)| (done, split_seqs(&seqs).collect())),
+                cursor,
+            ))
         })
         .await
     }
@@ -692,6 +677,7 @@ fn split_seqs(s: &str) -> impl Iterator<Item = u64> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn record(seq: u64) -> Arc<Record> {
         Arc::new(Record {

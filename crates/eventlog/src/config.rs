@@ -22,7 +22,8 @@ pub struct LogConfig {
     pub path: PathBuf,
     /// How long records are kept; also the dedupe window (embedded: of the log; in
     /// a cluster: of each partition owner, beyond JetStream's `duplicate_window`).
-    /// In JetStream it is the stream's `max_age`. Default 7 days.
+    /// In JetStream it is applied by the retention task (the stream has no `max_age`),
+    /// never past a pinned consumer's position. Default 7 days.
     #[serde(with = "tributary_model::duration")]
     pub retention: Duration,
     /// Append requests that may wait for the writer before callers are told the
@@ -36,13 +37,15 @@ pub struct LogConfig {
     pub max_group_records: usize,
     /// Read connections in the pool. Default 4.
     pub readers: usize,
-    /// How often the writer deletes records older than `retention` (also while no
-    /// appends arrive). Default 60 s.
+    /// How often the writer (JetStream: the retention lease holder) deletes records
+    /// older than `retention` (also while no appends arrive). Default 60 s.
     #[serde(with = "tributary_model::duration")]
     pub prune_interval: Duration,
     /// Hard cap on the log's size in bytes; past it the oldest records are deleted
     /// even if a consumer has not read them (each such loss is reported). In
-    /// JetStream it is the stream's `max_bytes`. `None` (the default): no cap.
+    /// JetStream it is the stream's `max_bytes` with `discard: new`, and the retention
+    /// task purges the oldest records above 90 % of it, recording each consumer's loss.
+    /// `None` (the default): no cap.
     pub max_bytes: Option<u64>,
     /// How often the checkpointer copies the WAL into the database. Default 100 ms.
     #[serde(with = "tributary_model::duration")]

@@ -197,6 +197,29 @@ pub struct ConsumerState {
     pub gap_at_ms: Option<i64>,
 }
 
+impl ConsumerState {
+    /// The entries of consumer `name` (one per partition in a partitioned log) as
+    /// one: the lowest position, pinned if any entry is, the losses summed and the
+    /// newest gap. `None` when the consumer has no entry.
+    pub fn merged(entries: Vec<ConsumerState>, name: &str) -> Option<ConsumerState> {
+        entries
+            .into_iter()
+            .filter(|c| c.name == name)
+            .reduce(|mut a, b| {
+                if b.position.seq < a.position.seq {
+                    a.position = b.position.clone();
+                }
+                a.pinned |= b.pinned;
+                a.dropped += b.dropped;
+                if b.gap.is_some() && b.gap_at_ms.unwrap_or(0) >= a.gap_at_ms.unwrap_or(0) {
+                    a.gap = b.gap;
+                    a.gap_at_ms = b.gap_at_ms;
+                }
+                a
+            })
+    }
+}
+
 /// What [`read_checked`] found after a position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadOutcome {
@@ -339,6 +362,23 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Reads the newest `limit` records of one source, newest first (debugger).
     async fn latest(&self, source_id: &str, limit: usize) -> Result<Vec<Record>, LogError>;
+
+    /// The record of `message_id` of a source that was received at `received_at_ms`
+    /// (the debugger's fate, which learns the time from the event's warehouse row),
+    /// if the log still has it. The default reads that millisecond's records.
+    async fn find_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        let around = self
+            .read_range(received_at_ms, received_at_ms + 1, 0, 100_000)
+            .await?;
+        Ok(around
+            .into_iter()
+            .find(|r| r.source_id == source_id && r.message_id == message_id))
+    }
 
     /// Reads records of the given sources received in `[from_ms, to_ms)`, in
     /// sequence order, starting after `after` (replay).

@@ -12,13 +12,15 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::{ConsumerRegistry, ConsumerState, LogError, Position};
+use crate::{ConsumerRegistry, ConsumerState, Gap, LogError, Position};
 
 #[derive(Debug, Clone)]
 struct Entry {
     position: Position,
     epoch: u64,
     pinned: bool,
+    dropped: u64,
+    gap: Option<(Gap, i64)>,
 }
 
 /// Positions in memory, fenced by epoch.
@@ -71,14 +73,16 @@ impl ConsumerRegistry for MemoryRegistry {
         {
             return Ok(false);
         }
-        entries.insert(
-            key,
-            Entry {
-                position: position.clone(),
-                epoch,
-                pinned: true,
-            },
-        );
+        let e = entries.entry(key).or_insert_with(|| Entry {
+            position: position.clone(),
+            epoch,
+            pinned: true,
+            dropped: 0,
+            gap: None,
+        });
+        e.position = position.clone();
+        e.epoch = epoch;
+        e.pinned = true;
         Ok(true)
     }
 
@@ -104,11 +108,27 @@ impl ConsumerRegistry for MemoryRegistry {
                 name: k.0.clone(),
                 position: e.position.clone(),
                 pinned: e.pinned,
-                dropped: 0,
-                gap: None,
-                gap_at_ms: None,
+                dropped: e.dropped,
+                gap: e.gap.map(|(g, _)| g),
+                gap_at_ms: e.gap.map(|(_, at)| at),
             })
             .collect())
+    }
+
+    async fn record_loss(
+        &self,
+        consumer: &str,
+        log_id: &str,
+        gap: Gap,
+        lost: u64,
+        at_ms: i64,
+    ) -> Result<(), LogError> {
+        let key = (consumer.to_string(), log_id.to_string(), gap.partition);
+        if let Some(e) = self.lock().get_mut(&key) {
+            e.dropped += lost;
+            e.gap = Some((gap, at_ms));
+        }
+        Ok(())
     }
 }
 

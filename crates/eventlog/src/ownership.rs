@@ -20,7 +20,7 @@
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::{ConsumerState, LogError, Position};
+use crate::{ConsumerState, Gap, LogError, Position};
 
 /// The right to consume one partition, as of one grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,6 +108,19 @@ pub trait ConsumerRegistry: Send + Sync + 'static {
 
     /// Every consumer, one entry per (consumer, partition).
     async fn list(&self) -> Result<Vec<ConsumerState>, LogError>;
+
+    /// Records that the log's size cap deleted `lost` records of `gap.partition`
+    /// (sequence numbers `gap.from..=gap.to`) of log `log_id` before `consumer` read
+    /// them: its [`ConsumerState::dropped`] grows by `lost`, and `gap` with the time
+    /// (`at_ms`) become its newest loss (what `/ready` and its status show).
+    async fn record_loss(
+        &self,
+        consumer: &str,
+        log_id: &str,
+        gap: Gap,
+        lost: u64,
+        at_ms: i64,
+    ) -> Result<(), LogError>;
 }
 
 #[cfg(test)]

@@ -17,6 +17,38 @@
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::{Map, Value};
 
+/// A `messageId` for a message that came without one: `api-` and a UUIDv7 of the
+/// receive time. Its 74 random bits come from a per-thread SplitMix64 generator
+/// seeded once from the OS (`Uuid::new_v4`), not from a `getrandom` call per message
+/// as `Uuid::now_v7` makes (issue #15). The ids need to be unique, not secret: a
+/// 64-bit random seed per thread and a full-period generator keep ids of one thread
+/// distinct and those of two threads (or two runs) apart but for chance collisions
+/// of 74 bits within the same millisecond.
+fn generated_message_id(received_at: DateTime<Utc>) -> String {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(uuid::Uuid::new_v4().as_u64_pair().0);
+    }
+    fn splitmix(state: &Cell<u64>) -> u64 {
+        let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let (a, b) = STATE.with(|s| (splitmix(s), splitmix(s)));
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&a.to_le_bytes());
+    random[8..].copy_from_slice(&b.to_le_bytes()[..2]);
+    let ms = u64::try_from(received_at.timestamp_millis()).unwrap_or_default();
+    let id = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
+    let mut out = String::with_capacity(36);
+    out.push_str("api-");
+    out.push_str(id.simple().encode_lower(&mut uuid::Uuid::encode_buffer()));
+    out
+}
+
 /// The six Segment call types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallType {
@@ -506,7 +538,7 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
             ));
         }
     }
-    .unwrap_or_else(|| format!("api-{}", uuid::Uuid::now_v7().simple()));
+    .unwrap_or_else(|| generated_message_id(ctx.received_at));
     if !matches!(body.get("messageId"), Some(Value::String(old)) if *old == message_id) {
         body.insert("messageId".into(), Value::String(message_id.clone()));
     }
@@ -625,6 +657,37 @@ mod tests {
             let t = every_ms + chrono::Duration::milliseconds(i * 37_777);
             assert_eq!(format_ts(t), t.to_rfc3339_opts(SecondsFormat::Millis, true));
         }
+    }
+
+    #[test]
+    fn generated_message_ids_are_distinct_uuid_v7s_of_the_receive_time() {
+        let mut seen = std::collections::HashSet::new();
+        let at = ctx().received_at;
+        for _ in 0..10_000 {
+            let n = normalize(json!({"type":"track","event":"E","userId":"u1"}), &ctx()).unwrap();
+            let id = n.message_id.strip_prefix("api-").expect("api- prefix");
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 7);
+            let (secs, nanos) = uuid.get_timestamp().expect("v7 has a time").to_unix();
+            assert_eq!(
+                secs as i64 * 1000 + i64::from(nanos / 1_000_000),
+                at.timestamp_millis()
+            );
+            assert!(
+                seen.insert(n.message_id.clone()),
+                "repeated {}",
+                n.message_id
+            );
+        }
+        // Another thread draws from its own seed, not the same sequence.
+        let other = std::thread::spawn(|| {
+            normalize(json!({"type":"track","event":"E","userId":"u1"}), &ctx())
+                .unwrap()
+                .message_id
+        })
+        .join()
+        .unwrap();
+        assert!(!seen.contains(&other));
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! answer is never more optimistic than the stores: "delivered" means the
 //! destination's committed cursor is past the event and no dead letter names it
 //! (an event a destination type skips, e.g. an ActiveCampaign call without an
-//! email, is reported the same way: its cursor passed it). The log is searched by
-//! `messageId` among the source's newest [`SCAN`] events (the debugger's window); an
-//! older event is answered 404 with that said.
+//! email, is reported the same way: its cursor passed it). The event is found in
+//! the log at any depth through its warehouse row (the `id` key gives its
+//! `receivedAt`; the log is read at that millisecond), and, when not loaded yet,
+//! among the source's newest [`SCAN`] records.
 
 use std::sync::Arc;
 
@@ -109,21 +110,33 @@ pub struct DestinationFate {
     pub detail: String,
 }
 
-/// Finds the event in the source's newest [`SCAN`] log records.
+/// Finds the event in the log: by its warehouse row (the `id` key gives its
+/// `receivedAt`, and the log looks it up at that millisecond), so an event at any depth
+/// is found; else (not loaded yet, or no warehouse) among the source's newest
+/// [`SCAN`] records, where pending events are.
 async fn find_record(
     state: &AppState,
-    source_id: &str,
+    source: &crate::control::Source,
     message_id: &str,
 ) -> Result<Record, ApiError> {
-    let records = state.log.latest(source_id, SCAN).await?;
-    records
-        .into_iter()
-        .find(|r| r.message_id == message_id)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no event with messageId {message_id:?} among the newest {SCAN} events of this source (it was never accepted, or is older)"
-            ))
-        })
+    let matches = |r: &Record| r.source_id == source.id && r.message_id == message_id;
+    if let Some(w) = state.warehouse.as_ref()
+        && let Some(at) = w.received_at_of(&source.schema, message_id).await?
+    {
+        let found = state
+            .log
+            .find_at(&source.id, message_id, at.timestamp_millis())
+            .await?;
+        if let Some(r) = found {
+            return Ok(r);
+        }
+    }
+    let records = state.log.latest(&source.id, SCAN).await?;
+    records.into_iter().find(matches).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no event with messageId {message_id:?} in this source: not in the warehouse nor among its newest {SCAN} log records (it was never accepted, or has left the log)"
+        ))
+    })
 }
 
 /// The warehouse tables an event's row goes to.
@@ -302,7 +315,7 @@ pub async fn fate(state: &AppState, source_id: &str, message_id: &str) -> Result
             "a messageId is 1 to 100 characters",
         ));
     }
-    let record = find_record(state, &source.id, message_id).await?;
+    let record = find_record(state, &source, message_id).await?;
     let warehouse = warehouse_fate(state, &source.schema, &record).await?;
     let mut destinations = Vec::new();
     for d in state.destinations.list().await? {

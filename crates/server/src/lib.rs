@@ -97,6 +97,9 @@ pub struct AppState {
     /// The live event bus of the debugger (accepted, rejected and unmapped
     /// messages as they happen; nothing durable).
     pub live: Arc<live::Live>,
+    /// The JetStream log itself, when `log` is one (its retention and lag run
+    /// beside the consumers; see [`start_stages`]).
+    pub jetstream: Option<Arc<tributary_eventlog::JetStreamLog>>,
 }
 
 /// What [`open_state_with`] takes instead of opening it from the configuration.
@@ -209,6 +212,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         (control, None)
     };
     let definitions = cluster.as_ref().map(|c| c.definitions.clone());
+    let ledger = cluster.as_ref().map(|c| c.ledger.clone());
     let (ownership, registry, leases): (
         Arc<dyn tributary_eventlog::Ownership>,
         Option<Arc<dyn tributary_eventlog::ConsumerRegistry>>,
@@ -217,6 +221,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         Some(c) => (c.leases.clone(), Some(c.registry), Some(c.leases)),
         None => (Arc::new(tributary_eventlog::Sole), None, None),
     };
+    let mut jetstream = None;
     let log: Arc<dyn EventLog> = if let Some(log) = parts.log {
         log
     } else if config.bench_null_log {
@@ -229,11 +234,20 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
             tracing::warn!("jetstream log without a control database: consumer positions are kept in memory only");
             Arc::new(tributary_eventlog::MemoryRegistry::default())
         });
-        Arc::new(
-            tributary_eventlog::JetStreamLog::open(config.log.clone(), registry)
-                .await
-                .context("opening the JetStream event log (log.url)")?,
-        )
+        let js = Arc::new(
+            tributary_eventlog::JetStreamLog::open(
+                tributary_eventlog::LogConfig {
+                    // The same pruning cadence rule as the embedded log's.
+                    prune_interval: config.log_config().prune_interval,
+                    ..config.log.clone()
+                },
+                registry,
+            )
+            .await
+            .context("opening the JetStream event log (log.url)")?,
+        );
+        jetstream = Some(js.clone());
+        js
     } else {
         Arc::new(
             SqliteLog::open(config.log_config())
@@ -264,6 +278,8 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         consumer_ownership
             .clone()
             .map(|o| (o, config.log.retention)),
+        // The shared ledger only where partitions are leased (a JetStream log).
+        ledger.filter(|_| leases.is_some() && config.log.is_jetstream()),
     )
     .await
     .map_err(|e| anyhow::anyhow!("starting destinations: {}", e.detail()))?;
@@ -330,6 +346,7 @@ pub async fn open_state_with(config: Config, parts: Parts) -> anyhow::Result<Arc
         registry,
         leases,
         live: Arc::new(live::Live::new()),
+        jetstream,
     }))
 }
 
@@ -385,10 +402,23 @@ pub fn start_stages(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
     if state.config.is_cluster() {
         spawn_destination_sync(state);
     }
+    let (stop_log_tasks, log_tasks_stop) = tokio::sync::watch::channel(false);
+    let retention = state.jetstream.clone().map(|js| {
+        ops::spawn_lag_metrics(js.clone(), log_tasks_stop.clone());
+        tokio::spawn(tributary_eventlog::jetstream::run_retention(
+            js,
+            state.ownership.clone(),
+            log_tasks_stop,
+        ))
+    });
     let state = state.clone();
     tokio::spawn(async move {
         sync::start(&state).await;
         state.shutdown.wait().await;
+        let _ = stop_log_tasks.send(true);
+        if let Some(r) = retention {
+            let _ = r.await;
+        }
         state.sync.join().await;
         let destinations = state.destinations.shutdown();
         let warehouse = async {

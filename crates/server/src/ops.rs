@@ -255,6 +255,49 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// How often a node refreshes `tributary_consumer_lag_records`.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Cluster mode (the JetStream log): every node, every [`LAG_EVERY`], sets
+/// `tributary_consumer_lag_records{consumer,partition}` — the records of each
+/// partition stored after each registered consumer's committed position (the
+/// warehouse's and each destination's, from the control database's registry; the
+/// count is the stream's) — so any node's `/metrics` shows every consumer's lag,
+/// whichever node owns the partition. A consumer that leaves the registry is set to
+/// 0. Ends when `stop` turns true.
+pub(crate) fn spawn_lag_metrics(
+    log: Arc<tributary_eventlog::JetStreamLog>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut seen: std::collections::BTreeSet<(String, u32)> = Default::default();
+        loop {
+            match log.lag().await {
+                Ok(lags) => {
+                    let mut now = std::collections::BTreeSet::new();
+                    for l in lags {
+                        metrics::gauge!("tributary_consumer_lag_records",
+                            "consumer" => l.consumer.clone(), "partition" => l.partition.to_string())
+                        .set(l.records as f64);
+                        now.insert((l.consumer, l.partition));
+                    }
+                    for (consumer, partition) in seen.difference(&now) {
+                        metrics::gauge!("tributary_consumer_lag_records",
+                            "consumer" => consumer.clone(), "partition" => partition.to_string())
+                        .set(0.0);
+                    }
+                    seen = now;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot compute consumer lag"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LAG_EVERY) => {}
+                r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            }
+        }
+    });
+}
+
 /// `OPTIONS /v1/*`: CORS preflight.
 pub async fn preflight() -> StatusCode {
     StatusCode::NO_CONTENT

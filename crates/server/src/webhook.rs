@@ -115,7 +115,8 @@ async fn handle(
     let _reserved = reserve(&state, MAX_WEBHOOK_BYTES).await?;
     let bytes =
         crate::body::read_body(&parts.headers, body, MAX_WEBHOOK_BYTES, &state.config.http).await?;
-    let settings: Settings = serde_json::from_value(source.settings.clone()).unwrap_or_default();
+    // Read from the borrowed `Value` (no clone of the settings per request).
+    let settings = Settings::deserialize(&source.settings).unwrap_or_default();
     let webhook = parse_webhook(&bytes, &settings).map_err(|e| {
         metrics::counter!("tributary_activecampaign_invalid_total").increment(1);
         let code = match e {

@@ -168,12 +168,65 @@ impl Backend {
         }
     }
 
+    /// Events of `day` per schema, from the loader's counters.
+    pub(crate) async fn events_on(
+        &self,
+        day: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, WarehouseError> {
+        match self {
+            Backend::Sqlite(b) => b.events_on(day).await,
+            Backend::Postgres(b) => b.events_on(day).await,
+        }
+    }
+
+    /// Where the loader's counters of `schema` live (module `stats`).
+    pub(crate) fn stats_scope(&self, schema: &str) -> crate::stats::Scope {
+        match self {
+            Backend::Sqlite(_) => crate::stats::Scope::sqlite(schema),
+            Backend::Postgres(b) => b.stats_scope(schema),
+        }
+    }
+
+    /// Whether the loader's counters of `schema` exist (a schema loaded before they
+    /// did has none until its next load); reads use the raw tables until then.
+    pub(crate) async fn email_counters_built(&self, schema: &str) -> Result<bool, WarehouseError> {
+        let scope = self.stats_scope(schema);
+        if let Backend::Sqlite(_) = self {
+            let exists = self
+                .read_rows(
+                    schema,
+                    vec![format!(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = {}",
+                        crate::report::literal(&format!(
+                            "{}stats_meta",
+                            crate::stats::SQLITE_PREFIX
+                        ))
+                    )],
+                )
+                .await?;
+            if !first_count(&exists) {
+                return Ok(false);
+            }
+        }
+        let built = self.read_rows(schema, vec![scope.is_built()]).await?;
+        Ok(first_count(&built))
+    }
+
     pub(crate) async fn close(&self) {
         match self {
             Backend::Sqlite(b) => b.close().await,
             Backend::Postgres(b) => b.close(),
         }
     }
+}
+
+/// True when the first statement's first cell is a count above zero.
+fn first_count(rows: &[Vec<Vec<serde_json::Value>>]) -> bool {
+    rows.first()
+        .and_then(|r| r.first())
+        .and_then(|r| r.first())
+        .and_then(serde_json::Value::as_i64)
+        .is_some_and(|n| n > 0)
 }
 
 #[cfg(test)]

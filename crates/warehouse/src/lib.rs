@@ -53,6 +53,7 @@ mod postgres;
 pub mod query;
 pub mod report;
 mod sqlite;
+mod stats;
 pub mod types;
 
 use std::sync::Arc;
@@ -295,10 +296,13 @@ pub struct TableStatus {
     pub name: String,
     /// Row count.
     pub rows: u64,
-    /// True when `rows` is the planner's estimate (PostgreSQL tables over a million
-    /// rows), not an exact count.
+    /// True when `rows` is an estimate, not an exact count. Counts come from the
+    /// loader's own counters and are exact; kept for API compatibility.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub approximate: bool,
+    /// When rows were last loaded into this table (ISO-8601 UTC), if known (a
+    /// table counted before the loader kept counters has none until its next load).
+    pub last_load_at: Option<String>,
 }
 
 /// A result column.
@@ -461,7 +465,7 @@ impl Warehouse {
             .consumers()
             .await
             .ok()
-            .and_then(|c| c.into_iter().find(|c| c.name == outcome::CONSUMER));
+            .and_then(|c| tributary_eventlog::ConsumerState::merged(c, outcome::CONSUMER));
         let logged = registry
             .as_ref()
             .and_then(|c| c.gap.map(|g| (g, c.gap_at_ms.unwrap_or(0))));
@@ -530,6 +534,32 @@ impl Warehouse {
             return Err(WarehouseError::NotFound(format!("schema {schema:?}")));
         }
         report::email_facts(&self.backend, schema, from, to).await
+    }
+
+    /// When the event `id` (a messageId) of `schema` was received, read from its
+    /// row by the `id` key (or its discard), `None` when the warehouse has no row.
+    /// The debugger's fate uses it to find an event in the log at any depth.
+    pub async fn received_at_of(
+        &self,
+        schema: &str,
+        id: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, WarehouseError> {
+        if validate_schema_name(schema).is_err() {
+            return Err(WarehouseError::NotFound(format!("schema {schema:?}")));
+        }
+        report::received_at_of(&self.backend, schema, id).await
+    }
+
+    /// Events loaded per schema whose `received_at` falls on `day` (UTC), from the
+    /// loader's counters (exact as of the last load; the sources list's "events
+    /// today"). A schema whose counters are not built yet is absent.
+    pub async fn events_on(
+        &self,
+        day: chrono::NaiveDate,
+    ) -> Result<std::collections::HashMap<String, u64>, WarehouseError> {
+        self.backend
+            .events_on(&day.format("%Y-%m-%d").to_string())
+            .await
     }
 
     /// Which of `tables` of `schema` hold the row `id` (a messageId), and what of it

@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
-use tributary_eventlog::{EventLog, Gap, Lease, Position, Record, read_checked};
+use tributary_eventlog::{EventLog, Gap, Lease, LogError, Position, Record, read_checked};
 
 use crate::backend::Backend;
 use crate::evolve::{Discard, LoadBatch, SchemaLoad, SchemaState, TableSchema, prepare};
@@ -472,6 +472,20 @@ impl Loader {
         self
     }
 
+    /// Records the log's copy of the position (what retention reads), under this
+    /// loader's lease epoch when it holds one: a cluster's registry refuses an
+    /// unfenced commit for a partition that has leases, and a zombie's is refused.
+    async fn record_position(&self, position: &Position) -> Result<(), LogError> {
+        match self.epoch {
+            Some(epoch) => self
+                .log
+                .commit_fenced(CONSUMER, position, epoch)
+                .await
+                .map(|_| ()),
+            None => self.log.commit(CONSUMER, position).await,
+        }
+    }
+
     /// The fence of this loader's commits, when it holds a lease.
     fn fence(&self) -> Option<Fence> {
         self.epoch.map(|epoch| Fence {
@@ -494,7 +508,7 @@ impl Loader {
         // The log's copy follows the warehouse's (lower for a warehouse that has not
         // loaded this log yet), so retention keeps what is still to load.
         if cursor != hint
-            && let Err(e) = self.log.commit(CONSUMER, &cursor).await
+            && let Err(e) = self.record_position(&cursor).await
         {
             tracing::warn!(error = %e, "could not record the warehouse position in the log");
         }
@@ -620,7 +634,7 @@ impl Loader {
             Ok(p) => p,
             Err(_) => self.log.start(self.partition),
         };
-        if let Err(e) = self.log.commit(CONSUMER, &hint).await {
+        if let Err(e) = self.record_position(&hint).await {
             tracing::warn!(error = %e, "could not register the warehouse with the event log");
         }
         self.shared.loaded_seq.store(hint.seq, Ordering::Release);
@@ -965,8 +979,7 @@ impl Loader {
         // The log's copy of the position is informational (retention, tooling); the
         // warehouse's own copy is authoritative, so a failure here is harmless.
         if let Err(e) = self
-            .log
-            .commit(CONSUMER, &self.log.start(self.partition).at(last_seq))
+            .record_position(&self.log.start(self.partition).at(last_seq))
             .await
         {
             tracing::debug!(error = %e, "could not record the warehouse position in the log");
@@ -1091,7 +1104,7 @@ async fn read_log(
     log: &dyn EventLog,
     cursor: &Position,
     max: usize,
-) -> Result<(Vec<Record>, Option<Gap>), tributary_eventlog::LogError> {
+) -> Result<(Vec<Record>, Option<Gap>), LogError> {
     let first = read_checked(log, cursor, max).await?;
     let mut out = first.records;
     while !out.is_empty() && out.len() < max {

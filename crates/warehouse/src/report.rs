@@ -148,18 +148,29 @@ pub struct Discard {
     pub reason: String,
 }
 
+/// The tables the email report reads.
+pub(crate) const EMAIL_TABLES: &[&str] = &[
+    "email_delivered",
+    "email_bounced",
+    "email_opened",
+    "email_link_clicked",
+    "email_unsubscribed",
+    "email_marked_as_spam",
+];
+
 /// An SQL string literal.
-fn literal(s: &str) -> String {
+pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-struct Sql {
-    kind: BackendKind,
-    schema: String,
+/// How table names and timestamps are written for one backend and schema.
+pub(crate) struct Sql {
+    pub(crate) kind: BackendKind,
+    pub(crate) schema: String,
 }
 
 impl Sql {
-    fn table(&self, t: &str) -> String {
+    pub(crate) fn table(&self, t: &str) -> String {
         match self.kind {
             BackendKind::Sqlite => quote(t),
             BackendKind::Postgres => format!("{}.{}", quote(&self.schema), quote(t)),
@@ -167,7 +178,7 @@ impl Sql {
     }
 
     /// A timestamp column as fixed-width ISO-8601 UTC text (sorts as time).
-    fn ts_text(&self, col: &str) -> String {
+    pub(crate) fn ts_text(&self, col: &str) -> String {
         match self.kind {
             BackendKind::Sqlite => quote(col),
             BackendKind::Postgres => format!(
@@ -222,48 +233,21 @@ pub(crate) async fn email_facts(
         kind: backend.kind(),
         schema: schema.to_string(),
     };
-    let mut tables: Vec<String> = SOURCES.iter().map(|(e, _)| event_table(e)).collect();
-    tables.dedup();
-    let columns = backend.columns(schema, &tables).await?;
-    let mut parts = Vec::new();
-    for (event, metric) in SOURCES {
-        let t = event_table(event);
-        let Some(cols) = columns.get(&t) else {
-            continue;
-        };
-        if !cols.contains("campaign_id") || !cols.contains("timestamp") {
-            continue;
-        }
-        let mut range = Vec::new();
-        if let Some(f) = &from {
-            range.push(format!("{} >= {}", quote("timestamp"), sql.ts_literal(f)));
-        }
-        if let Some(t) = &to {
-            range.push(format!("{} < {}", quote("timestamp"), sql.ts_literal(t)));
-        }
-        let link = if *metric == EmailMetric::Clicked {
-            text_col(cols, "link_url")
-        } else {
-            "CAST(NULL AS TEXT)".into()
-        };
-        parts.push(format!(
-            "SELECT {m} AS k, {c} AS c, {n} AS n, \
-             COALESCE(NULLIF({u}, ''), NULLIF({a}, '')) AS r, {ts} AS t, {link} AS u \
-             FROM {tab} WHERE {quoted_c} IS NOT NULL{range}",
-            m = literal(metric.name()),
-            c = text_col(cols, "campaign_id"),
-            n = text_col(cols, "campaign_name"),
-            u = text_col(cols, "user_id"),
-            a = text_col(cols, "anonymous_id"),
-            ts = sql.ts_text("timestamp"),
-            tab = sql.table(&t),
-            quoted_c = quote("campaign_id"),
-            range = range
-                .iter()
-                .map(|r| format!(" AND {r}"))
-                .collect::<String>(),
-        ));
+    let tables: Vec<String> = EMAIL_TABLES.iter().map(|t| t.to_string()).collect();
+    let mut range = Vec::new();
+    if let Some(f) = &from {
+        range.push(format!("{} >= {}", quote("timestamp"), sql.ts_literal(f)));
     }
+    if let Some(t) = &to {
+        range.push(format!("{} < {}", quote("timestamp"), sql.ts_literal(t)));
+    }
+    if range.is_empty() && backend.email_counters_built(schema).await? {
+        // Without a window the loader's counters answer (module `stats`).
+        let reads = backend.stats_scope(schema).email_reads();
+        return Ok(facts_from(backend.read_rows(schema, reads).await?));
+    }
+    let columns = backend.columns(schema, &tables).await?;
+    let parts = ev_parts(&sql, &columns, None, &range);
     if parts.is_empty() {
         return Ok(EmailFacts::default());
     }
@@ -282,7 +266,12 @@ pub(crate) async fn email_facts(
              WHERE k = 'clicked' AND u IS NOT NULL GROUP BY c, u ORDER BY c, COUNT(*) DESC, u"
         ),
     ];
-    let mut results = backend.read_rows(schema, statements).await?.into_iter();
+    Ok(facts_from(backend.read_rows(schema, statements).await?))
+}
+
+/// The facts from the three reads' rows (totals, daily, links).
+fn facts_from(results: Vec<Vec<Vec<Value>>>) -> EmailFacts {
+    let mut results = results.into_iter();
     let (totals, daily, links) = (
         results.next().unwrap_or_default(),
         results.next().unwrap_or_default(),
@@ -294,7 +283,7 @@ pub(crate) async fn email_facts(
             .and_then(Value::as_str)
             .and_then(EmailMetric::parse)
     };
-    Ok(EmailFacts {
+    EmailFacts {
         totals: totals
             .iter()
             .filter_map(|r| {
@@ -329,7 +318,56 @@ pub(crate) async fn email_facts(
                 })
             })
             .collect(),
-    })
+    }
+}
+
+/// The report's rows, one `SELECT` per (email table, count) of the tables in
+/// `columns` that have `campaign_id` and `timestamp`: `k` the count, `c` the
+/// campaign, `n` its name, `r` the recipient (userId, else anonymousId), `t` the
+/// timestamp as ISO-8601 text, `u` the link (clicks). `filter` and `range` are
+/// further conditions (the loader's new ids; the report's window). The raw report
+/// and the loader's counters (module `stats`) both read through this, so they
+/// count the same rows the same way.
+pub(crate) fn ev_parts(
+    sql: &Sql,
+    columns: &HashMap<String, HashSet<String>>,
+    filter: Option<&str>,
+    range: &[String],
+) -> Vec<String> {
+    let mut parts = Vec::new();
+    for (event, metric) in SOURCES {
+        let t = event_table(event);
+        let Some(cols) = columns.get(&t) else {
+            continue;
+        };
+        if !cols.contains("campaign_id") || !cols.contains("timestamp") {
+            continue;
+        }
+        let link = if *metric == EmailMetric::Clicked {
+            text_col(cols, "link_url")
+        } else {
+            "CAST(NULL AS TEXT)".into()
+        };
+        let conditions: String = filter
+            .into_iter()
+            .chain(range.iter().map(String::as_str))
+            .map(|r| format!(" AND {r}"))
+            .collect();
+        parts.push(format!(
+            "SELECT {m} AS k, {c} AS c, {n} AS n, \
+             COALESCE(NULLIF({u}, ''), NULLIF({a}, '')) AS r, {ts} AS t, {link} AS u \
+             FROM {tab} WHERE {quoted_c} IS NOT NULL{conditions}",
+            m = literal(metric.name()),
+            c = text_col(cols, "campaign_id"),
+            n = text_col(cols, "campaign_name"),
+            u = text_col(cols, "user_id"),
+            a = text_col(cols, "anonymous_id"),
+            ts = sql.ts_text("timestamp"),
+            tab = sql.table(&t),
+            quoted_c = quote("campaign_id"),
+        ));
+    }
+    parts
 }
 
 /// Which of `tables` of `schema` hold the row `id`, and the values of that row
@@ -418,6 +456,62 @@ pub(crate) async fn row_presence(
     })
 }
 
+/// `received_at` of the row `id` in the tables that hold one row per event
+/// (`tracks`, `identifies`, `pages`, `screens`, `groups`, `aliases`) or, for a
+/// refused record, in `tributary_discards`: primary-key lookups (the discards by a
+/// scan of that table, small by nature), so an event is found at any depth.
+pub(crate) async fn received_at_of(
+    backend: &Backend,
+    schema: &str,
+    id: &str,
+) -> Result<Option<DateTime<Utc>>, WarehouseError> {
+    let sql = Sql {
+        kind: backend.kind(),
+        schema: schema.to_string(),
+    };
+    let mut asked: Vec<String> = crate::stats::PRIMARY_TABLES
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    asked.push(DISCARDS_TABLE.to_string());
+    let columns = backend.columns(schema, &asked).await?;
+    let id_lit = literal(id);
+    let mut parts = Vec::new();
+    for t in crate::stats::PRIMARY_TABLES {
+        if columns
+            .get(*t)
+            .is_some_and(|c| c.contains("id") && c.contains("received_at"))
+        {
+            parts.push(format!(
+                "SELECT {} FROM {} WHERE {} = {id_lit}",
+                sql.ts_text("received_at"),
+                sql.table(t),
+                quote("id")
+            ));
+        }
+    }
+    if columns.contains_key(DISCARDS_TABLE) {
+        parts.push(format!(
+            "SELECT {} FROM {} WHERE {} = {id_lit} AND {} IS NOT NULL",
+            sql.ts_text("received_at"),
+            sql.table(DISCARDS_TABLE),
+            quote("row_id"),
+            quote("received_at")
+        ));
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let rows = backend
+        .read_rows(schema, vec![parts.join(" UNION ALL ")])
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.iter().find_map(|row| row.first().and_then(as_string)))
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&Utc)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +524,9 @@ mod tests {
     #[test]
     fn every_email_event_has_its_table() {
         let tables: Vec<String> = SOURCES.iter().map(|(e, _)| event_table(e)).collect();
+        for t in &tables {
+            assert!(EMAIL_TABLES.contains(&t.as_str()), "{t}");
+        }
         assert!(tables.contains(&"email_marked_as_spam".to_string()));
         assert!(tables.contains(&"email_link_clicked".to_string()));
     }

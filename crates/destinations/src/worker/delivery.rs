@@ -5,20 +5,30 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{ABORT, DRAINING, RUNNING, Shared};
+use crate::ledger::{BatchCounts, BatchKey};
 use crate::retry::{DeliveryError, random_unit, retry_delay};
 use crate::sink::Item;
 use crate::store::{BatchEnd, NewDeadLetter};
 
+/// How long a confirmed lease check stays good for the send that follows it. A
+/// check that took longer (the process was stopped, the database was slow) is made
+/// again, so a node woken after losing its lease learns it before it sends.
+const HOLDS_FRESH: Duration = Duration::from_secs(1);
+
 /// How one event of a batch ended.
 #[derive(Debug)]
 enum Outcome {
-    Delivered,
+    /// Accepted; `again` when an earlier attempt of this batch may have arrived too.
+    Delivered {
+        again: bool,
+    },
     Skipped,
     Dead {
         attempts: u32,
@@ -44,33 +54,76 @@ struct BatchNotes {
 /// abandoned because the worker is stopping).
 pub(super) async fn run_batch(shared: Arc<Shared>, items: Vec<Item>) -> bool {
     let live_seqs: Vec<u64> = items.iter().filter(|i| i.live).map(Item::seq).collect();
-    let batch_id = if live_seqs.is_empty() {
-        None
-    } else {
-        let id = shared.store.next_batch_id();
-        if let Err(e) = shared.store.batch_started(&shared.id, id, live_seqs).await {
-            tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record batch start");
-        }
-        Some(id)
-    };
+    let key = shared.batch_key();
+    let marked = !live_seqs.is_empty();
     let mut stop = shared.stop.subscribe();
+    if marked && !mark_started(&shared, &key, live_seqs, &mut stop).await {
+        return false;
+    }
     let mut notes = BatchNotes::default();
     let outcomes = deliver(&shared, &items, &mut stop, &mut notes).await;
     match outcomes {
         Ok(outcomes) => {
-            record_end(&shared, &items, outcomes, batch_id, notes).await;
+            record_end(&shared, &items, outcomes, &key, marked, notes).await;
             true
         }
         Err(abandoned) => {
-            if let Some(b) = batch_id
-                && let Err(e) = shared
-                    .store
-                    .batch_abandoned(&shared.id, b, abandoned.maybe_delivered)
-                    .await
-            {
-                tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record abandoned batch");
+            if marked {
+                let res = match &shared.ledger {
+                    None => {
+                        shared
+                            .store
+                            .batch_abandoned(&shared.id, key.id, abandoned.maybe_delivered)
+                            .await
+                    }
+                    // A batch that may have arrived keeps its marker (in flight).
+                    Some(_) if abandoned.maybe_delivered => Ok(()),
+                    Some(ledger) => ledger.batch_abandoned(&key).await,
+                };
+                if let Err(e) = res {
+                    tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record abandoned batch");
+                }
             }
             false
+        }
+    }
+}
+
+/// Writes the batch's in-flight marker before anything is sent; false when the
+/// batch must not be sent (the lease is no longer this worker's, or the worker is
+/// stopping). Embedded, a failed write is only logged (the batch then counts as not
+/// in flight after a crash, as before markers existed); in cluster mode it is retried,
+/// since the next owner must see every batch that may have reached the receiver.
+async fn mark_started(
+    shared: &Shared,
+    key: &BatchKey,
+    seqs: Vec<u64>,
+    stop: &mut watch::Receiver<u8>,
+) -> bool {
+    let Some(ledger) = &shared.ledger else {
+        if let Err(e) = shared.store.batch_started(&shared.id, key.id, seqs).await {
+            tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record batch start");
+        }
+        return true;
+    };
+    loop {
+        match ledger.batch_started(key, &seqs).await {
+            Ok(true) => return true,
+            Ok(false) => {
+                shared.fence("delivery marker");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(destination = %shared.id, error = %e.detail(), "cannot record batch start; retrying before sending");
+                if !shared.holds().await {
+                    shared.fence("delivery marker");
+                    return false;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|p| *p >= DRAINING) => return false,
+                }
+            }
         }
     }
 }
@@ -79,20 +132,21 @@ async fn record_end(
     shared: &Shared,
     items: &[Item],
     outcomes: Vec<Outcome>,
-    batch_id: Option<u64>,
+    key: &BatchKey,
+    marked: bool,
     notes: BatchNotes,
 ) {
     let now = Utc::now().timestamp_millis();
     let mut end = BatchEnd {
-        batch_id,
+        batch_id: marked.then_some(key.id),
         error: notes.last_error,
         ..BatchEnd::default()
     };
     for (item, outcome) in items.iter().zip(outcomes) {
         match outcome {
-            Outcome::Delivered => {
+            Outcome::Delivered { again } => {
                 end.delivered += 1;
-                end.redelivered += u64::from(item.maybe_dup);
+                end.redelivered += u64::from(item.maybe_dup || again);
                 end.success_ms = Some(now);
                 end.replayed_ok.extend(item.dead_letter_id);
                 let latency = (now - item.record.received_at_ms).max(0) as f64 / 1000.0;
@@ -127,8 +181,39 @@ async fn record_end(
     metrics::counter!("tributary_destination_dead_lettered_total", &labels)
         .increment(end.dead.len() as u64);
     metrics::counter!("tributary_destination_skipped_total", &labels).increment(end.skipped);
-    if let Err(e) = shared.store.batch_finished(&shared.id, end).await {
-        tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record batch end; its events will count as redelivered after a restart");
+    let Some(ledger) = &shared.ledger else {
+        if let Err(e) = shared.store.batch_finished(&shared.id, end).await {
+            tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record batch end; its events will count as redelivered after a restart");
+        }
+        return;
+    };
+    // Cluster mode: dead letters stay in this node's file (written first: a crash
+    // before the marker is done re-sends the batch and updates the same rows), the
+    // marker and the counts go to the shared ledger in one fenced transaction.
+    let counts = BatchCounts {
+        delivered: end.delivered,
+        redelivered: end.redelivered,
+        skipped: end.skipped,
+        success_ms: end.success_ms,
+        error: end.error.clone(),
+    };
+    if !end.dead.is_empty() || !end.replayed_ok.is_empty() {
+        let letters = BatchEnd {
+            dead: std::mem::take(&mut end.dead),
+            replayed_ok: std::mem::take(&mut end.replayed_ok),
+            error: end.error.take(),
+            ..BatchEnd::default()
+        };
+        if let Err(e) = shared.store.batch_finished(&shared.id, letters).await {
+            tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record dead letters");
+        }
+    }
+    match ledger.batch_finished(key, marked, &counts).await {
+        Ok(true) => {}
+        Ok(false) => shared.fence("batch end"),
+        Err(e) => {
+            tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record batch end; the partition's next owner will send it again (counted as redelivered)");
+        }
     }
 }
 
@@ -149,19 +234,28 @@ fn deliver<'a>(
         let n = items.len() as u64;
         let opts = &shared.options;
         let mut attempt = 0u32;
-        let mut last_maybe = false;
+        // Some earlier attempt of this batch may have reached the receiver.
+        let mut any_maybe = false;
         loop {
             if attempt > 0 && *stop.borrow() != RUNNING {
                 return Err(Abandoned {
-                    maybe_delivered: last_maybe,
+                    maybe_delivered: any_maybe,
                 });
             }
             attempt += 1;
-            if !shared.holds().await {
-                // The lease moved: the next owner sends these.
-                return Err(Abandoned {
-                    maybe_delivered: last_maybe,
-                });
+            for checks in 1.. {
+                let asked = Instant::now();
+                if !shared.holds().await {
+                    // The lease moved: the next owner sends these.
+                    return Err(Abandoned {
+                        maybe_delivered: any_maybe,
+                    });
+                }
+                // A slow answer is asked again (a stalled process learns its lease
+                // expired); a database that is merely slow every time is believed.
+                if shared.lease.is_none() || asked.elapsed() < HOLDS_FRESH || checks >= 5 {
+                    break;
+                }
             }
             let res = tokio::select! {
                 r = shared.sink.send(items) => r,
@@ -171,7 +265,10 @@ fn deliver<'a>(
             };
             let error = match res {
                 Ok(report) => {
-                    let mut out: Vec<Outcome> = items.iter().map(|_| Outcome::Delivered).collect();
+                    let mut out: Vec<Outcome> = items
+                        .iter()
+                        .map(|_| Outcome::Delivered { again: any_maybe })
+                        .collect();
                     for i in report.skipped {
                         if let Some(o) = out.get_mut(i) {
                             *o = Outcome::Skipped;
@@ -202,6 +299,13 @@ fn deliver<'a>(
                                 maybe_delivered: true,
                             })?;
                     first.extend(second);
+                    if any_maybe {
+                        for o in &mut first {
+                            if let Outcome::Delivered { again } = o {
+                                *again = true;
+                            }
+                        }
+                    }
                     return Ok(first);
                 }
                 return Ok(vec![Outcome::Dead {
@@ -212,7 +316,7 @@ fn deliver<'a>(
             }
             metrics::counter!("tributary_destination_retries_total", "destination" => shared.id.clone())
                 .increment(1);
-            last_maybe = error.maybe_delivered();
+            any_maybe |= error.maybe_delivered();
             let elapsed = started.elapsed();
             if elapsed >= opts.retry_window {
                 return Ok(items
@@ -242,7 +346,7 @@ fn deliver<'a>(
             shared.live.retrying.fetch_sub(n, Ordering::Relaxed);
             if stopped {
                 return Err(Abandoned {
-                    maybe_delivered: last_maybe,
+                    maybe_delivered: any_maybe,
                 });
             }
         }

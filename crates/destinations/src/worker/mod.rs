@@ -7,8 +7,10 @@
 //! skipped or dead-lettered). An event is never passed by the cursor before its
 //! outcome is durable, so a crash can only re-send, never lose. Events that ended
 //! above the watermark are recorded per batch in the engine's store (see
-//! [`crate::store`]), so after a crash only the batches that were actually in flight
-//! are sent again — and those are counted as `redelivered`.
+//! [`crate::store`]; in cluster mode the shared [`crate::ledger`]), so after a crash
+//! or a takeover only the batches that were actually in flight are sent again — and
+//! those are counted as `redelivered` (as is a retry after an attempt that may have
+//! arrived).
 //!
 //! **Ordering.** Events are queued per user (userId, else anonymousId). A user with
 //! a batch in flight (or in retry backoff) is *busy*: its later events wait, so one
@@ -52,13 +54,25 @@
 //! the log itself when a worker takes a partition (its retained records up to the
 //! committed cursor), so it moves with ownership and needs no storage of its own.
 //! Replays (dead letters, `POST /replay`) are run by one of this node's partition
-//! workers. Delivery markers (`crate::store`) stay in this node's file: after a
-//! takeover the new owner re-sends what was in flight (counted as redelivered).
+//! workers.
+//!
+//! **Cluster mode: duplicates bounded by what was in flight.** The delivery markers
+//! and statistics live in the control database ([`crate::ledger::Ledger`]), keyed by
+//! partition and lease epoch and written fenced by the lease: a batch's marker is
+//! written before it is sent (refused: the batch is not sent and the worker stops),
+//! and its end marks it done with its counts (refused: the next owner sends it
+//! again). A partition's next owner reads its predecessors' markers above the
+//! committed cursor, skips what ended and re-sends what was in flight, counted as
+//! `redelivered` — so a change of owner doubles at most `max_in_flight × max_batch`
+//! events of the partition. Before every attempt the batch task checks the lease
+//! again when the previous check took longer than a second, so a node that was
+//! stopped (SIGSTOP) past its lease learns it before it sends. Dead letters stay in
+//! this node's file.
 mod delivery;
 mod schedule;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +84,7 @@ use tributary_eventlog::{
 };
 
 use crate::filter::Selector;
+use crate::ledger::{BatchKey, Ledger};
 use crate::options::EngineOptions;
 use crate::retry::DeliveryError;
 use crate::sink::{Item, Sink};
@@ -136,6 +151,11 @@ pub(crate) struct Shared {
     pub stop: watch::Sender<u8>,
     /// The lease this worker sends and commits under (cluster mode).
     pub lease: Option<(Arc<dyn Ownership>, Lease)>,
+    /// Cluster mode: markers and statistics in the control database, shared by
+    /// every node (None: both in `store`, the embedded mode).
+    pub ledger: Option<Arc<dyn Ledger>>,
+    /// Set by a batch task whose fenced write was refused: the worker stops.
+    pub fenced: AtomicBool,
 }
 
 impl Shared {
@@ -153,6 +173,36 @@ impl Shared {
 }
 
 impl Shared {
+    /// The key of a new batch of this worker (partition and epoch of its lease).
+    pub(crate) fn batch_key(&self) -> BatchKey {
+        let (partition, epoch) = self
+            .lease
+            .as_ref()
+            .map_or((0, 0), |(_, l)| (l.partition, l.epoch));
+        let id = match self.ledger {
+            None => self.store.next_batch_id(),
+            // A node restarted under the same id may renew its old leases at the
+            // same epoch: batch ids must not repeat across processes.
+            Some(_) => cluster_batch_id(),
+        };
+        BatchKey {
+            dest: self.id.clone(),
+            partition,
+            epoch,
+            id,
+        }
+    }
+
+    /// Notes that a fenced write was refused: a newer lease holder owns the
+    /// partition, so this worker stops (its batches not ended are the next owner's).
+    pub(crate) fn fence(&self, what: &str) {
+        if !self.fenced.swap(true, Ordering::Relaxed) {
+            let partition = self.lease.as_ref().map(|(_, l)| l.partition);
+            tracing::warn!(destination = %self.id, partition, "{what} refused: a newer lease holder owns the partition; stopping its worker");
+        }
+        metrics::counter!("tributary_lease_fenced_commits_total").increment(1);
+    }
+
     fn note_error(&self, e: &DeliveryError) -> (String, i64) {
         let entry = (e.message.clone(), Utc::now().timestamp_millis());
         *self
@@ -162,6 +212,20 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner()) = Some(entry.clone());
         entry
     }
+}
+
+/// A batch id unique across this node's processes: counted up from the process's
+/// start time in microseconds.
+fn cluster_batch_id() -> u64 {
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        // Stored as a PostgreSQL bigint.
+        AtomicU64::new(micros & (i64::MAX as u64))
+    })
+    .fetch_add(1, Ordering::Relaxed)
 }
 
 /// A running worker.
@@ -196,6 +260,8 @@ impl WorkerHandle {
             live: Arc::new(LiveStats::default()),
             stop,
             lease: None,
+            ledger: None,
+            fenced: AtomicBool::new(false),
         });
         let worker = Worker::new(shared.clone(), log_start, head_rx, None);
         let join = tokio::spawn(worker.run(cmd_rx, stop_rx));
@@ -209,7 +275,8 @@ impl WorkerHandle {
     /// Starts a destination in cluster mode: one worker per partition this node
     /// owns through `ownership` (consumer `destination:<id>`), each under its lease;
     /// workers start and stop as leases come and go. `dedupe_window` bounds each
-    /// partition's dedupe index.
+    /// partition's dedupe index. With a `ledger` (the control database), delivery
+    /// markers and statistics are kept there, fenced by each partition's lease.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn spawn_owned(
         id: String,
@@ -220,6 +287,7 @@ impl WorkerHandle {
         log: Arc<dyn EventLog>,
         ownership: Arc<dyn Ownership>,
         dedupe_window: Duration,
+        ledger: Option<Arc<dyn Ledger>>,
     ) -> WorkerHandle {
         let (stop, stop_rx) = watch::channel(RUNNING);
         let (commands, cmd_rx) = mpsc::unbounded_channel();
@@ -234,6 +302,8 @@ impl WorkerHandle {
             live: Arc::new(LiveStats::default()),
             stop,
             lease: None,
+            ledger,
+            fenced: AtomicBool::new(false),
         });
         let join = tokio::spawn(supervise(
             shared.clone(),
@@ -333,6 +403,8 @@ async fn supervise(
                     live: dest.live.clone(),
                     stop: pstop,
                     lease: Some((ownership.clone(), *lease)),
+                    ledger: dest.ledger.clone(),
+                    fenced: AtomicBool::new(false),
                 });
                 let start = dest.log.start(lease.partition);
                 let head_rx = dest.log.subscribe();
@@ -450,7 +522,8 @@ impl Worker {
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if *stop.borrow() != RUNNING || self.lost {
+            if *stop.borrow() != RUNNING || self.lost || self.shared.fenced.load(Ordering::Relaxed)
+            {
                 break;
             }
             self.load_deferred().await;
@@ -559,22 +632,48 @@ impl Worker {
         if let Err(e) = self.shared.store.reset_replaying(&self.shared.id).await {
             tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot reset replay flags");
         }
-        match self
-            .shared
-            .store
-            .recovery(&self.shared.id, self.committed.seq)
-            .await
-        {
-            Ok(r) => {
-                if !r.maybe.is_empty() {
-                    tracing::warn!(destination = %self.shared.id, events = r.maybe.len(),
-                        "events were in flight at the last stop; re-sending them");
+        loop {
+            let recovery = match &self.shared.ledger {
+                None => {
+                    self.shared
+                        .store
+                        .recovery(&self.shared.id, self.committed.seq)
+                        .await
                 }
-                self.recovery = r;
-            }
-            Err(e) => {
-                tracing::error!(destination = %self.shared.id, error = %e.detail(),
-                    "cannot read delivery markers; events above the cursor will be re-sent");
+                Some(ledger) => {
+                    ledger
+                        .recovery(
+                            &self.shared.id,
+                            self.committed.partition,
+                            self.committed.seq,
+                        )
+                        .await
+                }
+            };
+            match recovery {
+                Ok(r) => {
+                    if !r.maybe.is_empty() {
+                        tracing::warn!(destination = %self.shared.id, partition = self.committed.partition,
+                            events = r.maybe.len(), "events were in flight at the last stop or takeover; re-sending them");
+                    }
+                    self.recovery = r;
+                    break;
+                }
+                Err(e) if self.shared.ledger.is_some() => {
+                    // Without the markers every event above the cursor would be
+                    // sent again uncounted: wait for the control database.
+                    tracing::warn!(destination = %self.shared.id, error = %e.detail(),
+                        "cannot read delivery markers; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => return false,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(destination = %self.shared.id, error = %e.detail(),
+                        "cannot read delivery markers; events above the cursor will be re-sent");
+                    break;
+                }
             }
         }
         true
@@ -596,12 +695,12 @@ impl Worker {
     fn accept_live(&mut self, r: Record) {
         let seq = r.seq;
         self.read_pos = self.read_pos.max(seq);
+        // Observed even when it ended before (a later repeat of it is a repeat).
+        let repeated = self.dedupe.as_mut().is_some_and(|d| !d.observe(&r));
         if self.recovery.done.remove(&seq) {
             return;
         }
-        if let Some(d) = &mut self.dedupe
-            && !d.observe(&r)
-        {
+        if repeated {
             metrics::counter!("tributary_destination_duplicates_skipped_total").increment(1);
             tracing::debug!(destination = %self.shared.id, seq, message_id = %r.message_id, "repeated message skipped");
             return;
@@ -900,7 +999,20 @@ impl Worker {
             Ok(true) => {
                 self.committed = position;
                 self.shared.live.cursor.store(wm, Ordering::Relaxed);
-                if let Err(e) = self.shared.store.prune_batches(&self.shared.id, wm).await {
+                let pruned = match &self.shared.ledger {
+                    None => self.shared.store.prune_batches(&self.shared.id, wm).await,
+                    Some(ledger) => {
+                        ledger
+                            .prune(
+                                &self.shared.id,
+                                self.committed.partition,
+                                self.shared.lease.as_ref().map_or(0, |(_, l)| l.epoch),
+                                wm,
+                            )
+                            .await
+                    }
+                };
+                if let Err(e) = pruned {
                     tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot prune delivery markers");
                 }
             }

@@ -637,3 +637,37 @@ async fn throughput_to_batched_webhook() {
     );
     h.engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_timed_out_attempt_is_counted_as_redelivered() {
+    let h = Harness::new().await;
+    // The first request arrives but is answered too late: the receiver has it, the
+    // engine saw a timeout and sends it again.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let rx = Receiver::start(move |_| {
+        if c.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::ok().after(Duration::from_secs(2))
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let dest = h
+        .create(
+            "webhook",
+            "hook",
+            json!({"url": rx.url("/"), "timeout": 0.3}),
+        )
+        .await;
+    h.append(vec![track("u", 0)]).await;
+    wait_for(Duration::from_secs(10), "delivered", || async {
+        rx.accepted().len() == 1
+    })
+    .await;
+    h.wait_idle(&dest.id).await;
+    let stats = h.engine.get(&dest.id).await.unwrap().stats;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the receiver got it twice");
+    assert_eq!((stats.delivered, stats.redelivered), (1, 1), "{stats:?}");
+    h.engine.shutdown().await;
+}

@@ -19,6 +19,9 @@ pub(super) struct Got {
     pub(super) seq: u64,
     pub(super) subject: String,
     pub(super) payload: Bytes,
+    /// `Nats-Num-Pending`: how many more messages match the request's filter after
+    /// this one (batched gets carry it; `None` when the server did not say).
+    pub(super) pending: Option<u64>,
 }
 
 pub(super) struct BatchGet<'a> {
@@ -59,6 +62,19 @@ impl BatchGet<'_> {
             "batch": batch.max(1),
         });
         self.request(req, batch).await
+    }
+
+    /// How many messages on subjects matching `filter` are stored at or after `from`:
+    /// one request (the first match and the server's count of the matches after it).
+    pub(super) async fn count_from(&self, from: u64, filter: &str) -> Result<u64, LogError> {
+        let got = self.next_by_subject(from.max(1), filter, 1).await?;
+        match got.first() {
+            None => Ok(0),
+            Some(g) => g
+                .pending
+                .map(|p| p + 1)
+                .ok_or_else(|| unavailable("direct get answer without Nats-Num-Pending")),
+        }
     }
 
     /// The message at `seq`, if it is retained.
@@ -125,10 +141,12 @@ impl BatchGet<'_> {
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| unavailable("direct get answer without Nats-Sequence"))?;
             let subject = header("Nats-Subject").unwrap_or_default();
+            let pending = header("Nats-Num-Pending").and_then(|s| s.parse::<u64>().ok());
             out.push(Got {
                 seq,
                 subject,
                 payload: m.payload,
+                pending,
             });
             if out.len() >= batch {
                 break;

@@ -1,9 +1,10 @@
 //! The cluster event log: one NATS JetStream stream, replicated by the NATS servers.
 //!
 //! **Layout.** One stream (`log.stream`, default `TRIBUTARY`) with Limits retention
-//! (`max_age` = `log.retention`, optional `max_bytes` = `log.max_bytes`, discard
-//! old), file storage, `log.replicas` replicas (3 in production), direct gets
-//! allowed. A message of source `S` goes to subject `tributary.events.<p>.<S>`, with
+//! but no `max_age` (optional `max_bytes` = `log.max_bytes` with `discard: new`), file
+//! storage, `log.replicas` replicas (3 in production), direct gets allowed. JetStream
+//! itself never deletes a record: retention is this crate's, run by one node at a
+//! time, and waits for every active consumer ([`retention`]). A message of source `S` goes to subject `tributary.events.<p>.<S>`, with
 //! `p` = [`crate::partition_of`] (source, userId or anonymousId) % `log.partitions`
 //! (default 16, fixed when the stream is created and kept in its metadata; a stream
 //! made with another count is refused). The partition is the subject's third token —
@@ -17,14 +18,13 @@
 //! ([`EventLog::dense`] is false): a partition's records are the stream's records on
 //! its subjects, with the other partitions' numbers in between. `get(seqs)` and
 //! replay's `after` work on the same numbers without a partition. Gap detection
-//! ([`EventLog::read_checked_sparse`]) uses that Limits retention deletes the
-//! *stream's* oldest records first: nothing a consumer of partition `p` expected after
-//! position `s` can be gone while the stream's first retained sequence is ≤ `s + 1`.
-//! When it is past that, the records `s + 1 ..` up to the first one the read returned
-//! (or the stream's first) *may* have included some of `p`: the gap is reported with
-//! that range of stream numbers, an upper bound of what was lost (it may count other
-//! partitions' records; it is never silent). A partition that still has a retained
-//! record at or below `s` cannot have lost any.
+//! ([`EventLog::read_checked_sparse`]) uses the partition's *floor*, which retention
+//! raises in the stream's metadata before it deletes anything of the partition:
+//! nothing a consumer of partition `p` expected after position `s` can be gone while
+//! the floor is ≤ `s + 1`. When it is past that, the records `s + 1 ..` up to the
+//! first one the read returned (or the floor) *may* have included some of `p`: the
+//! gap is reported with that range of stream numbers, an upper bound of what was lost
+//! (it may count other partitions' records; it is never silent).
 //!
 //! **Ingest** ([`EventLog::append`]): every message is published with `Nats-Msg-Id =
 //! source:messageId` (JetStream drops a repeat within `log.duplicate_window`), all of
@@ -47,15 +47,17 @@
 //! **Consumer positions** are not in NATS: [`EventLog::cursor`], `commit`,
 //! `commit_fenced` and friends go to the [`ConsumerRegistry`] given at open (the
 //! control database in a cluster, fenced by lease epoch). JetStream acks and
-//! JetStream consumers play no part in exactly-once. Retention in JetStream is by age
-//! and size only: a consumer that falls more than `log.retention` behind loses
-//! records, and says so through the gap it reads.
+//! JetStream consumers play no part in exactly-once. The same registry is what
+//! retention reads: a pinned consumer's position holds its partition's records back.
 
 mod direct;
+pub mod retention;
 mod time;
 
+pub use retention::{PartitionLag, RETENTION_LEASE, RetentionReport, run_retention};
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
@@ -146,6 +148,9 @@ pub struct JetStreamLog {
     follow: Arc<Follow>,
     head_rx: watch::Receiver<u64>,
     poller: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Records the size cap deleted before a pinned consumer read them, by this
+    /// node's retention since the log was opened.
+    dropped: AtomicU64,
 }
 
 fn now_ms() -> i64 {
@@ -193,11 +198,13 @@ impl JetStreamLog {
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: config.replicas.max(1),
-            max_age: config.retention,
+            // No age limit, and a full stream refuses new records instead of deleting
+            // old ones: retention is ours (see `retention`).
+            max_age: Duration::ZERO,
             max_bytes: config
                 .max_bytes
                 .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-            discard: stream::DiscardPolicy::Old,
+            discard: stream::DiscardPolicy::New,
             duplicate_window: config.duplicate_window.min(config.retention),
             allow_direct: true,
             metadata: [(META_PARTITIONS.to_string(), partitions.to_string())].into(),
@@ -230,6 +237,7 @@ impl JetStreamLog {
             follow,
             head_rx,
             poller: std::sync::Mutex::new(Some(poller)),
+            dropped: AtomicU64::new(0),
         })
     }
 
@@ -256,13 +264,31 @@ impl JetStreamLog {
                         let c = &info.config;
                         if c.max_age != wanted.max_age
                             || c.max_bytes != wanted.max_bytes
+                            || c.discard != wanted.discard
                             || c.num_replicas != wanted.num_replicas
                             || c.duplicate_window != wanted.duplicate_window
                             || !c.allow_direct
                         {
                             let mut update = c.clone();
+                            if !c.max_age.is_zero() {
+                                // An older layout: age retention may have deleted the
+                                // stream's prefix, in every partition (see
+                                // `retention`, "Migration").
+                                let first = info.state.first_sequence;
+                                let have = retention::floors(&c.metadata, partitions);
+                                for p in 0..partitions {
+                                    if first > have[p as usize] {
+                                        update
+                                            .metadata
+                                            .insert(retention::floor_key(p), first.to_string());
+                                    }
+                                }
+                                tracing::info!(stream = %wanted.name, max_age = ?c.max_age, first_sequence = first,
+                                    "migrating the stream: max_age removed, retention now waits for consumers");
+                            }
                             update.max_age = wanted.max_age;
                             update.max_bytes = wanted.max_bytes;
+                            update.discard = wanted.discard;
                             update.num_replicas = wanted.num_replicas;
                             update.duplicate_window = wanted.duplicate_window;
                             update.allow_direct = true;
@@ -324,10 +350,14 @@ impl JetStreamLog {
         }
     }
 
-    /// The stream's first retained sequence number, asked of the stream now.
-    async fn stream_first(&self) -> Result<u64, LogError> {
+    /// Partition `p`'s floor (records of `p` below it may be gone), asked of the
+    /// stream now.
+    async fn floor(&self, partition: u32) -> Result<u64, LogError> {
         let info = self.stream.get_info().await.map_err(unavailable)?;
-        Ok(info.state.first_sequence)
+        Ok(retention::floors(&info.config.metadata, self.partitions)
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(0))
     }
 
     fn advance_head(&self, seq: u64) {
@@ -443,13 +473,16 @@ async fn poll_head(stream: stream::Stream, follow: std::sync::Weak<Follow>) {
                 follow.last_ok_ms.store(now_ms(), Ordering::Release);
                 *follow.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 metrics::gauge!("tributary_log_head").set(last as f64);
+                metrics::gauge!("tributary_nats_up").set(1.0);
             }
             Ok(Err(e)) => {
                 *follow.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                metrics::gauge!("tributary_nats_up").set(0.0);
             }
             Err(_) => {
                 *follow.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some("stream info timed out".into());
+                metrics::gauge!("tributary_nats_up").set(0.0);
             }
         }
     }
@@ -553,21 +586,15 @@ impl EventLog for JetStreamLog {
         if records.first().is_some_and(|r| r.seq == expected) {
             return Ok(ReadOutcome { records, gap: None });
         }
-        // Asked after the read, so it covers any deletion since.
-        let first = self.stream_first().await?;
-        if first <= expected {
+        // Asked after the read, so it covers any deletion since (retention raises
+        // the floor before it deletes).
+        let floor = self.floor(after.partition).await?;
+        if floor <= expected {
             return Ok(ReadOutcome { records, gap: None });
         }
         let end = match records.first() {
-            Some(r) => r.seq.min(first),
-            None => {
-                // Nothing after the position: if the partition still has a record
-                // (at or below it), nothing of it was deleted past the position.
-                if self.first_retained(after.partition).await? <= after.seq {
-                    return Ok(ReadOutcome { records, gap: None });
-                }
-                first
-            }
+            Some(r) => r.seq.min(floor),
+            None => floor,
         };
         let gap = (end > expected).then(|| Gap {
             partition: after.partition,
@@ -747,7 +774,7 @@ impl EventLog for JetStreamLog {
             head: info.state.last_sequence,
             records: info.state.messages,
             bytes: info.state.bytes,
-            unconsumed_dropped: 0,
+            unconsumed_dropped: self.dropped.load(Ordering::Relaxed),
         })
     }
 

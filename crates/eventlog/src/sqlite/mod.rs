@@ -3,8 +3,10 @@
 //!
 //! Appends from every request go through a bounded channel to a single writer
 //! thread. The writer takes everything that is waiting (up to a cap), inserts it in
-//! one transaction and commits with `synchronous=FULL`, so one fsync of the WAL makes
-//! the whole group durable; only then is each caller answered. A full channel means
+//! one transaction and commits it to the WAL; a syncer thread then fsyncs the WAL
+//! (one fsync covers every group committed before it started, and two can be in
+//! flight while the writer commits the next group, see [`sync`]); only then is each
+//! caller answered and the head — all that readers see — advanced. A full channel means
 //! the disk cannot keep up: callers wait a bounded time, then get
 //! [`LogError::Saturated`] (429) — memory stays bounded.
 //!
@@ -16,9 +18,10 @@
 //!   message is acknowledged ([`AppendStatus::Duplicate`]) without a second row for
 //!   as long as the first is retained (the retention window, default 7 days, is the
 //!   dedupe window).
-//! - Sequence numbers are assigned by the writer and their high-water mark is
-//!   stored with every group, so they are never reused, even after retention
-//!   deletes the newest rows.
+//! - Sequence numbers are assigned by the writer; their high-water mark is stored
+//!   by every retention delete (at open the last seq is the larger of it and the
+//!   highest retained seq), so they are never reused, even after retention deletes
+//!   the newest rows.
 //! - The WAL is checkpointed by a thread of its own (`PASSIVE`, so it never blocks
 //!   the writer), not inline in a commit.
 //!
@@ -28,6 +31,7 @@
 mod checkpoint;
 mod open;
 mod read;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -119,6 +123,16 @@ impl SqliteLog {
                 let _ = tx.try_send(Request::Tick);
             }
         });
+        // The WAL exists from the writer's first transaction on and keeps its inode
+        // while any connection is open (a restart or truncation rewrites it in place).
+        let mut wal_path = config.path.clone().into_os_string();
+        wal_path.push("-wal");
+        let wal = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&wal_path)
+            .map_err(unavailable)?;
+        let syncers = sync::Syncers::start(wal, head_tx).map_err(unavailable)?;
         let writer = std::thread::Builder::new()
             .name("eventlog-writer".into())
             .spawn(move || {
@@ -126,7 +140,7 @@ impl SqliteLog {
                     writer_conn,
                     state,
                     rx,
-                    head_tx,
+                    syncers,
                     (max_group, wal_frames),
                     retention,
                 )
@@ -215,6 +229,15 @@ impl EventLog for SqliteLog {
 
     async fn latest(&self, source_id: &str, limit: usize) -> Result<Vec<Record>, LogError> {
         self.read_latest(source_id, limit).await
+    }
+
+    async fn find_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        self.read_at(source_id, message_id, received_at_ms).await
     }
 
     async fn read_range(

@@ -43,6 +43,13 @@ const COLUMNS: &str = "seq, source_id, message_id, call_type, event, received_at
          THEN CAST(json_extract(payload, '$.anonymousId') AS TEXT) ELSE anonymous_id END";
 
 impl SqliteLog {
+    /// The highest seq whose group is fsynced. Records above it are committed but may
+    /// still be lost in a crash (their callers have no answer yet), so no read returns
+    /// them.
+    fn durable_head(&self) -> i64 {
+        *self.head.borrow() as i64
+    }
+
     pub(super) async fn with_reader<T, F>(&self, f: F) -> Result<T, LogError>
     where
         T: Send + 'static,
@@ -63,11 +70,12 @@ impl SqliteLog {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Record>, LogError> {
+        let head = self.durable_head();
         self.with_reader(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                "SELECT {COLUMNS} FROM events WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2"
             ))?;
-            st.query_map(params![after as i64, limit as i64], row_to_record)?
+            st.query_map(params![after as i64, limit as i64, head], row_to_record)?
                 .collect()
         })
         .await
@@ -79,13 +87,39 @@ impl SqliteLog {
         limit: usize,
     ) -> Result<Vec<Record>, LogError> {
         let source_id = source_id.to_string();
+        let head = self.durable_head();
         self.with_reader(move |c| {
             // `events_source` walks this source's records newest first.
             let mut st = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM events WHERE source_id = ?1 ORDER BY seq DESC LIMIT ?2"
+                "SELECT {COLUMNS} FROM events WHERE source_id = ?1 AND seq <= ?3
+                 ORDER BY seq DESC LIMIT ?2"
             ))?;
-            st.query_map(params![source_id, limit as i64], row_to_record)?
+            st.query_map(params![source_id, limit as i64, head], row_to_record)?
                 .collect()
+        })
+        .await
+    }
+
+    /// The record of one source's `message_id` received at `received_at_ms`: a
+    /// lookup in `events_received` (the planner would otherwise walk the rowid).
+    pub(super) async fn read_at(
+        &self,
+        source_id: &str,
+        message_id: &str,
+        received_at_ms: i64,
+    ) -> Result<Option<Record>, LogError> {
+        let (source_id, message_id) = (source_id.to_string(), message_id.to_string());
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events INDEXED BY events_received
+                 WHERE received_at = ?1 AND source_id = ?2 AND message_id = ?3 LIMIT 1"
+            ))?;
+            st.query_map(
+                params![received_at_ms, source_id, message_id],
+                row_to_record,
+            )?
+            .next()
+            .transpose()
         })
         .await
     }
@@ -97,13 +131,15 @@ impl SqliteLog {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Record>, LogError> {
+        let head = self.durable_head();
         self.with_reader(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM events WHERE seq > ?1 AND received_at >= ?2 AND received_at < ?3
+                "SELECT {COLUMNS} FROM events WHERE seq > ?1 AND seq <= ?5
+                 AND received_at >= ?2 AND received_at < ?3
                  ORDER BY seq LIMIT ?4"
             ))?;
             st.query_map(
-                params![after as i64, from_ms, to_ms, limit as i64],
+                params![after as i64, from_ms, to_ms, limit as i64, head],
                 row_to_record,
             )?
             .collect()
@@ -112,7 +148,8 @@ impl SqliteLog {
     }
 
     pub(super) async fn read_seqs(&self, seqs: &[u64]) -> Result<Vec<Record>, LogError> {
-        let seqs = seqs.to_vec();
+        let head = self.durable_head() as u64;
+        let seqs: Vec<u64> = seqs.iter().copied().filter(|s| *s <= head).collect();
         self.with_reader(move |c| {
             let mut st =
                 c.prepare_cached(&format!("SELECT {COLUMNS} FROM events WHERE seq = ?1"))?;

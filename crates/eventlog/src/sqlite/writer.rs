@@ -1,5 +1,5 @@
-//! The writer thread: group commit of appends and of consumer registry changes,
-//! and retention.
+//! The writer thread: group commit of appends and of consumer registry changes
+//! (their fsync and answers are the syncers', see [`super::sync`]), and retention.
 //!
 //! Retention deletes only a prefix of the log (oldest seq first), so "everything
 //! below the first retained seq is gone" holds and consumers can detect gaps. By age
@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::checkpoint::WAL_RESTART_FRAMES;
 use super::open::WriterState;
+use super::sync::{Answer, Committed, FAILED, Syncers};
 use super::unavailable;
 use crate::dedupe::DedupeIndex;
 use crate::{AppendStatus, LogError, NewRecord};
@@ -59,7 +60,7 @@ pub(super) fn writer_loop(
     mut conn: Connection,
     mut state: WriterState,
     mut rx: mpsc::Receiver<Request>,
-    head: watch::Sender<u64>,
+    syncers: Syncers,
     (max_group, wal_frames): (usize, Arc<AtomicI64>),
     retention: Retention,
 ) {
@@ -83,6 +84,15 @@ pub(super) fn writer_loop(
                 Err(_) => break,
             }
         }
+        if syncers.failed() {
+            // The WAL's state on disk is unknown: acknowledge nothing more.
+            for req in pending.drain(..) {
+                if let Some(answer) = answer_of(req, Vec::new()) {
+                    answer.fail(FAILED);
+                }
+            }
+            continue;
+        }
         let started = Instant::now();
         let result = write_group(&mut conn, &mut state, &pending);
         metrics::histogram!("tributary_log_group_commit_seconds")
@@ -90,32 +100,25 @@ pub(super) fn writer_loop(
         metrics::histogram!("tributary_log_group_commit_records").record(records as f64);
         match result {
             Ok(statuses) => {
-                if state.last_seq > *head.borrow() {
-                    head.send_replace(state.last_seq);
-                }
-                for (req, status) in pending.drain(..).zip(statuses) {
-                    match req {
-                        Request::Append { reply, .. } => {
-                            let _ = reply.send(Ok(status));
-                        }
-                        Request::Consumer { reply, .. } => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Request::Tick => {}
-                    }
+                // Committed but not yet fsynced: the syncers answer after the fsync.
+                let answers: Vec<Answer> = pending
+                    .drain(..)
+                    .zip(statuses)
+                    .filter_map(|(req, status)| answer_of(req, status))
+                    .collect();
+                if !answers.is_empty() {
+                    syncers.push(Committed {
+                        answers,
+                        last_seq: state.last_seq,
+                    });
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "event log group commit failed");
+                let why = unavailable(&e).to_string();
                 for req in pending.drain(..) {
-                    match req {
-                        Request::Append { reply, .. } => {
-                            let _ = reply.send(Err(unavailable(&e)));
-                        }
-                        Request::Consumer { reply, .. } => {
-                            let _ = reply.send(Err(unavailable(&e)));
-                        }
-                        Request::Tick => {}
+                    if let Some(answer) = answer_of(req, Vec::new()) {
+                        answer.fail(&why);
                     }
                 }
             }
@@ -128,23 +131,34 @@ pub(super) fn writer_loop(
         }
         if last_prune.elapsed() >= retention.interval {
             last_prune = Instant::now();
-            prune(&mut conn, &mut state.dedupe, &retention);
+            prune(&mut conn, &mut state.dedupe, state.last_seq, &retention);
         }
         metrics::gauge!("tributary_log_dedupe_keys").set(state.dedupe.len() as f64);
     }
-    // Channel closed: everything sent has been answered; checkpoint the WAL.
+    // Channel closed: everything sent is answered once its fsync returned; then
+    // checkpoint the WAL.
+    syncers.stop();
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+/// The answer a request waits for (a tick waits for none).
+fn answer_of(req: Request, statuses: Vec<AppendStatus>) -> Option<Answer> {
+    match req {
+        Request::Append { reply, .. } => Some(Answer::Append(reply, statuses)),
+        Request::Consumer { reply, .. } => Some(Answer::Consumer(reply)),
+        Request::Tick => None,
+    }
 }
 
 /// Deletes what retention allows: by age up to the lowest pinned position, then
 /// (with a size cap) the oldest records until the used size is under the cap.
-fn prune(conn: &mut Connection, dedupe: &mut DedupeIndex, retention: &Retention) {
+fn prune(conn: &mut Connection, dedupe: &mut DedupeIndex, last_seq: u64, retention: &Retention) {
     let cutoff = chrono_now_ms() - retention.age.as_millis() as i64;
-    if let Err(e) = prune_by_age(conn, dedupe, cutoff) {
+    if let Err(e) = prune_by_age(conn, dedupe, last_seq, cutoff) {
         tracing::warn!(error = %e, "event log retention failed");
     }
     if let Some(max) = retention.max_bytes
-        && let Err(e) = prune_to_size(conn, dedupe, max, &retention.dropped)
+        && let Err(e) = prune_to_size(conn, dedupe, last_seq, max, &retention.dropped)
     {
         tracing::warn!(error = %e, "event log size cap failed");
     }
@@ -159,7 +173,22 @@ fn lowest_pinned(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 
 /// Deletes the prefix of records at or below `end`; returns their `(seq, dedupe
 /// key)`, to be forgotten by the dedupe index once the transaction committed.
-fn delete_through(tx: &rusqlite::Transaction<'_>, end: i64) -> rusqlite::Result<Vec<(u64, u64)>> {
+///
+/// The seq high-water mark is stored here, in the deleting transaction, and not
+/// with every group: at open the last seq is the larger of it and the highest
+/// retained seq, and only a delete can take the newest rows away (and their seqs
+/// must never come back). Storing it per group cost an upsert and one more WAL page
+/// per commit, the most of a single-event group's write (issue #15).
+fn delete_through(
+    tx: &rusqlite::Transaction<'_>,
+    end: i64,
+    last_seq: u64,
+) -> rusqlite::Result<Vec<(u64, u64)>> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('last_seq', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+    )?
+    .execute(params![last_seq as i64])?;
     let rows = tx
         .prepare_cached("DELETE FROM events WHERE seq <= ?1 RETURNING seq, dkey")?
         .query_map(params![end], |r| {
@@ -181,6 +210,7 @@ fn forget(dedupe: &mut DedupeIndex, rows: &[(u64, u64)]) {
 fn prune_by_age(
     conn: &mut Connection,
     dedupe: &mut DedupeIndex,
+    last_seq: u64,
     cutoff: i64,
 ) -> rusqlite::Result<()> {
     const SLICE: usize = 10_000;
@@ -197,7 +227,7 @@ fn prune_by_age(
         let Some(&(end, _)) = old.checked_sub(1).and_then(|i| slice.get(i)) else {
             return Ok(());
         };
-        let rows = delete_through(&tx, end)?;
+        let rows = delete_through(&tx, end, last_seq)?;
         tx.commit()?;
         forget(dedupe, &rows);
         if old < slice.len() || slice.len() < SLICE {
@@ -219,6 +249,7 @@ fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 fn prune_to_size(
     conn: &mut Connection,
     dedupe: &mut DedupeIndex,
+    last_seq: u64,
     max: u64,
     dropped: &AtomicU64,
 ) -> rusqlite::Result<()> {
@@ -240,7 +271,7 @@ fn prune_to_size(
             .prepare_cached("SELECT name, seq FROM consumers WHERE pinned = 1 AND seq < ?1")?
             .query_map(params![end], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        let rows = delete_through(&tx, end)?;
+        let rows = delete_through(&tx, end, last_seq)?;
         let now = chrono_now_ms();
         let mut losses = Vec::new();
         for (name, seq) in passed {
@@ -408,15 +439,6 @@ fn write_group_body(
                 }
                 Request::Tick => out.push(Vec::new()),
             }
-        }
-        if !added.is_empty() {
-            // The high-water mark outlives the rows: retention may delete the
-            // newest ones, and their seqs must still never come back.
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('last_seq', ?1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![state.last_seq as i64])?;
         }
     }
     Ok(out)

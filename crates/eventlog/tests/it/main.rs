@@ -4,3 +4,4 @@
 
 mod jetstream;
 mod nats;
+mod retention;

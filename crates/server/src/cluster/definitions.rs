@@ -5,8 +5,9 @@
 //! with `destinations`; every node's control listener passes that on
 //! ([`crate::control::Control::destination_changes`]) and the server then calls
 //! [`tributary_destinations::Engine::sync_definitions`] (also periodically and after
-//! every reconnection, since notifications can be lost). Statistics, dead letters
-//! and delivery markers stay in each node's own engine file.
+//! every reconnection, since notifications can be lost). Delivery markers and
+//! statistics are in the control database too ([`super::PgLedger`]); dead letters
+//! stay in each node's own engine file.
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;

@@ -1,5 +1,6 @@
 //! Cluster mode's PostgreSQL side: partition leases ([`PgOwnership`]), the
-//! destinations' positions ([`PgRegistry`]) and the shared plumbing ([`pg`]). The
+//! destinations' positions ([`PgRegistry`]), their delivery markers and statistics
+//! ([`PgLedger`]) and the shared plumbing ([`pg`]). The
 //! control plane's own PostgreSQL store is [`crate::control`]'s.
 //!
 //! Everything lives in one schema of the control database (`[control] schema`,
@@ -10,6 +11,7 @@
 
 pub mod definitions;
 pub mod lease;
+pub mod ledger;
 pub mod pg;
 pub mod registry;
 
@@ -24,6 +26,7 @@ use crate::control::Control;
 
 pub use definitions::PgDefinitions;
 pub use lease::{LeaseSettings, PgOwnership};
+pub use ledger::PgLedger;
 pub use registry::PgRegistry;
 
 /// `[cluster]`: this node's identity and its leases (`TRIBUTARY_CLUSTER_<FIELD>`).
@@ -103,6 +106,8 @@ pub struct ClusterParts {
     pub registry: Arc<dyn tributary_eventlog::ConsumerRegistry>,
     /// Destination definitions in the control database.
     pub definitions: Arc<dyn tributary_destinations::Definitions>,
+    /// Destinations' delivery markers and statistics in the control database.
+    pub ledger: Arc<dyn tributary_destinations::Ledger>,
 }
 
 /// Opens the control plane in PostgreSQL (`config.control`), then the leases and
@@ -120,12 +125,22 @@ pub async fn open(config: &Config) -> anyhow::Result<(Arc<Control>, ClusterParts
         .map_err(anyhow::Error::msg)?;
     let pool = pg::pool(cfg, 8).map_err(anyhow::Error::msg)?;
     let schema = &config.control.schema;
+    {
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!("control database: {}", pg::error_text(&e)))?;
+        ledger::migrate(&mut client, schema)
+            .await
+            .map_err(|e| anyhow::anyhow!("control database: {}", pg::error_text(&e)))?;
+    }
     let leases = Arc::new(PgOwnership::start(
         pool.clone(),
         schema,
         config.cluster.lease_settings(),
     ));
     let registry = Arc::new(PgRegistry::new(pool.clone(), schema));
+    let ledger = Arc::new(PgLedger::new(pool.clone(), schema, &config.cluster.node_id));
     let definitions = Arc::new(PgDefinitions::new(pool, schema));
     tracing::info!(node = %config.cluster.node_id, schema = %schema, "cluster mode: control plane and leases in PostgreSQL");
     Ok((
@@ -134,6 +149,7 @@ pub async fn open(config: &Config) -> anyhow::Result<(Arc<Control>, ClusterParts
             leases,
             registry,
             definitions,
+            ledger,
         },
     ))
 }

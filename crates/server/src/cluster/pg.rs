@@ -100,7 +100,7 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The control schema's tables: sources, identities, unmapped webhooks, API sync state,
 /// destination definitions (the control plane), leases and members (ownership), positions (the destinations'
-/// consumer registry).
+/// consumer registry, with what the log's size cap deleted before each consumer read it).
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS {s}.sources (
     id text PRIMARY KEY, type text NOT NULL, name text NOT NULL,
@@ -132,6 +132,10 @@ CREATE TABLE IF NOT EXISTS {s}.positions (
     seq bigint NOT NULL, epoch bigint NOT NULL, pinned boolean NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, log_id, partition));
+ALTER TABLE {s}.positions ADD COLUMN IF NOT EXISTS dropped bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.positions ADD COLUMN IF NOT EXISTS gap_from bigint;
+ALTER TABLE {s}.positions ADD COLUMN IF NOT EXISTS gap_to bigint;
+ALTER TABLE {s}.positions ADD COLUMN IF NOT EXISTS gap_at bigint;
 ";
 
 /// Creates the control schema and its tables when missing (idempotent; nodes

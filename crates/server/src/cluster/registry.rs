@@ -15,7 +15,7 @@
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
-use tributary_eventlog::{ConsumerRegistry, ConsumerState, LogError, Position};
+use tributary_eventlog::{ConsumerRegistry, ConsumerState, Gap, LogError, Position};
 
 use super::pg;
 
@@ -133,8 +133,8 @@ impl ConsumerRegistry for PgRegistry {
         let rows = client
             .query(
                 &format!(
-                    "SELECT consumer, log_id, partition, seq, pinned FROM {}.positions
-                     ORDER BY consumer, log_id, partition",
+                    "SELECT consumer, log_id, partition, seq, pinned, dropped, gap_from, gap_to, gap_at
+                     FROM {}.positions ORDER BY consumer, log_id, partition",
                     self.schema
                 ),
                 &[],
@@ -151,10 +151,54 @@ impl ConsumerRegistry for PgRegistry {
                     r.get::<_, i64>(3) as u64,
                 ),
                 pinned: r.get(4),
-                dropped: 0,
-                gap: None,
-                gap_at_ms: None,
+                dropped: r.get::<_, i64>(5) as u64,
+                gap: match (r.get::<_, Option<i64>>(6), r.get::<_, Option<i64>>(7)) {
+                    (Some(from), Some(to)) => Some(Gap {
+                        partition: r.get::<_, i32>(2) as u32,
+                        from: from as u64,
+                        to: to as u64,
+                    }),
+                    _ => None,
+                },
+                gap_at_ms: r.get(8),
             })
             .collect())
+    }
+
+    async fn record_loss(
+        &self,
+        consumer: &str,
+        log_id: &str,
+        gap: Gap,
+        lost: u64,
+        at_ms: i64,
+    ) -> Result<(), LogError> {
+        let client = self.pool.get().await.map_err(unavailable)?;
+        client
+            .execute(
+                &format!(
+                    // A consumer without a position in the partition (it held all
+                    // of it) gets one at the beginning, which is where it was.
+                    "INSERT INTO {s}.positions AS p (consumer, log_id, partition, seq, epoch, pinned,
+                         dropped, gap_from, gap_to, gap_at)
+                     VALUES ($1, $2, $3, 0, 0, true, $4, $5, $6, $7)
+                     ON CONFLICT (consumer, log_id, partition) DO UPDATE
+                     SET dropped = p.dropped + excluded.dropped, gap_from = excluded.gap_from,
+                         gap_to = excluded.gap_to, gap_at = excluded.gap_at",
+                    s = self.schema
+                ),
+                &[
+                    &consumer,
+                    &log_id,
+                    &(gap.partition as i32),
+                    &(lost as i64),
+                    &(gap.from as i64),
+                    &(gap.to as i64),
+                    &at_ms,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 }

@@ -98,11 +98,12 @@ async fn status_section(state: &AppState) -> Result<Markup, ApiError> {
         @for s in &st.schemas {
             div.table-wrap tabindex="0" role="region" aria-label="Table, scrolls sideways on narrow screens" { table {
                 caption { "Schema " code { (s.name) } }
-                thead { tr { th scope="col" { "Table" } th.num scope="col" { "Rows" } } }
+                thead { tr { th scope="col" { "Table" } th.num scope="col" { "Rows" } th scope="col" { "Last load" } } }
                 tbody { @for t in &s.tables {
                     tr {
                         th scope="row" { a href={ "/warehouse/" (s.name) "/" (t.name) } { (s.name) "." (t.name) } }
                         td.num { @if t.approximate { "≈ " } (t.rows) }
+                        td { (t.last_load_at.as_deref().map(when).unwrap_or_else(|| "\u{2014}".into())) }
                     }
                 } }
             } }

@@ -190,6 +190,19 @@ impl Syncer {
         tasks.insert(source_id.to_owned(), (notify, handle));
     }
 
+    /// Starts the task of a source unless it has a running one (cluster mode: every
+    /// node keeps one per synced source, waiting for the source's lease).
+    fn ensure(&self, state: &Arc<AppState>, source_id: &str) {
+        let running = self
+            .tasks
+            .lock()
+            .map(|t| t.get(source_id).is_some_and(|(_, h)| !h.is_finished()))
+            .unwrap_or(true);
+        if !running {
+            self.wake(state, source_id);
+        }
+    }
+
     /// The start lock of a source (see `starts`).
     fn start_lock(&self, source_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.starts
@@ -213,7 +226,28 @@ impl Syncer {
 
 /// Starts the task of every ActiveCampaign source with API settings and a stored
 /// sync state: runs resume, polls continue.
+///
+/// In cluster mode every node starts a task for every ActiveCampaign source with API
+/// settings (now, and for sources added later, within [`run::CLUSTER_RECHECK`]); each
+/// task syncs only while this node holds the source's lease (see [`run`]).
 pub async fn start(state: &Arc<AppState>) {
+    if state.leases.is_some() {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                for s in state.control.sources() {
+                    if s.kind == SourceType::Activecampaign && api_settings(&s).is_some() {
+                        state.sync.ensure(&state, &s.id);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(run::CLUSTER_RECHECK) => {}
+                    _ = state.shutdown.wait() => return,
+                }
+            }
+        });
+        return;
+    }
     for s in state.control.sources() {
         if s.kind != SourceType::Activecampaign || api_settings(&s).is_none() {
             continue;

@@ -1,5 +1,15 @@
 //! One source's sync task: resumes a stored run, then sleeps until the next poll
 //! (or a POST wakes it), and runs that. See the parent module for the guarantees.
+//!
+//! **Cluster mode: one node per source.** Every node has a task for every synced
+//! source, but only the holder of the source's lease (`sync:<source id>`, partition
+//! 0, in the control database's leases) reads its state and calls ActiveCampaign; the
+//! others wait for the lease. The holder rereads the stored state at least every
+//! [`CLUSTER_RECHECK`], so a backfill started through another node begins within
+//! that. When the holder dies or stalls its lease expires (`cluster.lease_ttl`) and
+//! another node resumes the run from its last checkpoint; a holder that loses the
+//! lease mid-run stops calling at once. So the per-account limit (5 requests/s) holds
+//! for the whole cluster, not per node.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,6 +29,29 @@ use crate::control::LastEvent;
 const MAX_PAGES: u32 = 100_000;
 /// Per-request timeout against ActiveCampaign.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cluster mode: how often the lease holder rereads a source's stored state.
+pub(super) const CLUSTER_RECHECK: Duration = Duration::from_secs(2);
+
+/// The lease a source's sync runs under in cluster mode.
+pub(super) fn lease_name(source_id: &str) -> String {
+    format!("sync:{source_id}")
+}
+
+/// Resolves once `owned` holds no lease (or never, without leases).
+async fn lease_lost(
+    owned: &mut Option<tokio::sync::watch::Receiver<Vec<tributary_eventlog::Lease>>>,
+) {
+    match owned {
+        Some(rx) => {
+            while !rx.borrow_and_update().is_empty() {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// Why a run stopped early.
 enum Stop {
@@ -42,7 +75,26 @@ impl From<crate::error::ApiError> for Stop {
 
 /// The task loop of one source; ends when the source is gone or at shutdown.
 pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Notify>) {
+    let cluster = state.leases.is_some();
+    let mut owned = cluster.then(|| state.ownership.owned(&lease_name(&id), 1));
+    source_loop_leased(&state, &id, &wake, &mut owned).await;
+    if owned.is_some()
+        && let Err(e) = state.ownership.release(&lease_name(&id)).await
+    {
+        tracing::warn!(source = %id, error = %e, "cannot release the sync lease");
+    }
+}
+
+async fn source_loop_leased(
+    state: &Arc<AppState>,
+    id: &str,
+    wake: &Notify,
+    owned: &mut Option<tokio::sync::watch::Receiver<Vec<tributary_eventlog::Lease>>>,
+) {
+    let state = state.clone();
+    let id = id.to_owned();
     let shutdown = state.shutdown.clone();
+    let mut holding = false;
     loop {
         if shutdown.is_triggered() {
             return;
@@ -50,6 +102,23 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
         let Some(source) = state.control.source(&id) else {
             return;
         };
+        if let Some(rx) = owned.as_mut() {
+            let held = !rx.borrow_and_update().is_empty();
+            if held != holding {
+                holding = held;
+                tracing::info!(source = %id, holding, "api sync lease {}", if held { "won: this node syncs the source" } else { "not held: another node syncs the source" });
+            }
+            if !held {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        tokio::time::sleep(CLUSTER_RECHECK).await;
+                    },
+                    _ = tokio::time::sleep(CLUSTER_RECHECK) => {}
+                    _ = shutdown.wait() => return,
+                }
+                continue;
+            }
+        }
         let Some(api) = api_settings(&source) else {
             tokio::select! {
                 _ = wake.notified() => continue,
@@ -77,11 +146,15 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
         };
         if !runnable {
             drop(starting);
-            let sleep = stored
+            let mut sleep = stored
                 .status
                 .next_poll_at
                 .map(|t| (t - now).to_std().unwrap_or_default())
                 .unwrap_or(Duration::from_secs(24 * 3600));
+            if owned.is_some() {
+                // A POST on another node only changes the stored state.
+                sleep = sleep.min(CLUSTER_RECHECK);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = wake.notified() => {}
@@ -123,6 +196,12 @@ pub(super) async fn source_loop(state: Arc<AppState>, id: String, wake: Arc<Noti
         let outcome = tokio::select! {
             r = execute(&state, &id, &api, &mut stored) => r,
             _ = shutdown.wait() => return,
+            _ = lease_lost(owned) => {
+                // Another node has (or will have) the lease and resumes from the
+                // last checkpoint; this node stops calling ActiveCampaign now.
+                tracing::warn!(source = %id, "api sync lease lost mid-run; stopping here");
+                continue;
+            }
         };
         let now = Utc::now();
         let next = now + chrono::Duration::minutes(i64::from(api.poll_minutes));

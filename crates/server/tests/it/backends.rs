@@ -480,3 +480,114 @@ async fn live_cost() {
     );
     close(&state).await;
 }
+
+async fn batch(app: &axum::Router, key: &str, messages: Vec<Value>) {
+    let body = json!({"writeKey": key, "batch": messages});
+    let req = Request::post("/v1/batch")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Waits until the warehouse loaded everything the log holds.
+async fn wait_loaded(state: &AppState) {
+    let w = state.warehouse.as_ref().expect("warehouse");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while w.lag().events > 0 || w.lag().loaded_seq == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loader behind: {:?}",
+            w.lag()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An event with more than the debugger's 10,000-event window of newer events of
+/// its source is still found, through its warehouse row; the sources list counts
+/// every event of today, not the newest 100.
+#[tokio::test]
+async fn the_fate_of_an_event_older_than_ten_thousand_newer_ones_is_found() {
+    let (state, _dir) = state().await;
+    let src = state
+        .control
+        .create(SourceType::Http, "web", "web", json!({}))
+        .unwrap();
+    let app = router(state.clone());
+    let old =
+        json!({"type": "track", "event": "Signed Up", "userId": "u-old", "messageId": "m-old"});
+    batch(&app, &src.write_key, vec![old]).await;
+    for b in 0..5 {
+        let newer: Vec<Value> = (0..2001)
+            .map(|i| {
+                json!({"type": "track", "event": "Page Viewed", "userId": format!("u{i}"),
+                            "messageId": format!("m-{b}-{i}")})
+            })
+            .collect();
+        batch(&app, &src.write_key, newer).await;
+    }
+    wait_loaded(&state).await;
+    let (st, fate) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-old", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{fate}");
+    assert_eq!(fate["message_id"], "m-old");
+    assert_eq!(fate["stored"]["seq"], 1);
+    assert_eq!(fate["stored"]["event"], "Signed Up");
+    assert_eq!(fate["warehouse"]["state"], "loaded", "{fate}");
+    assert!(
+        fate["warehouse"]["tables"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("signed_up")),
+        "{fate}"
+    );
+    // The newest is found too (the same path), and an unknown id is still a 404.
+    let (st, _) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-4-2000", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = get(
+        &app,
+        &format!("/api/v1/sources/{}/events/m-never", src.id),
+        Some("t"),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // The warehouse page's counts and the API's agree with the load: 10,006 tracks.
+    let (st, wh) = get(&app, "/api/v1/warehouse", Some("t")).await;
+    assert_eq!(st, StatusCode::OK);
+    let tracks = wh["schemas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .and_then(|s| {
+            s["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "tracks")
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(tracks["rows"], 10_006, "{tracks}");
+    assert!(tracks["last_load_at"].is_string(), "{tracks}");
+    let events_today = state
+        .warehouse
+        .as_ref()
+        .unwrap()
+        .events_on(chrono::Utc::now().date_naive())
+        .await
+        .unwrap();
+    assert_eq!(events_today.get("web").copied(), Some(10_006));
+    close(&state).await;
+}

@@ -195,4 +195,5 @@ mod backends;
 mod console;
 mod control_pg;
 mod leases;
+mod ledger;
 mod refusals;

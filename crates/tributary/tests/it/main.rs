@@ -9,6 +9,7 @@ mod activecampaign;
 mod browser;
 mod cli;
 mod cluster;
+mod cluster_ops;
 mod config;
 mod control_plane;
 mod crash;

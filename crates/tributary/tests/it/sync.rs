@@ -20,7 +20,7 @@ type Rows = BTreeSet<(String, String)>;
 
 /// What each Email table must hold: (email, campaign id) pairs; clicks also name the
 /// link, as `email|link`.
-struct Expected {
+pub(crate) struct Expected {
     delivered: Rows,
     opened: Rows,
     clicked: Rows,
@@ -30,7 +30,7 @@ struct Expected {
 }
 
 impl Expected {
-    fn of(recipients: usize) -> Expected {
+    pub(crate) fn of(recipients: usize) -> Expected {
         let mut e = Expected {
             delivered: Rows::new(),
             opened: Rows::new(),
@@ -70,7 +70,7 @@ impl Expected {
         e
     }
 
-    fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.delivered.len()
             + self.opened.len()
             + self.clicked.len()
@@ -80,11 +80,11 @@ impl Expected {
     }
 }
 
-fn api_settings(stand_in: &StandIn) -> Value {
+pub(crate) fn api_settings(stand_in: &StandIn) -> Value {
     json!({"api": {"url": stand_in.url, "key": KEY, "poll_minutes": 60}})
 }
 
-async fn create_ac_source(s: &Server, schema: &str, settings: Value) -> (u16, Value) {
+pub(crate) async fn create_ac_source(s: &Server, schema: &str, settings: Value) -> (u16, Value) {
     s.admin(
         Method::POST,
         "/sources",
@@ -93,7 +93,7 @@ async fn create_ac_source(s: &Server, schema: &str, settings: Value) -> (u16, Va
     .await
 }
 
-async fn sync_status(s: &Server, id: &str) -> Value {
+pub(crate) async fn sync_status(s: &Server, id: &str) -> Value {
     let (st, v) = s
         .admin(Method::GET, &format!("/sources/{id}/sync"), None)
         .await;
@@ -102,7 +102,7 @@ async fn sync_status(s: &Server, id: &str) -> Value {
 }
 
 /// Waits until the sync is no longer running.
-async fn sync_settles(s: &Server, id: &str) -> Value {
+pub(crate) async fn sync_settles(s: &Server, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let v = sync_status(s, id).await;
@@ -152,7 +152,7 @@ async fn table_rows(s: &Server, schema: &str, table: &str) -> Option<Rows> {
 
 /// Waits until every table holds exactly what is expected (loads are micro-batches),
 /// then checks that no table holds a row twice.
-async fn assert_tables(s: &Server, schema: &str, e: &Expected) {
+pub(crate) async fn assert_tables(s: &Server, schema: &str, e: &Expected) {
     let tables: [(&str, &Rows); 6] = [
         ("email_delivered", &e.delivered),
         ("email_opened", &e.opened),
@@ -194,7 +194,7 @@ async fn assert_tables(s: &Server, schema: &str, e: &Expected) {
     }
 }
 
-async fn start_sync(s: &Server, id: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn start_sync(s: &Server, id: &str, body: Value) -> (u16, Value) {
     s.admin(Method::POST, &format!("/sources/{id}/sync"), Some(body))
         .await
 }

@@ -20,7 +20,7 @@
 //! pass; rows go in only if their `id` is absent, as always, so when the regular pass
 //! reaches these records it inserts nothing and records no discard twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
@@ -31,6 +31,7 @@ use crate::evolve::{Discard, LoadBatch, LoadRow, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, quote};
 use crate::outcome::{ApplyStats, CONSUMER, LoadError, StateKey};
 use crate::plan::TableKind;
+use crate::stats::{PRIMARY_TABLES, Scope, day_of, email_needs_rebuild, is_email_table};
 use crate::types::{Cell, ColumnType};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -92,6 +93,19 @@ pub(super) async fn apply(
             .await
             .map_err(classify)?;
         }
+        // The counters (module `stats`): a schema without them is counted from its
+        // raw tables at the end, else they move by what is inserted.
+        let scope = Scope::postgres(&load.schema, state);
+        let must_build = tx
+            .execute(&scope.claim_built(), &[])
+            .await
+            .map_err(classify)?
+            > 0;
+        let mut email_rebuild = false;
+        let mut email_tables: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut counts: Vec<(String, u64)> = Vec::new();
+        let mut days: HashMap<String, u64> = HashMap::new();
+        let mut new_ids: Vec<String> = Vec::new();
         let mut identifies_inserted: HashSet<String> = HashSet::new();
         let mut discards: Vec<Discard> = Vec::new();
         for table in &load.tables {
@@ -109,7 +123,11 @@ pub(super) async fn apply(
                         rows.iter().map(|(_, c)| c.as_slice()),
                     )
                     .await?;
-                    stats.rows += upsert_users(&tx, &schema, table, &temp).await?;
+                    let (changed, new) = upsert_users(&tx, &schema, table, &temp).await?;
+                    stats.rows += changed;
+                    if new > 0 {
+                        counts.push((table.table.clone(), new));
+                    }
                 }
                 discards.extend(d);
                 continue;
@@ -119,23 +137,46 @@ pub(super) async fn apply(
                 continue;
             }
             let target = format!("{schema}.{}", quote(&table.table));
-            let inserted = match insert_direct(&tx, &target, table, &rows).await? {
-                Some(n) => {
-                    // Every row went in: every id was absent.
-                    stats.rows += n;
-                    Inserted::All
-                }
-                None => {
-                    let (n, ids) = insert_if_absent(&tx, &target, &temp, table, &rows).await?;
-                    stats.rows += n;
-                    ids
-                }
+            let (n, inserted) = match insert_direct(&tx, &target, table, &rows).await? {
+                // Every row went in: every id was absent.
+                Some(n) => (n, Inserted::All),
+                None => insert_if_absent(&tx, &target, &temp, table, &rows).await?,
             };
+            stats.rows += n;
             let is_inserted = |key: &str| match &inserted {
                 Inserted::All => true,
                 Inserted::Some(ids) => ids.contains(key),
                 Inserted::Count => false,
             };
+            if n > 0 {
+                counts.push((table.table.clone(), n));
+            }
+            if PRIMARY_TABLES.contains(&table.table.as_str())
+                && let Some(i) = table.columns.iter().position(|(c, _)| c == "received_at")
+            {
+                for row in rows.iter().filter(|r| is_inserted(&r.key)) {
+                    if let Some(day) = day_of(&table.cells_of(row)[i]) {
+                        *days.entry(day).or_default() += 1;
+                    }
+                }
+            }
+            if is_email_table(&table.table) {
+                email_rebuild |= email_needs_rebuild(&table.add, &table.widen);
+                email_tables.insert(
+                    table.table.clone(),
+                    table
+                        .after
+                        .columns()
+                        .iter()
+                        .map(|(c, _)| c.clone())
+                        .collect(),
+                );
+                new_ids.extend(
+                    rows.iter()
+                        .filter(|r| is_inserted(&r.key))
+                        .map(|r| r.key.to_string()),
+                );
+            }
             if table.kind == TableKind::Identifies {
                 identifies_inserted.extend(
                     rows.iter()
@@ -183,6 +224,39 @@ pub(super) async fn apply(
                 rows.iter().map(Vec::as_slice),
             )
             .await?;
+            counts.push((DISCARDS_TABLE.to_string(), rows.len() as u64));
+        }
+        let mut statements = Vec::new();
+        if must_build {
+            statements.extend(scope.rebuild_all(&live_tables(&tx, &load.schema).await?));
+        } else {
+            statements.extend(scope.bump_tables(&counts, &batch.loaded_at));
+            statements.extend(scope.bump_days(&days));
+            if email_rebuild {
+                let all = live_tables(&tx, &load.schema).await?;
+                statements.extend(
+                    scope.email_rebuild(
+                        &all.into_iter().filter(|(t, _)| is_email_table(t)).collect(),
+                    ),
+                );
+            } else if !new_ids.is_empty() {
+                tx.batch_execute(&scope.new_ids_ddl())
+                    .await
+                    .map_err(classify)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {} SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                        scope.new_ids()
+                    ),
+                    &[&new_ids],
+                )
+                .await
+                .map_err(classify)?;
+                statements.extend(scope.email_update(&email_tables, true));
+            }
+        }
+        for sql in statements {
+            tx.batch_execute(&sql).await.map_err(classify)?;
         }
     }
     if !ahead {
@@ -400,8 +474,10 @@ async fn insert_if_absent(
     );
     // Which ids were inserted matters only for `users` (fed by identifies) and for
     // discards; otherwise the count is enough.
-    let need_ids =
-        table.kind == TableKind::Identifies || rows.iter().any(|r| !r.discards.is_empty());
+    let need_ids = table.kind == TableKind::Identifies
+        || PRIMARY_TABLES.contains(&table.table.as_str())
+        || is_email_table(&table.table)
+        || rows.iter().any(|r| !r.discards.is_empty());
     if !need_ids {
         let n = tx.execute(&insert, &[]).await.map_err(classify)?;
         return Ok((n, Inserted::Count));
@@ -416,12 +492,13 @@ async fn insert_if_absent(
     Ok((inserted.len() as u64, Inserted::Some(inserted)))
 }
 
+/// Upserts `users` from `temp`; returns the rows changed and how many are new.
 async fn upsert_users(
     tx: &Tx<'_>,
     schema: &str,
     table: &TableLoad,
     temp: &str,
-) -> Result<u64, LoadError> {
+) -> Result<(u64, u64), LoadError> {
     let cols = column_list(&table.columns);
     let updates: Vec<String> = table
         .columns
@@ -434,16 +511,40 @@ async fn upsert_users(
     } else {
         format!("DO UPDATE SET {}", updates.join(", "))
     };
-    tx.execute(
-        &format!(
-            "INSERT INTO {schema}.{t} AS u ({cols}) SELECT {cols} FROM {temp}
-             ON CONFLICT (\"id\") {conflict}",
-            t = quote(&table.table)
-        ),
-        &[],
-    )
-    .await
-    .map_err(classify)
+    // `xmax = 0` only on a row this statement inserted (an update sets it).
+    let rows = tx
+        .query(
+            &format!(
+                "INSERT INTO {schema}.{t} AS u ({cols}) SELECT {cols} FROM {temp}
+                 ON CONFLICT (\"id\") {conflict} RETURNING (u.xmax = 0)",
+                t = quote(&table.table)
+            ),
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+    let new = rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+    Ok((rows.len() as u64, new))
+}
+
+/// Every table of `schema` with its columns (inside the load transaction).
+async fn live_tables(
+    tx: &Tx<'_>,
+    schema: &str,
+) -> Result<HashMap<String, HashSet<String>>, LoadError> {
+    let rows = tx
+        .query(
+            "SELECT table_name::text, column_name::text FROM information_schema.columns
+             WHERE table_schema = $1",
+            &[&schema],
+        )
+        .await
+        .map_err(classify)?;
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in rows {
+        out.entry(r.get(0)).or_default().insert(r.get(1));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

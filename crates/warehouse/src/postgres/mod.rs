@@ -341,6 +341,10 @@ impl PostgresBackend {
             .map_err(classify)?;
             tracing::info!(version, "warehouse state schema migrated");
         }
+        // The loader's counters (module `stats`), idempotent.
+        tx.batch_execute(&crate::stats::Scope::postgres("", &state).ddl())
+            .await
+            .map_err(classify)?;
         let key = &claim.key;
         let partition = key.partition as i32;
         let own = tx
@@ -481,6 +485,17 @@ impl PostgresBackend {
         &self,
     ) -> Result<(Vec<SchemaStatus>, Option<DateTime<Utc>>), WarehouseError> {
         read::status(&self.read_pool, &self.state(), self.query_timeout).await
+    }
+
+    pub(crate) fn stats_scope(&self, schema: &str) -> crate::stats::Scope {
+        crate::stats::Scope::postgres(schema, &self.state())
+    }
+
+    pub(crate) async fn events_on(
+        &self,
+        day: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, WarehouseError> {
+        read::events_on(&self.read_pool, &self.state(), day).await
     }
 
     pub(crate) async fn table(

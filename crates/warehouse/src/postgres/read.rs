@@ -19,6 +19,7 @@
 //! JSON by the original column type. A session whose statement was cancelled is
 //! closed, not reused.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -37,7 +38,8 @@ use crate::query::{Budget, Limits, cell_cap, cut_str};
 use crate::types::format_timestamp;
 use crate::{Column, QueryResult, SchemaStatus, TableData, TableStatus, WarehouseError};
 
-/// Tables above this many rows (planner estimate) report the estimate, not a count.
+/// Tables above this many rows (planner estimate) report the estimate, not a count
+/// (only schemas whose counters are not built yet).
 const EXACT_COUNT_LIMIT: f64 = 1_000_000.0;
 
 fn unavailable(e: impl std::fmt::Display) -> WarehouseError {
@@ -123,6 +125,33 @@ pub(super) async fn status(
                 tables: Vec::new(),
             })
             .collect();
+        // The loader's counters (module `stats`) for the schemas that have them; a
+        // schema loaded before they existed is counted until its next load builds
+        // them (the state tables are absent before the loader's first start).
+        let built: HashSet<String> = c
+            .query(
+                &format!("SELECT schema_name FROM {state}.stats_meta WHERE key = 'built'"),
+                &[],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default();
+        let mut counted: HashMap<(String, String), (i64, Option<String>)> = HashMap::new();
+        if !built.is_empty() {
+            for r in c
+                .query(
+                    &format!(
+                        "SELECT schema_name, table_name, rows, last_load_at FROM {state}.table_stats
+                         WHERE schema_name = ANY($1)"
+                    ),
+                    &[&schemas],
+                )
+                .await
+                .map_err(unavailable)?
+            {
+                counted.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
+            }
+        }
         let mut counts = Vec::new();
         for row in &tables {
             let schema: String = row.get(0);
@@ -131,6 +160,18 @@ pub(super) async fn status(
             let Some(si) = schemas.iter().position(|s| *s == schema) else {
                 continue;
             };
+            if built.contains(&schema) {
+                let (rows, last_load_at) = counted
+                    .remove(&(schema.clone(), table.clone()))
+                    .unwrap_or((0, None));
+                out[si].tables.push(TableStatus {
+                    name: table,
+                    rows: rows.max(0) as u64,
+                    approximate: false,
+                    last_load_at,
+                });
+                continue;
+            }
             let approximate = estimate >= EXACT_COUNT_LIMIT;
             if !approximate {
                 counts.push((
@@ -143,6 +184,7 @@ pub(super) async fn status(
                 name: table,
                 rows: estimate.max(0.0) as u64,
                 approximate,
+                last_load_at: None,
             });
         }
         if !counts.is_empty() {
@@ -198,6 +240,32 @@ pub(super) async fn status(
             .flatten()
             .map(|r| r.get(0));
         Ok((out, last))
+    })
+    .await
+}
+
+/// Events of `day` per schema from the loader's counters (schemas with counters).
+pub(super) async fn events_on(
+    pool: &Pool,
+    state: &str,
+    day: &str,
+) -> Result<HashMap<String, u64>, WarehouseError> {
+    with_client(pool, async |c| {
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT m.schema_name, COALESCE(d.events, 0) FROM {state}.stats_meta m
+                     LEFT JOIN {state}.day_stats d ON d.schema_name = m.schema_name AND d.day = $1
+                     WHERE m.key = 'built'"
+                ),
+                &[&day],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect())
     })
     .await
 }

@@ -11,7 +11,7 @@
 //! position is never written again; the table shape is checked against the live file
 //! inside the transaction, so a stale loader cache cannot break a load.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{Transaction, TransactionBehavior, params_from_iter};
@@ -21,6 +21,9 @@ use crate::evolve::{Discard, LoadBatch, SchemaLoad, TableLoad, merge_users};
 use crate::naming::{DISCARDS_TABLE, STATE_TABLE, quote};
 use crate::outcome::{ApplyStats, LoadError};
 use crate::plan::TableKind;
+use crate::stats::{
+    PRIMARY_TABLES, Scope, day_of, email_needs_rebuild, is_counter_table, is_email_table,
+};
 use crate::types::{ColumnType, format_timestamp};
 
 pub(super) fn apply(w: &mut Writer, dir: &Path, batch: LoadBatch) -> Result<ApplyStats, LoadError> {
@@ -135,6 +138,16 @@ fn apply_schema(
         return Ok(Some(false));
     }
 
+    // The counters (module `stats`): a file without them is counted from its raw
+    // tables at the end of this transaction, else they move by what is inserted.
+    let scope = Scope::sqlite(&load.schema);
+    let must_build = tx.execute(&scope.claim_built(), [])? > 0;
+    let mut email_rebuild = false;
+    let mut email_tables: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    let mut days: HashMap<String, u64> = HashMap::new();
+    let mut new_ids = None;
+
     let mut identifies_inserted: HashSet<String> = HashSet::new();
     let mut discards: Vec<&Discard> = Vec::new();
     let mut merged_discards: Vec<Discard> = Vec::new();
@@ -142,20 +155,65 @@ fn apply_schema(
         ensure_table(&tx, table)?;
         if table.kind == TableKind::Users {
             let (rows, d) = merge_users(table, &identifies_inserted);
-            stats.rows += upsert_users(&tx, table, &rows)?;
+            let (changed, new) = upsert_users(&tx, table, &rows)?;
+            stats.rows += changed;
+            if new > 0 {
+                counts.push((table.table.clone(), new));
+            }
             merged_discards.extend(d);
             continue;
         }
+        let email = is_email_table(&table.table);
+        if email {
+            email_rebuild |= email_needs_rebuild(&table.add, &table.widen);
+            email_tables.insert(
+                table.table.clone(),
+                table
+                    .after
+                    .columns()
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            );
+            if new_ids.is_none() {
+                tx.execute_batch(&scope.new_ids_ddl())?;
+                new_ids = Some(());
+            }
+        }
+        let mut add_id = if email {
+            Some(tx.prepare(&format!(
+                "INSERT INTO {} (\"id\") VALUES (?1) ON CONFLICT DO NOTHING",
+                scope.new_ids()
+            ))?)
+        } else {
+            None
+        };
+        let day_at = PRIMARY_TABLES
+            .contains(&table.table.as_str())
+            .then(|| table.columns.iter().position(|(n, _)| n == "received_at"))
+            .flatten();
         let sql = insert_sql(table);
         let mut stmt = tx.prepare(&sql)?;
+        let mut inserted = 0u64;
         for row in table.rows.iter().filter(|r| r.seq > position) {
-            if stmt.execute(params_from_iter(table.cells_of(row).iter()))? > 0 {
-                stats.rows += 1;
+            let cells = table.cells_of(row);
+            if stmt.execute(params_from_iter(cells.iter()))? > 0 {
+                inserted += 1;
                 discards.extend(row.discards.iter());
                 if table.kind == TableKind::Identifies {
                     identifies_inserted.insert(row.message_id.to_string());
                 }
+                if let Some(day) = day_at.and_then(|i| day_of(&cells[i])) {
+                    *days.entry(day).or_default() += 1;
+                }
+                if let Some(add) = add_id.as_mut() {
+                    add.execute([&*row.key])?;
+                }
             }
+        }
+        stats.rows += inserted;
+        if inserted > 0 {
+            counts.push((table.table.clone(), inserted));
         }
     }
     discards.extend(merged_discards.iter());
@@ -178,6 +236,28 @@ fn apply_schema(
             ])?;
         }
         stats.discards += discards.len() as u64;
+        counts.push((DISCARDS_TABLE.to_string(), discards.len() as u64));
+    }
+    if must_build {
+        for sql in scope.rebuild_all(&live_tables(&tx)?) {
+            tx.execute_batch(&sql)?;
+        }
+    } else {
+        if let Some(sql) = scope.bump_tables(&counts, &load_time(loaded_at)) {
+            tx.execute_batch(&sql)?;
+        }
+        if let Some(sql) = scope.bump_days(&days) {
+            tx.execute_batch(&sql)?;
+        }
+        let email = if email_rebuild {
+            let all = live_tables(&tx)?;
+            scope.email_rebuild(&all.into_iter().filter(|(t, _)| is_email_table(t)).collect())
+        } else {
+            scope.email_update(&email_tables, true)
+        };
+        for sql in email {
+            tx.execute_batch(&sql)?;
+        }
     }
     tx.execute(
         &format!(
@@ -215,13 +295,38 @@ fn insert_sql(table: &TableLoad) -> String {
     )
 }
 
+/// Every table of the schema file (counter tables excluded) with its columns.
+fn live_tables(tx: &Transaction<'_>) -> rusqlite::Result<HashMap<String, HashSet<String>>> {
+    let mut stmt = tx.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+    )?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut out = HashMap::new();
+    for name in names {
+        if name == STATE_TABLE || is_counter_table(&name) {
+            continue;
+        }
+        let cols = table_columns(tx, &name)?;
+        out.insert(name, cols.into_iter().map(|(n, _)| n).collect());
+    }
+    Ok(out)
+}
+
+/// The batch's load time back from its stored text.
+fn load_time(loaded_at: &str) -> chrono::DateTime<chrono::Utc> {
+    super::stored_timestamp(loaded_at).unwrap_or_else(chrono::Utc::now)
+}
+
+/// Upserts `users`; returns the rows changed and how many of them are new.
 fn upsert_users(
     tx: &Transaction<'_>,
     table: &TableLoad,
     rows: &[(String, Vec<crate::types::Cell>)],
-) -> rusqlite::Result<u64> {
+) -> rusqlite::Result<(u64, u64)> {
     if rows.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let updates: Vec<String> = table
         .columns
@@ -241,11 +346,19 @@ fn upsert_users(
         placeholders(table.columns.len())
     );
     let mut stmt = tx.prepare(&sql)?;
-    let mut n = 0;
-    for (_, cells) in rows {
+    let mut exists = tx.prepare(&format!(
+        "SELECT count(*) FROM {} WHERE \"id\" = ?1",
+        quote(&table.table)
+    ))?;
+    let (mut n, mut new) = (0, 0);
+    for (id, cells) in rows {
+        let present: i64 = exists.query_row([id], |r| r.get(0))?;
         n += stmt.execute(params_from_iter(cells.iter()))? as u64;
+        if present == 0 {
+            new += 1;
+        }
     }
-    Ok(n)
+    Ok((n, new))
 }
 
 /// `CREATE TABLE` text for `name` with these columns; `id` is the primary key under a

@@ -89,6 +89,7 @@ impl Writer {
 }
 
 fn system_tables_sql() -> String {
+    let counters = crate::stats::Scope::sqlite("").ddl();
     format!(
         "CREATE TABLE IF NOT EXISTS {d} (
             \"table_name\" TEXT NOT NULL,
@@ -103,7 +104,8 @@ fn system_tables_sql() -> String {
             \"consumer\" TEXT NOT NULL PRIMARY KEY,
             \"seq\" BIGINT NOT NULL,
             \"updated_at\" TIMESTAMP NOT NULL
-        );",
+        );
+        {counters}",
         d = quote(DISCARDS_TABLE),
         s = quote(STATE_TABLE),
     )
@@ -240,7 +242,7 @@ fn describe_conn(conn: &Connection) -> rusqlite::Result<SchemaState> {
         .collect::<Result<_, _>>()?;
     let mut tables = HashMap::new();
     for name in names {
-        if name == DISCARDS_TABLE || name == STATE_TABLE {
+        if name == DISCARDS_TABLE || name == STATE_TABLE || crate::stats::is_counter_table(&name) {
             continue;
         }
         let cols = table_columns(conn, &name)?;
@@ -375,6 +377,14 @@ impl SqliteBackend {
     ) -> Result<(Vec<SchemaStatus>, Option<DateTime<Utc>>), WarehouseError> {
         let dir = self.dir.clone();
         read::run(move || read::status(&dir)).await
+    }
+
+    pub(crate) async fn events_on(
+        &self,
+        day: &str,
+    ) -> Result<HashMap<String, u64>, WarehouseError> {
+        let (dir, day) = (self.dir.clone(), day.to_string());
+        read::run(move || read::events_on(&dir, &day)).await
     }
 
     pub(crate) async fn table(

@@ -91,7 +91,10 @@ fn user_tables(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let names: Vec<String> = stmt
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    Ok(names.into_iter().filter(|n| n != STATE_TABLE).collect())
+    Ok(names
+        .into_iter()
+        .filter(|n| n != STATE_TABLE && !crate::stats::is_counter_table(n))
+        .collect())
 }
 
 pub(super) fn status(
@@ -100,17 +103,27 @@ pub(super) fn status(
     let mut schemas = Vec::new();
     for schema in list_schemas(dir)? {
         let conn = open_ro(&schema_path(dir, &schema)).map_err(unavailable)?;
+        // The loader's counters (module `stats`); a file loaded before they existed
+        // is counted until its next load builds them.
+        let counted = counters(&conn, &schema).map_err(unavailable)?;
         let mut tables = Vec::new();
         for name in user_tables(&conn).map_err(unavailable)? {
-            let rows: i64 = conn
-                .query_row(&format!("SELECT count(*) FROM {}", quote(&name)), [], |r| {
-                    r.get(0)
-                })
-                .map_err(unavailable)?;
+            let (rows, last_load_at) = match &counted {
+                Some(c) => c.get(&name).cloned().unwrap_or((0, None)),
+                None => {
+                    let n: i64 = conn
+                        .query_row(&format!("SELECT count(*) FROM {}", quote(&name)), [], |r| {
+                            r.get(0)
+                        })
+                        .map_err(unavailable)?;
+                    (n.max(0) as u64, None)
+                }
+            };
             tables.push(TableStatus {
                 name,
-                rows: rows.max(0) as u64,
+                rows,
                 approximate: false,
+                last_load_at,
             });
         }
         schemas.push(SchemaStatus {
@@ -145,6 +158,69 @@ pub(super) fn status(
         None
     };
     Ok((schemas, last_load_at))
+}
+
+/// Per table: its counted rows and last load.
+type Counted = std::collections::HashMap<String, (u64, Option<String>)>;
+
+/// The counted rows and last load of every table of a schema file, `None` when the
+/// file has no counters yet.
+fn counters(conn: &Connection, schema: &str) -> rusqlite::Result<Option<Counted>> {
+    let scope = crate::stats::Scope::sqlite(schema);
+    let has: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [format!("{}stats_meta", crate::stats::SQLITE_PREFIX)],
+        |r| r.get(0),
+    )?;
+    if has == 0 || conn.query_row(&scope.is_built(), [], |r| r.get::<_, i64>(0))? == 0 {
+        return Ok(None);
+    }
+    let mut stmt = conn.prepare(&scope.table_reads())?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            (
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, Option<String>>(2)?,
+            ),
+        ))
+    })?;
+    Ok(Some(rows.collect::<Result<_, _>>()?))
+}
+
+/// Events of `day` (`YYYY-MM-DD`) loaded into each schema, from the loader's
+/// counters; a schema without counters yet is left out.
+pub(super) fn events_on(
+    dir: &Path,
+    day: &str,
+) -> Result<std::collections::HashMap<String, u64>, WarehouseError> {
+    let mut out = std::collections::HashMap::new();
+    for schema in list_schemas(dir)? {
+        let conn = open_ro(&schema_path(dir, &schema)).map_err(unavailable)?;
+        let scope = crate::stats::Scope::sqlite(&schema);
+        let has: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [format!("{}stats_meta", crate::stats::SQLITE_PREFIX)],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
+        if has == 0
+            || conn
+                .query_row(&scope.is_built(), [], |r| r.get::<_, i64>(0))
+                .map_err(unavailable)?
+                == 0
+        {
+            continue;
+        }
+        let n: i64 = conn
+            .query_row(&scope.day_read(day), [], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?
+            .unwrap_or(0);
+        out.insert(schema, n.max(0) as u64);
+    }
+    Ok(out)
 }
 
 pub(super) fn table(
