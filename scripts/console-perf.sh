@@ -74,14 +74,21 @@ echo "|---|---:|---:|---:|---:|"
 measure() { # page, extra curl args…
     local page="$1"; shift
     for _ in $(seq "$N"); do
-        curl -fs "$@" -o /dev/null -w '%{time_total}\n' "$URL$page"
-    done | sort -n | awk '{ t[NR] = $1 * 1000 } END { printf "%.1f %.1f %.1f\n", t[int(NR * 0.5)], t[int(NR * 0.95)], t[NR] }'
+        curl -s "$@" -o /dev/null -w '%{time_total} %{http_code}\n' "$URL$page"
+    done | sort -n | awk '{ t[NR] = $1 * 1000; if ($2 != 200) bad++ } END { printf "%.1f %.1f %.1f %d\n", t[int(NR * 0.5)], t[int(NR * 0.95)], t[NR], bad }'
 }
-read -r H50 H95 HMAX < <(measure /health)
+FAILED=0
+read -r H50 H95 HMAX _ < <(measure /health)
 printf '| `/health` (baseline) | %s | %s | %s | 1.0 |\n' "$H50" "$H95" "$HMAX"
 row() { # label, page, curl args…
     local label="$1" page="$2"; shift 2
-    read -r P50 P95 PMAX < <(measure "$page" "$@")
+    read -r P50 P95 PMAX BAD < <(measure "$page" "$@")
+    # A page that did not answer 200 is not timed: its row says so and the run fails.
+    if [ "$BAD" -gt 0 ]; then
+        FAILED=1
+        printf '| `%s` | %s of %s answers were not 200 | | | |\n' "$label" "$BAD" "$N"
+        return
+    fi
     printf '| `%s` | %s | %s | %s | %s |\n' "$label" "$P50" "$P95" "$PMAX" "$(awk -v a="$P95" -v b="$H95" 'BEGIN { printf "%.1f", (b > 0 ? a / b : 0) }')"
 }
 for page in / /sources /sources/new "/sources/$SRC" "/sources/$SRC/debugger" /destinations /destinations/new /warehouse \
@@ -91,3 +98,4 @@ done
 row "GET /api/v1/warehouse" /api/v1/warehouse -H "$AUTH"
 row "GET /api/v1/reports/email" "/api/v1/reports/email?source=$SRC" -H "$AUTH"
 row "GET /api/v1/sources/…/events/first-event" "/api/v1/sources/$SRC/events/first-event" -H "$AUTH"
+exit "$FAILED"
