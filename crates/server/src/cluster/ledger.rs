@@ -46,17 +46,7 @@ pub async fn migrate(
     client: &mut tokio_postgres::Client,
     schema: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('tributary control ' || $1))",
-        &[&schema],
-    )
-    .await?;
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-        .await?;
-    tx.batch_execute(&TABLES.replace("{s}", &format!("\"{schema}\"")))
-        .await?;
-    tx.commit().await
+    super::pg::migrate_tables(client, schema, TABLES).await
 }
 
 /// Delivery markers and statistics in `<schema>.delivery_markers` and

@@ -144,6 +144,18 @@ pub async fn migrate(
     client: &mut tokio_postgres::Client,
     schema: &str,
 ) -> Result<(), tokio_postgres::Error> {
+    migrate_tables(client, schema, TABLES).await
+}
+
+/// Runs `tables` (DDL with `{s}` for the quoted schema, idempotent) in the control
+/// schema, created when missing, under the advisory lock every part of the control
+/// schema migrates under (the leases, the delivery ledger, console sessions), so
+/// nodes starting together do not race. `schema` is checked by [`validate_schema`].
+pub(crate) async fn migrate_tables(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    tables: &str,
+) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('tributary control ' || $1))",
@@ -152,7 +164,7 @@ pub async fn migrate(
     .await?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
         .await?;
-    tx.batch_execute(&TABLES.replace("{s}", &format!("\"{schema}\"")))
+    tx.batch_execute(&tables.replace("{s}", &format!("\"{schema}\"")))
         .await?;
     tx.commit().await
 }

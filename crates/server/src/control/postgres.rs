@@ -131,15 +131,7 @@ async fn migrate_sessions(
     client: &mut tokio_postgres::Client,
     schema: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('tributary control ' || $1))",
-        &[&schema],
-    )
-    .await?;
-    tx.batch_execute(&SESSIONS_TABLE.replace("{s}", &format!("\"{schema}\"")))
-        .await?;
-    tx.commit().await
+    pg::migrate_tables(client, schema, SESSIONS_TABLE).await
 }
 
 impl PgControlStore {
