@@ -272,31 +272,7 @@ impl Server {
         if self.mode == LogMode::Reference {
             return Ok(REFERENCE_KEY.to_string());
         }
-        let body = json!({"type": kind, "name": name, "schema": schema}).to_string();
-        let auth = format!("Bearer {}", self.token);
-        let (status, resp) = http::once(
-            self.addr,
-            "POST",
-            "/api/v1/sources",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.as_bytes(),
-        )
-        .await
-        .context("POST /api/v1/sources")?;
-        if status != 201 && status != 200 {
-            bail!(
-                "creating a source answered {status}: {}",
-                String::from_utf8_lossy(&resp)
-            );
-        }
-        let v: Value = serde_json::from_slice(&resp).context("source JSON")?;
-        v["write_key"]
-            .as_str()
-            .map(str::to_string)
-            .context("the created source has no write_key")
+        Ok(self.create_source_with_id(kind, name, schema).await?.1)
     }
 
     /// Reads and parses `/metrics`.
