@@ -79,6 +79,17 @@ impl Drop for Inner {
     }
 }
 
+/// Puts a destination's worker in the map. There is never a second one: a worker
+/// replaced here would run on unseen, delivering every event a second time
+/// (uncounted) — so one found is a bug, logged and stopped at once.
+fn install(workers: &mut HashMap<String, WorkerHandle>, id: &str, worker: WorkerHandle) {
+    if let Some(old) = workers.insert(id.to_string(), worker) {
+        tracing::error!(destination = %id, "a second worker was started for a destination; stopping the first");
+        old.abort();
+        tokio::spawn(old.stop());
+    }
+}
+
 /// The destination's name in the log's consumer registry.
 fn consumer_name(id: &str) -> String {
     format!("destination:{id}")
@@ -194,7 +205,7 @@ impl Engine {
         for row in rows.iter().filter(|r| r.enabled) {
             match engine.spawn_worker(row) {
                 Ok(w) => {
-                    workers.insert(row.id.clone(), w);
+                    install(&mut workers, &row.id, w);
                 }
                 Err(e) => {
                     tracing::error!(destination = %row.id, error = %e.detail(), "cannot start destination");
@@ -373,6 +384,9 @@ impl Engine {
         &self,
         req: CreateDestination,
     ) -> Result<DestinationView, DestinationError> {
+        // Held until the worker is in the map: a definitions sync running meanwhile
+        // (this very insert notifies it) would otherwise start a second worker.
+        let _changes = self.inner.changes.lock().await;
         self.check_open()?;
         check_name(&req.name)?;
         check_sources(&req.source_ids)?;
@@ -409,11 +423,7 @@ impl Engine {
         self.inner.defs.insert(row.clone()).await?;
         if row.enabled {
             let worker = self.spawn_worker(&row)?;
-            self.inner
-                .workers
-                .lock()
-                .await
-                .insert(row.id.clone(), worker);
+            install(&mut *self.inner.workers.lock().await, &row.id, worker);
         }
         tracing::info!(destination = %row.id, kind = config.kind(), "destination created");
         self.view(row).await
@@ -509,11 +519,7 @@ impl Engine {
         }
         if row.enabled {
             let worker = self.spawn_worker(&row)?;
-            self.inner
-                .workers
-                .lock()
-                .await
-                .insert(row.id.clone(), worker);
+            install(&mut *self.inner.workers.lock().await, &row.id, worker);
         }
         self.view(row).await
     }
@@ -691,7 +697,7 @@ impl Engine {
             }
             match self.spawn_worker(row) {
                 Ok(w) => {
-                    self.inner.workers.lock().await.insert(row.id.clone(), w);
+                    install(&mut *self.inner.workers.lock().await, &row.id, w);
                     changed += 1;
                     tracing::info!(destination = %row.id, "destination changed elsewhere: worker (re)started");
                 }

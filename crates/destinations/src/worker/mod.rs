@@ -367,8 +367,15 @@ async fn supervise(
 ) {
     let mut owned = ownership.owned(&dest.consumer, dest.log.partitions());
     let mut running: std::collections::BTreeMap<u32, PartitionWorker> = Default::default();
+    // Workers told to stop whose requests on the wire are still finishing: their
+    // partition gets no new worker until they are done, or two workers of this node
+    // would send the same events (a lease won back at the same epoch passes both
+    // their lease checks).
+    let mut draining: std::collections::BTreeMap<u32, (Arc<Shared>, JoinHandle<()>)> =
+        Default::default();
     let mut changes_end = false;
     loop {
+        draining.retain(|_, (_, j)| !j.is_finished());
         let leases = owned.borrow_and_update().clone();
         let gone: Vec<u32> = running
             .iter()
@@ -379,14 +386,13 @@ async fn supervise(
             if let Some(w) = running.remove(&p) {
                 tracing::info!(destination = %dest.id, partition = p, "destination lease lost; stopping the partition's worker");
                 let _ = w.shared.stop.send_replace(DRAINING);
-                tokio::spawn(async move {
-                    let _ = w.join.await;
-                });
+                draining.insert(p, (w.shared, w.join));
             }
         }
         if *stop.borrow() == RUNNING {
             for lease in &leases {
-                if running.contains_key(&lease.partition) {
+                if running.contains_key(&lease.partition) || draining.contains_key(&lease.partition)
+                {
                     continue;
                 }
                 tracing::info!(destination = %dest.id, partition = lease.partition, epoch = lease.epoch, "destination lease won; delivering the partition");
@@ -430,7 +436,12 @@ async fn supervise(
             for w in running.values() {
                 let _ = w.shared.stop.send_replace(phase);
             }
-            if phase >= ABORT || running.values().all(|w| w.join.is_finished()) {
+            for (shared, _) in draining.values() {
+                let _ = shared.stop.send_replace(phase.max(DRAINING));
+            }
+            if phase >= ABORT
+                || (running.values().all(|w| w.join.is_finished()) && draining.is_empty())
+            {
                 break;
             }
         }
@@ -457,6 +468,10 @@ async fn supervise(
     for (_, w) in running {
         let _ = w.shared.stop.send_replace((*stop.borrow()).max(DRAINING));
         let _ = w.join.await;
+    }
+    for (_, (shared, j)) in draining {
+        let _ = shared.stop.send_replace((*stop.borrow()).max(DRAINING));
+        let _ = j.await;
     }
     if let Err(e) = ownership.release(&dest.consumer).await {
         tracing::warn!(destination = %dest.id, error = %e, "cannot release destination leases");
