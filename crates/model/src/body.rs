@@ -2,16 +2,21 @@
 //!
 //! [`parse_body`] reads the JSON of a single-call or batch request into a
 //! [`RawBody`]: the write key found in the body, batch-level `sentAt`, `context` and
-//! `integrations`, and each message as a JSON object or a per-message
-//! [`Rejection`] (too large, not JSON). [`RawBody::normalize_all`] then validates
-//! and normalizes every message. The server authenticates between the two steps.
-//! Nothing here panics or allocates beyond the (already size-capped) input.
+//! `integrations`, and each message as an [`Item`] — its members' text borrowed
+//! from the body ([`Split`], the common case) or, for unusual input, a JSON tree —
+//! or a per-message [`Rejection`] (too large, not JSON). [`RawBody::normalize_all`]
+//! then validates and normalizes every message. The server authenticates between
+//! the two steps. Nothing here panics or allocates beyond the (already size-capped)
+//! input.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::normalize::{CallType, NormalizeContext, Normalized, RejectCode, Rejection, normalize};
+use crate::normalize::{
+    CallType, NormalizeContext, Normalized, RejectCode, Rejection, normalize, normalize_members,
+};
+use crate::splice::{Spliced, Split};
 
 /// Limits applied while parsing.
 #[derive(Debug, Clone, Copy)]
@@ -66,9 +71,29 @@ impl BodyError {
     }
 }
 
+/// One message of a body, before normalization.
+#[derive(Debug, Clone)]
+pub enum Item<'a> {
+    /// Checked and split into its members' text (see [`crate::splice`]).
+    Split(Split<'a>),
+    /// Anything the spliced form does not take, parsed as a tree: normalized (or
+    /// refused) exactly as before.
+    Tree(Value),
+}
+
+impl Item<'_> {
+    /// The message as a tree.
+    pub fn into_value(self) -> Value {
+        match self {
+            Item::Split(s) => s.into_value(),
+            Item::Tree(v) => v,
+        }
+    }
+}
+
 /// A parsed body, before authentication and normalization.
 #[derive(Debug, Clone, Default)]
-pub struct RawBody {
+pub struct RawBody<'a> {
     /// `writeKey` from the body, if any.
     pub write_key: Option<String>,
     /// The call type fixed by the endpoint (`None` for batches).
@@ -80,7 +105,7 @@ pub struct RawBody {
     /// Batch-level `integrations`.
     pub integrations: Option<Map<String, Value>>,
     /// Each message, or why it was refused before normalization.
-    pub items: Vec<Result<Value, Rejection>>,
+    pub items: Vec<Result<Item<'a>, Rejection>>,
 }
 
 #[derive(Deserialize)]
@@ -174,9 +199,19 @@ pub fn parse_body(
     bytes: &[u8],
     call_type: Option<CallType>,
     limits: BodyLimits,
-) -> Result<RawBody, BodyError> {
+) -> Result<RawBody<'_>, BodyError> {
     let json_err = |e: serde_json::Error| BodyError::InvalidJson(e.to_string());
     if let Some(call) = call_type {
+        if let Ok(text) = std::str::from_utf8(bytes)
+            && let Some(split) = Split::parse(text)
+        {
+            return Ok(RawBody {
+                write_key: key_of(split.get("writeKey").as_ref()),
+                call_type: Some(call),
+                items: vec![Ok(Item::Split(split))],
+                ..Default::default()
+            });
+        }
         let value: Value = serde_json::from_slice(bytes).map_err(json_err)?;
         let Value::Object(obj) = value else {
             return Err(BodyError::NotObject);
@@ -184,7 +219,7 @@ pub fn parse_body(
         return Ok(RawBody {
             write_key: key_of(obj.get("writeKey")),
             call_type: Some(call),
-            items: vec![Ok(Value::Object(obj))],
+            items: vec![Ok(Item::Tree(Value::Object(obj)))],
             ..Default::default()
         });
     }
@@ -216,8 +251,12 @@ pub fn parse_body(
                     ),
                 ));
             }
-            serde_json::from_str::<Value>(raw.get())
-                .map_err(|e| Rejection::new(RejectCode::InvalidJson, e.to_string()))
+            match Split::parse(raw.get()) {
+                Some(split) => Ok(Item::Split(split)),
+                None => serde_json::from_str::<Value>(raw.get())
+                    .map(Item::Tree)
+                    .map_err(|e| Rejection::new(RejectCode::InvalidJson, e.to_string())),
+            }
         })
         .collect();
     Ok(RawBody {
@@ -230,14 +269,15 @@ pub fn parse_body(
     })
 }
 
-impl RawBody {
-    /// Validates and normalizes every message. `prepare` may adjust each message
-    /// object first (the server fills ActiveCampaign identities there).
+impl RawBody<'_> {
+    /// Validates and normalizes every message. `prepare`, when given, adjusts each
+    /// message object first (the server fills ActiveCampaign identities there); the
+    /// messages then take the tree path.
     pub fn normalize_all(
         self,
         received_at: chrono::DateTime<chrono::Utc>,
         peer_ip: Option<String>,
-        mut prepare: impl FnMut(&mut Map<String, Value>),
+        mut prepare: Option<&mut dyn FnMut(&mut Map<String, Value>)>,
     ) -> Vec<Result<Normalized, Rejection>> {
         let ctx = NormalizeContext {
             received_at,
@@ -249,12 +289,15 @@ impl RawBody {
         };
         self.items
             .into_iter()
-            .map(|item| {
-                let mut v = item?;
-                if let Value::Object(obj) = &mut v {
-                    prepare(obj);
+            .map(|item| match (item?, prepare.as_mut()) {
+                (Item::Split(split), None) => normalize_members(Spliced::from(split), &ctx),
+                (item, prepare) => {
+                    let mut v = item.into_value();
+                    if let (Value::Object(obj), Some(prepare)) = (&mut v, prepare) {
+                        prepare(obj);
+                    }
+                    normalize(v, &ctx)
                 }
-                normalize(v, &ctx)
             })
             .collect()
     }
@@ -276,7 +319,7 @@ mod tests {
             {"type":"track","userId":"u","event":"E","properties":{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}]}"#;
         let raw = parse_body(body, None, LIMITS).unwrap();
         assert_eq!(raw.write_key.as_deref(), Some("k"));
-        let out = raw.normalize_all(chrono::Utc::now(), None, |_| {});
+        let out = raw.normalize_all(chrono::Utc::now(), None, None);
         assert!(out[0].is_ok());
         assert_eq!(out[1].as_ref().unwrap_err().code, RejectCode::BadRequest);
         assert_eq!(

@@ -8,5 +8,6 @@ pub mod duration;
 pub mod flatten;
 pub mod normalize;
 pub mod snake;
+pub mod splice;
 
 pub use normalize::{CallType, NormalizeContext, Normalized, RejectCode, Rejection, normalize};

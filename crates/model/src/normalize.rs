@@ -14,6 +14,8 @@
 //! `receivedAt` when the client gave no time at all (segment-spec §1.8). The write key
 //! is never stored.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::{Map, Value};
 
@@ -212,8 +214,18 @@ pub struct Normalized {
     pub anonymous_id: Option<String>,
     /// `receivedAt` in epoch milliseconds.
     pub received_at_ms: i64,
-    /// The whole normalized message.
-    pub body: Map<String, Value>,
+    /// Identify's `traits.email`, when it is a string (the identity map learns
+    /// `email → userId` from it); `None` for other calls.
+    pub traits_email: Option<String>,
+    /// The whole normalized message: the JSON text the log stores.
+    pub payload: String,
+}
+
+impl Normalized {
+    /// The stored message parsed back into a tree (the debugger, tests).
+    pub fn body(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.payload).unwrap_or_default()
+    }
 }
 
 /// Formats a time as Segment does: ISO-8601, UTC, milliseconds, `Z`.
@@ -327,11 +339,146 @@ pub fn merge_under(over: &mut Map<String, Value>, base: &Map<String, Value>) {
     }
 }
 
+/// What a message member is, as far as validation cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `null`.
+    Null,
+    /// A JSON object.
+    Object,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    fn of(v: &Value) -> Kind {
+        match v {
+            Value::Null => Kind::Null,
+            Value::Object(_) => Kind::Object,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// The members of one message object as normalization reads and changes them: a
+/// `serde_json::Map` (the tree path, [`normalize`]) or the spliced form of
+/// [`crate::splice`] (the request path). Both follow `Map`'s order rules (the
+/// `preserve_order` feature): inserting a present key keeps its place, a new key
+/// goes last, and removing a key moves the last member into its place
+/// (`swap_remove`) — so both produce the same members in the same order.
+pub(crate) trait Members {
+    /// Whether `k` is present.
+    fn contains(&self, k: &str) -> bool;
+    /// The value of `k` (parsed on demand in the spliced form).
+    fn get(&self, k: &str) -> Option<Cow<'_, Value>>;
+    /// The kind of `k`'s value, without parsing it.
+    fn kind(&self, k: &str) -> Option<Kind>;
+    /// Sets `k` (in place when present, else last).
+    fn insert(&mut self, k: &'static str, v: Value);
+    /// Removes `k` (the last member takes its place).
+    fn remove(&mut self, k: &str);
+    /// Moves the value of `from`, when present, to a new key `to` (last).
+    fn rename(&mut self, from: &str, to: &'static str);
+    /// The kind of `context.traits`, when `context` is an object holding `traits`.
+    fn context_traits_kind(&self) -> Option<Kind>;
+    /// `traits.email`, when it is a string.
+    fn traits_email(&self) -> Option<String>;
+    /// The last step: `context` and `integrations` merged with the batch's (moved
+    /// last), then the JSON text of the whole message.
+    fn finish(self, ctx: &NormalizeContext<'_>) -> String;
+}
+
+impl Members for Map<String, Value> {
+    fn contains(&self, k: &str) -> bool {
+        self.contains_key(k)
+    }
+    fn get(&self, k: &str) -> Option<Cow<'_, Value>> {
+        Map::get(self, k).map(Cow::Borrowed)
+    }
+    fn kind(&self, k: &str) -> Option<Kind> {
+        Map::get(self, k).map(Kind::of)
+    }
+    fn insert(&mut self, k: &'static str, v: Value) {
+        Map::insert(self, k.into(), v);
+    }
+    fn remove(&mut self, k: &str) {
+        Map::remove(self, k);
+    }
+    fn rename(&mut self, from: &str, to: &'static str) {
+        if let Some(v) = Map::remove(self, from) {
+            Map::insert(self, to.into(), v);
+        }
+    }
+    fn context_traits_kind(&self) -> Option<Kind> {
+        match Map::get(self, "context") {
+            Some(Value::Object(c)) => c.get("traits").map(Kind::of),
+            _ => None,
+        }
+    }
+    fn traits_email(&self) -> Option<String> {
+        Map::get(self, "traits")
+            .and_then(|t| t.get("email"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+    fn finish(mut self, ctx: &NormalizeContext<'_>) -> String {
+        let context = match Map::remove(&mut self, "context") {
+            Some(Value::Object(c)) => c,
+            _ => Map::new(),
+        };
+        Map::insert(
+            &mut self,
+            "context".into(),
+            Value::Object(merged_context(context, ctx)),
+        );
+        let integrations = match Map::remove(&mut self, "integrations") {
+            Some(Value::Object(i)) => i,
+            _ => Map::new(),
+        };
+        let integrations = merged_integrations(integrations, ctx);
+        if !integrations.is_empty() {
+            Map::insert(
+                &mut self,
+                "integrations".into(),
+                Value::Object(integrations),
+            );
+        }
+        serde_json::to_string(&self).unwrap_or_default()
+    }
+}
+
+/// A message's `context` with the batch's merged under it and `ip` filled.
+pub(crate) fn merged_context(
+    mut context: Map<String, Value>,
+    ctx: &NormalizeContext<'_>,
+) -> Map<String, Value> {
+    if let Some(bc) = ctx.batch_context {
+        merge_under(&mut context, bc);
+    }
+    if !context.contains_key("ip")
+        && let Some(ip) = &ctx.peer_ip
+    {
+        context.insert("ip".into(), Value::String(ip.clone()));
+    }
+    context
+}
+
+/// A message's `integrations` with the batch's merged under it.
+pub(crate) fn merged_integrations(
+    mut integrations: Map<String, Value>,
+    ctx: &NormalizeContext<'_>,
+) -> Map<String, Value> {
+    if let Some(bi) = ctx.batch_integrations {
+        merge_under(&mut integrations, bi);
+    }
+    integrations
+}
+
 /// Reads an id field (`userId`, `anonymousId`, `groupId`, `previousId`): strings and
 /// numbers are accepted (numbers as their decimal text), `null` is absent, an empty
 /// string or any other type is an error.
-fn id_field(body: &Map<String, Value>, key: &str) -> Result<Option<String>, ()> {
-    match body.get(key) {
+fn id_field(body: &impl Members, key: &str) -> Result<Option<String>, ()> {
+    match body.get(key).as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
@@ -339,10 +486,10 @@ fn id_field(body: &Map<String, Value>, key: &str) -> Result<Option<String>, ()> 
     }
 }
 
-fn ensure_object(body: &Map<String, Value>, key: &str, code: RejectCode) -> Result<(), Rejection> {
-    match body.get(key) {
-        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
-        Some(_) => Err(Rejection::new(
+fn ensure_kind(kind: Option<Kind>, key: &str, code: RejectCode) -> Result<(), Rejection> {
+    match kind {
+        None | Some(Kind::Null) | Some(Kind::Object) => Ok(()),
+        Some(Kind::Other) => Err(Rejection::new(
             code,
             format!("`{key}` must be a JSON object"),
         )),
@@ -350,11 +497,11 @@ fn ensure_object(body: &Map<String, Value>, key: &str, code: RejectCode) -> Resu
 }
 
 fn optional_string(
-    body: &Map<String, Value>,
+    body: &impl Members,
     key: &str,
     code: RejectCode,
 ) -> Result<Option<String>, Rejection> {
-    match body.get(key) {
+    match body.get(key).as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(Rejection::new(
@@ -364,11 +511,8 @@ fn optional_string(
     }
 }
 
-fn timestamp_field(
-    body: &Map<String, Value>,
-    key: &str,
-) -> Result<Option<DateTime<Utc>>, Rejection> {
-    match body.get(key) {
+fn timestamp_field(body: &impl Members, key: &str) -> Result<Option<DateTime<Utc>>, Rejection> {
+    match body.get(key).as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(v) => parse_ts(v).map(Some).ok_or_else(|| {
             Rejection::new(
@@ -379,31 +523,36 @@ fn timestamp_field(
     }
 }
 
-/// Validates and normalizes one message. See the module documentation.
+/// Validates and normalizes one message given as a JSON tree (the webhook and API
+/// sync paths, and the request path's fallback for unusual input). See the module
+/// documentation.
 pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, Rejection> {
-    let Value::Object(mut body) = raw else {
+    let Value::Object(body) = raw else {
         return Err(Rejection::new(
             RejectCode::BadRequest,
             "a message must be a JSON object",
         ));
     };
+    normalize_members(body, ctx)
+}
 
+/// The rules of [`normalize`] on either form of a message.
+pub(crate) fn normalize_members<M: Members>(
+    mut body: M,
+    ctx: &NormalizeContext<'_>,
+) -> Result<Normalized, Rejection> {
     // Legacy spellings still sent by old libraries.
-    if !body.contains_key("type")
-        && let Some(action) = body.remove("action")
-    {
-        body.insert("type".into(), action);
+    if !body.contains("type") {
+        body.rename("action", "type");
     }
-    if !body.contains_key("userId")
-        && let Some(uid) = body.remove("user_id")
-    {
-        body.insert("userId".into(), uid);
+    if !body.contains("userId") {
+        body.rename("user_id", "userId");
     }
     body.remove("writeKey");
 
     let call_type = match ctx.call_type {
         Some(t) => t,
-        None => match body.get("type") {
+        None => match body.get("type").as_deref() {
             Some(Value::String(s)) => CallType::parse(s).ok_or_else(|| {
                 Rejection::new(
                     RejectCode::InvalidType,
@@ -422,8 +571,8 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
     };
     // Re-inserting an equal value changes nothing (a key keeps its place), so the
     // common case skips the allocation and the insert.
-    if !matches!(body.get("type"), Some(Value::String(s)) if s == call_type.as_str()) {
-        body.insert("type".into(), Value::String(call_type.as_str().into()));
+    if !matches!(body.get("type").as_deref(), Some(Value::String(s)) if s == call_type.as_str()) {
+        body.insert("type", Value::String(call_type.as_str().into()));
     }
 
     let id_err = |k: &str| {
@@ -437,8 +586,8 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
     for (k, v) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
         match v {
             Some(s) => {
-                if !matches!(body.get(k), Some(Value::String(old)) if old == s) {
-                    body.insert(k.into(), Value::String(s.clone()));
+                if !matches!(body.get(k).as_deref(), Some(Value::String(old)) if old == s) {
+                    body.insert(k, Value::String(s.clone()));
                 }
             }
             None => {
@@ -453,7 +602,7 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
             let prev = id_field(&body, "previousId").map_err(|_| id_err("previousId"))?;
             match (prev, &user_id) {
                 (Some(p), Some(_)) => {
-                    body.insert("previousId".into(), Value::String(p));
+                    body.insert("previousId", Value::String(p));
                 }
                 _ => {
                     return Err(Rejection::new(
@@ -472,7 +621,7 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         _ => {}
     }
     match call_type {
-        CallType::Track => match body.get("event") {
+        CallType::Track => match body.get("event").as_deref() {
             None | Some(Value::Null) => {
                 return Err(Rejection::new(
                     RejectCode::EventNotDefined,
@@ -493,7 +642,7 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         }
         CallType::Group => match id_field(&body, "groupId") {
             Ok(Some(g)) => {
-                body.insert("groupId".into(), Value::String(g));
+                body.insert("groupId", Value::String(g));
             }
             Ok(None) => {
                 return Err(Rejection::new(
@@ -505,15 +654,29 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         },
         CallType::Identify | CallType::Alias => {}
     }
-    ensure_object(&body, "properties", RejectCode::PropertiesNotObject)?;
-    ensure_object(&body, "traits", RejectCode::TraitsNotObject)?;
-    ensure_object(&body, "context", RejectCode::ContextNotObject)?;
-    ensure_object(&body, "integrations", RejectCode::ContextNotObject)?;
-    if let Some(Value::Object(c)) = body.get("context") {
-        ensure_object(c, "traits", RejectCode::TraitsNotObject)?;
-    }
+    ensure_kind(
+        body.kind("properties"),
+        "properties",
+        RejectCode::PropertiesNotObject,
+    )?;
+    ensure_kind(body.kind("traits"), "traits", RejectCode::TraitsNotObject)?;
+    ensure_kind(
+        body.kind("context"),
+        "context",
+        RejectCode::ContextNotObject,
+    )?;
+    ensure_kind(
+        body.kind("integrations"),
+        "integrations",
+        RejectCode::ContextNotObject,
+    )?;
+    ensure_kind(
+        body.context_traits_kind(),
+        "traits",
+        RejectCode::TraitsNotObject,
+    )?;
 
-    let message_id = match body.get("messageId") {
+    let message_id = match body.get("messageId").as_deref() {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         // NUL cannot be stored in PostgreSQL text: a row with it would never load.
@@ -539,8 +702,8 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         }
     }
     .unwrap_or_else(|| generated_message_id(ctx.received_at));
-    if !matches!(body.get("messageId"), Some(Value::String(old)) if *old == message_id) {
-        body.insert("messageId".into(), Value::String(message_id.clone()));
+    if !matches!(body.get("messageId").as_deref(), Some(Value::String(old)) if *old == message_id) {
+        body.insert("messageId", Value::String(message_id.clone()));
     }
 
     // Timestamps (segment-spec §1.8): an incoming `timestamp` becomes
@@ -568,40 +731,23 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         (Some(o), Some(s)) => received_at - (s - o),
     };
     body.insert(
-        "originalTimestamp".into(),
+        "originalTimestamp",
         Value::String(format_ts(original.unwrap_or(received_at))),
     );
-    body.insert("timestamp".into(), Value::String(format_ts(timestamp)));
+    body.insert("timestamp", Value::String(format_ts(timestamp)));
     match sent_at {
-        Some(s) => body.insert("sentAt".into(), Value::String(format_ts(s))),
+        Some(s) => body.insert("sentAt", Value::String(format_ts(s))),
         None => body.remove("sentAt"),
     };
-    body.insert("receivedAt".into(), Value::String(format_ts(received_at)));
+    body.insert("receivedAt", Value::String(format_ts(received_at)));
 
+    let traits_email = if call_type == CallType::Identify {
+        body.traits_email()
+    } else {
+        None
+    };
     // Context and integrations: batch-level values merged under the message's own.
-    let mut context = match body.remove("context") {
-        Some(Value::Object(c)) => c,
-        _ => Map::new(),
-    };
-    if let Some(bc) = ctx.batch_context {
-        merge_under(&mut context, bc);
-    }
-    if !context.contains_key("ip")
-        && let Some(ip) = &ctx.peer_ip
-    {
-        context.insert("ip".into(), Value::String(ip.clone()));
-    }
-    body.insert("context".into(), Value::Object(context));
-    let mut integrations = match body.remove("integrations") {
-        Some(Value::Object(i)) => i,
-        _ => Map::new(),
-    };
-    if let Some(bi) = ctx.batch_integrations {
-        merge_under(&mut integrations, bi);
-    }
-    if !integrations.is_empty() {
-        body.insert("integrations".into(), Value::Object(integrations));
-    }
+    let payload = body.finish(ctx);
 
     Ok(Normalized {
         message_id,
@@ -610,7 +756,8 @@ pub fn normalize(raw: Value, ctx: &NormalizeContext<'_>) -> Result<Normalized, R
         user_id,
         anonymous_id,
         received_at_ms: received_at.timestamp_millis(),
-        body,
+        traits_email,
+        payload,
     })
 }
 
@@ -701,10 +848,10 @@ mod tests {
         assert_eq!(n.event.as_deref(), Some("Email Opened"));
         assert!(n.message_id.starts_with("api-"));
         assert!(n.message_id.len() <= 100);
-        assert_eq!(n.body["receivedAt"], "2026-11-27T12:00:00.000Z");
-        assert_eq!(n.body["timestamp"], "2026-11-27T12:00:00.000Z");
-        assert_eq!(n.body["originalTimestamp"], "2026-11-27T12:00:00.000Z");
-        assert!(n.body.get("sentAt").is_none());
+        assert_eq!(n.body()["receivedAt"], "2026-11-27T12:00:00.000Z");
+        assert_eq!(n.body()["timestamp"], "2026-11-27T12:00:00.000Z");
+        assert_eq!(n.body()["originalTimestamp"], "2026-11-27T12:00:00.000Z");
+        assert!(n.body().get("sentAt").is_none());
     }
 
     #[test]
@@ -721,9 +868,9 @@ mod tests {
             &c,
         )
         .unwrap();
-        assert_eq!(n.body["originalTimestamp"], "2026-11-27T11:00:00.000Z");
-        assert_eq!(n.body["sentAt"], "2026-11-27T11:00:10.000Z");
-        assert_eq!(n.body["timestamp"], "2026-11-27T11:59:50.000Z");
+        assert_eq!(n.body()["originalTimestamp"], "2026-11-27T11:00:00.000Z");
+        assert_eq!(n.body()["sentAt"], "2026-11-27T11:00:10.000Z");
+        assert_eq!(n.body()["timestamp"], "2026-11-27T11:59:50.000Z");
     }
 
     #[test]
@@ -733,13 +880,13 @@ mod tests {
             &ctx(),
         )
         .unwrap();
-        assert_eq!(n.body["timestamp"], "2024-02-28T13:04:13.000Z");
+        assert_eq!(n.body()["timestamp"], "2024-02-28T13:04:13.000Z");
         let n = normalize(
             json!({"type":"track","event":"E","anonymousId":"a","timestamp":1436569200000i64}),
             &ctx(),
         )
         .unwrap();
-        assert_eq!(n.body["timestamp"], "2015-07-10T23:00:00.000Z");
+        assert_eq!(n.body()["timestamp"], "2015-07-10T23:00:00.000Z");
     }
 
     #[test]
@@ -757,12 +904,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            n.body["context"]["library"],
+            n.body()["context"]["library"],
             json!({"version":"4","name":"analytics-go"})
         );
-        assert_eq!(n.body["context"]["locale"], "en-US");
-        assert_eq!(n.body["context"]["ip"], "10.0.0.1");
-        assert!(n.body.get("writeKey").is_none());
+        assert_eq!(n.body()["context"]["locale"], "en-US");
+        assert_eq!(n.body()["context"]["ip"], "10.0.0.1");
+        assert!(n.body().get("writeKey").is_none());
     }
 
     #[test]
@@ -770,7 +917,7 @@ mod tests {
         let n = normalize(json!({"action":"track","event":"E","user_id":"u"}), &ctx()).unwrap();
         assert_eq!(n.call_type, CallType::Track);
         assert_eq!(n.user_id.as_deref(), Some("u"));
-        assert_eq!(n.body["userId"], "u");
+        assert_eq!(n.body()["userId"], "u");
     }
 
     #[test]
@@ -781,7 +928,7 @@ mod tests {
             ..Default::default()
         };
         let n = normalize(json!({"type":"track","userId":"u"}), &c).unwrap();
-        assert_eq!(n.body["type"], "identify");
+        assert_eq!(n.body()["type"], "identify");
     }
 
     #[test]
@@ -860,9 +1007,9 @@ mod tests {
             &ctx(),
         )
         .unwrap();
-        assert_eq!(n.body["previousId"], "a");
+        assert_eq!(n.body()["previousId"], "a");
         let n = normalize(json!({"type":"group","userId":"u","groupId":42}), &ctx()).unwrap();
-        assert_eq!(n.body["groupId"], "42");
+        assert_eq!(n.body()["groupId"], "42");
     }
 
     #[test]

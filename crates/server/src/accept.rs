@@ -180,12 +180,9 @@ pub async fn append(
     let last_event = last_event_override.unwrap_or_else(|| LastEvent {
         event: last.event.clone(),
         kind: last.call_type.as_str().to_string(),
-        received_at: last
-            .body
-            .get("receivedAt")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        received_at: chrono::DateTime::from_timestamp_millis(last.received_at_ms)
+            .map(tributary_model::normalize::format_ts)
+            .unwrap_or_default(),
         message_id: last.message_id.clone(),
     });
     // The debugger's entries, built only when someone watches (see `live`): the
@@ -200,16 +197,10 @@ pub async fn append(
         .into_iter()
         .map(|n| {
             if n.call_type == CallType::Identify
-                && let (Some(uid), Some(Value::String(email))) = (
-                    n.user_id.as_ref(),
-                    n.body.get("traits").and_then(|t| t.get("email")),
-                )
+                && let (Some(uid), Some(email)) = (n.user_id.as_ref(), n.traits_email.as_ref())
             {
                 identities.push((email.clone(), uid.clone()));
             }
-            // Serialized straight into a byte buffer: `Value`'s `Display` goes
-            // through `fmt` per string and cost twice as much (issue #15 profile).
-            let payload = serde_json::to_string(&n.body).unwrap_or_default();
             if watched {
                 live.push(LiveItem {
                     event: n.event.clone(),
@@ -217,11 +208,14 @@ pub async fn append(
                     message_id: Some(n.message_id.clone()).filter(|m| !m.is_empty()),
                     user_id: n.user_id.clone(),
                     anonymous_id: n.anonymous_id.clone(),
-                    email: email_of(&n.body),
+                    email: email_of(&n.body()),
                     reason: None,
-                    body: LiveBody::Text(payload.clone()),
+                    body: LiveBody::Text(n.payload.clone()),
                 });
             }
+            // Written by normalization (spliced from the request's bytes on the
+            // tracking path, see `tributary_model::splice`).
+            let payload = n.payload;
             NewRecord {
                 source_id: source.id.clone(),
                 message_id: n.message_id,

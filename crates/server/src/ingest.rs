@@ -17,7 +17,7 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tributary_model::body::{BodyError, BodyLimits, parse_body};
+use tributary_model::body::{BodyError, BodyLimits, Item, parse_body};
 use tributary_model::{CallType, Rejection};
 
 use crate::AppState;
@@ -146,7 +146,7 @@ pub async fn tracking(
                     raw.items
                         .into_iter()
                         .map(|i| {
-                            let mut v = i.unwrap_or(Value::Null);
+                            let mut v = i.map(Item::into_value).unwrap_or(Value::Null);
                             if let Value::Object(o) = &mut v {
                                 // The write key is a secret: never shown, as it is
                                 // never stored.
@@ -164,7 +164,16 @@ pub async fn tracking(
         });
         items.get(i).cloned().unwrap_or(Value::Null)
     };
-    let results = raw.normalize_all(received_at, peer_ip, |obj| prepare(&state, &source, obj));
+    // Only ActiveCampaign sources adjust messages before validation; the others
+    // keep the spliced path (no JSON tree per message).
+    let mut prepare_ac = |obj: &mut Map<String, Value>| prepare(&state, &source, obj);
+    let prepare_hook: Option<&mut dyn FnMut(&mut Map<String, Value>)> =
+        if source.kind == SourceType::Activecampaign {
+            Some(&mut prepare_ac)
+        } else {
+            None
+        };
+    let results = raw.normalize_all(received_at, peer_ip, prepare_hook);
     let total = results.len();
     let mut accepted = Vec::with_capacity(total);
     let mut rejected = Vec::new();

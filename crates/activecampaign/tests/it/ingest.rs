@@ -47,11 +47,11 @@ fn every_fixture_passes_ingest_unchanged_in_identity_and_time() {
         assert_eq!(n.user_id, None);
         // No sentAt: our timestamp is kept as both originalTimestamp and timestamp.
         assert_eq!(
-            n.body.get("originalTimestamp"),
+            n.body().get("originalTimestamp"),
             m.get("timestamp"),
             "{name}"
         );
-        assert_eq!(n.body.get("timestamp"), m.get("timestamp"), "{name}");
+        assert_eq!(n.body().get("timestamp"), m.get("timestamp"), "{name}");
         assert_eq!(n.event.as_deref(), w.mapped.event(), "{name}");
     }
 }
