@@ -35,19 +35,41 @@ pub const MAX_DEPTH: u32 = 100;
 pub struct Split<'a> {
     text: &'a str,
     members: Vec<(&'a str, &'a str)>,
+    /// The members of `context` and `traits` when they are objects, by their
+    /// text, found in the same pass (normalization looks into both).
+    inner: Vec<(&'a str, Vec<(&'a str, &'a str)>)>,
 }
+
+/// The keys of one object as read (slices of the text), and for the members
+/// that are looked into, their own keys.
+type Keys<'a> = Vec<(&'a str, Option<Vec<&'a str>>)>;
 
 impl<'a> Split<'a> {
     /// The message's members, or `None` when the text must take the tree path.
+    ///
+    /// One pass of `serde_json` over the text validates every value as `Value`
+    /// would and yields the keys as slices of the text; each value's text is then
+    /// the bytes between its key's colon and the next key's comma (or the closing
+    /// brace), found by skipping whitespace only.
     pub fn parse(text: &'a str) -> Option<Split<'a>> {
-        let members = split_object(text)?;
-        for (_, raw) in &members {
-            let mut de = serde_json::Deserializer::from_str(raw);
-            Valid { depth: 1 }.deserialize(&mut de).ok()?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let keys = serde::Deserializer::deserialize_map(&mut de, Top).ok()?;
+        de.end().ok()?;
+        let whole = text.trim_matches(is_ws);
+        let key_list: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+        let members = spans(whole, &key_list)?;
+        let mut inner = Vec::new();
+        for ((_, value), (_, nested)) in members.iter().zip(&keys) {
+            if let Some(nested) = nested {
+                inner.push((*value, spans(value, nested)?));
+            }
         }
-        Some(Split { text, members })
+        Some(Split {
+            text,
+            members,
+            inner,
+        })
     }
-
     /// The message's whole text as received.
     pub fn text(&self) -> &'a str {
         self.text
@@ -62,6 +84,139 @@ impl<'a> Split<'a> {
     /// The message as a tree (for the paths that need one).
     pub fn into_value(self) -> Value {
         serde_json::from_str(self.text).unwrap_or(Value::Null)
+    }
+}
+
+fn is_ws(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+/// Each member's value text in `object` (the exact text of one object, braces
+/// included, already validated), given its keys as slices of that text.
+fn spans<'a>(object: &'a str, keys: &[&'a str]) -> Option<Vec<(&'a str, &'a str)>> {
+    let bytes = object.as_bytes();
+    let base = object.as_ptr() as usize;
+    let offset = |k: &str| {
+        let at = (k.as_ptr() as usize).checked_sub(base)?;
+        (at + k.len() < bytes.len()).then_some(at)
+    };
+    let ws = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        // After the key's closing quote: whitespace, `:`, whitespace.
+        let mut start = offset(k)? + k.len() + 1;
+        while start < bytes.len() && ws(bytes[start]) {
+            start += 1;
+        }
+        if bytes.get(start) != Some(&b':') {
+            return None;
+        }
+        start += 1;
+        while start < bytes.len() && ws(bytes[start]) {
+            start += 1;
+        }
+        // Before the next key's opening quote: whitespace, `,`, whitespace; or
+        // before the closing brace.
+        let mut end = match keys.get(i + 1) {
+            Some(next) => {
+                let mut e = offset(next)?.checked_sub(1)?;
+                while e > start && ws(bytes[e - 1]) {
+                    e -= 1;
+                }
+                if bytes.get(e.checked_sub(1)?) != Some(&b',') {
+                    return None;
+                }
+                e - 1
+            }
+            None => {
+                if bytes.last() != Some(&b'}') {
+                    return None;
+                }
+                bytes.len() - 1
+            }
+        };
+        while end > start && ws(bytes[end - 1]) {
+            end -= 1;
+        }
+        out.push((*k, object.get(start..end)?));
+    }
+    Some(out)
+}
+
+/// The message object: keys (no escapes, none repeated) as slices of the text,
+/// every value validated; `context`'s and `traits`' keys read in the same pass.
+struct Top;
+
+impl<'de> Visitor<'de> for Top {
+    type Value = Keys<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys<'de>, A::Error> {
+        let mut keys: Keys<'de> = Vec::with_capacity(16);
+        while let Some(k) = map.next_key_seed(Key)? {
+            if keys.iter().any(|(seen, _)| *seen == k) {
+                return Err(A::Error::custom("repeated key"));
+            }
+            let nested = if k == "context" || k == "traits" {
+                map.next_value_seed(Inner)?
+            } else {
+                map.next_value_seed(Valid { depth: 1 })?;
+                None
+            };
+            keys.push((k, nested));
+        }
+        Ok(keys)
+    }
+}
+
+/// A member value that is looked into: validated like any, and when it is an
+/// object, its keys.
+struct Inner;
+
+impl<'de> DeserializeSeed<'de> for Inner {
+    type Value = Option<Vec<&'de str>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Inner {
+    type Value = Option<Vec<&'de str>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Valid { depth: 1 }.visit_seq(seq).map(|()| None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut keys: Vec<&'de str> = Vec::with_capacity(8);
+        while let Some(k) = map.next_key_seed(Key)? {
+            if keys.contains(&k) {
+                return Err(A::Error::custom("repeated key"));
+            }
+            keys.push(k);
+            map.next_value_seed(Valid { depth: 2 })?;
+        }
+        Ok(Some(keys))
     }
 }
 
@@ -224,23 +379,12 @@ impl Piece<'_> {
             Piece::Set(_) => Map::new(),
         }
     }
-
-    /// A member of this object value, when it is an object.
-    fn member(&self, key: &str) -> Option<Piece<'_>> {
-        match self {
-            Piece::Raw(raw) if raw.starts_with('{') => split_object(raw)?
-                .into_iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| Piece::Raw(Cow::Borrowed(v))),
-            Piece::Set(Value::Object(m)) => m.get(key).cloned().map(Piece::Set),
-            _ => None,
-        }
-    }
 }
 
 /// A message being normalized in its spliced form.
 pub(crate) struct Spliced<'a> {
     members: Vec<(&'a str, Piece<'a>)>,
+    inner: Vec<(&'a str, Vec<(&'a str, &'a str)>)>,
     len_hint: usize,
 }
 
@@ -253,6 +397,7 @@ impl<'a> From<Split<'a>> for Spliced<'a> {
                 .into_iter()
                 .map(|(k, v)| (k, Piece::Raw(Cow::Borrowed(v))))
                 .collect(),
+            inner: s.inner,
         }
     }
 }
@@ -270,6 +415,32 @@ impl<'a> Spliced<'a> {
         self.find(k).map(|i| self.members.swap_remove(i).1)
     }
 
+    /// The members of an object value's text: those found while parsing, else
+    /// split again.
+    fn members_of<'p>(&'p self, raw: &'p str) -> Option<Cow<'p, [(&'p str, &'p str)]>> {
+        match self
+            .inner
+            .iter()
+            .find(|(t, _)| t.as_ptr() == raw.as_ptr() && t.len() == raw.len())
+        {
+            Some((_, m)) => Some(Cow::Borrowed(m.as_slice())),
+            None => split_object(raw).map(Cow::Owned),
+        }
+    }
+
+    /// A member of an object value.
+    fn member_of<'p>(&'p self, piece: &'p Piece<'a>, key: &str) -> Option<Piece<'p>> {
+        match piece {
+            Piece::Raw(raw) if raw.starts_with('{') => self
+                .members_of(raw)?
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| Piece::Raw(Cow::Borrowed(*v))),
+            Piece::Set(Value::Object(m)) => m.get(key).cloned().map(Piece::Set),
+            _ => None,
+        }
+    }
+
     fn put(&mut self, k: &'a str, p: Piece<'a>) {
         match self.find(k) {
             Some(i) => self.members[i].1 = p,
@@ -281,13 +452,17 @@ impl<'a> Spliced<'a> {
 /// `context` of a message without batch context: its own text when nothing is
 /// added, else its text with `"ip":…` spliced in before the closing brace (where
 /// the tree inserts it: last).
-fn context_with_ip<'a>(context: Option<Piece<'a>>, ctx: &NormalizeContext<'_>) -> Piece<'a> {
+fn context_with_ip<'a>(
+    body: &Spliced<'a>,
+    context: Option<Piece<'a>>,
+    ctx: &NormalizeContext<'_>,
+) -> Piece<'a> {
     match context {
         Some(Piece::Raw(raw)) if raw.starts_with('{') => {
             let Some(ip) = &ctx.peer_ip else {
                 return Piece::Raw(raw);
             };
-            let Some(members) = split_object(&raw) else {
+            let Some(members) = body.members_of(&raw) else {
                 return Piece::Set(Value::Object(merged_context(
                     Piece::Raw(raw).into_object(),
                     ctx,
@@ -339,10 +514,11 @@ impl Members for Spliced<'_> {
         if context.kind() != Kind::Object {
             return None;
         }
-        context.member("traits").map(|t| t.kind())
+        self.member_of(context, "traits").map(|t| t.kind())
     }
     fn traits_email(&self) -> Option<String> {
-        match self.piece("traits")?.member("email")?.value()?.as_ref() {
+        let traits = self.piece("traits")?;
+        match self.member_of(traits, "email")?.value()?.as_ref() {
             Value::String(s) => Some(s.clone()),
             _ => None,
         }
@@ -354,7 +530,7 @@ impl Members for Spliced<'_> {
                 context.map(Piece::into_object).unwrap_or_default(),
                 ctx,
             ))),
-            None => context_with_ip(context, ctx),
+            None => context_with_ip(&self, context, ctx),
         };
         self.put("context", context);
         let integrations = self.take("integrations");
