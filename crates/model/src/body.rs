@@ -91,6 +91,10 @@ impl Item<'_> {
     }
 }
 
+/// A hook that adjusts a message object before validation (see
+/// [`RawBody::normalize_all`]).
+pub type Prepare<'a> = dyn FnMut(&mut Map<String, Value>) + 'a;
+
 /// A parsed body, before authentication and normalization.
 #[derive(Debug, Clone, Default)]
 pub struct RawBody<'a> {
@@ -277,7 +281,7 @@ impl RawBody<'_> {
         self,
         received_at: chrono::DateTime<chrono::Utc>,
         peer_ip: Option<String>,
-        mut prepare: Option<&mut dyn FnMut(&mut Map<String, Value>)>,
+        mut prepare: Option<&mut Prepare<'_>>,
     ) -> Vec<Result<Normalized, Rejection>> {
         let ctx = NormalizeContext {
             received_at,

@@ -17,7 +17,7 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tributary_model::body::{BodyError, BodyLimits, Item, parse_body};
+use tributary_model::body::{BodyError, BodyLimits, Item, Prepare, parse_body};
 use tributary_model::{CallType, Rejection};
 
 use crate::AppState;
@@ -167,12 +167,11 @@ pub async fn tracking(
     // Only ActiveCampaign sources adjust messages before validation; the others
     // keep the spliced path (no JSON tree per message).
     let mut prepare_ac = |obj: &mut Map<String, Value>| prepare(&state, &source, obj);
-    let prepare_hook: Option<&mut dyn FnMut(&mut Map<String, Value>)> =
-        if source.kind == SourceType::Activecampaign {
-            Some(&mut prepare_ac)
-        } else {
-            None
-        };
+    let prepare_hook: Option<&mut Prepare<'_>> = if source.kind == SourceType::Activecampaign {
+        Some(&mut prepare_ac)
+    } else {
+        None
+    };
     let results = raw.normalize_all(received_at, peer_ip, prepare_hook);
     let total = results.len();
     let mut accepted = Vec::with_capacity(total);

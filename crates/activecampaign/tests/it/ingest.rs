@@ -62,7 +62,7 @@ fn zero_date_falls_back_to_receive_time_at_ingest() {
         .set("date_time", "0000-00-00 00:00:00")
         .map();
     let n = ingest(message(&w));
-    assert_eq!(n.body["timestamp"], "2024-02-28T13:10:00.000Z");
+    assert_eq!(n.body()["timestamp"], "2024-02-28T13:10:00.000Z");
 }
 
 #[test]
