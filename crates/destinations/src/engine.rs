@@ -288,8 +288,9 @@ impl Engine {
         let config = parse_config(&row)?;
         let mut stored = self.inner.store.stats(&row.id).await?;
         if let Some(ledger) = &self.inner.ledger {
-            // Cluster mode: the counts of every node; dead letters are this node's.
+            // Cluster mode: the counts and dead letters of every node.
             let t = ledger.tally(&row.id).await?;
+            stored.dead_letters = t.dead_letters;
             stored.delivered = t.delivered;
             stored.redelivered = t.redelivered;
             stored.skipped = t.skipped;
@@ -556,10 +557,11 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, DestinationError> {
         self.row(id).await?;
-        self.inner
-            .store
-            .dead_letters(id, limit.clamp(1, MAX_DEAD_LETTER_LIMIT))
-            .await
+        let limit = limit.clamp(1, MAX_DEAD_LETTER_LIMIT);
+        match &self.inner.ledger {
+            None => self.inner.store.dead_letters(id, limit).await,
+            Some(ledger) => ledger.dead_letters(id, limit).await,
+        }
     }
 
     /// Queues a replay: every dead letter (`{"dead_letters": true}`) or every event
@@ -588,7 +590,10 @@ impl Engine {
             ));
         }
         let (job, queued) = if req.dead_letters {
-            let ids = self.inner.store.start_replay(id).await?;
+            let ids = match &self.inner.ledger {
+                None => self.inner.store.start_replay(id).await?,
+                Some(ledger) => ledger.start_replay(id).await?,
+            };
             let n = ids.len() as u64;
             (ReplayJob::DeadLetters(VecDeque::from(ids)), n)
         } else {

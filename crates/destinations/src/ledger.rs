@@ -10,18 +10,49 @@
 //! nothing and answers `false`, and the writer stops. So a new owner reads exactly
 //! the markers its predecessors wrote while they held the partition: the batches
 //! that ended are skipped, the ones started but not ended (in flight at the
-//! takeover) are sent again and counted as `redelivered`. Dead letters stay in the
-//! file of the node that wrote them.
+//! takeover) are sent again and counted as `redelivered`. Dead letters live there
+//! too, written by the same fenced statement that ends their batch, so any node
+//! lists and replays them and a zombie cannot write one.
 //!
 //! A marker is written *before* a batch is sent (a refused write means the batch is
 //! not sent), so everything a receiver can have got from a node is either marked
 //! done or still marked in flight for the next owner.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use tributary_eventlog::Record;
 
+use crate::api::DeadLetter;
 use crate::error::DestinationError;
+
+/// A dead letter to write (or to update, when the event already has one).
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    /// The event as read from the log.
+    pub record: Arc<Record>,
+    /// Sends attempted in this batch.
+    pub attempts: u32,
+    /// HTTP status of the last attempt, when it got one.
+    pub last_status: Option<u16>,
+    /// First KiB of the last response body.
+    pub last_response: Option<String>,
+    /// Why it failed, client-safe.
+    pub error: String,
+    /// When it was first attempted (ms).
+    pub first_attempt_ms: i64,
+}
+
+/// What a batch's end does to the dead letters: the events that died, and the
+/// replayed dead letters that got through (removed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LetterChanges<'a> {
+    /// Events that became (or stayed) dead letters.
+    pub dead: &'a [NewDeadLetter],
+    /// Ids of replayed dead letters delivered or skipped this time.
+    pub replayed_ok: &'a [i64],
+}
 
 /// One batch of one destination's partition, sent under one lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +98,8 @@ pub struct Tally {
     pub last_error: Option<String>,
     /// When it happened (ms).
     pub last_error_ms: Option<i64>,
+    /// Dead letters kept.
+    pub dead_letters: u64,
 }
 
 /// What a starting partition worker must know about batches above its cursor.
@@ -110,13 +143,15 @@ pub trait Ledger: Send + Sync + 'static {
     async fn batch_started(&self, key: &BatchKey, seqs: &[u64]) -> Result<bool, DestinationError>;
 
     /// Records the end of a batch: its marker (when `marked`, i.e. it had live
-    /// events) becomes done and `counts` are added, in one transaction; `false`
-    /// (nothing stored) when fenced — the next owner sends the batch again.
+    /// events) becomes done, `counts` are added and `letters` written, in one
+    /// transaction; `false` (nothing stored) when fenced — the next owner sends the
+    /// batch again.
     async fn batch_finished(
         &self,
         key: &BatchKey,
         marked: bool,
         counts: &BatchCounts,
+        letters: LetterChanges<'_>,
     ) -> Result<bool, DestinationError>;
 
     /// Forgets a batch that stopped before any attempt could have reached the
@@ -144,8 +179,31 @@ pub trait Ledger: Send + Sync + 'static {
     /// The destination's statistics (summed over every node that delivered it).
     async fn tally(&self, dest: &str) -> Result<Tally, DestinationError>;
 
-    /// Drops the destination's markers and statistics (it was deleted).
+    /// Drops the destination's markers, statistics and dead letters (it was deleted).
     async fn forget(&self, dest: &str) -> Result<(), DestinationError>;
+
+    /// The destination's dead letters, oldest event first (at most `limit`).
+    async fn dead_letters(
+        &self,
+        dest: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DestinationError>;
+
+    /// Claims every dead letter of `dest` no replay holds for this node's replay;
+    /// their ids, by event. A claim older than an hour counts as lost (its node
+    /// stopped or moved the partition mid-replay) and may be claimed again.
+    async fn start_replay(&self, dest: &str) -> Result<Vec<i64>, DestinationError>;
+
+    /// Gives back this node's replay claims on `dest`: all of them (`None`: the
+    /// destination's worker starts, so none is being replayed here), or these ids
+    /// (a partition worker stopped before it replayed them).
+    async fn end_replay(&self, dest: &str, ids: Option<&[i64]>) -> Result<(), DestinationError>;
+
+    /// The events of these dead letters, with their ids (ids gone are left out).
+    async fn dead_letter_records(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Record)>, DestinationError>;
 }
 
 #[cfg(test)]

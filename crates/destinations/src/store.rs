@@ -59,16 +59,7 @@ pub(crate) struct StoredStats {
     pub last_error_ms: Option<i64>,
 }
 
-/// A dead letter to write (or to update, when the event already has one).
-#[derive(Debug, Clone)]
-pub(crate) struct NewDeadLetter {
-    pub record: Arc<Record>,
-    pub attempts: u32,
-    pub last_status: Option<u16>,
-    pub last_response: Option<String>,
-    pub error: String,
-    pub first_attempt_ms: i64,
-}
+pub(crate) use crate::ledger::NewDeadLetter;
 
 /// Everything that happened to one batch, written in one transaction.
 #[derive(Debug, Default)]
@@ -148,7 +139,7 @@ fn now_ms() -> i64 {
 }
 
 /// Milliseconds since the epoch as a UTC time.
-pub(crate) fn ms_to_time(ms: i64) -> DateTime<Utc> {
+pub fn ms_to_time(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{ABORT, DRAINING, RUNNING, Shared};
-use crate::ledger::{BatchCounts, BatchKey};
+use crate::ledger::{BatchCounts, BatchKey, LetterChanges};
 use crate::retry::{DeliveryError, random_unit, retry_delay};
 use crate::sink::Item;
 use crate::store::{BatchEnd, NewDeadLetter};
@@ -187,9 +187,8 @@ async fn record_end(
         }
         return;
     };
-    // Cluster mode: dead letters stay in this node's file (written first: a crash
-    // before the marker is done re-sends the batch and updates the same rows), the
-    // marker and the counts go to the shared ledger in one fenced transaction.
+    // Cluster mode: the marker, the counts and the dead letters go to the shared
+    // ledger in one fenced statement.
     let counts = BatchCounts {
         delivered: end.delivered,
         redelivered: end.redelivered,
@@ -197,18 +196,11 @@ async fn record_end(
         success_ms: end.success_ms,
         error: end.error.clone(),
     };
-    if !end.dead.is_empty() || !end.replayed_ok.is_empty() {
-        let letters = BatchEnd {
-            dead: std::mem::take(&mut end.dead),
-            replayed_ok: std::mem::take(&mut end.replayed_ok),
-            error: end.error.take(),
-            ..BatchEnd::default()
-        };
-        if let Err(e) = shared.store.batch_finished(&shared.id, letters).await {
-            tracing::error!(destination = %shared.id, error = %e.detail(), "cannot record dead letters");
-        }
-    }
-    match ledger.batch_finished(key, marked, &counts).await {
+    let letters = LetterChanges {
+        dead: &end.dead,
+        replayed_ok: &end.replayed_ok,
+    };
+    match ledger.batch_finished(key, marked, &counts, letters).await {
         Ok(true) => {}
         Ok(false) => shared.fence("batch end"),
         Err(e) => {

@@ -66,8 +66,9 @@
 //! `redelivered` — so a change of owner doubles at most `max_in_flight × max_batch`
 //! events of the partition. Before every attempt the batch task checks the lease
 //! again when the previous check took longer than a second, so a node that was
-//! stopped (SIGSTOP) past its lease learns it before it sends. Dead letters stay in
-//! this node's file.
+//! stopped (SIGSTOP) past its lease learns it before it sends. Dead letters are in
+//! the ledger too, written with their batch's end; a replay claims them for this
+//! node and gives back what it did not get to.
 mod delivery;
 mod schedule;
 
@@ -365,6 +366,13 @@ async fn supervise(
     mut commands: mpsc::UnboundedReceiver<ReplayJob>,
     mut stop: watch::Receiver<u8>,
 ) {
+    // No replay of this destination runs on this node yet: its claims from before
+    // (a restart, a stop) are given back.
+    if let Some(ledger) = &dest.ledger
+        && let Err(e) = ledger.end_replay(&dest.id, None).await
+    {
+        tracing::warn!(destination = %dest.id, error = %e.detail(), "cannot give back earlier replay claims");
+    }
     let mut owned = ownership.owned(&dest.consumer, dest.log.partitions());
     let mut running: std::collections::BTreeMap<u32, PartitionWorker> = Default::default();
     // Workers told to stop whose requests on the wire are still finishing: their
@@ -453,11 +461,18 @@ async fn supervise(
             }
             job = commands.recv() => {
                 if let Some(job) = job {
-                    match running.values().next() {
-                        Some(w) => {
-                            let _ = w.commands.send(job);
+                    let refused = match running.values().next() {
+                        Some(w) => w.commands.send(job).err().map(|e| e.0),
+                        None => Some(job),
+                    };
+                    if let Some(job) = refused {
+                        tracing::warn!(destination = %dest.id, "replay dropped: this node delivers no partition of the destination now");
+                        if let (Some(ledger), ReplayJob::DeadLetters(ids)) = (&dest.ledger, job) {
+                            let ids = Vec::from(ids);
+                            if let Err(e) = ledger.end_replay(&dest.id, Some(&ids)).await {
+                                tracing::warn!(destination = %dest.id, error = %e.detail(), "cannot give back a dropped replay");
+                            }
                         }
-                        None => tracing::warn!(destination = %dest.id, "replay dropped: this node owns no partition of the destination"),
                     }
                 }
             }
@@ -578,6 +593,7 @@ impl Worker {
             }
         }
         self.commit().await;
+        self.give_back_replays().await;
         tracing::info!(destination = %id, cursor = %self.committed, "destination worker stopped");
     }
 
@@ -644,7 +660,12 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = self.shared.store.reset_replaying(&self.shared.id).await {
+        // Embedded: a starting worker has no queued replay, so no dead letter is
+        // being replayed. Cluster mode: the supervisor gave back this node's claims
+        // when it started (other partitions' workers may be replaying now).
+        if self.shared.ledger.is_none()
+            && let Err(e) = self.shared.store.reset_replaying(&self.shared.id).await
+        {
             tracing::warn!(destination = %self.shared.id, error = %e.detail(), "cannot reset replay flags");
         }
         loop {
@@ -692,6 +713,29 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Cluster mode: the dead letters of queued replays this worker did not get to
+    /// become claimable again (another node, or this one, can replay them).
+    async fn give_back_replays(&mut self) {
+        let Some(ledger) = &self.shared.ledger else {
+            return;
+        };
+        let ids: Vec<i64> = self
+            .jobs
+            .drain(..)
+            .flat_map(|job| match job {
+                ReplayJob::DeadLetters(ids) => Vec::from(ids),
+                ReplayJob::Seqs(_) => Vec::new(),
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = ledger.end_replay(&self.shared.id, Some(&ids)).await {
+            tracing::warn!(destination = %self.shared.id, error = %e.detail(), dead_letters = ids.len(),
+                "cannot give back unfinished replays (they are claimable again after an hour)");
+        }
     }
 
     fn can_read(&self) -> bool {
@@ -855,7 +899,11 @@ impl Worker {
                 ReplayJob::DeadLetters(ids) => {
                     let n = ids.len().min(LOAD_CHUNK);
                     let chunk: Vec<i64> = ids.drain(..n).collect();
-                    match self.shared.store.dead_letter_records(chunk).await {
+                    let rows = match &self.shared.ledger {
+                        None => self.shared.store.dead_letter_records(chunk).await,
+                        Some(ledger) => ledger.dead_letter_records(&chunk).await,
+                    };
+                    match rows {
                         Ok(rows) => rows
                             .into_iter()
                             .filter_map(|(id, r)| {

@@ -151,6 +151,19 @@ pub struct JetStreamLog {
     /// Records the size cap deleted before a pinned consumer read them, by this
     /// node's retention since the log was opened.
     dropped: AtomicU64,
+    /// Every floor this node's retention raised (see `retention`, "Floors"): written
+    /// again when a concurrent stream update overwrote the metadata with older floors.
+    raised: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+}
+
+/// Whether the stream's settings differ from what this node's configuration wants.
+fn differs(c: &stream::Config, wanted: &stream::Config) -> bool {
+    c.max_age != wanted.max_age
+        || c.max_bytes != wanted.max_bytes
+        || c.discard != wanted.discard
+        || c.num_replicas != wanted.num_replicas
+        || c.duplicate_window != wanted.duplicate_window
+        || !c.allow_direct
 }
 
 fn now_ms() -> i64 {
@@ -238,6 +251,7 @@ impl JetStreamLog {
             head_rx,
             poller: std::sync::Mutex::new(Some(poller)),
             dropped: AtomicU64::new(0),
+            raised: Default::default(),
         })
     }
 
@@ -262,13 +276,7 @@ impl JetStreamLog {
                             )));
                         }
                         let c = &info.config;
-                        if c.max_age != wanted.max_age
-                            || c.max_bytes != wanted.max_bytes
-                            || c.discard != wanted.discard
-                            || c.num_replicas != wanted.num_replicas
-                            || c.duplicate_window != wanted.duplicate_window
-                            || !c.allow_direct
-                        {
+                        if differs(c, &wanted) {
                             let mut update = c.clone();
                             if !c.max_age.is_zero() {
                                 // An older layout: age retention may have deleted the
@@ -296,6 +304,17 @@ impl JetStreamLog {
                                 .metadata
                                 .insert(META_PARTITIONS.into(), partitions.to_string());
                             js.update_stream(update).await.map_err(unavailable)?;
+                            // A whole-config write: retention raising a floor at the
+                            // same moment may have written back the old settings
+                            // (and this write may have undone its floor: retention
+                            // writes its floors again on its next pass).
+                            let now = s.info().await.map_err(unavailable)?.config.clone();
+                            if differs(&now, &wanted) {
+                                return Err(LogError::Unavailable(format!(
+                                    "stream {} was changed while it was updated; updating again",
+                                    wanted.name
+                                )));
+                            }
                         }
                         Ok(s)
                     }

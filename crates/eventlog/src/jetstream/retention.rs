@@ -136,25 +136,46 @@ impl JetStreamLog {
         Ok((pinned, at, all))
     }
 
-    /// Raises floors in the stream's metadata (never lowers one).
+    /// Raises floors in the stream's metadata (never lowers one), together with
+    /// every floor raised before by this node, and reads them back.
+    ///
+    /// A stream update is a whole-config write: a node starting meanwhile that
+    /// brings the stream to its configuration ([`JetStreamLog::open`]) can write
+    /// back metadata it read before this raise. So the floors are read back until
+    /// they hold (a purge never runs on a floor that is not stored), and every
+    /// retention pass writes this node's raised floors again, which repairs an
+    /// overwrite that came after the read-back.
     async fn raise_floors(&self, raise: &BTreeMap<u32, u64>) -> Result<(), LogError> {
-        if raise.is_empty() {
+        let wanted: BTreeMap<u32, u64> = {
+            let mut raised = self.raised.lock().unwrap_or_else(|p| p.into_inner());
+            for (&p, &floor) in raise {
+                let f = raised.entry(p).or_insert(0);
+                *f = (*f).max(floor);
+            }
+            raised.clone()
+        };
+        if wanted.is_empty() {
             return Ok(());
         }
-        let info = self.stream.get_info().await.map_err(unavailable)?;
-        let mut config = info.config.clone();
-        let have = floors(&config.metadata, self.partitions);
-        let mut changed = false;
-        for (&p, &floor) in raise {
-            if floor > have[p as usize] {
-                config.metadata.insert(floor_key(p), floor.to_string());
-                changed = true;
+        for _ in 0..5 {
+            let info = self.stream.get_info().await.map_err(unavailable)?;
+            let mut config = info.config.clone();
+            let have = floors(&config.metadata, self.partitions);
+            let mut changed = false;
+            for (&p, &floor) in &wanted {
+                if p < self.partitions && floor > have[p as usize] {
+                    config.metadata.insert(floor_key(p), floor.to_string());
+                    changed = true;
+                }
             }
-        }
-        if changed {
+            if !changed {
+                return Ok(());
+            }
             self.js.update_stream(config).await.map_err(unavailable)?;
         }
-        Ok(())
+        Err(LogError::Unavailable(
+            "the stream's floors did not hold after 5 writes: its configuration keeps changing; retention retries".into(),
+        ))
     }
 
     /// One retention pass: by age when `by_age`, then by size when the stream is
@@ -162,6 +183,8 @@ impl JetStreamLog {
     /// safe to run twice at once (each purge only deletes what was already allowed).
     pub async fn enforce_retention(&self, by_age: bool) -> Result<RetentionReport, LogError> {
         let mut report = RetentionReport::default();
+        // Floors raised before are still stored (or written again).
+        self.raise_floors(&BTreeMap::new()).await?;
         if by_age {
             report.aged_out = self.purge_by_age().await?;
         }

@@ -344,3 +344,49 @@ async fn a_stream_of_the_age_layout_is_migrated_in_place() {
     let gap = got.map(|g| g.gap).unwrap_or(None);
     assert_eq!(gap.map(|g| (g.from, g.to)), Some((2, 3)));
 }
+
+#[tokio::test]
+async fn a_floor_overwritten_by_a_concurrent_stream_update_is_written_again() {
+    let Some(bin) =
+        nats_server("a_floor_overwritten_by_a_concurrent_stream_update_is_written_again")
+    else {
+        return;
+    };
+    let nats = Nats::start(&bin, 1);
+    let (log, _registry) = open(config(&nats)).await;
+    let end0 = last_seq(&log.append(recs(0, "a", 10)).await.unwrap());
+    log.commit("warehouse", &log.start(0).at(end0))
+        .await
+        .unwrap();
+    log.commit("warehouse", &log.start(1)).await.unwrap();
+    log.commit("destination:d1", &log.start(0).at(3))
+        .await
+        .unwrap();
+    log.unpin("destination:d1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(log.enforce_retention(true).await.unwrap().aged_out, 10);
+
+    // Another node brings the stream to its configuration with metadata it read
+    // before the purge (a whole-config write): partition 0's floor is gone.
+    let js = async_nats::jetstream::new(log.client().clone());
+    let mut stream = js.get_stream("TRIBUTARY").await.unwrap();
+    let mut stale = stream.info().await.unwrap().config.clone();
+    assert!(stale.metadata.remove("tributary_floor_0").is_some());
+    js.update_stream(stale).await.unwrap();
+    // Until retention runs again the unpinned destination could not be told...
+    let got = read_checked(log.as_ref(), &log.start(0).at(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(got.gap, None, "the floor really was overwritten");
+    // ...and its next pass (nothing to purge) writes the floor again.
+    assert_eq!(log.enforce_retention(true).await.unwrap().aged_out, 0);
+    let c = stream.info().await.unwrap().config.clone();
+    assert_eq!(
+        c.metadata.get("tributary_floor_0").map(String::as_str),
+        Some((end0 + 1).to_string().as_str())
+    );
+    let got = read_checked(log.as_ref(), &log.start(0).at(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(got.gap.map(|g| (g.from, g.to)), Some((4, end0)));
+}

@@ -6,8 +6,7 @@
 //! ([`crate::control::Control::destination_changes`]) and the server then calls
 //! [`tributary_destinations::Engine::sync_definitions`] (also periodically and after
 //! every reconnection, since notifications can be lost). Delivery markers and
-//! statistics are in the control database too ([`super::PgLedger`]); dead letters
-//! stay in each node's own engine file.
+//! statistics and dead letters are in the control database too ([`super::PgLedger`]).
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;

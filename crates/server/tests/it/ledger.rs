@@ -7,7 +7,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use tributary_destinations::{BatchCounts, BatchKey, Ledger};
+use std::sync::Arc;
+
+use tributary_destinations::{BatchCounts, BatchKey, Ledger, LetterChanges, NewDeadLetter};
+use tributary_eventlog::{CallType, Record};
 use tributary_eventlog::{Lease, Ownership};
 use tributary_server::cluster::{LeaseSettings, PgLedger, PgOwnership, ledger};
 
@@ -50,6 +53,11 @@ fn delivered(n: u64, redelivered: u64) -> BatchCounts {
     }
 }
 
+const NONE: LetterChanges<'static> = LetterChanges {
+    dead: &[],
+    replayed_ok: &[],
+};
+
 fn set(v: &[u64]) -> HashSet<u64> {
     v.iter().copied().collect()
 }
@@ -73,7 +81,7 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
     // Node a: one batch ended, one in flight, one abandoned before it could arrive.
     assert!(la.batch_started(&key(old, 1), &[1, 2, 3]).await.unwrap());
     assert!(
-        la.batch_finished(&key(old, 1), true, &delivered(3, 0))
+        la.batch_finished(&key(old, 1), true, &delivered(3, 0), NONE)
             .await
             .unwrap()
     );
@@ -94,7 +102,7 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
         "a stale epoch must not start a batch"
     );
     assert!(
-        !la.batch_finished(&key(old, 2), true, &delivered(2, 0))
+        !la.batch_finished(&key(old, 2), true, &delivered(2, 0), NONE)
             .await
             .unwrap(),
         "a stale epoch must not end a batch"
@@ -121,7 +129,7 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
 
     assert!(lb.batch_started(&key(new, 1), &[4, 5]).await.unwrap());
     assert!(
-        lb.batch_finished(&key(new, 1), true, &delivered(2, 2))
+        lb.batch_finished(&key(new, 1), true, &delivered(2, 2), NONE)
             .await
             .unwrap()
     );
@@ -184,7 +192,7 @@ async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
     let start = tokio::spawn(async move { l1.batch_started(&key(held, 2), &[2]).await.unwrap() });
     let l2 = la.clone();
     let end = tokio::spawn(async move {
-        l2.batch_finished(&key(held, 1), true, &delivered(1, 0))
+        l2.batch_finished(&key(held, 1), true, &delivered(1, 0), NONE)
             .await
             .unwrap()
     });
@@ -211,4 +219,137 @@ async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
+}
+
+fn dead(partition: u32, seq: u64, attempts: u32) -> NewDeadLetter {
+    NewDeadLetter {
+        record: Arc::new(Record {
+            seq,
+            partition,
+            source_id: "src_1".into(),
+            message_id: format!("m-{seq}"),
+            call_type: CallType::Track,
+            event: Some("Email Opened".into()),
+            user_id: Some("u-1".into()),
+            anonymous_id: None,
+            received_at_ms: 1_700_000_000_000 + seq as i64,
+            payload: format!(r#"{{"type":"track","event":"Email Opened","messageId":"m-{seq}"}}"#),
+        }),
+        attempts,
+        last_status: Some(400),
+        last_response: Some("bad".into()),
+        error: "receiver answered 400".into(),
+        first_attempt_ms: 1_700_000_100_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_shared_by_every_node_fenced_and_claimed_once_for_replay() {
+    let Some(schema) = Schema::fresh("ledger_dead").await else {
+        return;
+    };
+    {
+        let mut c = schema.pool.get().await.unwrap();
+        ledger::migrate(&mut c, &schema.name).await.unwrap();
+    }
+    let consumer = "destination:dst_1";
+    let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
+    let b = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-b"));
+    let la = PgLedger::new(schema.pool.clone(), &schema.name, "node-a");
+    let lb = PgLedger::new(schema.pool.clone(), &schema.name, "node-b");
+    let old = lease_of(&a.owned(consumer, 1), "node a").await;
+
+    // Node a dead-letters two events with the end of their batch.
+    assert!(la.batch_started(&key(old, 1), &[3, 7]).await.unwrap());
+    let letters = [dead(old.partition, 3, 5), dead(old.partition, 7, 5)];
+    let ended = la
+        .batch_finished(
+            &key(old, 1),
+            true,
+            &BatchCounts::default(),
+            LetterChanges {
+                dead: &letters,
+                replayed_ok: &[],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ended);
+    // Node b lists them, counted in the statistics of every node.
+    let list = lb.dead_letters("dst_1", 10).await.unwrap();
+    assert_eq!(
+        list.iter()
+            .map(|d| d.message_id.as_str())
+            .collect::<Vec<_>>(),
+        ["m-3", "m-7"]
+    );
+    assert_eq!(list[0].attempts, 5);
+    assert_eq!(list[0].last_status, Some(400));
+    assert_eq!(list[0].event["event"], "Email Opened");
+    assert!(!list[0].replaying);
+    assert_eq!(lb.tally("dst_1").await.unwrap().dead_letters, 2);
+
+    // Node a stalls, node b takes over; a's late dead letter is not stored.
+    let rx_b = b.owned(consumer, 1);
+    a.halt();
+    let new = lease_of(&rx_b, "node b takes over").await;
+    let late = [dead(old.partition, 9, 1)];
+    let ended = la
+        .batch_finished(
+            &key(old, 2),
+            false,
+            &BatchCounts::default(),
+            LetterChanges {
+                dead: &late,
+                replayed_ok: &[],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!ended, "a stale epoch must not write dead letters");
+    assert_eq!(lb.tally("dst_1").await.unwrap().dead_letters, 2);
+
+    // A replay claims them once: node a asking at the same time gets none.
+    let claimed = lb.start_replay("dst_1").await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(la.start_replay("dst_1").await.unwrap().is_empty());
+    assert!(lb.dead_letters("dst_1", 10).await.unwrap()[0].replaying);
+    let records = lb.dead_letter_records(&claimed).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].1.seq, 3);
+    assert_eq!(records[0].1.user_id.as_deref(), Some("u-1"));
+    assert_eq!(records[0].1.call_type, CallType::Track);
+
+    // The first is delivered (removed), the second fails again (attempts add up,
+    // idle again); node a's give-back does not touch node b's claims.
+    la.end_replay("dst_1", None).await.unwrap();
+    assert!(la.start_replay("dst_1").await.unwrap().is_empty());
+    let again = [dead(new.partition, 7, 2)];
+    let ended = lb
+        .batch_finished(
+            &key(new, 1),
+            false,
+            &BatchCounts::default(),
+            LetterChanges {
+                dead: &again,
+                replayed_ok: &claimed[..1],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ended);
+    let list = lb.dead_letters("dst_1", 10).await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!((list[0].seq, list[0].attempts), (7, 7));
+    assert!(!list[0].replaying);
+
+    // A claim given back (a worker stopped before it got to it) is claimable again.
+    let claimed = la.start_replay("dst_1").await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    la.end_replay("dst_1", Some(&claimed)).await.unwrap();
+    assert_eq!(lb.start_replay("dst_1").await.unwrap(), claimed);
+
+    lb.forget("dst_1").await.unwrap();
+    assert!(la.dead_letters("dst_1", 10).await.unwrap().is_empty());
+    b.shutdown().await;
 }

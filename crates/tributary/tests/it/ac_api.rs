@@ -200,12 +200,17 @@ impl StandIn {
 
     /// The most requests that arrived within any one second.
     pub fn max_per_second(&self) -> usize {
+        self.max_within(std::time::Duration::from_secs(1))
+    }
+
+    /// The most requests that arrived within any `window`.
+    pub fn max_within(&self, window: std::time::Duration) -> usize {
         let mut t = self.arrivals.lock().unwrap().clone();
         t.sort();
         let mut best = 0;
         let mut j = 0;
         for i in 0..t.len() {
-            while t[i].duration_since(t[j]) >= std::time::Duration::from_secs(1) {
+            while t[i].duration_since(t[j]) >= window {
                 j += 1;
             }
             best = best.max(i - j + 1);
