@@ -24,6 +24,24 @@ fn settings(node: &str) -> LeaseSettings {
     }
 }
 
+/// A fresh control schema with the ledger's tables (`None`: PostgreSQL is absent,
+/// the test skips).
+async fn ledger_schema(name: &str) -> Option<Schema> {
+    let schema = Schema::fresh(name).await?;
+    let mut c = schema.pool.get().await.unwrap();
+    ledger::migrate(&mut c, &schema.name).await.unwrap();
+    drop(c);
+    Some(schema)
+}
+
+/// One node: its leases and its ledger on `schema`.
+fn node(schema: &Schema, id: &str) -> (PgOwnership, PgLedger) {
+    (
+        PgOwnership::start(schema.pool.clone(), &schema.name, settings(id)),
+        PgLedger::new(schema.pool.clone(), &schema.name, id),
+    )
+}
+
 async fn lease_of(rx: &tokio::sync::watch::Receiver<Vec<Lease>>, what: &str) -> Lease {
     let start = Instant::now();
     loop {
@@ -64,18 +82,12 @@ fn set(v: &[u64]) -> HashSet<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_nothing() {
-    let Some(schema) = Schema::fresh("ledger_takeover").await else {
+    let Some(schema) = ledger_schema("ledger_takeover").await else {
         return;
     };
-    {
-        let mut c = schema.pool.get().await.unwrap();
-        ledger::migrate(&mut c, &schema.name).await.unwrap();
-    }
     let consumer = "destination:dst_1";
-    let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
-    let b = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-b"));
-    let la = PgLedger::new(schema.pool.clone(), &schema.name, "node-a");
-    let lb = PgLedger::new(schema.pool.clone(), &schema.name, "node-b");
+    let (a, la) = node(&schema, "node-a");
+    let (b, lb) = node(&schema, "node-b");
     let old = lease_of(&a.owned(consumer, 1), "node a").await;
 
     // Node a: one batch ended, one in flight, one abandoned before it could arrive.
@@ -160,16 +172,11 @@ async fn a_new_owner_resends_only_what_was_in_flight_and_the_stale_owner_writes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marker_write_waits_for_a_grant_in_progress_and_is_then_refused() {
-    let Some(schema) = Schema::fresh("ledger_lock").await else {
+    let Some(schema) = ledger_schema("ledger_lock").await else {
         return;
     };
-    {
-        let mut c = schema.pool.get().await.unwrap();
-        ledger::migrate(&mut c, &schema.name).await.unwrap();
-    }
     let consumer = "destination:dst_1";
-    let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
-    let la = PgLedger::new(schema.pool.clone(), &schema.name, "node-a");
+    let (a, la) = node(&schema, "node-a");
     let held = lease_of(&a.owned(consumer, 1), "node a").await;
     assert!(la.batch_started(&key(held, 1), &[1]).await.unwrap());
     a.halt();
@@ -245,18 +252,12 @@ fn dead(partition: u32, seq: u64, attempts: u32) -> NewDeadLetter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_shared_by_every_node_fenced_and_claimed_once_for_replay() {
-    let Some(schema) = Schema::fresh("ledger_dead").await else {
+    let Some(schema) = ledger_schema("ledger_dead").await else {
         return;
     };
-    {
-        let mut c = schema.pool.get().await.unwrap();
-        ledger::migrate(&mut c, &schema.name).await.unwrap();
-    }
     let consumer = "destination:dst_1";
-    let a = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-a"));
-    let b = PgOwnership::start(schema.pool.clone(), &schema.name, settings("node-b"));
-    let la = PgLedger::new(schema.pool.clone(), &schema.name, "node-a");
-    let lb = PgLedger::new(schema.pool.clone(), &schema.name, "node-b");
+    let (a, la) = node(&schema, "node-a");
+    let (b, lb) = node(&schema, "node-b");
     let old = lease_of(&a.owned(consumer, 1), "node a").await;
 
     // Node a dead-letters two events with the end of their batch.

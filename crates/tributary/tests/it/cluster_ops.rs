@@ -74,18 +74,26 @@ where
     }
 }
 
-/// A webhook receiver that answers 503 while `down` is set; counts what it took.
-async fn switchable_receiver() -> (String, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<String>>>) {
+/// A webhook receiver that answers `refusal` while its flag is set (at first);
+/// records the `messageId`s it took.
+async fn switchable_receiver(
+    refusal: axum::http::StatusCode,
+) -> (String, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<String>>>) {
     use axum::extract::State;
-    type St = (Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<String>>>);
-    let down = Arc::new(AtomicBool::new(true));
+    use axum::http::StatusCode;
+    type St = (
+        StatusCode,
+        Arc<AtomicBool>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    );
+    let refusing = Arc::new(AtomicBool::new(true));
     let got: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
     async fn hook(
-        State((down, got)): State<St>,
+        State((refusal, refusing, got)): State<St>,
         body: axum::body::Bytes,
-    ) -> axum::http::StatusCode {
-        if down.load(Ordering::SeqCst) {
-            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    ) -> StatusCode {
+        if refusing.load(Ordering::SeqCst) {
+            return refusal;
         }
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let items = match v.get("batch") {
@@ -97,15 +105,15 @@ async fn switchable_receiver() -> (String, Arc<AtomicBool>, Arc<std::sync::Mutex
                 .iter()
                 .filter_map(|i| i["messageId"].as_str().map(String::from)),
         );
-        axum::http::StatusCode::OK
+        StatusCode::OK
     }
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
-        .with_state((down.clone(), got.clone()));
+        .with_state((refusal, refusing.clone(), got.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, down, got)
+    (url, refusing, got)
 }
 
 async fn ready_status(s: &Server) -> u16 {
@@ -152,7 +160,7 @@ async fn a_stopped_destination_shows_its_lag_and_holds_retention_until_it_catche
         ],
     );
     assert_eq!(metric(&s, "tributary_nats_up", "").await, Some(1.0));
-    let (url, down, got) = switchable_receiver().await;
+    let (url, down, got) = switchable_receiver(axum::http::StatusCode::SERVICE_UNAVAILABLE).await;
     let src = s.create_source("http", "Web", "web").await;
     let key = src["write_key"].as_str().unwrap().to_string();
     let (st, dest) = s
@@ -368,35 +376,6 @@ async fn the_api_sync_runs_on_one_node_and_another_resumes_it_when_that_one_dies
     drop_postgres_db(&warehouse);
 }
 
-/// A webhook receiver that refuses every request with 400 (a permanent failure:
-/// the events become dead letters at once) while `reject` is set.
-async fn rejecting_receiver() -> (String, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<String>>>) {
-    use axum::extract::State;
-    type St = (Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<String>>>);
-    let reject = Arc::new(AtomicBool::new(true));
-    let got: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-    async fn hook(
-        State((reject, got)): State<St>,
-        body: axum::body::Bytes,
-    ) -> axum::http::StatusCode {
-        if reject.load(Ordering::SeqCst) {
-            return axum::http::StatusCode::BAD_REQUEST;
-        }
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        got.lock()
-            .unwrap()
-            .extend(v["messageId"].as_str().map(String::from));
-        axum::http::StatusCode::OK
-    }
-    let app = axum::Router::new()
-        .route("/hook", axum::routing::post(hook))
-        .with_state((reject.clone(), got.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, reject, got)
-}
-
 async fn dead_letter_ids(s: &Server, dest: &str) -> Vec<String> {
     let (st, v) = s
         .admin(
@@ -429,7 +408,8 @@ async fn dead_letters_written_by_any_node_are_listed_and_replayed_from_any_other
     let nats = Nats::start(&bin, 1);
     let a = node(&nats, &control, &warehouse, "ops-dead-a", &[]);
     let b = node(&nats, &control, &warehouse, "ops-dead-b", &[]);
-    let (url, reject, got) = rejecting_receiver().await;
+    // A 400 is a permanent failure: the events become dead letters at once.
+    let (url, reject, got) = switchable_receiver(axum::http::StatusCode::BAD_REQUEST).await;
     let src = a.create_source("http", "Web", "web").await;
     let key = src["write_key"].as_str().unwrap().to_string();
     let (st, dest) = a
